@@ -1,0 +1,336 @@
+"""Selective scan in our own CUDA (cuda/selective_scan.cu), compiled at run time through CuPy (NVRTC).
+
+    selective_scan_cuda(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                        initial_state=None, return_final_state=False, reset=None)
+
+computes exactly `selective_scan_ref` (bytemamba/ops/scan.py) with gradients for every tensor input, the
+initial state included. This module owns layout: it checks shapes, dtypes and devices, makes tensors
+contiguous, and launches the kernels on PyTorch's current stream with the tensors' own device pointers
+(zero copy). The op is registered with ``torch.library`` (``bytemamba::selective_scan_fwd`` /
+``bytemamba::selective_scan_bwd``, with fake implementations), so ``torch.compile`` and CUDA-graph capture
+see one opaque op each way.
+
+Compilation: one NVRTC compile per specialisation (input dtype, padded state size, z present, reset
+present, exp variant) and device architecture, cached for the life of the process (``compile_times``
+records how long each took).
+
+Deterministic mode: by default dB and dC are summed over channel blocks with float32 atomics (fast, the
+last bits vary from run to run). ``BYTEMAMBA_DETERMINISTIC=1``, ``set_deterministic(True)`` or
+``torch.use_deterministic_algorithms(True)`` switch to per-block partial sums added in a fixed order, so
+every run gives the same bits.
+
+Limits: n (d_state) <= 64; any length >= 1 (indices are 64-bit); batch*dim is spread over grid.x, so it
+has no 65,535 limit. u, delta, z, B, C in float32, bfloat16 or float16 (if they differ, the kernel works
+in float32); A, D, delta_bias float32 (others are upcast); float64 is refused (use backend "ref"/"torch").
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MAX_STATE = 64
+TL = 64          # tile length = checkpoint interval (must match cuda/selective_scan.cu)
+SB = 8           # backward sub-block
+NTHREADS = 128
+
+_SRC_PATH = Path(__file__).resolve().parents[2] / "cuda" / "selective_scan.cu"
+_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_lock = threading.Lock()
+_modules: dict = {}
+compile_times: dict = {}          # specialisation key -> seconds spent compiling it
+_deterministic_override: bool | None = None
+
+# Tuning knobs, read once per call (the benchmark sets them to compare variants).
+#   BYTEMAMBA_SCAN_POLY : bit mask over the 4 per-thread states whose exp2 runs as a polynomial (FMA pipes)
+#   BYTEMAMBA_SCAN_NSEG : force the number of parallel L-segments of the forward (0 = automatic)
+
+
+def set_deterministic(flag: bool | None) -> None:
+    """Force deterministic backward (True), the fast atomic one (False), or follow the environment (None)."""
+    global _deterministic_override
+    _deterministic_override = flag
+
+
+def is_deterministic() -> bool:
+    if _deterministic_override is not None:
+        return _deterministic_override
+    if os.environ.get("BYTEMAMBA_DETERMINISTIC", "0") not in ("", "0", "false", "False"):
+        return True
+    return torch.are_deterministic_algorithms_enabled()
+
+
+def _npad(n: int) -> int:
+    if n < 1 or n > MAX_STATE:
+        raise ValueError(f"selective_scan (cuda): d_state n={n} is not supported; the CUDA scan handles "
+                         f"1 <= n <= {MAX_STATE} (use backend 'torch' for larger n)")
+    p = 16                      # 16, 32 or 64: smaller n run padded (the block's shared memory fits)
+    while p < n:
+        p *= 2
+    return p
+
+
+def _smem_bytes(npad: int) -> tuple[int, int]:
+    nt = npad // 4
+    cpb = NTHREADS // nt
+    rs, bs = TL + 4, npad + 4
+    fwd = 3 * cpb * rs + 2 * TL * bs + TL
+    bwd = 6 * cpb * rs + 2 * TL * bs + TL + (TL // SB) * 4 * NTHREADS + cpb * (SB * 2 * npad + 4 * nt)
+    return 4 * fwd, 4 * bwd
+
+
+def _poly_mask() -> int:
+    return int(os.environ.get("BYTEMAMBA_SCAN_POLY", "0"))
+
+
+def _get_kernels(dtype_code: int, npad: int, has_z: bool, has_reset: bool, device: torch.device):
+    """Compile (once per process) and return the three kernels of one specialisation."""
+    import cupy
+
+    major, minor = torch.cuda.get_device_capability(device)
+    poly = _poly_mask()
+    key = (dtype_code, npad, bool(has_z), bool(has_reset), poly, major, minor, device.index)
+    mod = _modules.get(key)
+    if mod is not None:
+        return mod
+    with _lock:
+        mod = _modules.get(key)
+        if mod is not None:
+            return mod
+        if not _SRC_PATH.exists():
+            raise RuntimeError(f"selective_scan (cuda): kernel source not found at {_SRC_PATH}")
+        src = _SRC_PATH.read_text()
+        opts = ("--std=c++17", f"-arch=sm_{major}{minor}", f"-DIN_DTYPE={dtype_code}", f"-DNPAD={npad}",
+                f"-DHAS_Z={int(has_z)}", f"-DHAS_RESET={int(has_reset)}", f"-DPOLY_J={poly}")
+        t0 = time.perf_counter()
+        with cupy.cuda.Device(device.index):
+            m = cupy.RawModule(code=src, options=opts, backend="nvrtc")
+            k_fwd, k_agg, k_bwd = m.get_function("ss_fwd"), m.get_function("ss_fwd_agg"), m.get_function("ss_bwd")
+            fs, bs = _smem_bytes(npad)
+            for k, sm in ((k_fwd, fs), (k_agg, fs), (k_bwd, bs)):
+                if sm > 48 * 1024:
+                    k.max_dynamic_shared_size_bytes = sm
+        compile_times[key] = time.perf_counter() - t0
+        mod = (k_fwd, k_agg, k_bwd, fs, bs)
+        _modules[key] = mod
+        return mod
+
+
+_streams: dict = {}
+
+
+def _cupy_stream(device: torch.device):
+    """CuPy's view of PyTorch's current stream on `device` (cached per stream pointer)."""
+    import cupy
+
+    ts = torch.cuda.current_stream(device)
+    ptr = ts.cuda_stream
+    s = _streams.get((device.index, ptr))
+    if s is None:
+        try:
+            s = cupy.cuda.Stream.from_external(ts)
+        except Exception:
+            s = cupy.cuda.ExternalStream(ptr, device.index)
+        _streams[(device.index, ptr)] = s
+    return s
+
+
+def _ptr(t: torch.Tensor | None):
+    return np.uint64(0 if t is None else t.data_ptr())
+
+
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+# ------------------------------------------------------------------------------------------------
+# Raw launches (tensors already checked, contiguous, on one device).
+
+def _fwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, reset):
+    b, d, L = u.shape
+    n = A.shape[1]
+    npad = _npad(n)
+    dev = u.device
+    k_fwd, k_agg, _, fs, _ = _get_kernels(_DTYPE_CODE[u.dtype], npad, z is not None, reset is not None, dev)
+    cpb = NTHREADS // (npad // 4)
+    dblocks = -(-d // cpb)
+    ntiles = -(-L // TL)
+    nseg = int(os.environ.get("BYTEMAMBA_SCAN_NSEG", "0"))
+    if nseg <= 0:
+        nseg = max(1, math.ceil(2 * _num_sms(dev) / (b * dblocks)))
+    nseg = min(nseg, ntiles, 4096)
+    seg_tiles = -(-ntiles // nseg)
+    nseg = -(-ntiles // seg_tiles)
+
+    out = torch.empty_like(u)
+    ckpt = torch.empty(b * d * ntiles * npad, device=dev, dtype=torch.float32)
+    final = torch.empty(b, d, n, device=dev, dtype=torch.float32)
+    agg = torch.empty(max(1, b * d * (nseg - 1) * 2 * npad), device=dev, dtype=torch.float32)
+    aligned = all(t is None or t.data_ptr() % 16 == 0 for t in (u, delta, z, out)) and (L * u.element_size()) % 16 == 0
+    flags = (1 if delta_softplus else 0) | (2 if aligned else 0)
+    args = (_ptr(u), _ptr(delta), _ptr(z), _ptr(B), _ptr(C), _ptr(A), _ptr(D), _ptr(delta_bias),
+            _ptr(initial_state), _ptr(reset), _ptr(out), _ptr(ckpt), _ptr(final), _ptr(agg),
+            np.int32(b), np.int32(d), np.int64(L), np.int32(n), np.int32(ntiles), np.int32(seg_tiles),
+            np.int32(nseg), np.int32(flags))
+    import cupy
+    with cupy.cuda.Device(dev.index), _cupy_stream(dev):
+        if nseg > 1:
+            k_agg((b * dblocks, nseg - 1), (NTHREADS,), args, shared_mem=fs)
+        k_fwd((b * dblocks, nseg), (NTHREADS,), args, shared_mem=fs)
+    return out, final, ckpt
+
+
+def _bwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reset, dout, ckpt, dfinal,
+              need_init: bool, deterministic: bool):
+    b, d, L = u.shape
+    n = A.shape[1]
+    npad = _npad(n)
+    dev = u.device
+    _, _, k_bwd, _, bs = _get_kernels(_DTYPE_CODE[u.dtype], npad, z is not None, reset is not None, dev)
+    cpb = NTHREADS // (npad // 4)
+    dblocks = -(-d // cpb)
+    ntiles = -(-L // TL)
+    du = torch.empty_like(u)
+    ddelta = torch.empty_like(delta)
+    dz = torch.empty_like(z) if z is not None else None
+    if deterministic:
+        dBp = torch.empty(dblocks, b, n, L, device=dev, dtype=torch.float32)
+        dCp = torch.empty(dblocks, b, n, L, device=dev, dtype=torch.float32)
+    else:
+        dBp = torch.zeros(b, n, L, device=dev, dtype=torch.float32)
+        dCp = torch.zeros(b, n, L, device=dev, dtype=torch.float32)
+    dA_p = torch.empty(b, d, n, device=dev, dtype=torch.float32)
+    dD_p = torch.empty(b, d, device=dev, dtype=torch.float32)
+    db_p = torch.empty(b, d, device=dev, dtype=torch.float32)
+    dinit = torch.empty(b, d, n, device=dev, dtype=torch.float32) if need_init else None
+    aligned = all(t is None or t.data_ptr() % 16 == 0 for t in (u, delta, z, dout, du, ddelta, dz)) \
+        and (L * u.element_size()) % 16 == 0
+    flags = (1 if delta_softplus else 0) | (2 if aligned else 0) | (0 if deterministic else 4)
+    args = (_ptr(u), _ptr(delta), _ptr(z), _ptr(B), _ptr(C), _ptr(A), _ptr(D), _ptr(delta_bias), _ptr(reset),
+            _ptr(dout), _ptr(ckpt), _ptr(dfinal), _ptr(du), _ptr(ddelta), _ptr(dz), _ptr(dBp), _ptr(dCp),
+            _ptr(dA_p), _ptr(dD_p), _ptr(db_p), _ptr(dinit),
+            np.int32(b), np.int32(d), np.int64(L), np.int32(n), np.int32(ntiles), np.int32(flags))
+    import cupy
+    with cupy.cuda.Device(dev.index), _cupy_stream(dev):
+        k_bwd((b * dblocks, 1), (NTHREADS,), args, shared_mem=bs)
+    dB = dBp.sum(0) if deterministic else dBp
+    dC = dCp.sum(0) if deterministic else dCp
+    return du, ddelta, dz, dB, dC, dA_p.sum(0), dD_p.sum(0), db_p.sum(0), dinit
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.library registration.
+
+@torch.library.custom_op("bytemamba::selective_scan_fwd", mutates_args=(), device_types="cuda")
+def _scan_fwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                 D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None,
+                 delta_softplus: bool, initial_state: torch.Tensor | None,
+                 reset: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _fwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, reset)
+
+
+@_scan_fwd_op.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, reset):
+    b, d, L = u.shape
+    n = A.shape[1]
+    ntiles = -(-L // TL)
+    return (torch.empty_like(u), u.new_empty((b, d, n), dtype=torch.float32),
+            u.new_empty((b * d * ntiles * _npad(n),), dtype=torch.float32))
+
+
+@torch.library.custom_op("bytemamba::selective_scan_bwd", mutates_args=(), device_types="cuda")
+def _scan_bwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                 D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None,
+                 delta_softplus: bool, reset: torch.Tensor | None, dout: torch.Tensor, ckpt: torch.Tensor,
+                 dfinal: torch.Tensor | None, need_init: bool, deterministic: bool) -> list[torch.Tensor]:
+    du, ddelta, dz, dB, dC, dA, dD, dbias, dinit = _bwd_impl(
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, reset, dout, ckpt, dfinal, need_init, deterministic)
+    empty = u.new_empty(0, dtype=torch.float32)
+    return [du, ddelta, dz if dz is not None else empty, dB, dC, dA, dD, dbias,
+            dinit if dinit is not None else empty]
+
+
+@_scan_bwd_op.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reset, dout, ckpt, dfinal, need_init, deterministic):
+    b, d, L = u.shape
+    n = A.shape[1]
+    f32 = torch.float32
+    empty = u.new_empty(0, dtype=f32)
+    return [torch.empty_like(u), torch.empty_like(delta), torch.empty_like(z) if z is not None else empty,
+            u.new_empty((b, n, L), dtype=f32), u.new_empty((b, n, L), dtype=f32), u.new_empty((d, n), dtype=f32),
+            u.new_empty((d,), dtype=f32), u.new_empty((d,), dtype=f32),
+            u.new_empty((b, d, n), dtype=f32) if need_init else empty]
+
+
+def _setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, reset = inputs
+    _, _, ckpt = output
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, reset, ckpt)
+    ctx.delta_softplus = delta_softplus
+    ctx.has_init = initial_state is not None
+
+
+def _backward(ctx, dout, dfinal, _dckpt):
+    u, delta, A, B, C, D, z, delta_bias, reset, ckpt = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(u)
+    dout = dout.contiguous()
+    if dfinal is not None:
+        dfinal = dfinal.float().contiguous()
+    res = _scan_bwd_op(u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, reset, dout, ckpt, dfinal,
+                       ctx.has_init, is_deterministic())
+    du, ddelta, dz, dB, dC, dA, dD, dbias, dinit = res
+    return (du, ddelta, dA, dB.to(B.dtype), dC.to(C.dtype),
+            dD if D is not None else None, dz if z is not None else None,
+            dbias if delta_bias is not None else None, None,
+            dinit if ctx.has_init else None, None)
+
+
+_scan_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------------
+# Public entry point: checks and layout.
+
+def _check(u, delta, A, B, C, D, z, delta_bias, initial_state, reset):
+    from bytemamba.ops.scan import _check_shapes
+
+    _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state, reset)
+    if u.device.type != "cuda":
+        raise RuntimeError(f"selective_scan (cuda): inputs must be on a CUDA device, got {u.device} "
+                           "(use backend 'torch' or 'auto')")
+    for name, t in (("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z),
+                    ("delta_bias", delta_bias), ("initial_state", initial_state), ("reset", reset)):
+        if t is not None and t.device != u.device:
+            raise RuntimeError(f"selective_scan (cuda): {name} is on {t.device}, u on {u.device}")
+    for name, t in (("u", u), ("delta", delta), ("B", B), ("C", C), ("z", z)):
+        if t is not None and t.dtype not in _DTYPE_CODE:
+            raise TypeError(f"selective_scan (cuda): {name} has dtype {t.dtype}; the CUDA scan takes float32, "
+                            "bfloat16 or float16 (use backend 'ref' or 'torch' for float64)")
+    _npad(A.shape[-1])
+    if u.shape[-1] < 1:
+        raise ValueError("selective_scan (cuda): length must be at least 1")
+    if u.shape[0] * u.shape[1] == 0:
+        raise ValueError("selective_scan (cuda): batch and dim must be at least 1")
+
+
+def selective_scan_cuda(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                        initial_state=None, return_final_state=False, reset=None):
+    """Same signature and result as selective_scan_ref, through our CUDA kernels (differentiable)."""
+    _check(u, delta, A, B, C, D, z, delta_bias, initial_state, reset)
+    out_dtype = u.dtype
+    dts = {t.dtype for t in (u, delta, B, C, z) if t is not None}
+    io = dts.pop() if len(dts) == 1 else torch.float32
+    cast = lambda t: None if t is None else t.to(io).contiguous()        # noqa: E731
+    f32 = lambda t: None if t is None else t.to(torch.float32).contiguous()  # noqa: E731
+    rst = None if reset is None else reset.to(torch.bool).contiguous().view(torch.uint8)
+    out, final, _ = _scan_fwd_op(cast(u), cast(delta), f32(A), cast(B), cast(C), f32(D), cast(z), f32(delta_bias),
+                                 bool(delta_softplus), f32(initial_state), rst)
+    out = out.to(out_dtype)
+    return (out, final) if return_final_state else out

@@ -1,0 +1,51 @@
+"""Every .cu file in cuda/ compiles for sm_80 and sm_90 (CPU only: through nvcc or NVRTC, whichever is here)."""
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+CUDA_DIR = Path(__file__).resolve().parents[2] / "cuda"
+SOURCES = sorted(CUDA_DIR.glob("*.cu"))
+# The specialisations the launchers compile: (IN_DTYPE, NPAD, HAS_Z, HAS_RESET, POLY_J).
+VARIANTS = [(1, 16, 1, 0, 0), (0, 16, 0, 1, 5), (2, 64, 1, 1, 0), (1, 32, 0, 0, 1), (0, 32, 1, 0, 0)]
+
+
+def _nvrtc():
+    try:
+        from cuda.bindings import nvrtc  # noqa: F401
+        return nvrtc
+    except Exception:
+        return None
+
+
+def _defines(v):
+    dt, npad, hz, hr, poly = v
+    return [f"-DIN_DTYPE={dt}", f"-DNPAD={npad}", f"-DHAS_Z={hz}", f"-DHAS_RESET={hr}", f"-DPOLY_J={poly}"]
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("src", SOURCES, ids=[p.name for p in SOURCES])
+def test_cu_compiles(src, arch, tmp_path):
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        for v in VARIANTS:
+            r = subprocess.run([nvcc, f"-arch={arch}", "-std=c++17", "-c", str(src), "-o", str(tmp_path / "k.o"),
+                                "-Werror", "all-warnings", *_defines(v)], capture_output=True, text=True)
+            assert r.returncode == 0, f"{src.name} {arch} {v}:\n{r.stderr}"
+        return
+    nvrtc = _nvrtc()
+    if nvrtc is None:
+        pytest.skip("neither nvcc nor NVRTC (cuda-bindings) is available to compile CUDA sources")
+    code = src.read_bytes()
+    for v in VARIANTS:
+        err, prog = nvrtc.nvrtcCreateProgram(code, src.name.encode(), 0, [], [])
+        assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS
+        opts = [b"--std=c++17", f"-arch={arch}".encode(), *[s.encode() for s in _defines(v)]]
+        (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+        if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+            _, size = nvrtc.nvrtcGetProgramLogSize(prog)
+            log = b" " * size
+            nvrtc.nvrtcGetProgramLog(prog, log)
+            pytest.fail(f"{src.name} {arch} {v}:\n{log.decode(errors='replace')}")
