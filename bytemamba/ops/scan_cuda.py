@@ -251,9 +251,9 @@ def _scan_bwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch
                  dfinal: torch.Tensor | None, need_init: bool, deterministic: bool) -> list[torch.Tensor]:
     du, ddelta, dz, dB, dC, dA, dD, dbias, dinit = _bwd_impl(
         u, delta, A, B, C, D, z, delta_bias, delta_softplus, reset, dout, ckpt, dfinal, need_init, deterministic)
-    empty = u.new_empty(0, dtype=torch.float32)
-    return [du, ddelta, dz if dz is not None else empty, dB, dC, dA, dD, dbias,
-            dinit if dinit is not None else empty]
+    empty = lambda: u.new_empty(0, dtype=torch.float32)  # noqa: E731  (distinct tensors: no aliasing)
+    return [du, ddelta, dz if dz is not None else empty(), dB, dC, dA, dD, dbias,
+            dinit if dinit is not None else empty()]
 
 
 @_scan_bwd_op.register_fake
@@ -261,11 +261,11 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reset, dout, ckpt, df
     b, d, L = u.shape
     n = A.shape[1]
     f32 = torch.float32
-    empty = u.new_empty(0, dtype=f32)
-    return [torch.empty_like(u), torch.empty_like(delta), torch.empty_like(z) if z is not None else empty,
+    empty = lambda: u.new_empty(0, dtype=f32)  # noqa: E731
+    return [torch.empty_like(u), torch.empty_like(delta), torch.empty_like(z) if z is not None else empty(),
             u.new_empty((b, n, L), dtype=f32), u.new_empty((b, n, L), dtype=f32), u.new_empty((d, n), dtype=f32),
             u.new_empty((d,), dtype=f32), u.new_empty((d,), dtype=f32),
-            u.new_empty((b, d, n), dtype=f32) if need_init else empty]
+            u.new_empty((b, d, n), dtype=f32) if need_init else empty()]
 
 
 def _setup_context(ctx, inputs, output):
