@@ -60,6 +60,7 @@
 #define F_SOFTPLUS 1
 #define F_ALIGNED 2
 #define F_ATOMIC 4
+#define F_RALIGNED 8
 
 typedef unsigned short u16;
 typedef unsigned char u8;
@@ -119,8 +120,6 @@ __device__ __forceinline__ float ex2_j(float x) {
   return ex2_mufu(x);
 }
 
-__device__ __forceinline__ float softplus_f(float x) { return x > 20.0f ? x : log1pf(__expf(x)); }
-__device__ __forceinline__ float sigmoid_f(float x) { return __fdividef(1.0f, 1.0f + __expf(-x)); }
 
 // Load EPT consecutive elements of one row (p points at the first; avail = how many exist there).
 __device__ __forceinline__ void load_row(const in_t* __restrict__ p, i64 avail, bool vec, float (&v)[EPT]) {
@@ -206,31 +205,78 @@ __device__ __forceinline__ void reduce_scatter(float (&v)[K], int lane) {
   for (int g = 0; g < K / NT; ++g) v[g] = v[g * NT];
 }
 
-// Shared memory of one block of the forward kernels (floats).
-struct FwdSmem {
-  float dl[CPB * RS];
-  float du[CPB * RS];
-  float y[CPB * RS];
-  float B[TL * BS];
-  float C[TL * BS];
-  float m[TL];
-};
+// ------------------------------------------------------------------------------------------------
+// Asynchronous staging of raw tiles (cp.async, 16-byte chunks) into shared memory.
 
-__device__ __forceinline__ void stage_BC(float* sB, const in_t* __restrict__ M, int bi, int n, i64 L, i64 l0) {
-  for (int idx = threadIdx.x; idx < TL * NPAD; idx += NTHREADS) {
-    int nn = idx / TL, t = idx % TL;
-    float v = 0.0f;
-    if (nn < n && l0 + t < L) v = to_f(M[((i64)bi * n + nn) * L + l0 + t]);
-    sB[t * BS + nn] = v;
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+  unsigned a;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+  return a;
+}
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)), "l"(src));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+// nrows rows of TL elements (row r at g + r*L + l0) into raw[r*TL + t]; rows >= nvalid and positions
+// >= L read as zero. 16-byte copies when the whole tile is in range and aligned, else element by element.
+template <typename T>
+__device__ __forceinline__ void load_rows(T* raw, const T* __restrict__ g, int nrows, int nvalid, i64 L, i64 l0,
+                                          bool vec) {
+  constexpr int CH = 16 / (int)sizeof(T);
+  if (vec && l0 + TL <= L) {
+    for (int idx = threadIdx.x; idx < nrows * (TL / CH); idx += NTHREADS) {
+      const int r = idx / (TL / CH), k = idx % (TL / CH);
+      if (r < nvalid) cp_async16(&raw[r * TL + k * CH], g + (i64)r * L + l0 + k * CH);
+      else *reinterpret_cast<uint4*>(&raw[r * TL + k * CH]) = make_uint4(0u, 0u, 0u, 0u);
+    }
+  } else {
+    for (int idx = threadIdx.x; idx < nrows * TL; idx += NTHREADS) {
+      const int r = idx / TL, t = idx % TL;
+      raw[r * TL + t] = (r < nvalid && l0 + t < L) ? g[(i64)r * L + l0 + t] : (T)0;
+    }
   }
 }
 
-__device__ __forceinline__ void stage_reset(float* sm, const u8* __restrict__ reset, int bi, i64 L, i64 l0) {
-#if HAS_RESET
-  for (int t = threadIdx.x; t < TL; t += NTHREADS)
-    sm[t] = (l0 + t < L && reset[(i64)bi * L + l0 + t]) ? 0.0f : 1.0f;
-#endif
+// log(1 + e) for e in [0, 1]: 2 atanh(s), s = e / (2 + e) <= 1/3 (relative error ~1e-7, no cancellation).
+__device__ __forceinline__ float log1p_unit(float e) {
+  const float s = __fdividef(e, 2.0f + e), s2 = s * s;
+  float p = 1.0f / 15.0f;
+  p = fmaf(p, s2, 1.0f / 13.0f);
+  p = fmaf(p, s2, 1.0f / 11.0f);
+  p = fmaf(p, s2, 1.0f / 9.0f);
+  p = fmaf(p, s2, 1.0f / 7.0f);
+  p = fmaf(p, s2, 1.0f / 5.0f);
+  p = fmaf(p, s2, 1.0f / 3.0f);
+  p = fmaf(p, s2, 1.0f);
+  return 2.0f * s * p;
 }
+// softplus as torch computes it (identity above 20), and optionally its derivative sigmoid(x).
+__device__ __forceinline__ float softplus_f(float x) {
+  const float e = __expf(-fabsf(x));
+  return x > 20.0f ? x : fmaxf(x, 0.0f) + log1p_unit(e);
+}
+__device__ __forceinline__ float softplus_sig(float x, float& sig) {
+  const float e = __expf(-fabsf(x));
+  sig = __fdividef(x >= 0.0f ? 1.0f : e, 1.0f + e);
+  return x > 20.0f ? x : fmaxf(x, 0.0f) + log1p_unit(e);
+}
+__device__ __forceinline__ float sigmoid_f(float x) { return __fdividef(1.0f, 1.0f + __expf(-x)); }
+
+// ------------------------------------------------------------------------------------------------
+// Forward.
+
+struct FwdSmem {
+  float dl[CPB * RS];          // softplus(delta + bias)
+  float du[CPB * RS];          // dl * u
+  float y[CPB * RS];           // <C, x>
+  float B[TL * BS];
+  float C[TL * BS];
+  float m[TL];                 // 0 where reset, else 1
+  in_t ru[CPB * TL], rd[CPB * TL], rz[CPB * TL], rB[NPAD * TL], rC[NPAD * TL];   // raw next tile
+  u8 rr[TL];
+};
 
 // One forward tile of a thread's 4 states. AGG: no outputs (sum of dl and reset seen are tracked).
 template <bool AGG>
@@ -285,6 +331,35 @@ __device__ __forceinline__ void fwd_tile_scan(const FwdSmem& s, int c, int sg, i
 }
 
 template <bool AGG>
+__device__ __forceinline__ void fwd_issue(FwdSmem& s, const in_t* __restrict__ u, const in_t* __restrict__ delta,
+                                          const in_t* __restrict__ z, const in_t* __restrict__ Bm,
+                                          const in_t* __restrict__ Cm, const u8* __restrict__ reset, int bi, int dim,
+                                          int db, int n, i64 L, int k, bool aligned, bool raligned) {
+  const i64 l0 = (i64)k * TL;
+  const i64 row0 = (i64)bi * dim + (i64)db * CPB;
+  const int nvalid = min(CPB, dim - db * CPB);
+  load_rows(s.ru, u + row0 * L, CPB, nvalid, L, l0, aligned);
+  load_rows(s.rd, delta + row0 * L, CPB, nvalid, L, l0, aligned);
+#if HAS_Z
+  if (!AGG) load_rows(s.rz, z + row0 * L, CPB, nvalid, L, l0, aligned);
+#endif
+  load_rows(s.rB, Bm + (i64)bi * n * L, NPAD, n, L, l0, aligned);
+  if (!AGG) load_rows(s.rC, Cm + (i64)bi * n * L, NPAD, n, L, l0, aligned);
+#if HAS_RESET
+  load_rows(s.rr, reset + (i64)bi * L, 1, 1, L, l0, raligned);
+#endif
+  cp_async_commit();
+}
+
+// raw B (NPAD x TL) -> float [t][n]
+__device__ __forceinline__ void convert_BC(float* dst, const in_t* raw) {
+  for (int idx = threadIdx.x; idx < TL * NPAD; idx += NTHREADS) {
+    const int nn = idx / TL, t = idx % TL;
+    dst[t * BS + nn] = to_f(raw[nn * TL + t]);
+  }
+}
+
+template <bool AGG>
 __device__ __forceinline__ void fwd_body(
     const in_t* __restrict__ u, const in_t* __restrict__ delta, const in_t* __restrict__ z,
     const in_t* __restrict__ Bm, const in_t* __restrict__ Cm, const float* __restrict__ A,
@@ -301,7 +376,7 @@ __device__ __forceinline__ void fwd_body(
   const bool valid = d < dim;
   const i64 ch = (i64)bi * dim + (valid ? d : 0);
   const int seg = blockIdx.y;
-  const bool softplus = flags & F_SOFTPLUS, aligned = flags & F_ALIGNED;
+  const bool softplus = flags & F_SOFTPLUS, aligned = flags & F_ALIGNED, raligned = flags & F_RALIGNED;
   const float LOG2E = 1.4426950408889634f;
 
   float A2[4], x[4];
@@ -328,14 +403,14 @@ __device__ __forceinline__ void fwd_body(
   float sumdl = 0.0f, keep = 1.0f;
   const int k0 = seg * seg_tiles, k1 = min(ntiles, k0 + seg_tiles);
 
+  fwd_issue<AGG>(s, u, delta, z, Bm, Cm, reset, bi, dim, db, n, L, k0, aligned, raligned);
   for (int k = k0; k < k1; ++k) {
     const i64 l0 = (i64)k * TL;
     const i64 p0 = l0 + sg * EPT;
     const i64 avail = valid ? L - p0 : 0;
-    const bool vec = aligned;
-    float uv[EPT], dv[EPT];
-    load_row(u + ch * L + p0, avail, vec, uv);
-    load_row(delta + ch * L + p0, avail, vec, dv);
+    cp_async_wait_all();
+    __syncthreads();                                 // raw tile k is in; the previous tile is done
+    float uv[EPT], zv[EPT];
 #pragma unroll
     for (int e = 0; e < EPT; e += 4) {
       float4 dl4, du4;
@@ -343,19 +418,28 @@ __device__ __forceinline__ void fwd_body(
       float* dup = &du4.x;
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
-        float xv = dv[e + q] + bias_d;
+        const int t = sg * EPT + e + q;
+        const float uu = to_f(s.ru[c * TL + t]);
+        float xv = to_f(s.rd[c * TL + t]) + bias_d;
         float dl = softplus ? softplus_f(xv) : xv;
         dl = (e + q < avail) ? dl : 0.0f;
         dlp[q] = dl;
-        dup[q] = dl * uv[e + q];
+        dup[q] = dl * uu;
+        uv[e + q] = uu;
+#if HAS_Z
+        if (!AGG) zv[e + q] = to_f(s.rz[c * TL + t]);
+#endif
       }
       *reinterpret_cast<float4*>(&s.dl[c * RS + sg * EPT + e]) = dl4;
       *reinterpret_cast<float4*>(&s.du[c * RS + sg * EPT + e]) = du4;
     }
-    stage_BC(s.B, Bm, bi, n, L, l0);
-    if (!AGG) stage_BC(s.C, Cm, bi, n, L, l0);
-    stage_reset(s.m, reset, bi, L, l0);
-    __syncthreads();
+    convert_BC(s.B, s.rB);
+    if (!AGG) convert_BC(s.C, s.rC);
+#if HAS_RESET
+    for (int t = tid; t < TL; t += NTHREADS) s.m[t] = s.rr[t] ? 0.0f : 1.0f;
+#endif
+    __syncthreads();                                 // staged floats ready; the raw buffer is free
+    if (k + 1 < k1) fwd_issue<AGG>(s, u, delta, z, Bm, Cm, reset, bi, dim, db, n, L, k + 1, aligned, raligned);
     if (!AGG && valid) {
       float4 xs = make_float4(x[0], x[1], x[2], x[3]);
       *reinterpret_cast<float4*>(&ckpt[(ch * ntiles + k) * NPAD + sg * 4]) = xs;
@@ -363,23 +447,19 @@ __device__ __forceinline__ void fwd_body(
     fwd_tile_scan<AGG>(s, c, sg, lane, A2, x, sumdl, keep, s.y);
     if (!AGG) {
       __syncthreads();
-      float zv[EPT], ov[EPT];
-#if HAS_Z
-      load_row(z + ch * L + p0, avail, vec, zv);
-#endif
+      float ov[EPT];
 #pragma unroll
       for (int e = 0; e < EPT; ++e) {
-        float yv = s.y[c * RS + sg * EPT + e] + D_d * uv[e];
+        float yv = fmaf(D_d, uv[e], s.y[c * RS + sg * EPT + e]);
 #if HAS_Z
-        float zz = zv[e];
+        const float zz = zv[e];
         yv *= zz * sigmoid_f(zz);
 #endif
         ov[e] = yv;
       }
-      (void)zv;
-      store_row(out + ch * L + p0, avail, vec, ov);
+      store_row(out + ch * L + p0, avail, aligned, ov);
     }
-    __syncthreads();
+    (void)zv;
   }
   if (AGG) {
     if (valid) {
@@ -413,40 +493,183 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) ss_fwd_agg(FWD_PARAMS) { 
 // ------------------------------------------------------------------------------------------------
 // Backward.
 
+#define FP ((NPAD == 16) ? 32 : ((NPAD == 32) ? 16 : 8))   // positions per dB/dC flush
+#define PWS (2 * NPAD + 1)                                 // padded row of the per-warp dB/dC buffer
+
 struct BwdSmem {
-  float dl[CPB * RS];               // softplus(delta + bias)
-  float du[CPB * RS];               // dl * u
-  float dy[CPB * RS];               // dout * silu(z)  (the gradient of y + D u)
-  float s1[CPB * RS];               // sum_n g B
-  float s2[CPB * RS];               // sum_n g A a x_{t-1}
-  float yy[CPB * RS];               // y = <C, x> (recomputed, for dz)
+  float dl[CPB * RS];              // softplus(delta + bias)
+  float u[CPB * RS];
+  float dy[CPB * RS];              // dout * silu(z): the gradient of y + D u
+  float dzf[CPB * RS];             // dout * silu'(z): dz = dzf * (y + D u)
+  float sig[CPB * RS];             // softplus'(delta + bias)
   float B[TL * BS];
   float C[TL * BS];
   float m[TL];
-  float xck[(TL / SB) * 4 * NTHREADS];        // state at each sub-block start, [sb][j][tid]
-  float bc[CPB * (SB * 2 * NPAD + 4 * NT)];        // per-channel dB (first NPAD) and dC per sub-block position
+  float xck[(TL / SB) * 4 * NTHREADS];       // state at each sub-block start, [sb][j][tid]
+  float pw[(NTHREADS / 32) * FP * PWS];      // per-warp dB | dC sums over its channels, per position
+  in_t ru[CPB * TL], rd[CPB * TL], rz[CPB * TL], rg[CPB * TL], rB[NPAD * TL], rC[NPAD * TL];
+  u8 rr[TL];
 };
 
-extern "C" __global__ void __launch_bounds__(NTHREADS) ss_bwd(
-    const in_t* __restrict__ u, const in_t* __restrict__ delta, const in_t* __restrict__ z,
-    const in_t* __restrict__ Bm, const in_t* __restrict__ Cm, const float* __restrict__ A,
-    const float* __restrict__ Dv, const float* __restrict__ bias, const u8* __restrict__ reset,
-    const in_t* __restrict__ dout, const float* __restrict__ ckpt, const float* __restrict__ dfinal,
-    in_t* __restrict__ du_o, in_t* __restrict__ ddelta_o, in_t* __restrict__ dz_o,
-    float* __restrict__ dB_o, float* __restrict__ dC_o, float* __restrict__ dA_p,
-    float* __restrict__ dD_p, float* __restrict__ dbias_p, float* __restrict__ dinit,
-    int batch, int dim, long long L, int n, int ntiles, int flags) {
+template <bool AGG>
+__device__ __forceinline__ void bwd_issue(BwdSmem& s, const in_t* __restrict__ u, const in_t* __restrict__ delta,
+                                          const in_t* __restrict__ z, const in_t* __restrict__ dout,
+                                          const in_t* __restrict__ Bm, const in_t* __restrict__ Cm,
+                                          const u8* __restrict__ reset, int bi, int dim, int db, int n, i64 L,
+                                          int k, bool aligned, bool raligned) {
+  const i64 l0 = (i64)k * TL;
+  const i64 row0 = (i64)bi * dim + (i64)db * CPB;
+  const int nvalid = min(CPB, dim - db * CPB);
+  if (!AGG) load_rows(s.ru, u + row0 * L, CPB, nvalid, L, l0, aligned);
+  load_rows(s.rd, delta + row0 * L, CPB, nvalid, L, l0, aligned);
+#if HAS_Z
+  load_rows(s.rz, z + row0 * L, CPB, nvalid, L, l0, aligned);
+#endif
+  load_rows(s.rg, dout + row0 * L, CPB, nvalid, L, l0, aligned);
+  if (!AGG) load_rows(s.rB, Bm + (i64)bi * n * L, NPAD, n, L, l0, aligned);
+  load_rows(s.rC, Cm + (i64)bi * n * L, NPAD, n, L, l0, aligned);
+#if HAS_RESET
+  load_rows(s.rr, reset + (i64)bi * L, 1, 1, L, l0, raligned);
+#endif
+  cp_async_commit();
+}
+
+// Raw tile -> per-(channel, position) floats. AGG needs only dl and dy.
+template <bool AGG>
+__device__ __forceinline__ void bwd_stage(BwdSmem& s, int c, int sg, i64 avail, float bias_d, bool softplus) {
+#pragma unroll
+  for (int e = 0; e < EPT; e += 4) {
+    float4 dl4, u4, dy4, dz4, sg4;
+    float* dlp = &dl4.x;
+    float* up = &u4.x;
+    float* dyp = &dy4.x;
+    float* dzp = &dz4.x;
+    float* sgp = &sg4.x;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const int t = sg * EPT + e + q;
+      const bool in = e + q < avail;
+      const float xv = to_f(s.rd[c * TL + t]) + bias_d;
+      float sig = 1.0f, dl = xv;
+      if (softplus) dl = softplus_sig(xv, sig);
+      const float g = to_f(s.rg[c * TL + t]);
+      float dy = g, dzf = 0.0f;
+#if HAS_Z
+      const float zz = to_f(s.rz[c * TL + t]);
+      const float sz = sigmoid_f(zz);
+      dy = g * zz * sz;
+      dzf = g * sz * fmaf(zz, 1.0f - sz, 1.0f);
+#endif
+      dlp[q] = in ? dl : 0.0f;
+      dyp[q] = in ? dy : 0.0f;
+      if (!AGG) {
+        up[q] = in ? to_f(s.ru[c * TL + t]) : 0.0f;
+        dzp[q] = in ? dzf : 0.0f;
+        sgp[q] = in ? sig : 0.0f;
+      }
+    }
+    *reinterpret_cast<float4*>(&s.dl[c * RS + sg * EPT + e]) = dl4;
+    *reinterpret_cast<float4*>(&s.dy[c * RS + sg * EPT + e]) = dy4;
+    if (!AGG) {
+      *reinterpret_cast<float4*>(&s.u[c * RS + sg * EPT + e]) = u4;
+      *reinterpret_cast<float4*>(&s.dzf[c * RS + sg * EPT + e]) = dz4;
+      *reinterpret_cast<float4*>(&s.sig[c * RS + sg * EPT + e]) = sg4;
+    }
+  }
+  if (!AGG) convert_BC(s.B, s.rB);
+  convert_BC(s.C, s.rC);
+#if HAS_RESET
+  for (int t = threadIdx.x; t < TL; t += NTHREADS) s.m[t] = s.rr[t] ? 0.0f : 1.0f;
+#endif
+}
+
+#define BWD_PARAMS                                                                                      \
+  const in_t *__restrict__ u, const in_t *__restrict__ delta, const in_t *__restrict__ z,             \
+      const in_t *__restrict__ Bm, const in_t *__restrict__ Cm, const float *__restrict__ A,          \
+      const float *__restrict__ Dv, const float *__restrict__ bias, const u8 *__restrict__ reset,     \
+      const in_t *__restrict__ dout, const float *__restrict__ ckpt, const float *__restrict__ dfinal, \
+      float *__restrict__ agg, in_t *__restrict__ du_o, in_t *__restrict__ ddelta_o,                  \
+      in_t *__restrict__ dz_o, float *__restrict__ dB_o, float *__restrict__ dC_o,                    \
+      float *__restrict__ dA_p, float *__restrict__ dD_p, float *__restrict__ dbias_p,                \
+      float *__restrict__ dinit, int batch, int dim, long long L, int n, int ntiles, int seg_tiles,   \
+      int nseg, int flags
+
+// Per L-segment (all but the first): the adjoint carried out of the segment's start from a zero carry at
+// its end, and the segment's decay product, so that the backward segments can run in parallel.
+extern "C" __global__ void __launch_bounds__(NTHREADS) ss_bwd_agg(BWD_PARAMS) {
   BwdSmem& s = *reinterpret_cast<BwdSmem*>(smem_raw);
-  const int tid = threadIdx.x, lane = tid & 31;
+  const int tid = threadIdx.x;
   const int c = tid / NT, sg = tid % NT;
   const int dblocks = (dim + CPB - 1) / CPB;
   const int bi = blockIdx.x / dblocks, db = blockIdx.x % dblocks;
   const int d = db * CPB + c;
   const bool valid = d < dim;
   const i64 ch = (i64)bi * dim + (valid ? d : 0);
-  const bool softplus = flags & F_SOFTPLUS, aligned = flags & F_ALIGNED, atomic = flags & F_ATOMIC;
+  const int seg = blockIdx.y + 1;
+  const bool softplus = flags & F_SOFTPLUS, aligned = flags & F_ALIGNED, raligned = flags & F_RALIGNED;
   const float LOG2E = 1.4426950408889634f;
-  constexpr int BCS = SB * 2 * NPAD + 4 * NT;
+  float A2[4], h[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int nn = sg * 4 + j;
+    A2[j] = (valid && nn < n) ? A[(i64)d * n + nn] * LOG2E : 0.0f;
+    h[j] = 0.0f;
+  }
+  const float bias_d = (valid && bias) ? bias[d] : 0.0f;
+  float sumdl = 0.0f, keep = 1.0f;
+  const int k0 = seg * seg_tiles, k1 = min(ntiles, k0 + seg_tiles);
+  bwd_issue<true>(s, u, delta, z, dout, Bm, Cm, reset, bi, dim, db, n, L, k1 - 1, aligned, raligned);
+  for (int k = k1 - 1; k >= k0; --k) {
+    const i64 p0 = (i64)k * TL + sg * EPT;
+    const i64 avail = valid ? L - p0 : 0;
+    cp_async_wait_all();
+    __syncthreads();
+    bwd_stage<true>(s, c, sg, avail, bias_d, softplus);
+    __syncthreads();
+    if (k - 1 >= k0) bwd_issue<true>(s, u, delta, z, dout, Bm, Cm, reset, bi, dim, db, n, L, k - 1, aligned, raligned);
+#pragma unroll 4
+    for (int t = TL - 1; t >= 0; --t) {
+      const float dl = s.dl[c * RS + t], dy = s.dy[c * RS + t];
+      float4 c4 = *reinterpret_cast<const float4*>(&s.C[t * BS + sg * 4]);
+      float cc[4] = {c4.x, c4.y, c4.z, c4.w};
+#if HAS_RESET
+      const float mk = s.m[t];
+      keep *= mk;
+#endif
+      sumdl += dl;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        float a = ex2_mufu(dl * A2[j]);
+#if HAS_RESET
+        a *= mk;
+#endif
+        h[j] = a * fmaf(cc[j], dy, h[j]);
+      }
+    }
+  }
+  if (valid) {
+    float* ag = agg + (ch * (nseg - 1) + (seg - 1)) * 2 * NPAD;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      ag[sg * 4 + j] = keep * ex2_mufu(A2[j] * sumdl);
+      ag[NPAD + sg * 4 + j] = h[j];
+    }
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(NTHREADS) ss_bwd(BWD_PARAMS) {
+  BwdSmem& s = *reinterpret_cast<BwdSmem*>(smem_raw);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int c = tid / NT, sg = tid % NT;
+  const int dblocks = (dim + CPB - 1) / CPB;
+  const int bi = blockIdx.x / dblocks, db = blockIdx.x % dblocks;
+  const int d = db * CPB + c;
+  const bool valid = d < dim;
+  const i64 ch = (i64)bi * dim + (valid ? d : 0);
+  const int seg = blockIdx.y;
+  const bool softplus = flags & F_SOFTPLUS, aligned = flags & F_ALIGNED, atomic = flags & F_ATOMIC;
+  const bool raligned = flags & F_RALIGNED;
+  const float LOG2E = 1.4426950408889634f;
 
   float A2[4], Aj[4], h[4], dAacc[4];
 #pragma unroll
@@ -457,54 +680,26 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) ss_bwd(
     h[j] = (dfinal && valid && nn < n) ? dfinal[ch * n + nn] : 0.0f;
     dAacc[j] = 0.0f;
   }
+  for (int k = nseg - 1; k > seg; --k) {     // fold the adjoint aggregates of the later segments
+    const float* ag = agg + (ch * (nseg - 1) + (k - 1)) * 2 * NPAD;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) h[j] = fmaf(ag[sg * 4 + j], h[j], ag[NPAD + sg * 4 + j]);
+  }
   const float bias_d = (valid && bias) ? bias[d] : 0.0f;
   const float D_d = (valid && Dv) ? Dv[d] : 0.0f;
   float dDacc = 0.0f, dbacc = 0.0f;
+  const int k0 = seg * seg_tiles, k1 = min(ntiles, k0 + seg_tiles);
 
-  for (int k = ntiles - 1; k >= 0; --k) {
+  bwd_issue<false>(s, u, delta, z, dout, Bm, Cm, reset, bi, dim, db, n, L, k1 - 1, aligned, raligned);
+  for (int k = k1 - 1; k >= k0; --k) {
     const i64 l0 = (i64)k * TL;
     const i64 p0 = l0 + sg * EPT;
     const i64 avail = valid ? L - p0 : 0;
-    const bool vec = aligned;
-    {
-      float uv[EPT], dv[EPT], gv[EPT];
-      load_row(u + ch * L + p0, avail, vec, uv);
-      load_row(delta + ch * L + p0, avail, vec, dv);
-      load_row(dout + ch * L + p0, avail, vec, gv);
-#if HAS_Z
-      float zv[EPT];
-      load_row(z + ch * L + p0, avail, vec, zv);
-#endif
-#pragma unroll
-      for (int e = 0; e < EPT; e += 4) {
-        float4 dl4, du4, dy4;
-        float* dlp = &dl4.x;
-        float* dup = &du4.x;
-        float* dyp = &dy4.x;
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          float xv = dv[e + q] + bias_d;
-          float dl = softplus ? softplus_f(xv) : xv;
-          const bool in = e + q < avail;
-          dl = in ? dl : 0.0f;
-          dlp[q] = dl;
-          dup[q] = dl * uv[e + q];
-          float g = gv[e + q];
-#if HAS_Z
-          float zz = zv[e + q];
-          g *= zz * sigmoid_f(zz);
-#endif
-          dyp[q] = in ? g : 0.0f;
-        }
-        *reinterpret_cast<float4*>(&s.dl[c * RS + sg * EPT + e]) = dl4;
-        *reinterpret_cast<float4*>(&s.du[c * RS + sg * EPT + e]) = du4;
-        *reinterpret_cast<float4*>(&s.dy[c * RS + sg * EPT + e]) = dy4;
-      }
-    }
-    stage_BC(s.B, Bm, bi, n, L, l0);
-    stage_BC(s.C, Cm, bi, n, L, l0);
-    stage_reset(s.m, reset, bi, L, l0);
+    cp_async_wait_all();
     __syncthreads();
+    bwd_stage<false>(s, c, sg, avail, bias_d, softplus);
+    __syncthreads();
+    if (k - 1 >= k0) bwd_issue<false>(s, u, delta, z, dout, Bm, Cm, reset, bi, dim, db, n, L, k - 1, aligned, raligned);
 
     // Pass 1: rescan the tile forward from its checkpoint, keeping the state at each sub-block start.
     float x[4];
@@ -520,7 +715,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) ss_bwd(
 #pragma unroll
       for (int q = 0; q < SB; ++q) {
         const int t = sb * SB + q;
-        float dl = s.dl[c * RS + t], dup = s.du[c * RS + t];
+        const float dl = s.dl[c * RS + t], dup = dl * s.u[c * RS + t];
         float4 b4 = *reinterpret_cast<const float4*>(&s.B[t * BS + sg * 4]);
         float bb[4] = {b4.x, b4.y, b4.z, b4.w};
         float a[4];
@@ -550,7 +745,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) ss_bwd(
 #pragma unroll
       for (int q = 0; q < SB; ++q) {
         const int t = sb * SB + q;
-        float dl = s.dl[c * RS + t], dup = s.du[c * RS + t];
+        const float dl = s.dl[c * RS + t], dup = dl * s.u[c * RS + t];
         float4 b4 = *reinterpret_cast<const float4*>(&s.B[t * BS + sg * 4]);
         float bb[4] = {b4.x, b4.y, b4.z, b4.w};
         as[q][0] = ex2_j<0>(dl * A2[0]);
@@ -569,119 +764,105 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) ss_bwd(
         }
       }
       float red[3 * SB];   // s1[SB], s2[SB], y[SB]
+      const int pbase = (sb * SB) % FP;
 #pragma unroll
       for (int q = SB - 1; q >= 0; --q) {
         const int t = sb * SB + q;
-        const float dl = s.dl[c * RS + t], dup = s.du[c * RS + t], dy = s.dy[c * RS + t];
+        const float dl = s.dl[c * RS + t], dy = s.dy[c * RS + t];
+        const float dup = dl * s.u[c * RS + t];
         float4 b4 = *reinterpret_cast<const float4*>(&s.B[t * BS + sg * 4]);
         float4 c4 = *reinterpret_cast<const float4*>(&s.C[t * BS + sg * 4]);
         float bb[4] = {b4.x, b4.y, b4.z, b4.w};
         float cc[4] = {c4.x, c4.y, c4.z, c4.w};
         float s1 = 0.f, s2 = 0.f, yv = 0.f;
-        float dBv[4], dCv[4];
+        float v[8];          // dB_j (j < 4), dC_j
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           float g = fmaf(cc[j], dy, h[j]);
           s1 = fmaf(g, bb[j], s1);
-          dBv[j] = g * dup;
+          v[j] = g * dup;
           float hn = as[q][j] * g;
           float w = hn * xs[q][j];
           s2 = fmaf(Aj[j], w, s2);
           dAacc[j] = fmaf(dl, w, dAacc[j]);
           yv = fmaf(cc[j], xs[q + 1][j], yv);
-          dCv[j] = dy * xs[q + 1][j];
+          v[4 + j] = dy * xs[q + 1][j];
           h[j] = hn;
         }
         red[q] = s1;
         red[SB + q] = s2;
         red[2 * SB + q] = yv;
-        *reinterpret_cast<float4*>(&s.bc[c * BCS + q * 2 * NPAD + sg * 4]) =
-            make_float4(dBv[0], dBv[1], dBv[2], dBv[3]);
-        *reinterpret_cast<float4*>(&s.bc[c * BCS + q * 2 * NPAD + NPAD + sg * 4]) =
-            make_float4(dCv[0], dCv[1], dCv[2], dCv[3]);
+        // Sum dB, dC over the warp's channels (lanes that differ in bits >= NT): reduce-scatter.
+        int base = 0;
+#pragma unroll
+        for (int m = 16, cnt = 8; m >= NT; m >>= 1, cnt >>= 1) {
+          const bool hi = (lane & m) != 0;
+#pragma unroll
+          for (int i = 0; i < cnt / 2; ++i) {
+            const float send = hi ? v[i] : v[i + cnt / 2];
+            const float kp = hi ? v[i + cnt / 2] : v[i];
+            v[i] = kp + __shfl_xor_sync(0xffffffffu, send, m);
+          }
+          base += hi ? cnt / 2 : 0;
+        }
+        constexpr int KEPT = (NT >= 16) ? 4 : ((NT == 8) ? 2 : 1);
+        float* pwrow = &s.pw[(warp * FP + pbase + q) * PWS];
+#pragma unroll
+        for (int i = 0; i < KEPT; ++i) {
+          const int idx = base + i, which = idx >> 2, j = idx & 3;
+          pwrow[which * NPAD + sg * 4 + j] = v[i];
+        }
       }
+      // s1, s2, y summed over the channel's lanes; each lane then finishes some positions itself.
+      auto finish = [&](int q, float s1, float s2, float yv) {
+        const int t = sb * SB + q;
+        const i64 l = l0 + t;
+        if (!valid || l >= L) return;
+        const float dl = s.dl[c * RS + t], dy = s.dy[c * RS + t], uu = s.u[c * RS + t];
+        const float dd = fmaf(uu, s1, s2) * s.sig[c * RS + t];
+        dDacc = fmaf(dy, uu, dDacc);
+        dbacc += dd;
+        from_f(fmaf(dl, s1, D_d * dy), du_o[ch * L + l]);
+        from_f(dd, ddelta_o[ch * L + l]);
+#if HAS_Z
+        from_f(s.dzf[c * RS + t] * fmaf(D_d, uu, yv), dz_o[ch * L + l]);
+#endif
+      };
       if constexpr (SB % NT == 0) {
         reduce_scatter<3 * SB>(red, lane);
+        constexpr int GPW = (SB % NT == 0) ? SB / NT : 1;
 #pragma unroll
-        for (int g = 0; g < 3 * SB / NT; ++g) {
-          constexpr int GPW = (SB % NT == 0) ? SB / NT : 1;   // groups per value kind
-          const int which = g / GPW, q = (g % GPW) * NT + sg;
-          float* dst = which == 0 ? s.s1 : (which == 1 ? s.s2 : s.yy);
-          dst[c * RS + sb * SB + q] = red[g];
-        }
+        for (int g = 0; g < GPW; ++g) finish(g * NT + sg, red[g], red[GPW + g], red[2 * GPW + g]);
       } else {
 #pragma unroll
         for (int i = 0; i < 3 * SB; ++i) {
 #pragma unroll
           for (int m = 1; m < NT; m <<= 1) red[i] += __shfl_xor_sync(0xffffffffu, red[i], m);
         }
-        if (sg == 0) {
 #pragma unroll
-          for (int q = 0; q < SB; ++q) {
-            s.s1[c * RS + sb * SB + q] = red[q];
-            s.s2[c * RS + sb * SB + q] = red[SB + q];
-            s.yy[c * RS + sb * SB + q] = red[2 * SB + q];
+        for (int q = 0; q < SB; ++q)
+          if (q % NT == sg) finish(q, red[q], red[SB + q], red[2 * SB + q]);
+      }
+      if (pbase == 0) {
+        // Flush the window [sb*SB, sb*SB + FP): sum the warps' partials, add to dB, dC.
+        __syncthreads();
+        const i64 lw = l0 + sb * SB;
+        for (int o = tid; o < FP * 2 * NPAD; o += NTHREADS) {
+          const int p = o % FP, r = o / FP;
+          float acc = 0.0f;
+#pragma unroll
+          for (int w = 0; w < NTHREADS / 32; ++w) acc += s.pw[(w * FP + p) * PWS + r];
+          const int isC = r >= NPAD, nn = r % NPAD;
+          const i64 l = lw + p;
+          if (nn < n && l < L) {
+            float* dst = isC ? dC_o : dB_o;
+            if (atomic) atomicAdd(&dst[((i64)bi * n + nn) * L + l], acc);
+            else dst[(((i64)db * batch + bi) * n + nn) * L + l] = acc;
           }
         }
+        __syncthreads();
       }
-      __syncthreads();
-      // Sum dB, dC of this sub-block over the block's channels; one value per (position, state, B|C).
-      for (int o = tid; o < SB * 2 * NPAD; o += NTHREADS) {
-        float acc = 0.0f;
-#pragma unroll 8
-        for (int cc2 = 0; cc2 < CPB; ++cc2) acc += s.bc[cc2 * BCS + o];
-        const int q = o / (2 * NPAD), r = o % (2 * NPAD);
-        const int isC = r >= NPAD, nn = r % NPAD;
-        const i64 l = l0 + sb * SB + q;
-        if (nn < n && l < L) {
-          float* dst = isC ? dC_o : dB_o;
-          if (atomic) {
-            atomicAdd(&dst[((i64)bi * n + nn) * L + l], acc);
-          } else {
-            dst[(((i64)db * batch + bi) * n + nn) * L + l] = acc;
-          }
-        }
-      }
-      __syncthreads();
     }
-
-    // Epilogue for the tile: du, ddelta, dz and the per-channel sums for dD, d(delta_bias).
-    {
-      float uv[EPT], dv[EPT], gv[EPT], o1[EPT], o2[EPT];
-      load_row(u + ch * L + p0, avail, vec, uv);
-      load_row(delta + ch * L + p0, avail, vec, dv);
-#if HAS_Z
-      float zv[EPT], o3[EPT];
-      load_row(z + ch * L + p0, avail, vec, zv);
-      load_row(dout + ch * L + p0, avail, vec, gv);
-#endif
-      (void)gv;
-#pragma unroll
-      for (int e = 0; e < EPT; ++e) {
-        const int t = sg * EPT + e;
-        const float s1 = s.s1[c * RS + t], s2 = s.s2[c * RS + t];
-        const float dl = s.dl[c * RS + t], dy = s.dy[c * RS + t];
-        const float uu = uv[e];
-        o1[e] = fmaf(dl, s1, D_d * dy);                      // du
-        float dd = fmaf(uu, s1, s2);                         // d dl
-        if (softplus) dd *= sigmoid_f(dv[e] + bias_d);
-        o2[e] = dd;
-        const bool in = e < avail;
-        dDacc += in ? dy * uu : 0.0f;
-        dbacc += in ? dd : 0.0f;
-#if HAS_Z
-        const float zz = zv[e], sz = sigmoid_f(zz);
-        const float ypre = fmaf(D_d, uu, s.yy[c * RS + t]);
-        o3[e] = gv[e] * ypre * sz * fmaf(zz, 1.0f - sz, 1.0f);
-#endif
-      }
-      store_row(du_o + ch * L + p0, avail, vec, o1);
-      store_row(ddelta_o + ch * L + p0, avail, vec, o2);
-#if HAS_Z
-      store_row(dz_o + ch * L + p0, avail, vec, o3);
-#endif
-    }
-    __syncthreads();
   }
 
 #pragma unroll
@@ -690,16 +871,17 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) ss_bwd(
     dbacc += __shfl_xor_sync(0xffffffffu, dbacc, m);
   }
   if (valid) {
+    const i64 sch = (i64)seg * batch * dim + ch;      // per-segment partials, summed by the wrapper
     if (sg == 0) {
-      dD_p[ch] = dDacc;
-      dbias_p[ch] = dbacc;
+      dD_p[sch] = dDacc;
+      dbias_p[sch] = dbacc;
     }
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int nn = sg * 4 + j;
       if (nn < n) {
-        dA_p[ch * n + nn] = dAacc[j];
-        if (dinit) dinit[ch * n + nn] = h[j];
+        dA_p[sch * n + nn] = dAacc[j];
+        if (dinit && seg == 0) dinit[ch * n + nn] = h[j];
       }
     }
   }

@@ -1,0 +1,5 @@
+import sys
+
+from bytemamba.cli import main
+
+sys.exit(main())

@@ -1,0 +1,125 @@
+"""`bytemamba train|generate|eval|bench|convert|info`: parses arguments and dispatches, nothing more.
+
+Bad input (bytemamba.errors.UserError) becomes one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from bytemamba.errors import UserError
+
+
+def _train(args) -> int:
+    from bytemamba.config import load_config
+    from bytemamba.train import train
+
+    recipe, overrides = args.recipe, list(args.overrides)
+    if recipe is not None and "=" in recipe:         # `bytemamba train key=value ...` with no recipe
+        overrides.insert(0, recipe)
+        recipe = None
+    cfg = load_config(recipe, overrides)
+    result = train(cfg, resume=args.resume)
+    return 0 if result is not None else 1
+
+
+def _load(path, device: str):
+    import torch
+
+    from bytemamba.models.io import load_model
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda, but PyTorch sees no CUDA GPU")
+    return load_model(path, device=device)
+
+
+def _generate(args) -> int:
+    from bytemamba.generate import Sampling, generate_text, print_samples
+
+    model, meta = _load(args.checkpoint, args.device)
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.min_p)
+    kind = meta.get("data", {}).get("kind", "text")
+    if kind != "text":
+        raise UserError(f"{args.checkpoint} is a model of {kind} symbols; a text --prompt does not fit it")
+    if args.max_bytes < 1:
+        raise UserError(f"--max-bytes must be at least 1, got {args.max_bytes}")
+    if args.num_samples < 1:
+        raise UserError(f"--num-samples must be at least 1, got {args.num_samples}")
+    if args.num_samples == 1:
+        sys.stdout.write(args.prompt)
+        generate_text(model, args.prompt, args.max_bytes, sampling, args.seed, 1, stream=sys.stdout)
+    else:
+        texts = generate_text(model, args.prompt, args.max_bytes, sampling, args.seed, args.num_samples)
+        print_samples(args.prompt, texts)
+    return 0
+
+
+def _eval(args) -> int:
+    from bytemamba.evaluate import eval_files, list_files
+
+    model, meta = _load(args.checkpoint, args.device)
+    files = list_files(args.data, args.pattern)
+    res = eval_files(model, files, window=args.window)
+    print(f"{res['bits_per_symbol']:.4f} bits per byte over {res['symbols']:,} bytes in {len(files)} file(s)")
+    return 0
+
+
+def _bench(args) -> int:
+    from bytemamba import bench
+    return bench.main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bytemamba", description="Tokenizer-free Mamba over raw byte streams.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model from a TOML recipe (default: the embedded text recipe)")
+    t.add_argument("recipe", nargs="?", help="recipe TOML (recipes/*.toml); omit for the default")
+    t.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.out_dir")
+    t.set_defaults(fn=_train)
+
+    g = sub.add_parser("generate", help="sample from an exported model directory")
+    g.add_argument("checkpoint", help="exported model directory (OUT/model)")
+    g.add_argument("--prompt", default="", help="text to continue (UTF-8); empty starts from a newline")
+    g.add_argument("--max-bytes", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--num-samples", type=int, default=1)
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.set_defaults(fn=_generate)
+
+    e = sub.add_parser("eval", help="streaming bits per byte of a model over a file or folder")
+    e.add_argument("checkpoint", help="exported model directory (OUT/model)")
+    e.add_argument("--data", required=True, help="file or folder to evaluate")
+    e.add_argument("--pattern", default="*", help="glob for files inside a folder")
+    e.add_argument("--window", type=int, default=2048, help="symbols per forward; state carries across")
+    e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    e.set_defaults(fn=_eval)
+
+    b = sub.add_parser("bench", help="benchmarks (scan, generate); see `bytemamba bench --help`",
+                       add_help=False)
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+    b.set_defaults(fn=_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except UserError as e:
+        print(f"bytemamba: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bytemamba: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""The Mamba block, read top to bottom: RMSNorm, the mixer (S6 selective SSM), the pre-norm residual block.
+
+Shapes: b = batch, l = length, d = d_model, e = d_inner (expand * d_model), n = d_state, k = d_conv,
+r = dt_rank. Parameter names follow the public Mamba LM layout so released checkpoints load by name.
+
+Packed sequences: `reset` (b, l) marks positions where a new document or clip begins. The scan zeroes
+its state there and the causal conv does not reach back across it, so nothing leaks between documents.
+Streaming: every forward can start from a `MixerState` (conv window + SSM state) and return the one it
+ends in, which is how prefill, decoding and streaming evaluation carry context across calls.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bytemamba.ops.scan import selective_scan
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in float32 whatever the input dtype; the residual stream is float32 anyway
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).to(x.dtype)
+
+
+@dataclass
+class MixerState:
+    """What one mixer carries from one call to the next (float32, batch-first)."""
+    conv: torch.Tensor   # (b, e, k-1): the last k-1 conv inputs
+    ssm: torch.Tensor    # (b, e, n): the SSM state
+
+
+class MambaMixer(nn.Module):
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
+                 dt_rank: int | None = None, dt_min: float = 1e-3, dt_max: float = 0.1,
+                 dt_init_floor: float = 1e-4, conv_bias: bool = True, bias: bool = False,
+                 scan_backend: str = "auto"):
+        super().__init__()
+        self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
+        self.d_inner = expand * d_model
+        self.dt_rank = dt_rank or math.ceil(d_model / 16)
+        self.scan_backend = scan_backend
+        e, n, r = self.d_inner, d_state, self.dt_rank
+
+        self.in_proj = nn.Linear(d_model, 2 * e, bias=bias)           # -> x and the gate z
+        self.conv1d = nn.Conv1d(e, e, d_conv, groups=e, bias=conv_bias, padding=d_conv - 1)
+        self.x_proj = nn.Linear(e, r + 2 * n, bias=False)             # -> dt (low rank), B, C
+        self.dt_proj = nn.Linear(r, e, bias=True)                     # its bias is the scan's delta_bias
+        self.out_proj = nn.Linear(e, d_model, bias=bias)
+
+        # dt: weight ~ U(-r^-0.5, r^-0.5); bias = softplus^-1(dt0) with dt0 log-uniform in [dt_min, dt_max]
+        with torch.no_grad():
+            std = r ** -0.5
+            nn.init.uniform_(self.dt_proj.weight, -std, std)
+            dt = torch.exp(torch.rand(e) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+            dt = dt.clamp(min=dt_init_floor)
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        # A = -exp(A_log) = -(1..n) for every channel (S4D-real); D = 1 (skip connection)
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).repeat(e, 1))
+        self.D = nn.Parameter(torch.ones(e))
+        self.A_log._no_weight_decay = True
+        self.D._no_weight_decay = True
+
+    # ---- the parallel path: a whole sequence (training, prefill, streaming evaluation) ----------------
+    def forward(self, hidden: torch.Tensor, reset: torch.Tensor | None = None,
+                state: MixerState | None = None, return_state: bool = False):
+        b, l, _ = hidden.shape
+        k = self.d_conv
+        xz = self.in_proj(hidden).transpose(1, 2)                      # (b, 2e, l)
+        x, z = xz.chunk(2, dim=1)                                      # (b, e, l) each
+
+        x_conv, conv_state = self._causal_conv(x, reset, state)        # (b, e, l)
+        x = F.silu(x_conv)
+
+        x_dbl = self.x_proj(x.transpose(1, 2))                         # (b, l, r + 2n)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = (dt @ self.dt_proj.weight.to(dt.dtype).t()).transpose(1, 2)   # (b, e, l), bias in scan
+        A = -torch.exp(self.A_log.float())                             # (e, n)
+        res = selective_scan(
+            x.contiguous(), delta.contiguous(), A,
+            B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(),
+            D=self.D.float(), z=z.contiguous(), delta_bias=self.dt_proj.bias.float(),
+            delta_softplus=True, initial_state=None if state is None else state.ssm,
+            return_final_state=return_state, reset=reset, backend=self.scan_backend)
+        y, ssm_state = res if return_state else (res, None)
+        out = self.out_proj(y.transpose(1, 2))                          # (b, l, d)
+        if return_state:
+            return out, MixerState(conv=conv_state, ssm=ssm_state)
+        return out
+
+    def _causal_conv(self, x, reset, state):
+        """Depthwise causal conv (kernel k) that starts from `state.conv` and never crosses a reset."""
+        b, e, l = x.shape
+        k = self.d_conv
+        if reset is None and state is None:
+            y = self.conv1d(x)[..., :l]
+            return y, x.new_zeros(b, e, k - 1).float() if k > 1 else x.new_zeros(b, e, 0)
+        left = (state.conv.to(x.dtype) if state is not None else x.new_zeros(b, e, k - 1))
+        xp = torch.cat([left, x], dim=-1)                              # (b, e, l + k - 1)
+        if reset is None:
+            y = F.conv1d(xp, self.conv1d.weight, self.conv1d.bias, groups=e)
+            new_conv = xp[..., l:].float()
+            return y, new_conv
+        # segment id of every padded position; the left context belongs to the segment before position 0
+        seg = torch.cumsum(reset.to(torch.int32), dim=-1)              # (b, l)
+        seg = F.pad(seg, (k - 1, 0), value=0)                          # (b, l + k - 1)
+        w = self.conv1d.weight[:, 0, :].to(x.dtype)                    # (e, k); w[k-1] multiplies lag 0
+        here = seg[:, k - 1:]                                          # segment of each output position
+        y = torch.zeros_like(x)
+        for j in range(k):                                             # tap j reads lag k-1-j
+            same = (seg[:, j:j + l] == here).to(x.dtype)[:, None, :]   # (b, 1, l)
+            y = y + w[None, :, j, None] * xp[..., j:j + l] * same
+        if self.conv1d.bias is not None:
+            y = y + self.conv1d.bias.to(x.dtype)[None, :, None]
+        keep = (seg[:, l:] == seg[:, -1:]).to(x.dtype)[:, None, :]     # drop context from older documents
+        new_conv = (xp[..., l:] * keep).float()
+        return y, new_conv
+
+    # ---- the recurrent path: one symbol (decoding) ----------------------------------------------------
+    def empty_state(self, batch: int, device, dtype=torch.float32) -> MixerState:
+        return MixerState(conv=torch.zeros(batch, self.d_inner, self.d_conv - 1, device=device, dtype=dtype),
+                          ssm=torch.zeros(batch, self.d_inner, self.d_state, device=device, dtype=dtype))
+
+    def step(self, hidden: torch.Tensor, state: MixerState) -> torch.Tensor:
+        """hidden (b, d) -> (b, d); updates `state` in place (so a captured CUDA graph can replay it)."""
+        xz = self.in_proj(hidden)                                      # (b, 2e)
+        x, z = xz.chunk(2, dim=-1)
+        window = torch.cat([state.conv.to(x.dtype), x[:, :, None]], dim=-1)      # (b, e, k)
+        x = (window * self.conv1d.weight[:, 0, :].to(x.dtype)).sum(-1)
+        if self.conv1d.bias is not None:
+            x = x + self.conv1d.bias.to(x.dtype)
+        state.conv.copy_(window[..., 1:])
+        x = F.silu(x)
+        dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.softplus(self.dt_proj(dt).float())                      # (b, e), bias included
+        A = -torch.exp(self.A_log.float())                             # (e, n)
+        xf = x.float()
+        dA = torch.exp(dt[:, :, None] * A)                             # (b, e, n)
+        state.ssm.mul_(dA).add_((dt * xf)[:, :, None] * B.float()[:, None, :])
+        y = (state.ssm @ C.float()[:, :, None])[..., 0] + self.D.float() * xf
+        y = y * F.silu(z.float())
+        return self.out_proj(y.to(self.out_proj.weight.dtype))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: residual += mixer(norm(residual)), the residual stream in float32."""
+
+    def __init__(self, d_model: int, mixer: MambaMixer, eps: float = 1e-5):
+        super().__init__()
+        self.norm = RMSNorm(d_model, eps)
+        self.mixer = mixer
+
+    def forward(self, residual, reset=None, state=None, return_state=False):
+        h = self.norm(residual)
+        if return_state:
+            out, new_state = self.mixer(h, reset, state, return_state=True)
+            return residual + out.float(), new_state
+        return residual + self.mixer(h, reset, state).float()
+
+    def step(self, residual, state: MixerState):
+        return residual + self.mixer.step(self.norm(residual), state).float()
