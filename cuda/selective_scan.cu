@@ -274,8 +274,12 @@ struct FwdSmem {
   float B[TL * BS];
   float C[TL * BS];
   float m[TL];                 // 0 where reset, else 1
-  in_t ru[CPB * TL], rd[CPB * TL], rz[CPB * TL], rB[NPAD * TL], rC[NPAD * TL];   // raw next tile
-  u8 rr[TL];
+  alignas(16) in_t ru[CPB * TL];   // raw next tile (cp.async destinations)
+  alignas(16) in_t rd[CPB * TL];
+  alignas(16) in_t rz[CPB * TL];
+  alignas(16) in_t rB[NPAD * TL];
+  alignas(16) in_t rC[NPAD * TL];
+  alignas(16) u8 rr[TL];
 };
 
 // One forward tile of a thread's 4 states. AGG: no outputs (sum of dl and reset seen are tracked).
@@ -507,8 +511,13 @@ struct BwdSmem {
   float m[TL];
   float xck[(TL / SB) * 4 * NTHREADS];       // state at each sub-block start, [sb][j][tid]
   float pw[(NTHREADS / 32) * FP * PWS];      // per-warp dB | dC sums over its channels, per position
-  in_t ru[CPB * TL], rd[CPB * TL], rz[CPB * TL], rg[CPB * TL], rB[NPAD * TL], rC[NPAD * TL];
-  u8 rr[TL];
+  alignas(16) in_t ru[CPB * TL];   // raw next tile (cp.async destinations)
+  alignas(16) in_t rd[CPB * TL];
+  alignas(16) in_t rz[CPB * TL];
+  alignas(16) in_t rg[CPB * TL];
+  alignas(16) in_t rB[NPAD * TL];
+  alignas(16) in_t rC[NPAD * TL];
+  alignas(16) u8 rr[TL];
 };
 
 template <bool AGG>
@@ -885,4 +894,10 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) ss_bwd(BWD_PARAMS) {
       }
     }
   }
+}
+
+// Shared-memory bytes of each kernel family, read once by the launcher.
+extern "C" __global__ void ss_smem_sizes(int* out) {
+  out[0] = (int)sizeof(FwdSmem);
+  out[1] = (int)sizeof(BwdSmem);
 }

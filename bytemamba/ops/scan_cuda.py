@@ -76,15 +76,6 @@ def _npad(n: int) -> int:
     return p
 
 
-def _smem_bytes(npad: int) -> tuple[int, int]:
-    nt = npad // 4
-    cpb = NTHREADS // nt
-    rs, bs = TL + 4, npad + 4
-    fwd = 3 * cpb * rs + 2 * TL * bs + TL
-    bwd = 6 * cpb * rs + 2 * TL * bs + TL + (TL // SB) * 4 * NTHREADS + cpb * (SB * 2 * npad + 4 * nt)
-    return 4 * fwd, 4 * bwd
-
-
 def _poly_mask() -> int:
     return int(os.environ.get("BYTEMAMBA_SCAN_POLY", "0"))
 
@@ -111,15 +102,37 @@ def _get_kernels(dtype_code: int, npad: int, has_z: bool, has_reset: bool, devic
         t0 = time.perf_counter()
         with cupy.cuda.Device(device.index):
             m = cupy.RawModule(code=src, options=opts, backend="nvrtc")
-            k_fwd, k_agg, k_bwd = m.get_function("ss_fwd"), m.get_function("ss_fwd_agg"), m.get_function("ss_bwd")
-            fs, bs = _smem_bytes(npad)
-            for k, sm in ((k_fwd, fs), (k_agg, fs), (k_bwd, bs)):
+            ks = {name: m.get_function(name) for name in ("ss_fwd", "ss_fwd_agg", "ss_bwd", "ss_bwd_agg")}
+            sizes = cupy.zeros(2, dtype=cupy.int32)
+            m.get_function("ss_smem_sizes")((1,), (1,), (sizes,))
+            fs, bs = (int(v) for v in sizes.get())
+            props = torch.cuda.get_device_properties(device)
+            smem_sm = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
+            smem_blk = getattr(props, "shared_memory_per_block_optin", 227 * 1024)
+            bps = {}
+            for name, k in ks.items():
+                sm = fs if "fwd" in name else bs
+                if sm > smem_blk:
+                    raise RuntimeError(f"selective_scan (cuda): {name} needs {sm} bytes of shared memory, "
+                                       f"the device allows {smem_blk} per block")
                 if sm > 48 * 1024:
                     k.max_dynamic_shared_size_bytes = sm
+                regs = max(1, int(k.num_regs))
+                bps[name] = max(1, min(smem_sm // (sm + 1024), 65536 // (regs * NTHREADS), 16))
         compile_times[key] = time.perf_counter() - t0
-        mod = (k_fwd, k_agg, k_bwd, fs, bs)
+        mod = dict(ks, fs=fs, bs=bs, bps=bps)
         _modules[key] = mod
         return mod
+
+
+def _nseg(kind_bps: int, channel_blocks: int, ntiles: int, device) -> int:
+    """Parallel L-segments: enough to fill the GPU where batch*dim alone cannot."""
+    forced = int(os.environ.get("BYTEMAMBA_SCAN_NSEG", "0"))
+    slots = kind_bps * _num_sms(device)
+    nseg = forced if forced > 0 else max(1, slots // channel_blocks)
+    nseg = max(1, min(nseg, ntiles, 65535))
+    seg_tiles = -(-ntiles // nseg)
+    return -(-ntiles // seg_tiles), seg_tiles
 
 
 _streams: dict = {}
@@ -152,28 +165,27 @@ def _num_sms(device: torch.device) -> int:
 # ------------------------------------------------------------------------------------------------
 # Raw launches (tensors already checked, contiguous, on one device).
 
+def _aligned(L: int, elem: int, *ts) -> bool:
+    return (L * elem) % 16 == 0 and all(t is None or t.data_ptr() % 16 == 0 for t in ts)
+
+
 def _fwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, reset):
     b, d, L = u.shape
     n = A.shape[1]
     npad = _npad(n)
     dev = u.device
-    k_fwd, k_agg, _, fs, _ = _get_kernels(_DTYPE_CODE[u.dtype], npad, z is not None, reset is not None, dev)
+    K = _get_kernels(_DTYPE_CODE[u.dtype], npad, z is not None, reset is not None, dev)
     cpb = NTHREADS // (npad // 4)
     dblocks = -(-d // cpb)
     ntiles = -(-L // TL)
-    nseg = int(os.environ.get("BYTEMAMBA_SCAN_NSEG", "0"))
-    if nseg <= 0:
-        nseg = max(1, math.ceil(2 * _num_sms(dev) / (b * dblocks)))
-    nseg = min(nseg, ntiles, 4096)
-    seg_tiles = -(-ntiles // nseg)
-    nseg = -(-ntiles // seg_tiles)
+    nseg, seg_tiles = _nseg(K["bps"]["ss_fwd"], b * dblocks, ntiles, dev)
 
     out = torch.empty_like(u)
     ckpt = torch.empty(b * d * ntiles * npad, device=dev, dtype=torch.float32)
     final = torch.empty(b, d, n, device=dev, dtype=torch.float32)
     agg = torch.empty(max(1, b * d * (nseg - 1) * 2 * npad), device=dev, dtype=torch.float32)
-    aligned = all(t is None or t.data_ptr() % 16 == 0 for t in (u, delta, z, out)) and (L * u.element_size()) % 16 == 0
-    flags = (1 if delta_softplus else 0) | (2 if aligned else 0)
+    flags = ((1 if delta_softplus else 0) | (2 if _aligned(L, u.element_size(), u, delta, z, B, C, out) else 0)
+             | (8 if _aligned(L, 1, reset) else 0))
     args = (_ptr(u), _ptr(delta), _ptr(z), _ptr(B), _ptr(C), _ptr(A), _ptr(D), _ptr(delta_bias),
             _ptr(initial_state), _ptr(reset), _ptr(out), _ptr(ckpt), _ptr(final), _ptr(agg),
             np.int32(b), np.int32(d), np.int64(L), np.int32(n), np.int32(ntiles), np.int32(seg_tiles),
@@ -181,8 +193,8 @@ def _fwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
     import cupy
     with cupy.cuda.Device(dev.index), _cupy_stream(dev):
         if nseg > 1:
-            k_agg((b * dblocks, nseg - 1), (NTHREADS,), args, shared_mem=fs)
-        k_fwd((b * dblocks, nseg), (NTHREADS,), args, shared_mem=fs)
+            K["ss_fwd_agg"]((b * dblocks, nseg - 1), (NTHREADS,), args, shared_mem=K["fs"])
+        K["ss_fwd"]((b * dblocks, nseg), (NTHREADS,), args, shared_mem=K["fs"])
     return out, final, ckpt
 
 
@@ -192,10 +204,11 @@ def _bwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reset, dout, 
     n = A.shape[1]
     npad = _npad(n)
     dev = u.device
-    _, _, k_bwd, _, bs = _get_kernels(_DTYPE_CODE[u.dtype], npad, z is not None, reset is not None, dev)
+    K = _get_kernels(_DTYPE_CODE[u.dtype], npad, z is not None, reset is not None, dev)
     cpb = NTHREADS // (npad // 4)
     dblocks = -(-d // cpb)
     ntiles = -(-L // TL)
+    nseg, seg_tiles = _nseg(K["bps"]["ss_bwd"], b * dblocks, ntiles, dev)
     du = torch.empty_like(u)
     ddelta = torch.empty_like(delta)
     dz = torch.empty_like(z) if z is not None else None
@@ -205,23 +218,27 @@ def _bwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reset, dout, 
     else:
         dBp = torch.zeros(b, n, L, device=dev, dtype=torch.float32)
         dCp = torch.zeros(b, n, L, device=dev, dtype=torch.float32)
-    dA_p = torch.empty(b, d, n, device=dev, dtype=torch.float32)
-    dD_p = torch.empty(b, d, device=dev, dtype=torch.float32)
-    db_p = torch.empty(b, d, device=dev, dtype=torch.float32)
+    dA_p = torch.empty(nseg, b, d, n, device=dev, dtype=torch.float32)
+    dD_p = torch.empty(nseg, b, d, device=dev, dtype=torch.float32)
+    db_p = torch.empty(nseg, b, d, device=dev, dtype=torch.float32)
     dinit = torch.empty(b, d, n, device=dev, dtype=torch.float32) if need_init else None
-    aligned = all(t is None or t.data_ptr() % 16 == 0 for t in (u, delta, z, dout, du, ddelta, dz)) \
-        and (L * u.element_size()) % 16 == 0
-    flags = (1 if delta_softplus else 0) | (2 if aligned else 0) | (0 if deterministic else 4)
+    agg = torch.empty(max(1, b * d * (nseg - 1) * 2 * npad), device=dev, dtype=torch.float32)
+    flags = ((1 if delta_softplus else 0)
+             | (2 if _aligned(L, u.element_size(), u, delta, z, dout, B, C, du, ddelta, dz) else 0)
+             | (0 if deterministic else 4) | (8 if _aligned(L, 1, reset) else 0))
     args = (_ptr(u), _ptr(delta), _ptr(z), _ptr(B), _ptr(C), _ptr(A), _ptr(D), _ptr(delta_bias), _ptr(reset),
-            _ptr(dout), _ptr(ckpt), _ptr(dfinal), _ptr(du), _ptr(ddelta), _ptr(dz), _ptr(dBp), _ptr(dCp),
-            _ptr(dA_p), _ptr(dD_p), _ptr(db_p), _ptr(dinit),
-            np.int32(b), np.int32(d), np.int64(L), np.int32(n), np.int32(ntiles), np.int32(flags))
+            _ptr(dout), _ptr(ckpt), _ptr(dfinal), _ptr(agg), _ptr(du), _ptr(ddelta), _ptr(dz), _ptr(dBp),
+            _ptr(dCp), _ptr(dA_p), _ptr(dD_p), _ptr(db_p), _ptr(dinit),
+            np.int32(b), np.int32(d), np.int64(L), np.int32(n), np.int32(ntiles), np.int32(seg_tiles),
+            np.int32(nseg), np.int32(flags))
     import cupy
     with cupy.cuda.Device(dev.index), _cupy_stream(dev):
-        k_bwd((b * dblocks, 1), (NTHREADS,), args, shared_mem=bs)
+        if nseg > 1:
+            K["ss_bwd_agg"]((b * dblocks, nseg - 1), (NTHREADS,), args, shared_mem=K["bs"])
+        K["ss_bwd"]((b * dblocks, nseg), (NTHREADS,), args, shared_mem=K["bs"])
     dB = dBp.sum(0) if deterministic else dBp
     dC = dCp.sum(0) if deterministic else dCp
-    return du, ddelta, dz, dB, dC, dA_p.sum(0), dD_p.sum(0), db_p.sum(0), dinit
+    return du, ddelta, dz, dB, dC, dA_p.sum((0, 1)), dD_p.sum((0, 1)), db_p.sum((0, 1)), dinit
 
 
 # ------------------------------------------------------------------------------------------------
