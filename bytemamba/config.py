@@ -100,6 +100,8 @@ class TrainConfig:
     trackers: str = "auto"           # auto (tensorboard when installed) | none | tensorboard
     sample_bytes: int = 200          # sample printed at the end of a run (0 = none)
     max_bad_steps: int = 10          # NaN/inf losses in a row before the run aborts
+    halt_at: int = 0                 # stop at this step (checkpoint saved, schedule unchanged), as if
+                                     # preempted; `--resume` continues. 0 = run to max_steps
 
 
 @dataclass

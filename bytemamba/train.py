@@ -220,14 +220,21 @@ def train(cfg: Config, resume: bool = False) -> dict:
         bar.update(1)
 
         done = state.step == t.max_steps
+        halt = t.halt_at > 0 and state.step == t.halt_at and not done
         if val_sampler is not None and (state.step % t.eval_every == 0 or done):
             state.last_val_bpb = validate(model, val_sampler, accelerator, t.eval_batches)
             accelerator.log({"val/bits_per_symbol": state.last_val_bpb}, step=state.step)
             if main:
                 bar.write(f"step {state.step}: validation {state.last_val_bpb:.4f} bits per {unit}")
-        if state.step % t.save_every == 0 or done:
+        if state.step % t.save_every == 0 or done or halt:
             state.saves = accelerator.project_configuration.iteration + 1
             accelerator.save_state()
+        if halt:
+            if main:
+                bar.write(f"halted at step {state.step} (train.halt_at); continue with --resume")
+            bar.close()
+            accelerator.end_training()
+            return {"step": state.step, "halted": True, "val_bits_per_symbol": state.last_val_bpb, **last}
     bar.close()
 
     result = {"step": state.step, "val_bits_per_symbol": state.last_val_bpb, **last}
