@@ -68,6 +68,7 @@ class AudioConfig:
     cache_dir: str = ""              # "" = ~/.cache/bytemamba/audio
     synth_seconds: float = 240.0     # size of the embedded procedural corpus
     synth_seed: int = 0
+    val_path: str = ""               # held-out audio (folder, list or file); "" = hash split of data.path
 
 
 @dataclass
@@ -237,7 +238,10 @@ def validate(cfg: Config) -> None:
         (cfg.audio.quantizer in ("mulaw8", "linear8", "pcm16"),
          "audio.quantizer must be mulaw8, linear8 or pcm16"),
         (cfg.audio.window in ("random", "clip"), "audio.window must be random or clip"),
-        (cfg.audio.sample_rate > 0, "audio.sample_rate must be positive"),
+        (1000 <= cfg.audio.sample_rate <= 192000, "audio.sample_rate must be in 1000..192000 Hz"),
+        (cfg.audio.synth_seconds > 0, "audio.synth_seconds must be positive"),
+        (not (cfg.data.kind == "audio" and cfg.audio.quantizer == "pcm16" and cfg.train.seq_len % 2),
+         "train.seq_len must be even for audio.quantizer=pcm16 (two symbols per sample)"),
         (cfg.optim.lr > 0, "optim.lr must be positive"),
         (cfg.train.max_steps >= 0, "train.max_steps must be >= 0"),
         (cfg.train.batch_size > 0, "train.batch_size must be positive"),
