@@ -56,6 +56,7 @@
 #define RS (TL + 4)                // padded row stride of per-(channel, position) tiles
 #define BS (NPAD + 4)              // padded row stride of the B / C tiles ([t][n])
 #define UNR ((NT > 4) ? NT : 4)    // forward inner unroll (a multiple of NT)
+#define RRS (TL + 16 / (int)sizeof(in_t))   // raw staged row stride (elements): +16 bytes against bank conflicts
 
 #define F_SOFTPLUS 1
 #define F_ALIGNED 2
@@ -225,16 +226,39 @@ template <typename T>
 __device__ __forceinline__ void load_rows(T* raw, const T* __restrict__ g, int nrows, int nvalid, i64 L, i64 l0,
                                           bool vec) {
   constexpr int CH = 16 / (int)sizeof(T);
+  constexpr int RS_ = TL + 16 / (int)sizeof(T);
   if (vec && l0 + TL <= L) {
     for (int idx = threadIdx.x; idx < nrows * (TL / CH); idx += NTHREADS) {
       const int r = idx / (TL / CH), k = idx % (TL / CH);
-      if (r < nvalid) cp_async16(&raw[r * TL + k * CH], g + (i64)r * L + l0 + k * CH);
-      else *reinterpret_cast<uint4*>(&raw[r * TL + k * CH]) = make_uint4(0u, 0u, 0u, 0u);
+      if (r < nvalid) cp_async16(&raw[r * RS_ + k * CH], g + (i64)r * L + l0 + k * CH);
+      else *reinterpret_cast<uint4*>(&raw[r * RS_ + k * CH]) = make_uint4(0u, 0u, 0u, 0u);
     }
   } else {
     for (int idx = threadIdx.x; idx < nrows * TL; idx += NTHREADS) {
       const int r = idx / TL, t = idx % TL;
-      raw[r * TL + t] = (r < nvalid && l0 + t < L) ? g[(i64)r * L + l0 + t] : (T)0;
+      raw[r * RS_ + t] = (r < nvalid && l0 + t < L) ? g[(i64)r * L + l0 + t] : (T)0;
+    }
+  }
+}
+
+// A thread's EPT consecutive raw elements of one staged row, as floats (16- or 8-byte shared loads).
+__device__ __forceinline__ void raw_row(const in_t* p, float (&v)[EPT]) {
+  constexpr int BYTES = EPT * (int)sizeof(in_t);
+  if constexpr (BYTES % 16 == 0) {
+#pragma unroll
+    for (int k = 0; k < BYTES / 16; ++k) {
+      uint4 w = reinterpret_cast<const uint4*>(p)[k];
+      const in_t* e = reinterpret_cast<const in_t*>(&w);
+#pragma unroll
+      for (int i = 0; i < 16 / (int)sizeof(in_t); ++i) v[k * (16 / (int)sizeof(in_t)) + i] = to_f(e[i]);
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < BYTES / 8; ++k) {
+      uint2 w = reinterpret_cast<const uint2*>(p)[k];
+      const in_t* e = reinterpret_cast<const in_t*>(&w);
+#pragma unroll
+      for (int i = 0; i < 8 / (int)sizeof(in_t); ++i) v[k * (8 / (int)sizeof(in_t)) + i] = to_f(e[i]);
     }
   }
 }
@@ -274,12 +298,12 @@ struct FwdSmem {
   float B[TL * BS];
   float C[TL * BS];
   float m[TL];                 // 0 where reset, else 1
-  alignas(16) in_t ru[CPB * TL];   // raw next tile (cp.async destinations)
-  alignas(16) in_t rd[CPB * TL];
-  alignas(16) in_t rz[CPB * TL];
-  alignas(16) in_t rB[NPAD * TL];
-  alignas(16) in_t rC[NPAD * TL];
-  alignas(16) u8 rr[TL];
+  alignas(16) in_t ru[CPB * RRS];   // raw next tile (cp.async destinations)
+  alignas(16) in_t rd[CPB * RRS];
+  alignas(16) in_t rz[CPB * RRS];
+  alignas(16) in_t rB[NPAD * RRS];
+  alignas(16) in_t rC[NPAD * RRS];
+  alignas(16) u8 rr[TL + 16];
 };
 
 // One forward tile of a thread's 4 states. AGG: no outputs (sum of dl and reset seen are tracked).
@@ -359,7 +383,7 @@ __device__ __forceinline__ void fwd_issue(FwdSmem& s, const in_t* __restrict__ u
 __device__ __forceinline__ void convert_BC(float* dst, const in_t* raw) {
   for (int idx = threadIdx.x; idx < TL * NPAD; idx += NTHREADS) {
     const int nn = idx / TL, t = idx % TL;
-    dst[t * BS + nn] = to_f(raw[nn * TL + t]);
+    dst[t * BS + nn] = to_f(raw[nn * RRS + t]);
   }
 }
 
@@ -414,7 +438,12 @@ __device__ __forceinline__ void fwd_body(
     const i64 avail = valid ? L - p0 : 0;
     cp_async_wait_all();
     __syncthreads();                                 // raw tile k is in; the previous tile is done
-    float uv[EPT], zv[EPT];
+    float uv[EPT], zv[EPT], dv[EPT];
+    raw_row(&s.ru[c * RRS + sg * EPT], uv);
+    raw_row(&s.rd[c * RRS + sg * EPT], dv);
+#if HAS_Z
+    if (!AGG) raw_row(&s.rz[c * RRS + sg * EPT], zv);
+#endif
 #pragma unroll
     for (int e = 0; e < EPT; e += 4) {
       float4 dl4, du4;
@@ -422,17 +451,12 @@ __device__ __forceinline__ void fwd_body(
       float* dup = &du4.x;
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
-        const int t = sg * EPT + e + q;
-        const float uu = to_f(s.ru[c * TL + t]);
-        float xv = to_f(s.rd[c * TL + t]) + bias_d;
+        const float uu = uv[e + q];
+        float xv = dv[e + q] + bias_d;
         float dl = softplus ? softplus_f(xv) : xv;
         dl = (e + q < avail) ? dl : 0.0f;
         dlp[q] = dl;
         dup[q] = dl * uu;
-        uv[e + q] = uu;
-#if HAS_Z
-        if (!AGG) zv[e + q] = to_f(s.rz[c * TL + t]);
-#endif
       }
       *reinterpret_cast<float4*>(&s.dl[c * RS + sg * EPT + e]) = dl4;
       *reinterpret_cast<float4*>(&s.du[c * RS + sg * EPT + e]) = du4;
@@ -511,13 +535,13 @@ struct BwdSmem {
   float m[TL];
   float xck[(TL / SB) * 4 * NTHREADS];       // state at each sub-block start, [sb][j][tid]
   float pw[(NTHREADS / 32) * FP * PWS];      // per-warp dB | dC sums over its channels, per position
-  alignas(16) in_t ru[CPB * TL];   // raw next tile (cp.async destinations)
-  alignas(16) in_t rd[CPB * TL];
-  alignas(16) in_t rz[CPB * TL];
-  alignas(16) in_t rg[CPB * TL];
-  alignas(16) in_t rB[NPAD * TL];
-  alignas(16) in_t rC[NPAD * TL];
-  alignas(16) u8 rr[TL];
+  alignas(16) in_t ru[CPB * RRS];   // raw next tile (cp.async destinations)
+  alignas(16) in_t rd[CPB * RRS];
+  alignas(16) in_t rz[CPB * RRS];
+  alignas(16) in_t rg[CPB * RRS];
+  alignas(16) in_t rB[NPAD * RRS];
+  alignas(16) in_t rC[NPAD * RRS];
+  alignas(16) u8 rr[TL + 16];
 };
 
 template <bool AGG>
@@ -546,6 +570,13 @@ __device__ __forceinline__ void bwd_issue(BwdSmem& s, const in_t* __restrict__ u
 // Raw tile -> per-(channel, position) floats. AGG needs only dl and dy.
 template <bool AGG>
 __device__ __forceinline__ void bwd_stage(BwdSmem& s, int c, int sg, i64 avail, float bias_d, bool softplus) {
+  float rdv[EPT], rgv[EPT], ruv[EPT], rzv[EPT];
+  raw_row(&s.rd[c * RRS + sg * EPT], rdv);
+  raw_row(&s.rg[c * RRS + sg * EPT], rgv);
+  if (!AGG) raw_row(&s.ru[c * RRS + sg * EPT], ruv);
+#if HAS_Z
+  raw_row(&s.rz[c * RRS + sg * EPT], rzv);
+#endif
 #pragma unroll
   for (int e = 0; e < EPT; e += 4) {
     float4 dl4, u4, dy4, dz4, sg4;
@@ -556,15 +587,14 @@ __device__ __forceinline__ void bwd_stage(BwdSmem& s, int c, int sg, i64 avail, 
     float* sgp = &sg4.x;
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
-      const int t = sg * EPT + e + q;
       const bool in = e + q < avail;
-      const float xv = to_f(s.rd[c * TL + t]) + bias_d;
+      const float xv = rdv[e + q] + bias_d;
       float sig = 1.0f, dl = xv;
       if (softplus) dl = softplus_sig(xv, sig);
-      const float g = to_f(s.rg[c * TL + t]);
+      const float g = rgv[e + q];
       float dy = g, dzf = 0.0f;
 #if HAS_Z
-      const float zz = to_f(s.rz[c * TL + t]);
+      const float zz = rzv[e + q];
       const float sz = sigmoid_f(zz);
       dy = g * zz * sz;
       dzf = g * sz * fmaf(zz, 1.0f - sz, 1.0f);
@@ -572,7 +602,7 @@ __device__ __forceinline__ void bwd_stage(BwdSmem& s, int c, int sg, i64 avail, 
       dlp[q] = in ? dl : 0.0f;
       dyp[q] = in ? dy : 0.0f;
       if (!AGG) {
-        up[q] = in ? to_f(s.ru[c * TL + t]) : 0.0f;
+        up[q] = in ? ruv[e + q] : 0.0f;
         dzp[q] = in ? dzf : 0.0f;
         sgp[q] = in ? sig : 0.0f;
       }
