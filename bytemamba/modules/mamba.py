@@ -105,7 +105,9 @@ class MambaMixer(nn.Module):
         k = self.d_conv
         if reset is None and state is None:
             y = self.conv1d(x)[..., :l]
-            return y, x.new_zeros(b, e, k - 1).float() if k > 1 else x.new_zeros(b, e, 0)
+            # the state is the last k-1 inputs (zero-padded when l < k-1), not zeros: prefill and
+            # streaming evaluation continue from it
+            return y, F.pad(x, (k - 1, 0))[..., l:].float()
         left = (state.conv.to(x.dtype) if state is not None else x.new_zeros(b, e, k - 1))
         xp = torch.cat([left, x], dim=-1)                              # (b, e, l + k - 1)
         if reset is None:
