@@ -570,11 +570,12 @@ __device__ __forceinline__ void bwd_issue(BwdSmem& s, const in_t* __restrict__ u
 // Raw tile -> per-(channel, position) floats. AGG needs only dl and dy.
 template <bool AGG>
 __device__ __forceinline__ void bwd_stage(BwdSmem& s, int c, int sg, i64 avail, float bias_d, bool softplus) {
-  float rdv[EPT], rgv[EPT], ruv[EPT], rzv[EPT];
+  float rdv[EPT], rgv[EPT], ruv[EPT];
   raw_row(&s.rd[c * RRS + sg * EPT], rdv);
   raw_row(&s.rg[c * RRS + sg * EPT], rgv);
   if (!AGG) raw_row(&s.ru[c * RRS + sg * EPT], ruv);
 #if HAS_Z
+  float rzv[EPT];
   raw_row(&s.rz[c * RRS + sg * EPT], rzv);
 #endif
 #pragma unroll
