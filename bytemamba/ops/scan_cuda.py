@@ -135,27 +135,9 @@ def _nseg(kind_bps: int, channel_blocks: int, ntiles: int, device) -> int:
     return -(-ntiles // seg_tiles), seg_tiles
 
 
-_streams: dict = {}
-
-
-def _cupy_stream(device: torch.device):
-    """CuPy's view of PyTorch's current stream on `device` (cached per stream pointer)."""
-    import cupy
-
-    ts = torch.cuda.current_stream(device)
-    ptr = ts.cuda_stream
-    s = _streams.get((device.index, ptr))
-    if s is None:
-        try:
-            s = cupy.cuda.Stream.from_external(ts)
-        except Exception:
-            s = cupy.cuda.ExternalStream(ptr, device.index)
-        _streams[(device.index, ptr)] = s
-    return s
-
-
-def _ptr(t: torch.Tensor | None):
-    return np.uint64(0 if t is None else t.data_ptr())
+# PyTorch's current stream as a CuPy stream, and raw pointers: shared with the decode-step launcher.
+from bytemamba.ops._cupy import cupy_stream as _cupy_stream  # noqa: E402
+from bytemamba.ops._cupy import ptr as _ptr  # noqa: E402
 
 
 def _num_sms(device: torch.device) -> int:

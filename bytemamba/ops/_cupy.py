@@ -1,0 +1,70 @@
+"""Small helpers shared by our CuPy launchers (scan_cuda.py, step.py): PyTorch's current stream as a CuPy
+stream, raw pointers as kernel arguments, and a per-process cache of NVRTC-compiled modules.
+
+Launching on PyTorch's current stream with the tensors' own device pointers is what lets the kernels run
+inside a captured CUDA graph (the pointers are captured by value, so they must be static buffers there).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CUDA_DIR = Path(__file__).resolve().parents[2] / "cuda"
+
+_streams: dict = {}
+_modules: dict = {}
+_lock = threading.Lock()
+compile_times: dict = {}          # (source name, options, device) -> seconds spent compiling it
+
+
+def cupy_stream(device: torch.device):
+    """CuPy's view of PyTorch's current stream on `device` (cached per stream pointer)."""
+    import cupy
+
+    ts = torch.cuda.current_stream(device)
+    ptr = ts.cuda_stream
+    s = _streams.get((device.index, ptr))
+    if s is None:
+        try:
+            s = cupy.cuda.Stream.from_external(ts)
+        except Exception:
+            s = cupy.cuda.ExternalStream(ptr, device.index)
+        _streams[(device.index, ptr)] = s
+    return s
+
+
+def ptr(t: torch.Tensor | None):
+    """A tensor's device pointer as a kernel argument (0 for None)."""
+    return np.uint64(0 if t is None else t.data_ptr())
+
+
+def compile_module(source: str, options: tuple, device: torch.device, names: tuple):
+    """Compile `cuda/<source>` with NVRTC for `device` (once per process and option set) and return
+    {kernel name: cupy function}. `-arch` for the device is added here."""
+    import cupy
+
+    major, minor = torch.cuda.get_device_capability(device)
+    key = (source, tuple(options), major, minor, device.index)
+    mod = _modules.get(key)
+    if mod is not None:
+        return mod
+    with _lock:
+        mod = _modules.get(key)
+        if mod is not None:
+            return mod
+        path = CUDA_DIR / source
+        if not path.exists():
+            raise RuntimeError(f"kernel source not found at {path}")
+        t0 = time.perf_counter()
+        with cupy.cuda.Device(device.index):
+            m = cupy.RawModule(code=path.read_text(), backend="nvrtc",
+                               options=("--std=c++17", f"-arch=sm_{major}{minor}", *options))
+            mod = {n: m.get_function(n) for n in names}
+        compile_times[key] = time.perf_counter() - t0
+        _modules[key] = mod
+        return mod
