@@ -6,12 +6,22 @@
 Everything a resumed run needs is in Accelerate's state (model, optimizer, RNG) plus `TrainState`
 (step, checkpoints written, data seen), registered for checkpointing. Batches are a pure function of
 (seed, step, micro-step, rank), so a resumed run sees the batches an uninterrupted one would have seen.
+
+Data parallel: every rank takes its slice of the global batch; DDP averages gradients; metrics, validation
+printing, checkpoint manifests and the export happen on the main process; validation sums are reduced over
+ranks. Faults (see checkpoint.py for the on-disk side):
+- SIGTERM / SIGINT: the current step finishes, a checkpoint is saved, the run exits 0 with a message
+  (a second signal interrupts at once). Ranks agree on stopping through the per-step all-reduce.
+- A non-finite loss on any rank skips the optimizer step on every rank (same all-reduce) and is counted;
+  `train.max_bad_steps` in a row abort with the step and the data offsets of the offending windows.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import signal
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -19,8 +29,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bytemamba.checkpoint import Checkpoints
 from bytemamba.config import Config, OptimConfig, to_toml
 from bytemamba.errors import UserError
+
+
+class TrainingAborted(UserError, RuntimeError):
+    """The run cannot go on (too many non-finite losses in a row); the message says where and on what data."""
 
 LN2 = math.log(2.0)
 
@@ -97,14 +112,89 @@ def make_accelerator(cfg: Config, out_dir: Path):
         except ImportError:
             if t.trackers == "tensorboard":
                 raise UserError("train.trackers=tensorboard, but tensorboard is not installed") from None
+    # checkpoint folders get Accelerate's automatic names (checkpoint_<iteration>), but bytemamba.checkpoint
+    # writes them under a temporary name, renames them whole and keeps the last train.keep_checkpoints
     project = ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir / "logs"),
-                                   automatic_checkpoint_naming=True, total_limit=t.keep_checkpoints)
+                                   automatic_checkpoint_naming=False)
+    logging.getLogger("accelerate.utils.other").addFilter(_TiedWeightsNotice())
     return Accelerator(cpu=cpu, mixed_precision=mp, gradient_accumulation_steps=t.grad_accum,
                        log_with=trackers, project_config=project)
 
 
+class _TiedWeightsNotice(logging.Filter):
+    """Accelerate warns on every save that the tied lm_head was "removed"; that is the intended
+    de-duplication (the head is re-tied on load), so the line is noise in every run's log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()
+
+
 def _flat(cfg: Config) -> dict:
     return {f"{s}.{k}": v for s, sec in asdict(cfg).items() for k, v in sec.items()}
+
+
+# ---- losses and signals ---------------------------------------------------------------------------
+
+def window_losses(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy (nats) of each window: (b, l, v), (b, l) -> (b,). Their mean is the batch loss."""
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1), reduction="none")
+    return nll.view(target.shape).mean(dim=1)
+
+
+class GracefulStop:
+    """SIGTERM / SIGINT set a flag that the loop checks after each step; a second signal stops at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received = None
+        self._old = {}
+
+    def _handle(self, signum, frame):
+        if self.received is not None:                       # second signal: do not wait for the step
+            self.uninstall()
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+        print(f"\nreceived {self.received}: finishing this step, then saving a checkpoint "
+              f"(send it again to stop at once)", flush=True)
+
+    def install(self):
+        try:
+            for s in self.SIGNALS:
+                self._old[s] = signal.signal(s, self._handle)
+        except ValueError:                                  # not the main thread: leave signals alone
+            self._old = {}
+        return self
+
+    def uninstall(self):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old = {}
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """After a resume from `step`, drop metric lines of steps the crashed run did past its checkpoint."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:                        # a line cut short by the crash
+            continue
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(x + "\n" for x in keep))
+    tmp.replace(path)
+
+
+def _global_offsets(sampler, step: int, micros: int) -> list[list[int]]:
+    """Window starts of the whole global batch of `step`: [micro][rank * batch + row]."""
+    import copy
+
+    g = copy.copy(sampler)
+    g.batch_size, g.rank, g.world_size = sampler.batch_size * sampler.world_size, 0, 1
+    return [[int(x) for x in g.starts(step, m)] for m in range(micros)]
 
 
 # ---- evaluation -----------------------------------------------------------------------------------
@@ -156,14 +246,16 @@ def train(cfg: Config, resume: bool = False) -> dict:
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.toml").write_text(to_toml(cfg))
-    ckpt_dir = out_dir / "checkpoints"
+    metrics_path = out_dir / "metrics.jsonl"
+    checkpoints = Checkpoints(accelerator, out_dir, t.keep_checkpoints, cfg.model)
     if resume:
-        if not ckpt_dir.is_dir() or not any(ckpt_dir.iterdir()):
-            raise UserError(f"--resume: no checkpoint under {ckpt_dir}")
-        accelerator.load_state()                              # Accelerate picks the latest
-        accelerator.project_configuration.iteration = state.saves
+        found = checkpoints.resume(state)                      # newest checkpoint that verifies
+        state.saves = accelerator.save_iteration
         if main:
-            print(f"resumed from step {state.step} ({ckpt_dir})", flush=True)
+            _truncate_metrics(metrics_path, state.step)
+            print(f"resumed from step {state.step} ({found['path']})", flush=True)
+    elif main:
+        checkpoints.start_fresh(metrics_path)                  # a new run in an old out_dir: say so, clear
     if accelerator.log_with:
         accelerator.init_trackers("bytemamba", config=_flat(cfg))
 
@@ -174,75 +266,126 @@ def train(cfg: Config, resume: bool = False) -> dict:
               f"device {accelerator.device} x{world}, precision {accelerator.mixed_precision}", flush=True)
 
     symbols_per_step = t.batch_size * t.seq_len * t.grad_accum * world
-    metrics_path = out_dir / "metrics.jsonl"
     bar = tqdm(total=t.max_steps, initial=state.step, disable=not main, dynamic_ncols=True, unit="step")
     model.train()
     t0, window_loss, window_steps = time.perf_counter(), 0.0, 0
     last = {}
+    bad_in_a_row = 0
+    stop = GracefulStop().install()
 
-    while state.step < t.max_steps:
-        step = state.step
-        lr = lr_at(step, cfg.optim, t.max_steps)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        step_loss = torch.zeros((), device=accelerator.device)
-        for micro in range(t.grad_accum):
-            batch = {k: v.to(accelerator.device) for k, v in sampler.batch(step, micro).items()}
-            with accelerator.accumulate(model):
-                with accelerator.autocast():
-                    logits = model(batch["input"], batch.get("reset"))
-                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["target"].reshape(-1))
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.optim.grad_clip > 0:
+    def save():
+        state.saves = accelerator.save_iteration + 1
+        return checkpoints.save(state, model)
+
+    try:
+        while state.step < t.max_steps:
+            step = state.step
+            lr = lr_at(step, cfg.optim, t.max_steps)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            step_loss = torch.zeros((), device=accelerator.device)
+            bad_rows = torch.zeros(t.grad_accum, t.batch_size, device=accelerator.device)
+            for micro in range(t.grad_accum):
+                batch = {k: v.to(accelerator.device) for k, v in sampler.batch(step, micro).items()}
+                with accelerator.accumulate(model):
+                    with accelerator.autocast():
+                        logits = model(batch["input"], batch.get("reset"))
+                    per_window = window_losses(logits, batch["target"])
+                    loss = per_window.mean()
+                    accelerator.backward(loss)
+                bad_rows[micro] = (~torch.isfinite(per_window.detach())).float()
+                step_loss += loss.detach() / t.grad_accum
+            # one all-reduce per step: the loss, whether any rank saw a non-finite loss, whether any rank
+            # was asked to stop. Every rank takes the same decision, so DDP never waits on a missing rank.
+            flags = torch.stack([torch.nan_to_num(step_loss.float(), nan=0.0, posinf=0.0, neginf=0.0),
+                                 bad_rows.sum().float(),
+                                 torch.tensor(float(stop.received is not None), device=accelerator.device)])
+            flags = accelerator.reduce(flags, reduction="sum")
+            nonfinite, stopping = flags[1].item() > 0, flags[2].item() > 0
+            if nonfinite:
+                optimizer.zero_grad(set_to_none=True)          # skip the update on every rank
+                state.bad_steps += 1
+                bad_in_a_row += 1
+                where = accelerator.gather(bad_rows[None]).cpu()    # (world, micro, row)
+                offsets = _global_offsets(sampler, step, t.grad_accum)
+                bad_offsets = [offsets[m][r * t.batch_size + i] for r, m, i in where.nonzero().tolist()]
+                if main:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps({"step": step + 1, "skipped": "non-finite loss", "lr": lr,
+                                            "bad_offsets": bad_offsets}) + "\n")
+                    bar.write(f"step {step + 1}: non-finite loss, update skipped ({bad_in_a_row} in a row, "
+                              f"{state.bad_steps} in total); window offsets {bad_offsets}")
+                if bad_in_a_row >= t.max_bad_steps:
+                    raise TrainingAborted(
+                        f"aborting at step {step + 1}: {bad_in_a_row} non-finite losses in a row "
+                        f"(train.max_bad_steps={t.max_bad_steps}); the last batch's offending windows start at "
+                        f"offsets {bad_offsets} of the training stream (length {t.seq_len + 1} each)")
+            else:
+                bad_in_a_row = 0
+                if cfg.optim.grad_clip > 0:
                     accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            step_loss += loss.detach() / t.grad_accum
-        step_loss = float(accelerator.reduce(step_loss, reduction="mean"))
-        state.step += 1
-        state.symbols_seen += symbols_per_step
-        window_loss += step_loss
-        window_steps += 1
-        if main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps({"step": state.step, "loss": step_loss, "lr": lr}) + "\n")
+            step_loss = float(flags[0]) / world
+            state.step += 1
+            state.symbols_seen += symbols_per_step
+            if not nonfinite:
+                window_loss += step_loss
+                window_steps += 1
+                if main:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps({"step": state.step, "loss": step_loss, "lr": lr}) + "\n")
 
-        if state.step % t.log_every == 0 or state.step == t.max_steps:
-            elapsed = time.perf_counter() - t0
-            rate = window_steps * symbols_per_step / max(elapsed, 1e-9)
-            last = {"train/loss": window_loss / window_steps,
-                    "train/bits_per_symbol": window_loss / window_steps / LN2,
-                    "train/symbols_per_second": rate, "train/lr": lr}
-            accelerator.log(last, step=state.step)
-            bar.set_postfix(loss=f"{last['train/loss']:.3f}", bps=f"{last['train/bits_per_symbol']:.3f}",
-                            sym_s=f"{rate:,.0f}")
-            t0, window_loss, window_steps = time.perf_counter(), 0.0, 0
-        bar.update(1)
+            if (state.step % t.log_every == 0 or state.step == t.max_steps) and window_steps:
+                elapsed = time.perf_counter() - t0
+                rate = window_steps * symbols_per_step / max(elapsed, 1e-9)
+                last = {"train/loss": window_loss / window_steps,
+                        "train/bits_per_symbol": window_loss / window_steps / LN2,
+                        "train/symbols_per_second": rate, "train/lr": lr}
+                accelerator.log(last, step=state.step)
+                bar.set_postfix(loss=f"{last['train/loss']:.3f}", bps=f"{last['train/bits_per_symbol']:.3f}",
+                                sym_s=f"{rate:,.0f}")
+                t0, window_loss, window_steps = time.perf_counter(), 0.0, 0
+            bar.update(1)
 
-        done = state.step == t.max_steps
-        halt = t.halt_at > 0 and state.step == t.halt_at and not done
-        if val_sampler is not None and (state.step % t.eval_every == 0 or done):
-            state.last_val_bpb = validate(model, val_sampler, accelerator, t.eval_batches)
-            accelerator.log({"val/bits_per_symbol": state.last_val_bpb}, step=state.step)
-            if main:
-                bar.write(f"step {state.step}: validation {state.last_val_bpb:.4f} bits per {unit}")
-        if state.step % t.save_every == 0 or done or halt:
-            state.saves = accelerator.project_configuration.iteration + 1
-            accelerator.save_state()
-        if halt:
-            if main:
-                bar.write(f"halted at step {state.step} (train.halt_at); continue with --resume")
-            bar.close()
-            accelerator.end_training()
-            return {"step": state.step, "halted": True, "val_bits_per_symbol": state.last_val_bpb, **last}
+            done = state.step == t.max_steps
+            halt = t.halt_at > 0 and state.step == t.halt_at and not done
+            if val_sampler is not None and (state.step % t.eval_every == 0 or done):
+                state.last_val_bpb = validate(model, val_sampler, accelerator, t.eval_batches)
+                accelerator.log({"val/bits_per_symbol": state.last_val_bpb}, step=state.step)
+                if main:
+                    bar.write(f"step {state.step}: validation {state.last_val_bpb:.4f} bits per {unit}")
+            if state.step % t.save_every == 0 or done or halt or stopping:
+                saved = save()
+            if halt or (stopping and not done):
+                why = "train.halt_at" if halt else stop.received or "a signal on another rank"
+                if main:
+                    bar.write(f"stopped at step {state.step} ({why}); checkpoint {saved}; "
+                              f"continue with --resume")
+                bar.close()
+                accelerator.end_training()
+                return {"step": state.step, "halted": True, "stopped_by": why, "checkpoint": str(saved),
+                        "bad_steps": state.bad_steps, "val_bits_per_symbol": state.last_val_bpb, **last}
+    finally:
+        stop.uninstall()
     bar.close()
 
-    result = {"step": state.step, "val_bits_per_symbol": state.last_val_bpb, **last}
+    result = {"step": state.step, "val_bits_per_symbol": state.last_val_bpb, "bad_steps": state.bad_steps,
+              **last}
     accelerator.wait_for_everyone()
+    if accelerator.is_fsdp2 or "FSDP" in str(accelerator.distributed_type):
+        full = accelerator.get_state_dict(model)               # gathered from the shards on every rank
+        final = None
+        if main:
+            final = ByteMambaLM(cfg.model)
+            final.load_state_dict(full)
+            final.to(accelerator.device)
+    else:
+        final = accelerator.unwrap_model(model)
     if main:
-        export(accelerator.unwrap_model(model), cfg, state, out_dir / "model")
+        export(final, cfg, state, out_dir / "model", train_symbols=len(train_stream))
         (out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-        report(accelerator.unwrap_model(model), cfg, result, out_dir)
+        report(final, cfg, result, out_dir)
     accelerator.end_training()
     return result
 
@@ -265,9 +408,10 @@ def report(model, cfg: Config, result: dict, out_dir: Path) -> None:
                       seed=g.seed, stream=sys.stdout)
 
 
-def export(model, cfg: Config, state: TrainState, path: Path) -> None:
+def export(model, cfg: Config, state: TrainState, path: Path, train_symbols: int | None = None) -> None:
     """The exported model directory: weights, model config, and what generate/eval need to know."""
     extra = {"data": asdict(cfg.data), "audio": asdict(cfg.audio),
              "training": {"step": state.step, "symbols_seen": state.symbols_seen,
-                          "val_bits_per_symbol": state.last_val_bpb}}
+                          "val_bits_per_symbol": state.last_val_bpb, "bad_steps": state.bad_steps,
+                          "train_symbols": train_symbols}}
     model.save_pretrained(path, extra=extra)
