@@ -1,0 +1,109 @@
+"""Data-parallel training: two CPU processes (gloo) against one process with the same global batch.
+
+`ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 -m bytemamba train ...` with batch 4
+per rank must give the same losses (to float tolerance) as one process with batch 8; both ranks must hold
+identical parameters (checked exactly, bit for bit, through the fingerprints every checkpoint records per
+rank); only the main process writes metrics, checkpoints and the exported model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bytemamba.checkpoint import CKPT_SUBDIR, list_checkpoints, verify
+from bytemamba.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model.d_model=32", "model.n_layer=2", "model.d_state=8", "train.seq_len=32", "train.trackers=none",
+        "train.sample_bytes=0", "train.log_every=1", "train.eval_batches=2", "train.eval_every=4",
+        "optim.warmup_steps=2", "train.device=cpu", "model.scan_backend=torch", "train.max_steps=8",
+        "train.save_every=4", "train.keep_checkpoints=2", "train.grad_accum=2"]
+
+
+def _corpus(path: Path) -> Path:
+    import random
+    rng = random.Random(1)
+    words = "a byte level model sees every character of the text and must learn words by itself".split()
+    path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(10)) for _ in range(2000)))
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_ranks_take_disjoint_slices_of_one_global_batch(tmp_path):
+    from bytemamba.data import build_streams, make_sampler
+
+    cfg = load_config(None, TINY + [f"data.path={_corpus(tmp_path / 'c.txt')}", "train.batch_size=4"])
+    stream, _ = build_streams(cfg.data, cfg.audio)
+    r0, r1 = (make_sampler(stream, cfg, "train", r, 2).starts(5, 1) for r in (0, 1))
+    cfg.train.batch_size = 8
+    whole = make_sampler(stream, cfg, "train", 0, 1).starts(5, 1)
+    assert list(r0) + list(r1) == list(whole) and list(r0) != list(r1)
+
+
+def test_two_process_data_parallel_matches_one_process(tmp_path):
+    data = _corpus(tmp_path / "corpus.txt")
+    dp, single = tmp_path / "dp", tmp_path / "single"
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), "-m", "bytemamba", "train", *TINY,
+           f"data.path={data}", f"train.out_dir={dp}", "train.batch_size=4"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    # meanwhile, the same global batch (2 x 4) in this process
+    from accelerate.state import AcceleratorState, GradientState
+    from bytemamba.train import train
+    torch.set_num_threads(1)
+    try:
+        ref = train(load_config(None, TINY + [f"data.path={data}", f"train.out_dir={single}",
+                                              "train.batch_size=8"]))
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        torch.set_num_threads(os.cpu_count() or 1)
+    text, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 0, text[-3000:]
+    assert " x2, precision" in text
+
+    # logging on the main process only: one metrics line per step
+    a, b = _rows(dp), _rows(single)
+    assert [r["step"] for r in a] == list(range(1, 9))
+    for x, y in zip(a, b):
+        assert math.isclose(x["loss"], y["loss"], rel_tol=1e-5, abs_tol=1e-6), (x, y)
+    # validation gathered over ranks: each rank scores half the windows, the sum is the whole
+    ra, rb = json.loads((dp / "result.json").read_text()), ref
+    assert math.isclose(ra["val_bits_per_symbol"], rb["val_bits_per_symbol"], rel_tol=1e-5)
+
+    # both ranks hold exactly the same parameters at every checkpoint
+    good, bad = list_checkpoints(dp / CKPT_SUBDIR)
+    assert not bad and [m["step"] for _, m in good] == [8, 4]
+    for d, m in good:
+        verify(d)
+        assert m["world_size"] == 2
+        assert len(m["rank_param_fingerprints"]) == 2 and len(set(m["rank_param_fingerprints"])) == 1
+        assert {"random_states_0.pkl", "random_states_1.pkl"} <= set(m["files"])
+
+    # and they are the single-process parameters, to float tolerance
+    from safetensors.torch import load_file
+    wa, wb = load_file(dp / "model" / "model.safetensors"), load_file(single / "model" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
