@@ -49,9 +49,11 @@ def _generate(args) -> int:
         raise UserError(f"--num-samples must be at least 1, got {args.num_samples}")
     if args.num_samples == 1:
         sys.stdout.write(args.prompt)
-        generate_text(model, args.prompt, args.max_bytes, sampling, args.seed, 1, stream=sys.stdout)
+        generate_text(model, args.prompt, args.max_bytes, sampling, args.seed, 1, stream=sys.stdout,
+                      graphs=not args.no_graphs)
     else:
-        texts = generate_text(model, args.prompt, args.max_bytes, sampling, args.seed, args.num_samples)
+        texts = generate_text(model, args.prompt, args.max_bytes, sampling, args.seed, args.num_samples,
+                              graphs=not args.no_graphs)
         print_samples(args.prompt, texts)
     return 0
 
@@ -92,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--num-samples", type=int, default=1)
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--no-graphs", action="store_true",
+                   help="decode without CUDA graphs (same symbols, slower; graphs are always off on CPU)")
     g.set_defaults(fn=_generate)
 
     e = sub.add_parser("eval", help="streaming bits per byte of a model over a file or folder")

@@ -66,10 +66,13 @@ def sample_next(logits: torch.Tensor, s: Sampling, generator: torch.Generator | 
 
 @torch.no_grad()
 def generate(model, prompt: torch.Tensor, n_new: int, sampling: Sampling, seed: int = 0,
-             on_step=None, autocast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+             on_step=None, autocast: bool = False, graphs: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """prompt (b, l >= 1) -> (new symbols (b, n_new) int64, their log-probabilities under the model (b,)).
 
     `on_step(i, symbols)` is called after each new symbol (streaming output, progress bars).
+    `graphs`: on a GPU, every step after the first (model step + sampling) is one CUDA-graph replay
+    (bytemamba/decode.py; graphs cached per batch size); the symbols are the same as without. On CPU
+    graphs are simply off.
     """
     sampling.check()
     if prompt.dim() != 2 or prompt.shape[1] < 1:
@@ -82,6 +85,23 @@ def generate(model, prompt: torch.Tensor, n_new: int, sampling: Sampling, seed: 
     logp = torch.zeros(prompt.shape[0], dtype=torch.float64, device=device)
     with ctx:
         logits, cache = model.prefill(prompt.to(device))
+        if graphs and device.type == "cuda" and n_new > 1:
+            from bytemamba.decode import decoder_for
+            dec = decoder_for(model, prompt.shape[0], sampling)
+            gen = dec.seed(seed)
+            sym = sample_next(logits, sampling, gen)
+            logp += torch.log_softmax(logits.float(), -1).gather(-1, sym[:, None])[:, 0].double()
+            out[:, 0] = sym
+            if on_step is not None:
+                on_step(0, sym)
+            dec.load(cache, sym, logp)
+            for i in range(1, n_new):
+                dec.step()
+                out[:, i] = dec.symbols
+                if on_step is not None:
+                    on_step(i, out[:, i])
+            logp.copy_(dec.logp)
+            return out, logp
         for i in range(n_new):
             sym = sample_next(logits, sampling, gen)
             logp += torch.log_softmax(logits.float(), -1).gather(-1, sym[:, None])[:, 0].double()
@@ -94,7 +114,7 @@ def generate(model, prompt: torch.Tensor, n_new: int, sampling: Sampling, seed: 
 
 
 def generate_text(model, prompt: str, max_bytes: int, sampling: Sampling, seed: int = 0,
-                  num_samples: int = 1, stream=None) -> list[str]:
+                  num_samples: int = 1, stream=None, graphs: bool = True) -> list[str]:
     """Generate `num_samples` continuations of `prompt` (UTF-8). With one sample and a `stream`, the
     decoded text is written to it as it comes (invalid UTF-8 sequences replaced)."""
     raw = prompt.encode("utf-8") or b"\n"          # an empty prompt starts from a newline
@@ -108,7 +128,7 @@ def generate_text(model, prompt: str, max_bytes: int, sampling: Sampling, seed: 
             stream.write(dec.decode(bytes([int(sym[0])])))
             stream.flush()
     new, _ = generate(model, ids, max_bytes, sampling, seed, on_step=on_step,
-                      autocast=device.type == "cuda")
+                      autocast=device.type == "cuda", graphs=graphs)
     texts = [bytes(row.tolist()).decode("utf-8", errors="replace") for row in new.cpu()]
     if stream is not None and num_samples == 1:
         stream.write("\n")

@@ -19,9 +19,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from bytemamba.config import ModelConfig
 from bytemamba.modules.mamba import Block, MambaMixer, MixerState, RMSNorm
+from bytemamba.ops.scan import resolve_backend
 
 
 @dataclass
@@ -106,12 +108,33 @@ class ByteMambaLM(nn.Module):
         return logits[:, -1], cache
 
     def step(self, ids: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
-        """ids (b,) -> logits (b, 256) float32; the cache is updated in place."""
+        """ids (b,) -> logits (b, 256) float32; the cache is updated in place.
+
+        With the CUDA backend (see MambaMixer.step) the embedding, the residual adds and the RMSNorms run as
+        one fused kernel between layers, and every mixer step as its fused kernels."""
+        if resolve_backend(self.config.scan_backend, ids.device) == "cuda":
+            return self._step_cuda(ids, cache)
         residual = self.backbone.embedding(ids.long()).float()           # (b, d)
         for layer, s in zip(self.backbone.layers, cache.layers):
             residual = layer.step(residual, s)
         cache.seqlen_offset += 1
         return self.lm_head(self.backbone.norm_f(residual)).float()
+
+    def _step_cuda(self, ids: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
+        from bytemamba.ops.step import CastCache, add_rmsnorm_fn
+        casts = self.__dict__.setdefault("_step_casts", CastCache())
+        layers, f32 = self.backbone.layers, torch.float32
+        cdt = layers[0].mixer.step_dtype()
+        emb = self.backbone.embedding.weight
+        residual = torch.empty(ids.shape[0], emb.shape[1], device=emb.device, dtype=f32)
+        norms = [layer.norm for layer in layers] + [self.backbone.norm_f]
+        h = add_rmsnorm_fn(residual, None, casts.get(norms[0].weight, f32), norms[0].eps, cdt, ids=ids,
+                           embedding=casts.get(emb, f32))
+        for i, (layer, s) in enumerate(zip(layers, cache.layers)):
+            out = layer.mixer.step(h, s)
+            h = add_rmsnorm_fn(residual, out, casts.get(norms[i + 1].weight, f32), norms[i + 1].eps, cdt)
+        cache.seqlen_offset += 1
+        return F.linear(h, casts.get(self.lm_head.weight, cdt)).float()
 
     # ---- bookkeeping ------------------------------------------------------------------------------
     def num_parameters(self) -> int:

@@ -18,7 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bytemamba.ops.scan import selective_scan
+from bytemamba.ops.scan import resolve_backend, selective_scan
+from bytemamba.ops.step import conv_state_update_ref, ssm_state_update_ref
 
 
 class RMSNorm(nn.Module):
@@ -135,24 +136,44 @@ class MambaMixer(nn.Module):
                           ssm=torch.zeros(batch, self.d_inner, self.d_state, device=device, dtype=dtype))
 
     def step(self, hidden: torch.Tensor, state: MixerState) -> torch.Tensor:
-        """hidden (b, d) -> (b, d); updates `state` in place (so a captured CUDA graph can replay it)."""
+        """hidden (b, d) -> (b, d); updates `state` in place (so a captured CUDA graph can replay it).
+
+        The backend follows `scan_backend`: 'cuda' (or 'auto' on a GPU with CuPy) runs the fused step kernels
+        of bytemamba/ops/step.py, anything else the PyTorch references."""
+        if resolve_backend(self.scan_backend, hidden.device) == "cuda":
+            return self._step_cuda(hidden, state)
         xz = self.in_proj(hidden)                                      # (b, 2e)
         x, z = xz.chunk(2, dim=-1)
-        window = torch.cat([state.conv.to(x.dtype), x[:, :, None]], dim=-1)      # (b, e, k)
-        x = (window * self.conv1d.weight[:, 0, :].to(x.dtype)).sum(-1)
-        if self.conv1d.bias is not None:
-            x = x + self.conv1d.bias.to(x.dtype)
-        state.conv.copy_(window[..., 1:])
-        x = F.silu(x)
+        x = conv_state_update_ref(x, state.conv, self.conv1d.weight, self.conv1d.bias, silu=True)
         dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.softplus(self.dt_proj(dt).float())                      # (b, e), bias included
         A = -torch.exp(self.A_log.float())                             # (e, n)
-        xf = x.float()
-        dA = torch.exp(dt[:, :, None] * A)                             # (b, e, n)
-        state.ssm.mul_(dA).add_((dt * xf)[:, :, None] * B.float()[:, None, :])
-        y = (state.ssm @ C.float()[:, :, None])[..., 0] + self.D.float() * xf
-        y = y * F.silu(z.float())
+        y = ssm_state_update_ref(state.ssm, x, dt, A, B, C, self.D, z, self.dt_proj.bias, dt_softplus=True,
+                                 dt_proj_weight=self.dt_proj.weight)
         return self.out_proj(y.to(self.out_proj.weight.dtype))
+
+    def step_dtype(self) -> torch.dtype:
+        """The dtype the decode step computes its projections in: autocast's, else the weights'."""
+        dev = self.in_proj.weight.device.type
+        if torch.is_autocast_enabled(dev):
+            return torch.get_autocast_dtype(dev)
+        return self.in_proj.weight.dtype
+
+    def _step_cuda(self, hidden: torch.Tensor, state: MixerState) -> torch.Tensor:
+        from bytemamba.ops.step import CastCache, conv_state_update_fn, ssm_state_update_fn
+        cache = self.__dict__.setdefault("_step_casts", CastCache())   # not a submodule, not in state_dict
+        cdt, f32 = self.step_dtype(), torch.float32
+        e, r, n = self.d_inner, self.dt_rank, self.d_state
+        if not state.conv.is_contiguous():                             # prefill may hand over a strided view
+            state.conv = state.conv.contiguous()
+        xz = F.linear(hidden.to(cdt), cache.get(self.in_proj.weight, cdt), cache.get(self.in_proj.bias, cdt))
+        x = conv_state_update_fn(xz[:, :e], state.conv, cache.get(self.conv1d.weight, f32),
+                                 cache.get(self.conv1d.bias, f32), silu=True)
+        x_dbl = F.linear(x, cache.get(self.x_proj.weight, cdt))       # (b, r + 2n)
+        A = cache.get(self.A_log, f32, "A", lambda a: -torch.exp(a.float()))
+        y = ssm_state_update_fn(state.ssm, x, x_dbl[:, :r], A, x_dbl[:, r:r + n], x_dbl[:, r + n:],
+                                cache.get(self.D, f32), xz[:, e:], cache.get(self.dt_proj.bias, f32),
+                                dt_softplus=True, dt_proj_weight=cache.get(self.dt_proj.weight, f32))
+        return F.linear(y, cache.get(self.out_proj.weight, cdt), cache.get(self.out_proj.bias, cdt))
 
 
 class Block(nn.Module):

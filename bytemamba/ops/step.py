@@ -1,0 +1,198 @@
+"""One decoding step of the Mamba mixer: the causal-conv state update and the selective state update, plus
+the residual add + RMSNorm between layers. Each op has a CUDA launcher (`*_fn`, cuda/decode_step.cu through
+CuPy/NVRTC, on PyTorch's current stream, so a captured CUDA graph replays it) and a PyTorch reference of
+the same signature (`*_ref`, the definition; MambaMixer.step's PyTorch path runs exactly these).
+
+    conv_state_update(x, conv_state, weight, bias=None, silu=True) -> (b, e)
+        x (b, e); conv_state (b, e, k-1) float32, updated in place; weight (e, k) (or (e, 1, k)); bias (e)
+    ssm_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
+                     dt_proj_weight=None) -> (b, e) in x's dtype
+        state (b, e, n) float32, updated in place; x, z (b, e); dt (b, e), or (b, r) with dt_proj_weight
+        (e, r) (then dt = dt @ dt_proj_weight^T, the low-rank dt projection); A (e, n); B, C (b, n);
+        D, dt_bias (e)
+    add_rmsnorm(residual, delta, weight, eps, out_dtype, ids=None, embedding=None) -> (b, d) out_dtype
+        residual (b, d) float32, updated in place: residual += delta (or = embedding[ids]); returns
+        rmsnorm(residual) * weight
+
+The CUDA launchers take activations in float32, bfloat16 or float16 (rows may be strided views, the last
+dimension contiguous), states and small parameters in float32. They do no autograd (decoding only).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bytemamba.ops.scan import BackendError
+from bytemamba.ops._cupy import compile_module, cupy_stream, ptr
+
+_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_KERNELS = ("conv_step", "ssm_step", "add_rmsnorm")
+MAX_STATE = 128
+
+
+# ---- PyTorch references (the definition) -------------------------------------------------------------
+
+def conv_state_update_ref(x, conv_state, weight, bias=None, silu=True):
+    w = weight.reshape(weight.shape[0], -1)
+    window = torch.cat([conv_state.to(x.dtype), x[:, :, None]], dim=-1)        # (b, e, k)
+    out = (window * w.to(x.dtype)).sum(-1)
+    if bias is not None:
+        out = out + bias.to(x.dtype)
+    conv_state.copy_(window[..., 1:])
+    return F.silu(out) if silu else out
+
+
+def ssm_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
+                         dt_proj_weight=None):
+    if dt_proj_weight is not None:
+        dt = F.linear(dt, dt_proj_weight, dt_bias).float()                       # (b, e), bias included
+    else:
+        dt = dt.float() if dt_bias is None else dt.float() + dt_bias.float()
+    if dt_softplus:
+        dt = F.softplus(dt)
+    xf = x.float()
+    dA = torch.exp(dt[:, :, None] * A.float())                                  # (b, e, n)
+    state.mul_(dA).add_((dt * xf)[:, :, None] * B.float()[:, None, :])
+    y = (state @ C.float()[:, :, None])[..., 0]
+    if D is not None:
+        y = y + D.float() * xf
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y.to(x.dtype)
+
+
+def add_rmsnorm_ref(residual, delta, weight, eps, out_dtype, ids=None, embedding=None):
+    if ids is not None:
+        residual.copy_(embedding[ids.long()].float())
+    elif delta is not None:
+        residual.add_(delta.float())
+    xf = residual * torch.rsqrt(residual.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * weight.float()).to(out_dtype)
+
+
+# ---- CUDA launchers -----------------------------------------------------------------------------------
+
+def _kernels(dtype: torch.dtype, n: int, device: torch.device):
+    if dtype not in _DTYPE_CODE:
+        raise BackendError(f"decode step (cuda): activations of dtype {dtype} are not supported "
+                           "(float32, bfloat16, float16)")
+    if not 1 <= n <= MAX_STATE:
+        raise BackendError(f"decode step (cuda): d_state {n} is not supported (1..{MAX_STATE})")
+    return compile_module("decode_step.cu", (f"-DIN_DTYPE={_DTYPE_CODE[dtype]}", f"-DNSTATE={n}"),
+                          device, _KERNELS)
+
+
+def _rows(name, t, shape0, width):
+    """A (rows, width) view whose last dimension is contiguous; returns its row stride."""
+    if t.dim() != 2 or t.shape[0] != shape0 or t.shape[1] != width:
+        raise ValueError(f"decode step (cuda): {name} must be ({shape0}, {width}), got {tuple(t.shape)}")
+    if t.stride(1) != 1:
+        raise ValueError(f"decode step (cuda): {name} must be contiguous in its last dimension")
+    return np.int64(t.stride(0))
+
+
+def _f32(t):
+    return None if t is None else t.detach().to(torch.float32).contiguous()
+
+
+def _check_state(name, t, shape):
+    if t.dtype != torch.float32 or not t.is_contiguous() or tuple(t.shape) != tuple(shape):
+        raise ValueError(f"decode step (cuda): {name} must be a contiguous float32 tensor of shape "
+                         f"{tuple(shape)}, got {t.dtype} {tuple(t.shape)} (contiguous={t.is_contiguous()})")
+
+
+def _launch(device, fn, grid, block, args):
+    import cupy
+    with cupy.cuda.Device(device.index), cupy_stream(device):
+        fn((grid,), (block,), args)
+
+
+def conv_state_update_fn(x, conv_state, weight, bias=None, silu=True):
+    b, e = x.shape
+    w = _f32(weight.reshape(weight.shape[0], -1))
+    k = w.shape[1]
+    if k < 2:
+        raise ValueError("decode step (cuda): the conv kernel must have at least 2 taps")
+    xs = _rows("x", x, b, e)
+    _check_state("conv_state", conv_state, (b, e, k - 1))
+    K = _kernels(x.dtype, 1, x.device)
+    out = torch.empty(b, e, device=x.device, dtype=x.dtype)
+    _launch(x.device, K["conv_step"], -(-b * e // 256), 256,
+            (ptr(x), xs, ptr(conv_state), ptr(w), ptr(_f32(bias)), ptr(out), np.int32(b), np.int32(e),
+             np.int32(k), np.int32(1 if silu else 0)))
+    return out
+
+
+def ssm_state_update_fn(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
+                        dt_proj_weight=None):
+    b, e = x.shape
+    n = A.shape[-1]
+    _check_state("state", state, (b, e, n))
+    io = x.dtype
+    for name, t in (("dt", dt), ("B", B), ("C", C), ("z", z)):
+        if t is not None and t.dtype != io:
+            raise TypeError(f"decode step (cuda): {name} has dtype {t.dtype}, x has {io}")
+    xs = _rows("x", x, b, e)
+    wdt = None
+    if dt_proj_weight is not None:
+        wdt = _f32(dt_proj_weight)
+        r = wdt.shape[1]
+        dts = _rows("dt", dt, b, r)
+    else:
+        r = 0
+        dts = _rows("dt", dt, b, e)
+    bs, cs = _rows("B", B, b, n), _rows("C", C, b, n)
+    zs = _rows("z", z, b, e) if z is not None else np.int64(0)
+    K = _kernels(io, n, x.device)
+    npads = 4                          # states padded to a power of two >= 4 (NPADS in the kernel)
+    while npads < n:
+        npads *= 2
+    threads = b * e * (npads // 4)     # npads/4 lanes per (row, channel)
+    y = torch.empty(b, e, device=x.device, dtype=io)
+    _launch(x.device, K["ssm_step"], -(-threads // 128), 128,
+            (ptr(state), ptr(x), xs, ptr(dt), dts, ptr(wdt), np.int32(r), ptr(_f32(dt_bias)), ptr(_f32(A)),
+             ptr(B), bs, ptr(C), cs, ptr(_f32(D)), ptr(z), zs, ptr(y), np.int32(b), np.int32(e),
+             np.int32(1 if dt_softplus else 0)))
+    return y
+
+
+def add_rmsnorm_fn(residual, delta, weight, eps, out_dtype, ids=None, embedding=None):
+    b, d = residual.shape
+    _check_state("residual", residual, (b, d))
+    if delta is not None and (delta.dtype != out_dtype or not delta.is_contiguous()):
+        delta = delta.to(out_dtype).contiguous()
+    if ids is not None:
+        ids = ids.to(torch.int64).contiguous()
+        embedding = _f32(embedding)
+    K = _kernels(out_dtype, 1, residual.device)
+    out = torch.empty(b, d, device=residual.device, dtype=out_dtype)
+    _launch(residual.device, K["add_rmsnorm"], b, 256,
+            (ptr(residual), ptr(delta), ptr(ids), ptr(embedding), ptr(_f32(weight)), ptr(out), np.int32(d),
+             np.float32(eps)))
+    return out
+
+
+class CastCache:
+    """Parameters cast (or transformed) once for decoding and reused step after step; an entry is redone
+    when its parameter changes (new storage or an in-place update, seen through the version counter).
+    Casting inside every step would add a kernel per weight per step, and inside a captured graph it would
+    be replayed each time."""
+
+    def __init__(self):
+        self._d: dict = {}
+
+    def get(self, t: torch.Tensor | None, dtype: torch.dtype, tag: str = "", fn=None):
+        if t is None:
+            return None
+        key = (id(t), dtype, tag)
+        stamp = (t.data_ptr(), t._version, t.device)
+        hit = self._d.get(key)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        with torch.no_grad():
+            v = t.detach() if fn is None else fn(t.detach())
+            v = v.to(dtype).contiguous()
+        self._d[key] = (stamp, v)
+        return v

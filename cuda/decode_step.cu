@@ -1,0 +1,155 @@
+// decode_step.cu -- one decoding step of the Mamba mixer (one symbol per sequence), for bytemamba.
+//
+// What it computes (bytemamba/ops/step.py holds the PyTorch references of the same signatures):
+//   conv_step    the depthwise causal conv's state update:  window = [state, x];  out = <window, w> + bias,
+//                optional SiLU;  state <- window[1:]                              (state updated in place)
+//   ssm_step     the selective state update (S6, ZOH for A):
+//                  dt = dt_in (+ W_dt @ dt_low when the low-rank form is used) + dt_bias, optional softplus
+//                  s  = exp(dt * A) * s + dt * x * B ;  y = <s, C> + D * x ;  y *= silu(z)
+//                                                                                 (state updated in place)
+//   add_rmsnorm  the residual stream between layers: residual (+= delta | = embedding[ids]);
+//                out = residual * rsqrt(mean(residual^2) + eps) * w               (residual updated in place)
+//
+// Shapes (the Python wrapper owns layout; rows may be strided, the last dimension is contiguous):
+//   x, z, dt, y, conv out: (b, e) rows of in_t, row strides given;  B, C: (b, n) in_t, row strides given
+//   conv state (b, e, k-1) float32; ssm state (b, e, n) float32; conv w (e, k), bias (e); A (e, n);
+//   D, dt_bias (e); W_dt (e, r): all float32 and contiguous.  residual (b, d) float32; delta, out (b, d)
+//   in_t; embedding (256, d) float32; ids (b) int64; norm w (d) float32.
+// Arithmetic is float32 throughout; in_t (-DIN_DTYPE: 0 float32, 1 bfloat16, 2 float16) is only storage.
+//
+// How it is launched (grids from bytemamba/ops/step.py, on PyTorch's current stream, so graph-capturable):
+//   conv_step    one thread per (row, channel), 256 per block.
+//   ssm_step     LPC = NPADS/4 adjacent lanes per (row, channel), each owning 4 of its NSTATE states
+//                (-DNSTATE, padded to NPADS, a power of two >= 4); the low-rank dt dot and <s, C> are reduced
+//                across the LPC lanes with shuffles; 128 threads per block.
+//   add_rmsnorm  one block of 256 threads per row.
+
+#if IN_DTYPE == 1
+#include <cuda_bf16.h>
+typedef __nv_bfloat16 in_t;
+__device__ __forceinline__ float to_f(in_t v) { return __bfloat162float(v); }
+__device__ __forceinline__ in_t from_f(float v) { return __float2bfloat16(v); }
+#elif IN_DTYPE == 2
+#include <cuda_fp16.h>
+typedef __half in_t;
+__device__ __forceinline__ float to_f(in_t v) { return __half2float(v); }
+__device__ __forceinline__ in_t from_f(float v) { return __float2half(v); }
+#else
+typedef float in_t;
+__device__ __forceinline__ float to_f(in_t v) { return v; }
+__device__ __forceinline__ in_t from_f(float v) { return v; }
+#endif
+
+#ifndef NSTATE
+#define NSTATE 16
+#endif
+// states padded to a power of two >= 4 so that a channel's lanes are a power of two dividing 32
+#define NPADS (NSTATE <= 4 ? 4 : NSTATE <= 8 ? 8 : NSTATE <= 16 ? 16 : NSTATE <= 32 ? 32 : NSTATE <= 64 ? 64 : 128)
+#define LPC (NPADS / 4)
+
+__device__ __forceinline__ float silu_f(float v) { return v / (1.f + __expf(-v)); }
+
+// ------------------------------------------------------------------------------------------------
+extern "C" __global__ void __launch_bounds__(256) conv_step(
+    const in_t* __restrict__ x, long long x_stride, float* __restrict__ state, const float* __restrict__ w,
+    const float* __restrict__ bias, in_t* __restrict__ out, int b, int e, int k, int silu)
+{
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)b * e) return;
+    const int row = (int)(i / e), c = (int)(i % e);
+    const float xi = to_f(x[row * x_stride + c]);
+    float* st = state + i * (k - 1);
+    const float* wc = w + (long long)c * k;
+    float acc = bias ? bias[c] : 0.f;
+    for (int j = 0; j < k - 1; ++j) acc = fmaf(wc[j], st[j], acc);
+    acc = fmaf(wc[k - 1], xi, acc);
+    for (int j = 0; j + 1 < k - 1; ++j) st[j] = st[j + 1];
+    st[k - 2] = xi;
+    out[row * (long long)e + c] = from_f(silu ? silu_f(acc) : acc);
+}
+
+// ------------------------------------------------------------------------------------------------
+extern "C" __global__ void __launch_bounds__(128) ssm_step(
+    float* __restrict__ state, const in_t* __restrict__ x, long long xs,
+    const in_t* __restrict__ dt, long long dts, const float* __restrict__ wdt, int r,
+    const float* __restrict__ dt_bias, const float* __restrict__ A,
+    const in_t* __restrict__ B, long long bs, const in_t* __restrict__ C, long long cs,
+    const float* __restrict__ D, const in_t* __restrict__ z, long long zs,
+    in_t* __restrict__ y, int b, int e, int flags)
+{
+    const long long g = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long long ch = g / LPC;                 // (row, channel), row-major
+    const int lane = (int)(g % LPC);
+    const bool valid = ch < (long long)b * e;
+    const int row = valid ? (int)(ch / e) : 0, c = valid ? (int)(ch % e) : 0;
+
+    // dt: the full-rank input, or the low-rank dot W_dt[c] . dt_low[row] spread over the channel's lanes
+    float d = 0.f;
+    if (wdt) {
+        if (valid)
+            for (int j = lane; j < r; j += LPC) d = fmaf(wdt[(long long)c * r + j], to_f(dt[row * dts + j]), d);
+#pragma unroll
+        for (int o = LPC / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o, LPC);
+    } else if (valid) {
+        d = to_f(dt[row * dts + c]);
+    }
+    if (dt_bias && valid) d += dt_bias[c];
+    if (flags & 1) d = d <= 20.f ? log1pf(__expf(d)) : d;   // softplus, PyTorch's threshold
+
+    const float xv = valid ? to_f(x[row * xs + c]) : 0.f;
+    const float dx = d * xv;
+    float acc = 0.f;
+    if (valid) {
+        float* s = state + ch * NSTATE;
+        const float* a = A + (long long)c * NSTATE;
+        const in_t* Br = B + row * bs;
+        const in_t* Cr = C + row * cs;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            const int j = lane * 4 + q;
+            if (NPADS == NSTATE || j < NSTATE) {
+                const float sj = fmaf(__expf(d * a[j]), s[j], dx * to_f(Br[j]));
+                s[j] = sj;
+                acc = fmaf(sj, to_f(Cr[j]), acc);
+            }
+        }
+    }
+#pragma unroll
+    for (int o = LPC / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o, LPC);
+    if (!valid || lane != 0) return;
+    float out = acc + (D ? D[c] * xv : 0.f);
+    if (z) out *= silu_f(to_f(z[row * zs + c]));
+    y[row * (long long)e + c] = from_f(out);
+}
+
+// ------------------------------------------------------------------------------------------------
+extern "C" __global__ void __launch_bounds__(256) add_rmsnorm(
+    float* __restrict__ residual, const in_t* __restrict__ delta, const long long* __restrict__ ids,
+    const float* __restrict__ emb, const float* __restrict__ w, in_t* __restrict__ out, int d, float eps)
+{
+    __shared__ float red[32];
+    const int row = blockIdx.x;
+    float* res = residual + (long long)row * d;
+    const float* src = ids ? emb + ids[row] * (long long)d : nullptr;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float v = src ? src[i] : res[i];
+        if (delta) v += to_f(delta[(long long)row * d + i]);
+        if (src || delta) res[i] = v;
+        ss = fmaf(v, v, ss);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = ss;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        float t = threadIdx.x < (blockDim.x >> 5) ? red[threadIdx.x] : 0.f;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
+        if (threadIdx.x == 0) red[0] = t;
+    }
+    __syncthreads();
+    const float inv = rsqrtf(red[0] / (float)d + eps);
+    for (int i = threadIdx.x; i < d; i += blockDim.x)
+        out[(long long)row * d + i] = from_f(res[i] * inv * w[i]);
+}
