@@ -73,6 +73,19 @@ def _bench(args) -> int:
     return bench.main(args.rest)
 
 
+def _convert(args) -> int:
+    from bytemamba.convert import convert, describe
+    print(describe(convert(args.src, args.dst)))
+    return 0
+
+
+def _info(args) -> int:
+    from bytemamba.info import format_info, info, to_json
+    r = info(args.path)
+    print(to_json(r) if args.json else format_info(r))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bytemamba", description="Tokenizer-free Mamba over raw byte streams.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -110,6 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
                        add_help=False)
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(fn=_bench)
+
+    c = sub.add_parser("convert", help="import a public Mamba / MambaByte checkpoint (config.json + "
+                                       "pytorch_model.bin) as model.safetensors + config.json")
+    c.add_argument("src", help="directory with config.json and pytorch_model.bin (read with weights_only=True)")
+    c.add_argument("dst", help="new bytemamba model directory")
+    c.set_defaults(fn=_convert)
+
+    i = sub.add_parser("info", help="parameters, config, step, data seen and last validation of a checkpoint")
+    i.add_argument("path", help="exported model directory, OUT/checkpoints/checkpoint_K, or a run directory OUT")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.set_defaults(fn=_info)
     return p
 
 
