@@ -38,19 +38,23 @@ def _scan_args(p: argparse.ArgumentParser):
     p.add_argument("--sets", type=int, default=3, help="input sets rotated between repetitions")
     p.add_argument("--torch-max-gb", type=float, default=40.0,
                    help="skip the PyTorch path where its tensors would need more than this")
-    p.add_argument("--poly", default=None,
-                   help="comma list of BYTEMAMBA_SCAN_POLY masks to time as kernel variants (default: current)")
+    p.add_argument("--variants", default=None,
+                   help="comma list of kernel variants to time, each '+'-joined NAME=VALUE compile knobs "
+                        "(POLY_J, FWD_UNR, FWD_MINB; 'default' for none), e.g. default,POLY_J=1,FWD_UNR=8")
     p.add_argument("--deterministic", action="store_true", help="also time the deterministic backward")
 
 
 def _time_ms(fn, iters: int, warmup: int, pre=None) -> float:
+    """Median of CUDA-event times around fn (pre, if given, runs untimed before each repetition). The host
+    does not wait between repetitions, so host-side launch overhead overlaps the GPU as in training."""
     import torch
 
     for i in range(warmup):
         if pre:
             pre(i)
         fn(i)
-    ts = []
+    torch.cuda.synchronize()
+    evs = []
     for i in range(iters):
         if pre:
             pre(i)
@@ -58,9 +62,9 @@ def _time_ms(fn, iters: int, warmup: int, pre=None) -> float:
         a.record()
         fn(i)
         b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
-    return statistics.median(ts)
+        evs.append((a, b))
+    torch.cuda.synchronize()
+    return statistics.median(a.elapsed_time(b) for a, b in evs)
 
 
 def _copy_bandwidth() -> float:
@@ -95,7 +99,7 @@ def _run_scan(args) -> int:
     print(f"# date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; GPU {props.name}, {sms} SMs, "
           f"clock {clock_hz / 1e9:.2f} GHz; torch {torch.__version__}, cupy {cupy.__version__}")
     print(f"# copy bandwidth {bw / 1e12:.2f} TB/s (read+write); exp2 rate {exp_rate / 1e12:.2f} T/s (16/clk/SM)")
-    polys = [None] if args.poly is None else [int(p) for p in args.poly.split(",")]
+    variants = [None] if args.variants is None else [v.strip() for v in args.variants.split(",") if v.strip()]
     rows = []
     for (b, d, L, n) in args.shapes:
         g = torch.Generator(device="cuda").manual_seed(b * 7 + d + L + n)
@@ -123,9 +127,12 @@ def _run_scan(args) -> int:
                      True)
             return out, ins
 
-        for poly in polys:
+        for poly in variants:
             if poly is not None:
-                os.environ["BYTEMAMBA_SCAN_POLY"] = str(poly)
+                knobs = [k for k in poly.split("+") if k and k != "default"]
+                pm = [k for k in knobs if k.startswith("POLY_J=")]
+                os.environ["BYTEMAMBA_SCAN_POLY"] = pm[0].split("=")[1] if pm else "0"
+                os.environ["BYTEMAMBA_SCAN_DEFINES"] = "+".join(k for k in knobs if not k.startswith("POLY_J="))
             cuda_fn = lambda *a: selective_scan(*a, backend="cuda")  # noqa: E731
             t0 = time.perf_counter()
             with torch.no_grad():
@@ -138,7 +145,6 @@ def _run_scan(args) -> int:
 
             def pre(i):
                 holder["out"], _ = run(cuda_fn, i % args.sets, True)
-                torch.cuda.synchronize()
 
             bwd = _time_ms(lambda i: holder["out"].backward(dout[i % args.sets]), iters, args.warmup, pre)
             bwd_det = None
@@ -150,7 +156,7 @@ def _run_scan(args) -> int:
             rows.append(dict(shape=(b, d, L, n), poly=poly, fwd=fwd, bwd=bwd, bwd_det=bwd_det, first_s=first,
                              floor_mem_f=floor_mem_f, floor_mem_b=floor_mem_b, floor_exp=floor_exp))
             pub = PUBLIC_MS.get((b, d, L, n))
-            msg = (f"cuda  shape {b},{d},{L},{n} poly={poly}: fwd {fwd:.3f} ms, bwd {bwd:.3f} ms"
+            msg = (f"cuda  shape {b},{d},{L},{n} variant={poly or 'default'}: fwd {fwd:.3f} ms, bwd {bwd:.3f} ms"
                    + (f", bwd deterministic {bwd_det:.3f} ms" if bwd_det else "")
                    + f"; first call {first:.2f} s (compile included)")
             if pub:
@@ -158,24 +164,30 @@ def _run_scan(args) -> int:
             print(msg, flush=True)
         # The PyTorch path, where it fits.
         need_gb = b * d * n * L * 4 * 12 / 1e9
+        tf = tb = None
+        torch_note = f"skipped (needs ~{need_gb:.0f} GB > --torch-max-gb)"
         if need_gb <= args.torch_max_gb:
-            tf = _time_ms(lambda i: run(selective_scan_chunked, i % args.sets, False), iters, args.warmup) \
-                if True else None
             holder = {}
+            try:
+                with torch.no_grad():
+                    tf = _time_ms(lambda i: run(selective_scan_chunked, i % args.sets, False), iters, args.warmup)
 
-            def pre_t(i):
-                holder["out"], _ = run(selective_scan_chunked, i % args.sets, True)
-                torch.cuda.synchronize()
+                def pre_t(i):
+                    holder["out"], _ = run(selective_scan_chunked, i % args.sets, True)
 
-            tb = _time_ms(lambda i: holder["out"].backward(dout[i % args.sets]), iters, args.warmup, pre_t)
+                tb = _time_ms(lambda i: holder["out"].backward(dout[i % args.sets]), iters, args.warmup, pre_t)
+            except torch.OutOfMemoryError:
+                torch_note = "out of GPU memory" + (f" in backward (fwd {tf:.1f} ms)" if tf else "")
+                tf = tb = None
             holder.clear()
-        else:
-            tf = tb = None
+            torch.cuda.empty_cache()
         for r in rows:
             if r["shape"] == (b, d, L, n):
                 r["torch_fwd"], r["torch_bwd"] = tf, tb
-        print(f"torch shape {b},{d},{L},{n}: " + (f"fwd {tf:.2f} ms, bwd {tb:.2f} ms" if tf else
-                                                  f"skipped (needs ~{need_gb:.0f} GB > --torch-max-gb)"), flush=True)
+        for r in rows:
+            if r["shape"] == (b, d, L, n):
+                r["torch_note"] = torch_note
+        print(f"torch shape {b},{d},{L},{n}: " + (f"fwd {tf:.2f} ms, bwd {tb:.2f} ms" if tf else torch_note), flush=True)
         del sets, dout
         torch.cuda.empty_cache()
 
@@ -187,8 +199,8 @@ def _run_scan(args) -> int:
         pub = PUBLIC_MS.get(r["shape"])
         sp = f"{pub[0] / r['fwd']:.2f}x / {pub[1] / r['bwd']:.2f}x" if pub else "-"
         pubs = f"{pub[0]} / {pub[1]}" if pub else "-"
-        tp = (f"{r['torch_fwd']:.1f} / {r['torch_bwd']:.1f}" if r.get("torch_fwd") else "skipped (memory)")
-        var = "default" if r["poly"] is None else f"poly={r['poly']}"
+        tp = (f"{r['torch_fwd']:.1f} / {r['torch_bwd']:.1f}" if r.get("torch_fwd") else r.get("torch_note", "-"))
+        var = r["poly"] or "default"
         bwd = f"{r['bwd']:.3f}" + (f" (det {r['bwd_det']:.3f})" if r["bwd_det"] else "")
         print(f"| {', '.join(map(str, r['shape']))} | {var} | {r['fwd']:.3f} | {bwd} | {pubs} | {sp} | "
               f"{r['floor_mem_f']:.3f} / {r['floor_mem_b']:.3f} | {r['floor_exp']:.3f} | {tp} | {r['first_s']:.2f} |")

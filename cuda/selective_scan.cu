@@ -54,8 +54,12 @@
 #define EPT (TL / NT)              // staged elements per thread (one row, EPT consecutive positions)
 #define SB 8                       // backward sub-block
 #define RS (TL + 4)                // padded row stride of per-(channel, position) tiles
-#define BS (NPAD + 4)              // padded row stride of the B / C tiles ([t][n])
-#define UNR ((NT > 4) ? NT : 4)    // forward inner unroll (a multiple of NT)
+#define BSF NPAD                   // row stride of the forward's B / C tiles ([t][n])
+#define BS (NPAD + 4)              // padded row stride of the backward's B / C tiles
+#ifndef FWD_UNR
+#define FWD_UNR 8
+#endif
+#define UNR ((NT > FWD_UNR) ? NT : FWD_UNR)   // forward inner unroll (a multiple of NT)
 #define RRS (TL + 16 / (int)sizeof(in_t))   // raw staged row stride (elements): +16 bytes against bank conflicts
 
 #define F_SOFTPLUS 1
@@ -293,10 +297,9 @@ __device__ __forceinline__ float sigmoid_f(float x) { return __fdividef(1.0f, 1.
 
 struct FwdSmem {
   float dl[CPB * RS];          // softplus(delta + bias)
-  float du[CPB * RS];          // dl * u
-  float y[CPB * RS];           // <C, x>
-  float B[TL * BS];
-  float C[TL * BS];
+  float du[CPB * RS];          // dl * u; overwritten by y = <C, x> as the scan passes
+  float B[TL * BSF];
+  float C[TL * BSF];
   float m[TL];                 // 0 where reset, else 1
   alignas(16) in_t ru[CPB * RRS];   // raw next tile (cp.async destinations)
   alignas(16) in_t rd[CPB * RRS];
@@ -322,7 +325,7 @@ __device__ __forceinline__ void fwd_tile_scan(const FwdSmem& s, int c, int sg, i
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
         const int t = t0 + tt + q;
-        float4 b4 = *reinterpret_cast<const float4*>(&s.B[t * BS + sg * 4]);
+        float4 b4 = *reinterpret_cast<const float4*>(&s.B[t * BSF + sg * 4]);
         float bb[4] = {b4.x, b4.y, b4.z, b4.w};
         float dl = dls[q], du = dus[q];
 #if HAS_RESET
@@ -345,7 +348,7 @@ __device__ __forceinline__ void fwd_tile_scan(const FwdSmem& s, int c, int sg, i
           sumdl += dl;
           yv[tt + q] = 0.0f;
         } else {
-          float4 c4 = *reinterpret_cast<const float4*>(&s.C[t * BS + sg * 4]);
+          float4 c4 = *reinterpret_cast<const float4*>(&s.C[t * BSF + sg * 4]);
           yv[tt + q] = fmaf(c4.w, x[3], fmaf(c4.z, x[2], fmaf(c4.y, x[1], c4.x * x[0])));
         }
       }
@@ -382,8 +385,8 @@ __device__ __forceinline__ void fwd_issue(FwdSmem& s, const in_t* __restrict__ u
 // raw B (NPAD x TL) -> float [t][n]
 __device__ __forceinline__ void convert_BC(float* dst, const in_t* raw) {
   for (int idx = threadIdx.x; idx < TL * NPAD; idx += NTHREADS) {
-    const int nn = idx / TL, t = idx % TL;
-    dst[t * BS + nn] = to_f(raw[nn * RRS + t]);
+    const int nn = idx % NPAD, t = idx / NPAD;
+    dst[t * BSF + nn] = to_f(raw[nn * RRS + t]);
   }
 }
 
@@ -472,13 +475,13 @@ __device__ __forceinline__ void fwd_body(
       float4 xs = make_float4(x[0], x[1], x[2], x[3]);
       *reinterpret_cast<float4*>(&ckpt[(ch * ntiles + k) * NPAD + sg * 4]) = xs;
     }
-    fwd_tile_scan<AGG>(s, c, sg, lane, A2, x, sumdl, keep, s.y);
+    fwd_tile_scan<AGG>(s, c, sg, lane, A2, x, sumdl, keep, s.du);
     if (!AGG) {
       __syncthreads();
       float ov[EPT];
 #pragma unroll
       for (int e = 0; e < EPT; ++e) {
-        float yv = fmaf(D_d, uv[e], s.y[c * RS + sg * EPT + e]);
+        float yv = fmaf(D_d, uv[e], s.du[c * RS + sg * EPT + e]);
 #if HAS_Z
         const float zz = zv[e];
         yv *= zz * sigmoid_f(zz);
@@ -515,13 +518,16 @@ __device__ __forceinline__ void fwd_body(
 #define FWD_ARGS \
   u, delta, z, Bm, Cm, A, Dv, bias, init, reset, out, ckpt, final_state, agg, batch, dim, L, n, ntiles, seg_tiles, nseg, flags
 
-extern "C" __global__ void __launch_bounds__(NTHREADS) ss_fwd(FWD_PARAMS) { fwd_body<false>(FWD_ARGS); }
+#ifndef FWD_MINB
+#define FWD_MINB 4
+#endif
+extern "C" __global__ void __launch_bounds__(NTHREADS, FWD_MINB) ss_fwd(FWD_PARAMS) { fwd_body<false>(FWD_ARGS); }
 extern "C" __global__ void __launch_bounds__(NTHREADS) ss_fwd_agg(FWD_PARAMS) { fwd_body<true>(FWD_ARGS); }
 
 // ------------------------------------------------------------------------------------------------
 // Backward.
 
-#define FP ((NPAD == 16) ? 32 : ((NPAD == 32) ? 16 : 8))   // positions per dB/dC flush
+#define FP ((NPAD == 16) ? 16 : 8)                         // positions per dB/dC flush
 #define PWS (2 * NPAD + 1)                                 // padded row of the per-warp dB/dC buffer
 
 struct BwdSmem {
@@ -529,69 +535,42 @@ struct BwdSmem {
   float u[CPB * RS];
   float dy[CPB * RS];              // dout * silu(z): the gradient of y + D u
   float dzf[CPB * RS];             // dout * silu'(z): dz = dzf * (y + D u)
-  float sig[CPB * RS];             // softplus'(delta + bias)
   float B[TL * BS];
   float C[TL * BS];
   float m[TL];
   float xck[(TL / SB) * 4 * NTHREADS];       // state at each sub-block start, [sb][j][tid]
   float pw[(NTHREADS / 32) * FP * PWS];      // per-warp dB | dC sums over its channels, per position
-  alignas(16) in_t ru[CPB * RRS];   // raw next tile (cp.async destinations)
-  alignas(16) in_t rd[CPB * RRS];
-  alignas(16) in_t rz[CPB * RRS];
-  alignas(16) in_t rg[CPB * RRS];
-  alignas(16) in_t rB[NPAD * RRS];
-  alignas(16) in_t rC[NPAD * RRS];
-  alignas(16) u8 rr[TL + 16];
 };
 
+// Stage one tile for the backward: per-(channel, position) floats from global (vector loads), B and C
+// transposed to [t][n], reset flags. AGG needs only dl, dy and C.
 template <bool AGG>
-__device__ __forceinline__ void bwd_issue(BwdSmem& s, const in_t* __restrict__ u, const in_t* __restrict__ delta,
+__device__ __forceinline__ void bwd_stage(BwdSmem& s, const in_t* __restrict__ u, const in_t* __restrict__ delta,
                                           const in_t* __restrict__ z, const in_t* __restrict__ dout,
                                           const in_t* __restrict__ Bm, const in_t* __restrict__ Cm,
-                                          const u8* __restrict__ reset, int bi, int dim, int db, int n, i64 L,
-                                          int k, bool aligned, bool raligned) {
-  const i64 l0 = (i64)k * TL;
-  const i64 row0 = (i64)bi * dim + (i64)db * CPB;
-  const int nvalid = min(CPB, dim - db * CPB);
-  if (!AGG) load_rows(s.ru, u + row0 * L, CPB, nvalid, L, l0, aligned);
-  load_rows(s.rd, delta + row0 * L, CPB, nvalid, L, l0, aligned);
-#if HAS_Z
-  load_rows(s.rz, z + row0 * L, CPB, nvalid, L, l0, aligned);
-#endif
-  load_rows(s.rg, dout + row0 * L, CPB, nvalid, L, l0, aligned);
-  if (!AGG) load_rows(s.rB, Bm + (i64)bi * n * L, NPAD, n, L, l0, aligned);
-  load_rows(s.rC, Cm + (i64)bi * n * L, NPAD, n, L, l0, aligned);
-#if HAS_RESET
-  load_rows(s.rr, reset + (i64)bi * L, 1, 1, L, l0, raligned);
-#endif
-  cp_async_commit();
-}
-
-// Raw tile -> per-(channel, position) floats. AGG needs only dl and dy.
-template <bool AGG>
-__device__ __forceinline__ void bwd_stage(BwdSmem& s, int c, int sg, i64 avail, float bias_d, bool softplus) {
+                                          const u8* __restrict__ reset, int c, int sg, i64 ch, int bi, int n,
+                                          i64 L, i64 l0, i64 avail, bool vec, float bias_d, bool softplus) {
+  const i64 p0 = l0 + sg * EPT;
   float rdv[EPT], rgv[EPT], ruv[EPT];
-  raw_row(&s.rd[c * RRS + sg * EPT], rdv);
-  raw_row(&s.rg[c * RRS + sg * EPT], rgv);
-  if (!AGG) raw_row(&s.ru[c * RRS + sg * EPT], ruv);
+  load_row(delta + ch * L + p0, avail, vec, rdv);
+  load_row(dout + ch * L + p0, avail, vec, rgv);
+  if (!AGG) load_row(u + ch * L + p0, avail, vec, ruv);
 #if HAS_Z
   float rzv[EPT];
-  raw_row(&s.rz[c * RRS + sg * EPT], rzv);
+  load_row(z + ch * L + p0, avail, vec, rzv);
 #endif
 #pragma unroll
   for (int e = 0; e < EPT; e += 4) {
-    float4 dl4, u4, dy4, dz4, sg4;
+    float4 dl4, u4, dy4, dz4;
     float* dlp = &dl4.x;
     float* up = &u4.x;
     float* dyp = &dy4.x;
     float* dzp = &dz4.x;
-    float* sgp = &sg4.x;
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
       const bool in = e + q < avail;
       const float xv = rdv[e + q] + bias_d;
-      float sig = 1.0f, dl = xv;
-      if (softplus) dl = softplus_sig(xv, sig);
+      const float dl = softplus ? softplus_f(xv) : xv;
       const float g = rgv[e + q];
       float dy = g, dzf = 0.0f;
 #if HAS_Z
@@ -605,7 +584,6 @@ __device__ __forceinline__ void bwd_stage(BwdSmem& s, int c, int sg, i64 avail, 
       if (!AGG) {
         up[q] = in ? ruv[e + q] : 0.0f;
         dzp[q] = in ? dzf : 0.0f;
-        sgp[q] = in ? sig : 0.0f;
       }
     }
     *reinterpret_cast<float4*>(&s.dl[c * RS + sg * EPT + e]) = dl4;
@@ -613,13 +591,18 @@ __device__ __forceinline__ void bwd_stage(BwdSmem& s, int c, int sg, i64 avail, 
     if (!AGG) {
       *reinterpret_cast<float4*>(&s.u[c * RS + sg * EPT + e]) = u4;
       *reinterpret_cast<float4*>(&s.dzf[c * RS + sg * EPT + e]) = dz4;
-      *reinterpret_cast<float4*>(&s.sig[c * RS + sg * EPT + e]) = sg4;
     }
   }
-  if (!AGG) convert_BC(s.B, s.rB);
-  convert_BC(s.C, s.rC);
+  for (int idx = threadIdx.x; idx < TL * NPAD; idx += NTHREADS) {
+    const int nn = idx / TL, t = idx % TL;
+    const bool in = nn < n && l0 + t < L;
+    const i64 off = ((i64)bi * n + nn) * L + l0 + t;
+    if (!AGG) s.B[t * BS + nn] = in ? to_f(Bm[off]) : 0.0f;
+    s.C[t * BS + nn] = in ? to_f(Cm[off]) : 0.0f;
+  }
 #if HAS_RESET
-  for (int t = threadIdx.x; t < TL; t += NTHREADS) s.m[t] = s.rr[t] ? 0.0f : 1.0f;
+  for (int t = threadIdx.x; t < TL; t += NTHREADS)
+    s.m[t] = (l0 + t < L && reset[(i64)bi * L + l0 + t]) ? 0.0f : 1.0f;
 #endif
 }
 
@@ -646,7 +629,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) ss_bwd_agg(BWD_PARAMS) {
   const bool valid = d < dim;
   const i64 ch = (i64)bi * dim + (valid ? d : 0);
   const int seg = blockIdx.y + 1;
-  const bool softplus = flags & F_SOFTPLUS, aligned = flags & F_ALIGNED, raligned = flags & F_RALIGNED;
+  const bool softplus = flags & F_SOFTPLUS, aligned = flags & F_ALIGNED;
   const float LOG2E = 1.4426950408889634f;
   float A2[4], h[4];
 #pragma unroll
@@ -658,15 +641,12 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) ss_bwd_agg(BWD_PARAMS) {
   const float bias_d = (valid && bias) ? bias[d] : 0.0f;
   float sumdl = 0.0f, keep = 1.0f;
   const int k0 = seg * seg_tiles, k1 = min(ntiles, k0 + seg_tiles);
-  bwd_issue<true>(s, u, delta, z, dout, Bm, Cm, reset, bi, dim, db, n, L, k1 - 1, aligned, raligned);
   for (int k = k1 - 1; k >= k0; --k) {
-    const i64 p0 = (i64)k * TL + sg * EPT;
-    const i64 avail = valid ? L - p0 : 0;
-    cp_async_wait_all();
+    const i64 l0 = (i64)k * TL;
+    const i64 avail = valid ? L - (l0 + sg * EPT) : 0;
     __syncthreads();
-    bwd_stage<true>(s, c, sg, avail, bias_d, softplus);
+    bwd_stage<true>(s, u, delta, z, dout, Bm, Cm, reset, c, sg, ch, bi, n, L, l0, avail, aligned, bias_d, softplus);
     __syncthreads();
-    if (k - 1 >= k0) bwd_issue<true>(s, u, delta, z, dout, Bm, Cm, reset, bi, dim, db, n, L, k - 1, aligned, raligned);
 #pragma unroll 4
     for (int t = TL - 1; t >= 0; --t) {
       const float dl = s.dl[c * RS + t], dy = s.dy[c * RS + t];
@@ -708,7 +688,6 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) ss_bwd(BWD_PARAMS) {
   const i64 ch = (i64)bi * dim + (valid ? d : 0);
   const int seg = blockIdx.y;
   const bool softplus = flags & F_SOFTPLUS, aligned = flags & F_ALIGNED, atomic = flags & F_ATOMIC;
-  const bool raligned = flags & F_RALIGNED;
   const float LOG2E = 1.4426950408889634f;
 
   float A2[4], Aj[4], h[4], dAacc[4];
@@ -730,16 +709,12 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) ss_bwd(BWD_PARAMS) {
   float dDacc = 0.0f, dbacc = 0.0f;
   const int k0 = seg * seg_tiles, k1 = min(ntiles, k0 + seg_tiles);
 
-  bwd_issue<false>(s, u, delta, z, dout, Bm, Cm, reset, bi, dim, db, n, L, k1 - 1, aligned, raligned);
   for (int k = k1 - 1; k >= k0; --k) {
     const i64 l0 = (i64)k * TL;
-    const i64 p0 = l0 + sg * EPT;
-    const i64 avail = valid ? L - p0 : 0;
-    cp_async_wait_all();
+    const i64 avail = valid ? L - (l0 + sg * EPT) : 0;
     __syncthreads();
-    bwd_stage<false>(s, c, sg, avail, bias_d, softplus);
+    bwd_stage<false>(s, u, delta, z, dout, Bm, Cm, reset, c, sg, ch, bi, n, L, l0, avail, aligned, bias_d, softplus);
     __syncthreads();
-    if (k - 1 >= k0) bwd_issue<false>(s, u, delta, z, dout, Bm, Cm, reset, bi, dim, db, n, L, k - 1, aligned, raligned);
 
     // Pass 1: rescan the tile forward from its checkpoint, keeping the state at each sub-block start.
     float x[4];
@@ -859,7 +834,10 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) ss_bwd(BWD_PARAMS) {
         const i64 l = l0 + t;
         if (!valid || l >= L) return;
         const float dl = s.dl[c * RS + t], dy = s.dy[c * RS + t], uu = s.u[c * RS + t];
-        const float dd = fmaf(uu, s1, s2) * s.sig[c * RS + t];
+        float sig = 1.0f;                 // softplus'(x) = 1 - exp(-softplus(x)), accurate for small dl
+        if (softplus) sig = dl < 0.1f ? dl * (1.0f - dl * (0.5f - dl * (1.0f / 6.0f - dl * (1.0f / 24.0f - dl * (1.0f / 120.0f)))))
+                                      : 1.0f - __expf(-dl);
+        const float dd = fmaf(uu, s1, s2) * sig;
         dDacc = fmaf(dy, uu, dDacc);
         dbacc += dd;
         from_f(fmaf(dl, s1, D_d * dy), du_o[ch * L + l]);
