@@ -1,0 +1,230 @@
+"""Decode-step ops (bytemamba/ops/step.py): many steps of the CUDA kernels against the parallel forward
+(float64 truth) and the PyTorch step, every dtype; CPU tests of the references everywhere.
+
+Every check draws fresh random inputs and random starting states (never zeros). In bf16/fp16 the kernel's
+error against the float64 truth must be at most about twice the error of the PyTorch step (the reference)
+on the same low-precision inputs.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bytemamba.modules.mamba import MambaMixer, MixerState, RMSNorm
+from bytemamba.ops.scan import cuda_available, selective_scan_ref
+from bytemamba.ops.step import (add_rmsnorm_fn, add_rmsnorm_ref, conv_state_update_fn, conv_state_update_ref,
+                                ssm_state_update_fn, ssm_state_update_ref)
+
+_needs_gpu = pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU and CuPy")
+
+
+def gpu(f):
+    return pytest.mark.gpu(_needs_gpu(f))
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+# ---- truths (float64, parallel) ------------------------------------------------------------------
+
+def conv_parallel(xs, state0, w, bias, silu=True):
+    """xs (b, e, L), state0 (b, e, k-1) -> outputs (b, e, L), final state: the parallel causal conv."""
+    k = w.shape[-1]
+    xp = torch.cat([state0, xs], dim=-1)
+    y = F.conv1d(xp, w[:, None, :], bias, groups=w.shape[0])
+    return (F.silu(y) if silu else y), xp[..., -(k - 1):]
+
+
+def make_conv(b, e, k, L, dtype, dev, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    return dict(xs=r(b, e, L).to(dev, dtype), state=r(b, e, k - 1).to(dev, dtype).float(),
+                w=(r(e, k) * 0.5).to(dev), bias=(r(e) * 0.3).to(dev) if bias else None)
+
+
+def make_ssm(b, e, n, L, r_, dtype, dev, z=True, D=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    ins = dict(x=r(b, e, L).to(dev, dtype), B=r(b, n, L).to(dev, dtype), C=r(b, n, L).to(dev, dtype),
+               z=r(b, e, L).to(dev, dtype) if z else None, A=-torch.exp(r(e, n) * 0.5 + 0.5).float().to(dev),
+               D=r(e).float().to(dev) if D else None, dt_bias=(r(e) * 0.3 - 1.0).float().to(dev),
+               state=r(b, e, n).float().to(dev))
+    if r_:
+        ins["dt"] = (r(b, r_, L) * 0.5).to(dev, dtype)
+        ins["W"] = (r(e, r_) * r_ ** -0.5).float().to(dev)
+    else:
+        ins["dt"] = (r(b, e, L) * 0.5 - 0.5).to(dev, dtype)
+        ins["W"] = None
+    return ins
+
+
+def ssm_parallel(ins):
+    """The parallel forward (selective_scan_ref) in float64: outputs (b, e, L), final state."""
+    d64 = lambda t: None if t is None else t.double()  # noqa: E731
+    dt = d64(ins["dt"])
+    if ins["W"] is not None:
+        dt = torch.einsum("brl,er->bel", dt, d64(ins["W"]))
+    return selective_scan_ref(d64(ins["x"]), dt, d64(ins["A"]), d64(ins["B"]), d64(ins["C"]), d64(ins["D"]),
+                              d64(ins["z"]), d64(ins["dt_bias"]), True, d64(ins["state"]), True)
+
+
+def ssm_steps(fn, ins, L):
+    state = ins["state"].clone()
+    ys = []
+    for t in range(L):
+        col = lambda k: None if ins[k] is None else ins[k][..., t]  # noqa: E731
+        ys.append(fn(state, col("x"), col("dt"), ins["A"], col("B"), col("C"), ins["D"], col("z"), ins["dt_bias"],
+                     True, dt_proj_weight=ins["W"]))
+    return torch.stack(ys, -1), state
+
+
+def conv_steps(fn, ins, L, silu=True):
+    state = ins["state"].clone()
+    ys = [fn(ins["xs"][..., t], state, ins["w"], ins["bias"], silu) for t in range(L)]
+    return torch.stack(ys, -1), state
+
+
+# ---- CPU: the references are the step's math -----------------------------------------------------
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_conv_ref_steps_equal_parallel_conv(k):
+    ins = make_conv(2, 5, k, 9, torch.float64, "cpu")
+    y, st = conv_steps(conv_state_update_ref, ins, 9)
+    y64, st64 = conv_parallel(ins["xs"], ins["state"].double(), ins["w"], ins["bias"])
+    assert rel(y, y64) < 1e-6 and rel(st, st64) < 1e-6        # the state is float32
+
+
+@pytest.mark.parametrize("lowrank", [0, 3])
+def test_ssm_ref_steps_equal_parallel_scan(lowrank):
+    ins = make_ssm(2, 6, 5, 11, lowrank, torch.float32, "cpu")
+    y, st = ssm_steps(ssm_state_update_ref, ins, 11)
+    y64, st64 = ssm_parallel(ins)
+    assert rel(y, y64) < 1e-5 and rel(st, st64) < 1e-5
+
+
+def test_add_rmsnorm_ref_is_residual_add_then_rmsnorm():
+    g = torch.Generator().manual_seed(3)
+    norm = RMSNorm(12)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(12, generator=g))
+    res, delta = torch.randn(3, 12, generator=g), torch.randn(3, 12, generator=g)
+    want_res = res + delta
+    res2 = res.clone()
+    out = add_rmsnorm_ref(res2, delta, norm.weight, norm.eps, torch.float32)
+    assert torch.equal(res2, want_res) and torch.allclose(out, norm(want_res), atol=1e-6)
+    emb = torch.randn(256, 12, generator=g)
+    ids = torch.tensor([3, 200, 7])
+    out = add_rmsnorm_ref(res2, None, norm.weight, norm.eps, torch.float32, ids=ids, embedding=emb)
+    assert torch.equal(res2, emb[ids]) and torch.allclose(out, norm(emb[ids]), atol=1e-6)
+
+
+def test_mixer_torch_step_uses_the_refs_and_equals_forward():
+    torch.manual_seed(0)
+    m = MambaMixer(16, d_state=8, d_conv=4, scan_backend="torch")
+    h = torch.randn(2, 13, 16)
+    want = copy.deepcopy(m).double()(h.double())
+    s = m.empty_state(2, "cpu")
+    with torch.no_grad():
+        got = torch.stack([m.step(h[:, t], s) for t in range(13)], 1)
+    assert rel(got, want) < 1e-5
+
+
+# ---- GPU: kernels against the parallel forward and the PyTorch step -----------------------------
+
+def _check(err_k, err_t, dtype, what):
+    if dtype == torch.float32:
+        assert err_k < 2e-5, f"{what}: {err_k:.2e}"
+    else:
+        assert err_k <= 2 * err_t + 1e-4, f"{what}: kernel {err_k:.2e} vs PyTorch step {err_t:.2e}"
+
+
+@gpu
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+@pytest.mark.parametrize("k,bias,silu", [(4, True, True), (2, False, True), (3, True, False)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_conv_kernel_many_steps(dtype, k, bias, silu, seed):
+    dt = DTYPES[dtype]
+    ins = make_conv(3, 133, k, 40, dt, "cuda", bias, seed)
+    y_k, st_k = conv_steps(conv_state_update_fn, ins, 40, silu)
+    y_t, st_t = conv_steps(conv_state_update_ref, ins, 40, silu)
+    y64, st64 = conv_parallel(ins["xs"].double(), ins["state"].double(), ins["w"].double(),
+                              None if ins["bias"] is None else ins["bias"].double(), silu)
+    assert y_k.dtype == dt and torch.isfinite(y_k).all()
+    _check(rel(y_k, y64), rel(y_t, y64), dt, "conv out")
+    assert torch.equal(st_k, st_t)            # the window holds the inputs themselves: exact
+    assert rel(st_k, st64) < 1e-7
+
+
+@gpu
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+@pytest.mark.parametrize("n,lowrank,z,D", [(16, 0, True, True), (16, 8, True, True), (5, 3, False, True),
+                                           (64, 0, True, False), (32, 16, False, False), (1, 0, True, True)])
+def test_ssm_kernel_many_steps(dtype, n, lowrank, z, D):
+    dt = DTYPES[dtype]
+    L = 48
+    ins = make_ssm(3, 70, n, L, lowrank, dt, "cuda", z, D, seed=n + lowrank)
+    y_k, st_k = ssm_steps(ssm_state_update_fn, ins, L)
+    y_t, st_t = ssm_steps(ssm_state_update_ref, ins, L)
+    y64, st64 = ssm_parallel(ins)
+    assert y_k.dtype == dt and torch.isfinite(y_k).all() and torch.isfinite(st_k).all()
+    _check(rel(y_k, y64), rel(y_t, y64), dt, "ssm out")
+    _check(rel(st_k, st64), rel(st_t, st64), dt, "ssm state")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+@pytest.mark.parametrize("d", [256, 1000, 2048])
+def test_add_rmsnorm_kernel(dtype, d):
+    dt = DTYPES[dtype]
+    g = torch.Generator(device="cuda").manual_seed(d)
+    res = torch.randn(5, d, device="cuda", generator=g)
+    delta = torch.randn(5, d, device="cuda", generator=g).to(dt)
+    w = torch.randn(d, device="cuda", generator=g)
+    r_k, r_t = res.clone(), res.clone()
+    o_k = add_rmsnorm_fn(r_k, delta, w, 1e-5, dt)
+    o_t = add_rmsnorm_ref(r_t, delta, w, 1e-5, dt)
+    r64 = res.double() + delta.double()
+    o64 = r64 * torch.rsqrt(r64.pow(2).mean(-1, keepdim=True) + 1e-5) * w.double()
+    assert torch.allclose(r_k, r_t, atol=1e-6)
+    _check(rel(o_k, o64), rel(o_t, o64), dt, "rmsnorm")
+    emb = torch.randn(256, d, device="cuda", generator=g)
+    ids = torch.randint(0, 256, (5,), device="cuda", generator=g)
+    o_k = add_rmsnorm_fn(r_k, None, w, 1e-5, dt, ids=ids, embedding=emb)
+    assert torch.equal(r_k, emb[ids])
+    _check(rel(o_k, add_rmsnorm_ref(r_t, None, w.double(), 1e-5, torch.float64, ids=ids, embedding=emb.double())),
+           rel(add_rmsnorm_ref(r_t, None, w, 1e-5, dt, ids=ids, embedding=emb),
+               add_rmsnorm_ref(r_t, None, w.double(), 1e-5, torch.float64, ids=ids, embedding=emb.double())),
+           dt, "embed + rmsnorm")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+def test_mixer_cuda_step_equals_forward_and_torch_step(dtype):
+    """MambaMixer.step on the cuda backend, many steps from a prefill state, against the parallel forward
+    (float64) and the PyTorch step in the same precision (autocast for bf16/fp16, as generate runs)."""
+    dt = DTYPES[dtype]
+    torch.manual_seed(1)
+    m = MambaMixer(64, d_state=16, d_conv=4, scan_backend="cuda").cuda()
+    with torch.no_grad():
+        m.D.normal_()
+        m.conv1d.bias.normal_(std=0.3)
+    m_t = copy.deepcopy(m)
+    m_t.scan_backend = "torch"
+    m64 = copy.deepcopy(m_t).double()
+    h = torch.randn(3, 40, 64, device="cuda")
+    pre, L = 24, 16
+    want = m64(h.double())[:, pre:]
+    _, s64 = m64(h[:, :pre].double(), return_state=True)
+    ctx = (torch.autocast("cuda", dtype=dt) if dt != torch.float32 else torch.autocast("cuda", enabled=False))
+    outs = {}
+    with torch.no_grad(), ctx:
+        for name, mod in (("cuda", m), ("torch", m_t)):
+            s = MixerState(conv=s64.conv.float().clone(), ssm=s64.ssm.float().clone())
+            outs[name] = torch.stack([mod.step(h[:, pre + t], s) for t in range(L)], 1)
+    assert outs["cuda"].dtype == outs["torch"].dtype
+    _check(rel(outs["cuda"], want), rel(outs["torch"], want), dt, "mixer step")
