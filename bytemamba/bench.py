@@ -210,6 +210,20 @@ def _run_scan(args) -> int:
 BENCHES = {"scan": (_scan_args, _run_scan)}
 
 
+def _generate_args(p):
+    from bytemamba.bench_generate import add_arguments
+    add_arguments(p)
+
+
+def _run_generate(args):
+    from bytemamba.bench_generate import run
+    return run(args)
+
+
+# generate: decoding symbols/s of the graph-captured Mamba decoder beside a KV-cache Transformer
+BENCHES["generate"] = (_generate_args, _run_generate)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="bytemamba bench", description="benchmarks")

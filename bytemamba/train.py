@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from bytemamba.checkpoint import Checkpoints
 from bytemamba.config import Config, OptimConfig, to_toml
+from bytemamba.data.quantize import describe_bits
 from bytemamba.errors import UserError
 
 
@@ -354,7 +355,8 @@ def train(cfg: Config, resume: bool = False) -> dict:
                 state.last_val_bpb = validate(model, val_sampler, accelerator, t.eval_batches)
                 accelerator.log({"val/bits_per_symbol": state.last_val_bpb}, step=state.step)
                 if main:
-                    bar.write(f"step {state.step}: validation {state.last_val_bpb:.4f} bits per {unit}")
+                    bar.write(f"step {state.step}: validation "
+                              f"{describe_bits(state.last_val_bpb, cfg.data.kind, cfg.audio.quantizer)}")
             if state.step % t.save_every == 0 or done or halt or stopping:
                 saved = save()
             if halt or (stopping and not done):
@@ -397,7 +399,7 @@ def report(model, cfg: Config, result: dict, out_dir: Path) -> None:
     unit = "byte" if cfg.data.kind == "text" else "symbol"
     print(f"\nexported model: {out_dir / 'model'}")
     if not math.isnan(result["val_bits_per_symbol"]):
-        print(f"validation: {result['val_bits_per_symbol']:.4f} bits per {unit}")
+        print(f"validation: {describe_bits(result['val_bits_per_symbol'], cfg.data.kind, cfg.audio.quantizer)}")
     if cfg.data.kind == "text" and cfg.train.sample_bytes > 0:
         from bytemamba.generate import Sampling, generate_text
 
