@@ -41,6 +41,8 @@ def _generate(args) -> int:
     model, meta = _load(args.checkpoint, args.device)
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.min_p)
     kind = meta.get("data", {}).get("kind", "text")
+    if args.audio or kind == "audio":
+        return _generate_audio(args, model, meta, sampling)
     if kind != "text":
         raise UserError(f"{args.checkpoint} is a model of {kind} symbols; a text --prompt does not fit it")
     if args.max_bytes < 1:
@@ -58,10 +60,32 @@ def _generate(args) -> int:
     return 0
 
 
+def _generate_audio(args, model, meta, sampling) -> int:
+    from bytemamba.generate_audio import generate_audio
+
+    if meta.get("data", {}).get("kind", "text") != "audio":
+        raise UserError(f"{args.checkpoint} is a text model; --audio needs a model trained on audio")
+    if args.out is None:
+        raise UserError("--audio needs --out DIR (where the WAVs, PNGs and samples.json go)")
+    records = generate_audio(model, meta, args.seconds, args.num_samples, args.out, args.prompt_wav,
+                             sampling, args.seed, graphs=not args.no_graphs)
+    for r in records:
+        print(f"{r['rank']:>3}. {args.out}/{r['wav']}  {r['bits_per_sample']:.3f} bits per sample")
+    print(f"wrote {len(records)} clip(s), PNGs and samples.json (ranked by log-likelihood) to {args.out}")
+    return 0
+
+
 def _eval(args) -> int:
     from bytemamba.evaluate import eval_files, list_files
 
     model, meta = _load(args.checkpoint, args.device)
+    if meta.get("data", {}).get("kind", "text") == "audio":
+        from bytemamba.data.audio import describe_eval, eval_audio
+        from bytemamba.generate_audio import audio_config_of
+
+        res = eval_audio(model, audio_config_of(meta, args.checkpoint), args.data, window=args.window)
+        print(describe_eval(res))
+        return 0
     files = list_files(args.data, args.pattern)
     res = eval_files(model, files, window=args.window)
     print(f"{res['bits_per_symbol']:.4f} bits per byte over {res['symbols']:,} bytes in {len(files)} file(s)")
@@ -109,11 +133,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--no-graphs", action="store_true",
                    help="decode without CUDA graphs (same symbols, slower; graphs are always off on CPU)")
+    g.add_argument("--audio", action="store_true",
+                   help="audio model: write --num-samples clips (WAV + PNG + samples.json) to --out")
+    g.add_argument("--seconds", type=float, default=1.0, help="audio: length of each generated clip")
+    g.add_argument("--out", default=None, help="audio: output folder")
+    g.add_argument("--prompt-wav", default=None, help="audio: continue this audio file (any readable format)")
     g.set_defaults(fn=_generate)
 
     e = sub.add_parser("eval", help="streaming bits per byte of a model over a file or folder")
     e.add_argument("checkpoint", help="exported model directory (OUT/model)")
-    e.add_argument("--data", required=True, help="file or folder to evaluate")
+    e.add_argument("--data", required=True, help="file or folder to evaluate (audio models: a folder, list "
+                   "file or audio file, decoded with the model's rate and quantizer)")
     e.add_argument("--pattern", default="*", help="glob for files inside a folder")
     e.add_argument("--window", type=int, default=2048, help="symbols per forward; state carries across")
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

@@ -442,3 +442,11 @@ def eval_audio(model, audio: AudioConfig, path, window: int = 4096) -> dict:
         res["bits_per_byte"] = res["bits_per_symbol"]
     res["seconds"] = res["symbols"] / bps / audio.sample_rate
     return res
+
+
+def describe_eval(res: dict) -> str:
+    """One line for `bytemamba eval` of an audio model."""
+    head = (f"{res['bits_per_byte']:.4f} bits per byte, {res['bits_per_sample']:.4f} bits per sample"
+            if res["bytes_per_sample"] == 2 else f"{res['bits_per_sample']:.4f} bits per sample")
+    return (f"{head} over {res['symbols'] // res['bytes_per_sample']:,} samples ({res['seconds']:,.1f} s) "
+            f"in {len(res['files'])} file(s)")

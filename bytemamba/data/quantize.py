@@ -121,3 +121,13 @@ def dequantize(codes: np.ndarray, name: str) -> np.ndarray:
 def zero_symbols(name: str) -> np.ndarray:
     """The symbols of one silent sample: what a clip starts from."""
     return quantize(np.zeros(1, dtype=np.float32), name)
+
+
+def describe_bits(bits_per_symbol: float, kind: str, quantizer: str = "mulaw8") -> str:
+    """A validation figure in the units of the stream: bytes for text, samples for audio (and both for
+    pcm16, where a sample is two symbols)."""
+    if kind != "audio":
+        return f"{bits_per_symbol:.4f} bits per byte"
+    if bytes_per_sample(quantizer) == 2:
+        return f"{bits_per_symbol:.4f} bits per byte ({2 * bits_per_symbol:.4f} bits per sample)"
+    return f"{bits_per_symbol:.4f} bits per sample"
