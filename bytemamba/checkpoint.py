@@ -206,12 +206,12 @@ class Checkpoints:
             tmp.mkdir(parents=True)
             self.dir.mkdir(parents=True, exist_ok=True)
         acc.wait_for_everyone()
-        fingerprint = param_fingerprint(model)
+        sharded = "FSDP" in str(acc.distributed_type)   # each rank holds a different shard: nothing to compare
+        fingerprint = 0 if sharded else param_fingerprint(model)
         prints = acc.gather(torch.tensor([fingerprint], dtype=torch.int64, device=acc.device)).tolist()
         acc.save_state(output_dir=str(tmp))             # every rank writes its part (RNG states per rank)
         acc.wait_for_everyone()
         if acc.is_main_process:
-            sharded = "FSDP" in str(acc.distributed_type)
             if not sharded and len(set(prints)) > 1:
                 raise CheckpointError(f"ranks disagree on the parameters at step {state.step} "
                                       f"(fingerprints {prints}); gradients are not being synchronised")
@@ -229,6 +229,10 @@ class Checkpoints:
             os.replace(tmp, final)
             _fsync_dir(self.dir)
             self._prune()
+            try:
+                self.tmp_root.rmdir()                   # only when empty
+            except OSError:
+                pass
         acc.wait_for_everyone()
         return final
 

@@ -143,21 +143,32 @@ def window_losses(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 class GracefulStop:
-    """SIGTERM / SIGINT set a flag that the loop checks after each step; a second signal stops at once."""
+    """SIGTERM / SIGINT set a flag that the loop checks after each step; a second signal stops at once.
+
+    Signals within `grace` seconds of the first count as one: Ctrl-C under `accelerate launch` reaches a
+    worker twice (from the terminal, then forwarded by the launcher).
+    """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self):
+    def __init__(self, grace: float = 2.0, verbose: bool = True):
         self.received = None
+        self.verbose = verbose
+        self.grace = grace
+        self._first = 0.0
         self._old = {}
 
     def _handle(self, signum, frame):
-        if self.received is not None:                       # second signal: do not wait for the step
-            self.uninstall()
+        if self.received is not None:
+            if time.monotonic() - self._first < self.grace:
+                return
+            self.uninstall()                                # a real second signal: do not wait for the step
             raise KeyboardInterrupt
+        self._first = time.monotonic()
         self.received = signal.Signals(signum).name
-        print(f"\nreceived {self.received}: finishing this step, then saving a checkpoint "
-              f"(send it again to stop at once)", flush=True)
+        if self.verbose:
+            print(f"\nreceived {self.received}: finishing this step, then saving a checkpoint "
+                  f"(send it again to stop at once)", flush=True)
 
     def install(self):
         try:
@@ -255,6 +266,11 @@ def train(cfg: Config, resume: bool = False) -> dict:
         if main:
             _truncate_metrics(metrics_path, state.step)
             print(f"resumed from step {state.step} ({found['path']})", flush=True)
+            if found.get("world_size", world) != world:
+                print(f"note: the checkpoint was written by {found['world_size']} process(es), this run has "
+                      f"{world}: the global batch is now {world} x {t.batch_size} windows per micro-step "
+                      f"(was {found['world_size']} x {t.batch_size}); batches differ from the original run's",
+                      flush=True)
     elif main:
         checkpoints.start_fresh(metrics_path)                  # a new run in an old out_dir: say so, clear
     if accelerator.log_with:
@@ -272,7 +288,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
     t0, window_loss, window_steps = time.perf_counter(), 0.0, 0
     last = {}
     bad_in_a_row = 0
-    stop = GracefulStop().install()
+    stop = GracefulStop(verbose=main).install()
 
     def save():
         state.saves = accelerator.save_iteration + 1
