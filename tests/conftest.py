@@ -5,10 +5,15 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 # Set before any bytemamba module reads it (cache_root() reads the variable at call time anyway).
 _SESSION_CACHE = tempfile.mkdtemp(prefix="bytemamba-test-cache-")
 os.environ["BYTEMAMBA_CACHE"] = _SESSION_CACHE
+
+# The tests run tiny shapes: one intra-op thread is 5-8x faster than two on a busy 2-core machine
+# (thread contention dominates). BYTEMAMBA_TEST_THREADS overrides.
+torch.set_num_threads(int(os.environ.get("BYTEMAMBA_TEST_THREADS", "1")))
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -23,7 +23,8 @@ TINY = ["model.d_model=32", "model.n_layer=2", "train.batch_size=4", "train.seq_
 
 
 def env(cache):
-    return dict(os.environ, BYTEMAMBA_CACHE=str(cache), PYTHONPATH=str(REPO), TQDM_DISABLE="1")
+    return dict(os.environ, BYTEMAMBA_CACHE=str(cache), PYTHONPATH=str(REPO), TQDM_DISABLE="1",
+                OMP_NUM_THREADS=os.environ.get("BYTEMAMBA_TEST_THREADS", "1"))
 
 
 def cli(args, cache, timeout=300):
