@@ -95,16 +95,42 @@ def count_gpu_ops(fn) -> int | None:
         return None
 
 
+_BUILT: dict = {}
+
+
+def _model(kind, cfg, backend="cuda"):
+    """Fresh random weights, built on the GPU once per model and reused across batch sizes."""
+    import torch
+
+    from bytemamba.baselines import KVTransformer
+    from bytemamba.config import ModelConfig
+    from bytemamba.models.lm import ByteMambaLM
+
+    key = (kind, repr(cfg))
+    if key not in _BUILT:
+        _BUILT.clear()
+        torch.cuda.empty_cache()
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            if kind == "mamba":
+                _BUILT[key] = ByteMambaLM(ModelConfig(**cfg)).eval()
+            else:
+                _BUILT[key] = KVTransformer(*cfg[:3], max_len=cfg[3] + 1).to(torch.bfloat16).eval()
+    m = _BUILT[key]
+    if kind == "mamba":
+        m.config.scan_backend = backend
+        for layer in m.backbone.layers:
+            layer.mixer.scan_backend = backend
+    return m
+
+
 def _bench_mamba(cfg_kw, batch, args, backend):
     import torch
 
-    from bytemamba.config import ModelConfig
     from bytemamba.decode import GraphDecoder
     from bytemamba.generate import Sampling, sample_next
-    from bytemamba.models.lm import ByteMambaLM
 
-    torch.manual_seed(batch)
-    model = ByteMambaLM(ModelConfig(scan_backend=backend, **cfg_kw)).cuda().eval()
+    model = _model("mamba", cfg_kw, backend)
     params = model.num_parameters()
     sampling = Sampling(temperature=1.0)
     prompt = torch.randint(0, 256, (batch, args.prompt), device="cuda")
@@ -125,7 +151,7 @@ def _bench_mamba(cfg_kw, batch, args, backend):
         ops = None if args.no_profile else count_gpu_ops(dec._body)
         ms = _step_ms(dec.graph.replay, max(1, args.new - 1), args.chunk)
         assert torch.isfinite(dec.logp).all()
-    del dec, model
+    del dec
     torch.cuda.empty_cache()
     return dict(params=params, ms=ms, ops=ops, prefill_s=prefill_s, capture_s=capture_s)
 
@@ -133,12 +159,9 @@ def _bench_mamba(cfg_kw, batch, args, backend):
 def _bench_transformer(tcfg, batch, args):
     import torch
 
-    from bytemamba.baselines import KVTransformer
     from bytemamba.generate import Sampling, sample_next
 
-    d, n_layer, n_head = tcfg
-    torch.manual_seed(batch)
-    model = KVTransformer(d, n_layer, n_head, max_len=args.prompt + 1).cuda().to(torch.bfloat16).eval()
+    model = _model("transformer", (*tcfg, args.prompt))
     params = model.num_parameters()
     sampling = Sampling(temperature=1.0)
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -163,7 +186,7 @@ def _bench_transformer(tcfg, batch, args):
             body()
         ops = None if args.no_profile else count_gpu_ops(body)
         ms = _step_ms(g.replay, args.transformer_steps, args.chunk)
-    del g, cache, model
+    del g, cache
     torch.cuda.empty_cache()
     return dict(params=params, ms=ms, ops=ops)
 
@@ -192,23 +215,25 @@ def run(args) -> int:
             print(f"{name} mamba b={b}: {r['ms']:.4f} ms/step, {b / r['ms'] * 1e3:,.0f} sym/s, ops {r['ops']}, "
                   f"prefill {r['prefill_s']:.2f} s, capture {r['capture_s']:.2f} s, {r['params'] / 1e6:.1f}M params",
                   flush=True)
-            if args.torch_step is not None and b in args.torch_step:
-                r = _bench_mamba(mcfg, b, args, "torch")
-                r.update(model=name, kind="mamba (PyTorch step ops)", batch=b)
-                rows.append(r)
-                print(f"{name} mamba-torch-step b={b}: {r['ms']:.4f} ms/step, ops {r['ops']}", flush=True)
-            if not args.no_transformer:
+        for b in args.torch_step or []:
+            r = _bench_mamba(mcfg, b, args, "torch")
+            r.update(model=name, kind="mamba (PyTorch step ops)", batch=b)
+            rows.append(r)
+            print(f"{name} mamba-torch-step b={b}: {r['ms']:.4f} ms/step, ops {r['ops']}", flush=True)
+        if not args.no_transformer:
+            for b in args.batches:
                 t = _bench_transformer(tcfg, b, args)
                 t.update(model=name, kind="transformer (KV cache, SDPA)", batch=b)
                 rows.append(t)
                 print(f"{name} transformer b={b}: {t['ms']:.4f} ms/step, {b / t['ms'] * 1e3:,.0f} sym/s, "
                       f"ops {t['ops']}, {t['params'] / 1e6:.1f}M params", flush=True)
+    _BUILT.clear()
     print()
     print(f"| model | decoder | params | batch | ms / step | symbols / s | GPU ops / step | launch floor ms "
           f"(ops x {launch_us:.2f} us) | Mamba / Transformer speed |")
     print("|---|---|---|---|---|---|---|---|---|")
     tf = {(r["model"], r["batch"]): r["ms"] for r in rows if r["kind"].startswith("transformer")}
-    for r in rows:
+    for r in sorted(rows, key=lambda r: (args.models.index(r["model"]), r["batch"], r["kind"])):
         sps = r["batch"] / r["ms"] * 1e3
         floor = f"{r['ops'] * launch_us / 1e3:.3f}" if r["ops"] else "-"
         ratio = "-"

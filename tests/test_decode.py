@@ -87,8 +87,9 @@ def test_fused_lm_step_equals_torch_step(autocast):
     prompt = torch.randint(0, 256, (4, 33), device="cuda")
     ids = torch.randint(0, 256, (4, 24), device="cuda")
     ctx = torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast)
+    with torch.no_grad():
+        want = m_t(torch.cat([prompt, ids], 1))[:, prompt.shape[1] - 1:-1].float()     # float32 truth
     with torch.no_grad(), ctx:
-        want = m_t(torch.cat([prompt, ids], 1))[:, prompt.shape[1] - 1:-1].float()
         outs = {}
         for name, mm in (("cuda", m), ("torch", m_t)):
             logits, cache = mm.prefill(prompt)

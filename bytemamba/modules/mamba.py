@@ -165,6 +165,8 @@ class MambaMixer(nn.Module):
         e, r, n = self.d_inner, self.dt_rank, self.d_state
         if not state.conv.is_contiguous():                             # prefill may hand over a strided view
             state.conv = state.conv.contiguous()
+        if not state.ssm.is_contiguous():
+            state.ssm = state.ssm.contiguous()
         xz = F.linear(hidden.to(cdt), cache.get(self.in_proj.weight, cdt), cache.get(self.in_proj.bias, cdt))
         x = conv_state_update_fn(xz[:, :e], state.conv, cache.get(self.conv1d.weight, f32),
                                  cache.get(self.conv1d.bias, f32), silu=True)

@@ -47,7 +47,9 @@ def conv_state_update_ref(x, conv_state, weight, bias=None, silu=True):
 def ssm_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
                          dt_proj_weight=None):
     if dt_proj_weight is not None:
-        dt = F.linear(dt, dt_proj_weight, dt_bias).float()                       # (b, e), bias included
+        # in dt's dtype, as the module's dt_proj runs (autocast casts its weight the same way)
+        dt = F.linear(dt, dt_proj_weight.to(dt.dtype),
+                      None if dt_bias is None else dt_bias.to(dt.dtype)).float()  # (b, e), bias included
     else:
         dt = dt.float() if dt_bias is None else dt.float() + dt_bias.float()
     if dt_softplus:
@@ -85,12 +87,13 @@ def _kernels(dtype: torch.dtype, n: int, device: torch.device):
 
 
 def _rows(name, t, shape0, width):
-    """A (rows, width) view whose last dimension is contiguous; returns its row stride."""
+    """(t, row stride): a (rows, width) input whose last dimension is contiguous (copied if it is not;
+    strided rows, such as the x and z halves of in_proj's output, are taken as they are)."""
     if t.dim() != 2 or t.shape[0] != shape0 or t.shape[1] != width:
         raise ValueError(f"decode step (cuda): {name} must be ({shape0}, {width}), got {tuple(t.shape)}")
-    if t.stride(1) != 1:
-        raise ValueError(f"decode step (cuda): {name} must be contiguous in its last dimension")
-    return np.int64(t.stride(0))
+    if t.stride(1) != 1 and width > 1:
+        t = t.contiguous()
+    return t, np.int64(t.stride(0) if shape0 > 1 else width)
 
 
 def _f32(t):
@@ -115,7 +118,7 @@ def conv_state_update_fn(x, conv_state, weight, bias=None, silu=True):
     k = w.shape[1]
     if k < 2:
         raise ValueError("decode step (cuda): the conv kernel must have at least 2 taps")
-    xs = _rows("x", x, b, e)
+    x, xs = _rows("x", x, b, e)
     _check_state("conv_state", conv_state, (b, e, k - 1))
     K = _kernels(x.dtype, 1, x.device)
     out = torch.empty(b, e, device=x.device, dtype=x.dtype)
@@ -134,17 +137,18 @@ def ssm_state_update_fn(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_
     for name, t in (("dt", dt), ("B", B), ("C", C), ("z", z)):
         if t is not None and t.dtype != io:
             raise TypeError(f"decode step (cuda): {name} has dtype {t.dtype}, x has {io}")
-    xs = _rows("x", x, b, e)
+    x, xs = _rows("x", x, b, e)
     wdt = None
     if dt_proj_weight is not None:
         wdt = _f32(dt_proj_weight)
         r = wdt.shape[1]
-        dts = _rows("dt", dt, b, r)
+        dt, dts = _rows("dt", dt, b, r)
     else:
         r = 0
-        dts = _rows("dt", dt, b, e)
-    bs, cs = _rows("B", B, b, n), _rows("C", C, b, n)
-    zs = _rows("z", z, b, e) if z is not None else np.int64(0)
+        dt, dts = _rows("dt", dt, b, e)
+    B, bs = _rows("B", B, b, n)
+    C, cs = _rows("C", C, b, n)
+    z, zs = _rows("z", z, b, e) if z is not None else (None, np.int64(0))
     K = _kernels(io, n, x.device)
     npads = 4                          # states padded to a power of two >= 4 (NPADS in the kernel)
     while npads < n:
