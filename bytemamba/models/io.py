@@ -21,7 +21,7 @@ from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
 
 from bytemamba.errors import UserError
-from bytemamba.config import ConfigError, ModelConfig, section_from_dict
+from bytemamba.config import Config, ConfigError, ModelConfig, section_from_dict, validate
 
 FORMAT = "bytemamba"
 FORMAT_VERSION = 1
@@ -81,7 +81,7 @@ def read_config(path) -> dict:
         meta = json.loads(cfg_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "model" not in meta:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("model"), dict):
         raise CheckpointError(f"{cfg_file} is not a bytemamba model config "
                               f"(for a public Mamba checkpoint, run `bytemamba convert` first)")
     return meta
@@ -122,6 +122,10 @@ def load_model(path, device="cpu"):
         cfg = section_from_dict(ModelConfig, meta["model"], f"{d / CONFIG} [model]")
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
+    try:
+        validate(Config(model=cfg))          # values too (d_model > 0, a known scan backend, ...)
+    except ConfigError as e:
+        raise CheckpointError(f"{d / CONFIG}: {e}") from None
     model = ByteMambaLM(cfg)
     _check_weights(model, wfile)
     st_load_model(model, str(wfile), strict=True, device=str(device))

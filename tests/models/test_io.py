@@ -146,6 +146,23 @@ def test_unknown_model_key_in_config(tmp_path):
         load_model(tmp_path / "m")
 
 
+@pytest.mark.parametrize("model_cfg,needle", [
+    ("x", "not a bytemamba model config"),
+    ([16], "not a bytemamba model config"),
+    ({"d_model": -5}, "model.d_model"),
+    ({"d_model": 16, "n_layer": 2, "d_state": 4, "scan_backend": "nope"}, "model.scan_backend"),
+    ({"d_model": "wide"}, "d_model"),
+])
+def test_invalid_model_section_is_a_checkpoint_error(tmp_path, model_cfg, needle):
+    save_model(tiny(), tmp_path / "m")
+    cf = tmp_path / "m" / "config.json"
+    meta = json.loads(cf.read_text())
+    meta["model"] = model_cfg
+    cf.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=needle):
+        load_model(tmp_path / "m")
+
+
 def test_checkpoint_errors_are_user_errors():
     assert issubclass(CheckpointError, UserError)
 
