@@ -191,6 +191,19 @@ def _bench_transformer(tcfg, batch, args):
     return dict(params=params, ms=ms, ops=ops)
 
 
+def _guard(fn, *a):
+    """One configuration failing (out of memory, say) is reported and the others still run."""
+    import traceback
+
+    import torch
+    try:
+        return fn(*a)
+    except Exception:
+        print(f"# {fn.__name__}{a[:2]} failed:\n{traceback.format_exc(limit=4)}", flush=True)
+        torch.cuda.empty_cache()
+        return None
+
+
 def run(args) -> int:
     import torch
 
@@ -209,20 +222,26 @@ def run(args) -> int:
     for name in args.models:
         mcfg, tcfg = MODELS[name]
         for b in args.batches:
-            r = _bench_mamba(mcfg, b, args, "cuda")
+            r = _guard(_bench_mamba, mcfg, b, args, "cuda")
+            if r is None:
+                continue
             r.update(model=name, kind="mamba (fused step)", batch=b)
             rows.append(r)
             print(f"{name} mamba b={b}: {r['ms']:.4f} ms/step, {b / r['ms'] * 1e3:,.0f} sym/s, ops {r['ops']}, "
                   f"prefill {r['prefill_s']:.2f} s, capture {r['capture_s']:.2f} s, {r['params'] / 1e6:.1f}M params",
                   flush=True)
         for b in args.torch_step or []:
-            r = _bench_mamba(mcfg, b, args, "torch")
+            r = _guard(_bench_mamba, mcfg, b, args, "torch")
+            if r is None:
+                continue
             r.update(model=name, kind="mamba (PyTorch step ops)", batch=b)
             rows.append(r)
             print(f"{name} mamba-torch-step b={b}: {r['ms']:.4f} ms/step, ops {r['ops']}", flush=True)
         if not args.no_transformer:
             for b in args.batches:
-                t = _bench_transformer(tcfg, b, args)
+                t = _guard(_bench_transformer, tcfg, b, args)
+                if t is None:
+                    continue
                 t.update(model=name, kind="transformer (KV cache, SDPA)", batch=b)
                 rows.append(t)
                 print(f"{name} transformer b={b}: {t['ms']:.4f} ms/step, {b / t['ms'] * 1e3:,.0f} sym/s, "
