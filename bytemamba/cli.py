@@ -78,6 +78,8 @@ def _generate_audio(args, model, meta, sampling) -> int:
 def _eval(args) -> int:
     from bytemamba.evaluate import eval_files, list_files
 
+    if args.window < 1:
+        raise UserError(f"--window must be at least 1, got {args.window}")
     model, meta = _load(args.checkpoint, args.device)
     if meta.get("data", {}).get("kind", "text") == "audio":
         from bytemamba.data.audio import describe_eval, eval_audio

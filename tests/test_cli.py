@@ -43,10 +43,12 @@ def work(tmp_path_factory):
     # small exported models to damage
     torch.manual_seed(0)
     model = ByteMambaLM(ModelConfig(d_model=16, n_layer=1, d_state=4))
-    for name in ("no_weights", "mismatch", "audio", "good"):
+    for name in ("no_weights", "mismatch", "audio", "good", "corrupt"):
         extra = {"data": {"kind": "audio" if name == "audio" else "text"}}
         save_model(model, d / name, extra=extra)
     (d / "no_weights" / "model.safetensors").unlink()
+    raw = (d / "corrupt" / "model.safetensors").read_bytes()
+    (d / "corrupt" / "model.safetensors").write_bytes(raw[: len(raw) // 3])
     meta = json.loads((d / "mismatch" / "config.json").read_text())
     meta["model"]["d_model"] = 24
     (d / "mismatch" / "config.json").write_text(json.dumps(meta))
@@ -107,6 +109,9 @@ BAD = {
     "eval_missing_data": (["eval", "{w}/good", "--data", "{w}/nope.bin"], "nope.bin"),
     "eval_empty_data": (["eval", "{w}/good", "--data", "{w}/empty.txt"], "empty"),
     "bad_top_p": (["generate", "{w}/good", "--prompt", "a", "--top-p", "0"], "top-p"),
+    "bad_window": (["eval", "{w}/good", "--data", "{w}/data.txt", "--window", "0"], "--window"),
+    "bad_max_bytes": (["generate", "{w}/good", "--prompt", "a", "--max-bytes", "0"], "--max-bytes"),
+    "corrupt_weights": (["eval", "{w}/corrupt", "--data", "{w}/data.txt"], "safetensors"),
 }
 
 
