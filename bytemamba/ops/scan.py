@@ -271,6 +271,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
                    initial_state=None, return_final_state=False, reset=None, backend="auto"):
     """The selective scan through the chosen backend (see the module docstring)."""
     kind = resolve_backend(backend, u.device)
+    if kind == "cuda" and backend == "auto" and (u.dtype == torch.float64 or A.shape[-1] > 64):
+        kind = "torch"            # outside the CUDA kernel's envelope (float64, d_state > 64): auto picks torch
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_final_state, reset)
     if kind == "cuda":
         from bytemamba.ops.scan_cuda import selective_scan_cuda

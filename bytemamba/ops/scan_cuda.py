@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bytemamba.ops.scan import BackendError
+
 MAX_STATE = 64
 TL = 64          # tile length = checkpoint interval (must match cuda/selective_scan.cu)
 SB = 8           # backward sub-block
@@ -53,6 +55,14 @@ _deterministic_override: bool | None = None
 #   BYTEMAMBA_SCAN_DEFINES : extra compile-time knobs, e.g. "FWD_UNR=8+FWD_MINB=4" (see the .cu header)
 
 
+class ScanLimitError(BackendError, ValueError):
+    """The inputs are outside what the CUDA scan supports (the message names the limit)."""
+
+
+class ScanDtypeError(BackendError, TypeError):
+    """An input dtype the CUDA scan does not take."""
+
+
 def set_deterministic(flag: bool | None) -> None:
     """Force deterministic backward (True), the fast atomic one (False), or follow the environment (None)."""
     global _deterministic_override
@@ -69,7 +79,7 @@ def is_deterministic() -> bool:
 
 def _npad(n: int) -> int:
     if n < 1 or n > MAX_STATE:
-        raise ValueError(f"selective_scan (cuda): d_state n={n} is not supported; the CUDA scan handles "
+        raise ScanLimitError(f"selective_scan (cuda): d_state n={n} is not supported; the CUDA scan handles "
                          f"1 <= n <= {MAX_STATE} (use backend 'torch' for larger n)")
     p = 16                      # 16, 32 or 64: smaller n run padded (the block's shared memory fits)
     while p < n:
@@ -346,13 +356,13 @@ def _check(u, delta, A, B, C, D, z, delta_bias, initial_state, reset):
             raise RuntimeError(f"selective_scan (cuda): {name} is on {t.device}, u on {u.device}")
     for name, t in (("u", u), ("delta", delta), ("B", B), ("C", C), ("z", z)):
         if t is not None and t.dtype not in _DTYPE_CODE:
-            raise TypeError(f"selective_scan (cuda): {name} has dtype {t.dtype}; the CUDA scan takes float32, "
+            raise ScanDtypeError(f"selective_scan (cuda): {name} has dtype {t.dtype}; the CUDA scan takes float32, "
                             "bfloat16 or float16 (use backend 'ref' or 'torch' for float64)")
     _npad(A.shape[-1])
     if u.shape[-1] < 1:
-        raise ValueError("selective_scan (cuda): length must be at least 1")
+        raise ScanLimitError("selective_scan (cuda): length must be at least 1")
     if u.shape[0] * u.shape[1] == 0:
-        raise ValueError("selective_scan (cuda): batch and dim must be at least 1")
+        raise ScanLimitError("selective_scan (cuda): batch and dim must be at least 1")
 
 
 def selective_scan_cuda(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,

@@ -222,3 +222,10 @@ def test_clear_errors():
     cpu = {k: (v.cpu() if v is not None else None) for k, v in ins.items()}
     with pytest.raises(RuntimeError, match="cuda"):
         call(cuda_fn, cpu)
+
+
+def test_auto_backend_uses_torch_outside_the_kernel_envelope():
+    ins = ref64(make_inputs(1, 3, 40, 8, seed=21))
+    out = call(lambda *a: selective_scan(*a, backend="auto"), ins, final=False)
+    assert out.dtype == torch.float64
+    assert rel(out, call(selective_scan_chunked, ins, final=False)) < 1e-12
