@@ -348,12 +348,12 @@ def _check(u, delta, A, B, C, D, z, delta_bias, initial_state, reset):
 
     _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state, reset)
     if u.device.type != "cuda":
-        raise RuntimeError(f"selective_scan (cuda): inputs must be on a CUDA device, got {u.device} "
+        raise BackendError(f"selective_scan (cuda): inputs must be on a CUDA device, got {u.device} "
                            "(use backend 'torch' or 'auto')")
     for name, t in (("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z),
                     ("delta_bias", delta_bias), ("initial_state", initial_state), ("reset", reset)):
         if t is not None and t.device != u.device:
-            raise RuntimeError(f"selective_scan (cuda): {name} is on {t.device}, u on {u.device}")
+            raise BackendError(f"selective_scan (cuda): {name} is on {t.device}, u on {u.device}")
     for name, t in (("u", u), ("delta", delta), ("B", B), ("C", C), ("z", z)):
         if t is not None and t.dtype not in _DTYPE_CODE:
             raise ScanDtypeError(f"selective_scan (cuda): {name} has dtype {t.dtype}; the CUDA scan takes float32, "
