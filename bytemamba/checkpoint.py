@@ -248,6 +248,8 @@ class Checkpoints:
             shutil.rmtree(trash, ignore_errors=True)
         if Path(metrics_path).exists():
             Path(metrics_path).unlink()
+        if self.tmp_root.exists():                      # a checkpoint cut short by a crash
+            shutil.rmtree(self.tmp_root, ignore_errors=True)
 
     def _prune(self) -> None:
         good, _ = list_checkpoints(self.dir)

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.d_model=32", "model.n_layer=2", "model.d_state=8", "train.batch_size=4", "train.seq_len=32",
         "train.trackers=none", "train.sample_bytes=0", "train.log_every=1", "train.eval_batches=2",
         "train.eval_every=1000", "optim.warmup_steps=2", "train.device=cpu", "model.scan_backend=torch"]
-STEPS = 16
+STEPS = 30                                   # long enough that the kill lands mid-run
 
 
 def _corpus(path: Path) -> Path:
@@ -87,7 +87,7 @@ def reference(tmp_path_factory):
 
 def test_uninterrupted_run_keeps_last_k_verified_checkpoints(reference):
     _, out = reference
-    assert sorted(_checkpoint_steps(out)) == [12, 14, 16]              # keep_checkpoints=3 of 8 saves
+    assert sorted(_checkpoint_steps(out)) == [STEPS - 4, STEPS - 2, STEPS]   # keep_checkpoints=3 of 15 saves
     for d in (out / CKPT_SUBDIR).iterdir():
         m = verify(d)
         assert {"model.safetensors", "optimizer.bin", "custom_checkpoint_0.pkl"} <= set(m["files"])
@@ -146,7 +146,7 @@ def test_damaged_checkpoint_is_refused_and_resume_falls_back(reference, tmp_path
     assert sorted(got) == list(range(previous[1]["step"] + 1, STEPS + 1))
     for s in got:
         assert math.isclose(got[s], want[s], abs_tol=1e-5)
-    verify(newest)                                                     # rewritten whole at step 16
+    verify(newest)                                                     # rewritten whole at the last step
 
 
 def test_resume_refuses_when_no_checkpoint_is_good(reference, tmp_path, capsys):
