@@ -76,6 +76,18 @@ def test_resume_continuity(straight, corpus, tmp_path):
         torch.testing.assert_close(mb.state_dict()[k], v, rtol=1e-5, atol=1e-6)
 
 
+def test_resume_continuity_with_grad_accum(corpus, tmp_path):
+    """The same with 2 micro-batches per step (Accelerate's accumulation counter restarts on resume)."""
+    extra = ("train.grad_accum=2", "train.max_steps=8", "train.eval_every=4")
+    train(tiny_cfg(corpus, tmp_path / "a", *extra))
+    train(tiny_cfg(corpus, tmp_path / "b", *extra, "train.halt_at=4"))
+    train(tiny_cfg(corpus, tmp_path / "b", *extra), resume=True)
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert len(a) == len(b) == 8
+    for i, (x, y) in enumerate(zip(a, b)):
+        assert abs(x - y) <= 1e-5, f"step {i + 1}: {x} (straight) != {y} (resumed)"
+
+
 def test_resume_without_checkpoint_is_a_user_error(corpus, tmp_path):
     from bytemamba.errors import UserError
     with pytest.raises(UserError, match="no checkpoint"):
