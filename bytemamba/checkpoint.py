@@ -209,32 +209,45 @@ class Checkpoints:
         sharded = "FSDP" in str(acc.distributed_type)   # each rank holds a different shard: nothing to compare
         fingerprint = 0 if sharded else param_fingerprint(model)
         prints = acc.gather(torch.tensor([fingerprint], dtype=torch.int64, device=acc.device)).tolist()
+        if not sharded and len(set(prints)) > 1:        # every rank sees the gathered list: all stop together
+            raise CheckpointError(f"ranks disagree on the parameters at step {state.step} "
+                                  f"(fingerprints {prints}); gradients are not being synchronised")
         acc.save_state(output_dir=str(tmp))             # every rank writes its part (RNG states per rank)
         acc.wait_for_everyone()
+        error = [None]
         if acc.is_main_process:
-            if not sharded and len(set(prints)) > 1:
-                raise CheckpointError(f"ranks disagree on the parameters at step {state.step} "
-                                      f"(fingerprints {prints}); gradients are not being synchronised")
-            info = {"iteration": iteration,
-                    "step": state.step, "symbols_seen": state.symbols_seen, "bad_steps": state.bad_steps,
-                    "last_val_bits_per_symbol": None if math.isnan(state.last_val_bpb) else state.last_val_bpb,
-                    "world_size": acc.num_processes, "distributed_type": str(acc.distributed_type),
-                    "rank_param_fingerprints": [str(p) for p in prints]}
-            if self.model_config is not None:
-                info["model"] = dataclasses.asdict(self.model_config)
-            write_manifest(tmp, info)
-            if final.exists():                          # a damaged one we fell back from: replace it
-                print(f"replacing {final} (not the checkpoint this run resumed from)", flush=True)
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(self.dir)
-            self._prune()
             try:
-                self.tmp_root.rmdir()                   # only when empty
-            except OSError:
-                pass
-        acc.wait_for_everyone()
+                self._finish(tmp, final, iteration, state, prints)
+            except Exception as e:                      # tell the other ranks instead of leaving them waiting
+                error = [f"writing checkpoint {final} failed: {type(e).__name__}: {e}"]
+        if acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+            broadcast_object_list(error, from_process=0)
+        if error[0] is not None:
+            raise CheckpointError(error[0])
         return final
+
+    def _finish(self, tmp: Path, final: Path, iteration: int, state, prints: list) -> None:
+        """Main process: manifest last, then one rename into checkpoints/, then drop the oldest."""
+        acc = self.acc
+        info = {"iteration": iteration,
+                "step": state.step, "symbols_seen": state.symbols_seen, "bad_steps": state.bad_steps,
+                "last_val_bits_per_symbol": None if math.isnan(state.last_val_bpb) else state.last_val_bpb,
+                "world_size": acc.num_processes, "distributed_type": str(acc.distributed_type),
+                "rank_param_fingerprints": [str(p) for p in prints]}
+        if self.model_config is not None:
+            info["model"] = dataclasses.asdict(self.model_config)
+        write_manifest(tmp, info)
+        if final.exists():                              # a damaged one we fell back from: replace it
+            print(f"replacing {final} (not the checkpoint this run resumed from)", flush=True)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(self.dir)
+        self._prune()
+        try:
+            self.tmp_root.rmdir()                       # only when empty
+        except OSError:
+            pass
 
     def start_fresh(self, metrics_path: Path) -> None:
         """Main process, new run (no --resume): remove a previous run's checkpoints and metrics, saying so."""

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from bytemamba.config import DataConfig, ModelConfig
-from bytemamba.models.io import CONFIG, WEIGHTS, CheckpointError
+from bytemamba.models.io import CONFIG, CheckpointError
 
 SOURCE_WEIGHTS = ("pytorch_model.bin", "model.safetensors")
 

@@ -16,7 +16,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from bytemamba.checkpoint import CKPT_SUBDIR, list_checkpoints, verify

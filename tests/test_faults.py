@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bytemamba.checkpoint import CKPT_SUBDIR, MANIFEST, list_checkpoints, verify
+from bytemamba.checkpoint import CKPT_SUBDIR, list_checkpoints, verify
 from bytemamba.config import load_config
 from bytemamba.errors import UserError
 
