@@ -106,3 +106,33 @@ def test_two_process_data_parallel_matches_one_process(tmp_path):
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+
+
+def test_two_processes_skip_and_stop_in_lockstep(tmp_path):
+    """A NaN on one rank only and a SIGTERM to one rank only: both ranks act together, nobody hangs."""
+    data = _corpus(tmp_path / "corpus.txt")
+    out = tmp_path / "lockstep"
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    overrides = [o for o in TINY if not o.startswith("train.grad_accum")] + [
+        f"data.path={data}", f"train.out_dir={out}", "train.batch_size=4", "train.max_steps=50",
+        "train.save_every=1000"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), str(ROOT / "tests" / "helpers" / "dp_faults.py"), *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text[-3000:]
+    assert "stopped at step 5 (a signal on another rank)" in text
+
+    rows = _rows(out)
+    skipped = [r for r in rows if "skipped" in r]
+    assert [r["step"] for r in skipped] == [3]
+    from bytemamba.data import build_streams, make_sampler
+    cfg = load_config(None, overrides)
+    stream, _ = build_streams(cfg.data, cfg.audio)
+    assert skipped[0]["bad_offsets"] == [int(make_sampler(stream, cfg, "train", 1, 2).starts(2, 0)[0])]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 4, 5]
+    good, _ = list_checkpoints(out / CKPT_SUBDIR)
+    (d, m), = good
+    verify(d)
+    assert m["step"] == 5 and m["bad_steps"] == 1 and len(set(m["rank_param_fingerprints"])) == 1

@@ -137,10 +137,14 @@ def test_damaged_checkpoint_is_refused_and_resume_falls_back(reference, tmp_path
     raw[len(raw) // 2] ^= 0xFF                                         # same size, one flipped byte
     weights.write_bytes(bytes(raw))
     (out / "metrics.jsonl").write_text("")                             # see what the resumed run writes
+    stray = out / CKPT_SUBDIR / "checkpoint_99"                         # e.g. copied in by hand, no manifest
+    stray.mkdir()
+    (stray / "model.safetensors").write_bytes(b"")
 
     _train(_overrides(data, out), resume=True)
     said = capsys.readouterr().out
     assert f"{weights} is damaged" in said
+    assert f"{stray / 'manifest.json'} is missing" in said
     assert f"falling back to {previous[0].name} (step {previous[1]['step']})" in said
     want, got = _losses(ref), _losses(out)
     assert sorted(got) == list(range(previous[1]["step"] + 1, STEPS + 1))
@@ -187,6 +191,30 @@ def test_sigterm_finishes_step_saves_and_exits_zero(tmp_path):
     assert "received SIGTERM" in text and "continue with --resume" in text
     last_step = max(_losses(out))
     assert _checkpoint_steps(out) == [last_step]                       # a checkpoint of the last finished step
+
+
+def test_sigint_in_process_stops_after_the_step_with_a_checkpoint(reference, tmp_path, monkeypatch, capsys):
+    """A real SIGINT delivered in the middle of step 3: step 3 completes, is saved, train() returns."""
+    import bytemamba.train as tr
+
+    data, ref = reference
+    real, calls = tr.window_losses, {"n": 0}
+
+    def interrupting(logits, target):
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        calls["n"] += 1
+        return real(logits, target)
+
+    monkeypatch.setattr(tr, "window_losses", interrupting)
+    out = tmp_path / "int"
+    result = _train(_overrides(data, out, "train.save_every=1000"))
+    assert result["halted"] and result["stopped_by"] == "SIGINT" and result["step"] == 3
+    assert "received SIGINT" in capsys.readouterr().out
+    assert _checkpoint_steps(out) == [3] and sorted(_losses(out)) == [1, 2, 3]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler     # handlers put back
+    for s, loss in _losses(out).items():
+        assert math.isclose(loss, _losses(ref)[s], abs_tol=1e-5)
 
 
 # ---- non-finite losses ------------------------------------------------------------------------------
