@@ -36,6 +36,8 @@ def add_arguments(p):
     p.add_argument("--torch-step", nargs="*", type=int, default=None, metavar="BATCH",
                    help="also time the Mamba step with plain PyTorch ops (graph-captured) at these batches")
     p.add_argument("--no-profile", action="store_true", help="skip counting GPU operations per step")
+    p.add_argument("--breakdown", nargs="*", default=[], metavar="MODEL:BATCH",
+                   help="print GPU time per kernel of eager Mamba steps for these configurations")
 
 
 def _events_ms(fn, n: int) -> float:
@@ -98,6 +100,32 @@ def count_gpu_ops(fn) -> int | None:
 _BUILT: dict = {}
 
 
+def kernel_breakdown(fn, steps: int = 5, top: int = 12) -> None:
+    """GPU time per kernel name over `steps` eager calls of fn (torch.profiler), per step, largest first."""
+    import torch
+    try:
+        from torch.profiler import ProfilerActivity, profile
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                fn()
+            torch.cuda.synchronize()
+        rows = []
+        for ev in prof.key_averages():
+            t = getattr(ev, "device_time_total", None)
+            if t is None:
+                t = getattr(ev, "cuda_time_total", 0)
+            if t > 0:
+                rows.append((t / steps, ev.count / steps, ev.key))
+        rows.sort(reverse=True)
+        total = sum(r[0] for r in rows)
+        print(f"#   kernel time per step {total:.1f} us (eager, summed; top {top}):")
+        for t, c, k in rows[:top]:
+            print(f"#   {t:8.1f} us  x{c:5.1f}  {k[:110]}")
+    except Exception as exc:
+        print(f"# breakdown unavailable: {exc}", file=sys.stderr)
+
+
 def _model(kind, cfg, backend="cuda"):
     """Fresh random weights, built on the GPU once per model and reused across batch sizes."""
     import torch
@@ -151,6 +179,8 @@ def _bench_mamba(cfg_kw, batch, args, backend):
         ops = None if args.no_profile else count_gpu_ops(dec._body)
         ms = _step_ms(dec.graph.replay, max(1, args.new - 1), args.chunk)
         assert torch.isfinite(dec.logp).all()
+        if f"{args._model_name}:{batch}" in args.breakdown:
+            kernel_breakdown(dec._body)
     del dec
     torch.cuda.empty_cache()
     return dict(params=params, ms=ms, ops=ops, prefill_s=prefill_s, capture_s=capture_s)
@@ -221,6 +251,7 @@ def run(args) -> int:
     rows = []
     for name in args.models:
         mcfg, tcfg = MODELS[name]
+        args._model_name = name
         for b in args.batches:
             r = _guard(_bench_mamba, mcfg, b, args, "cuda")
             if r is None:

@@ -153,3 +153,159 @@ extern "C" __global__ void __launch_bounds__(256) add_rmsnorm(
     for (int i = threadIdx.x; i < d; i += blockDim.x)
         out[(long long)row * d + i] = from_f(res[i] * inv * w[i]);
 }
+
+// ------------------------------------------------------------------------------------------------
+// Small batches (b <= MAXB): the projections as fused GEMVs, so that a layer is 4 launches
+// (in_proj [+RMSNorm in, conv+SiLU out], x_proj, ssm_step, out_proj [+residual add, norm partial sums]).
+//
+//   gemv_step: y[r, j] = sum_k W[j, k] * in[r, k] (+ bias[j]) for r < b, j < N;  W (N, K) in_t contiguous,
+//   K a multiple of VEC (16-byte rows). One warp per output j (8 per block, grid ceil(N/8)); each lane
+//   reads 16 bytes of W per step and the same columns of every batch row (L1/L2-resident).
+//   flags: 1 NORM  in[r, k] = res[r, k] * inv_r * nw[k], inv_r = rsqrt(sum_p partial_in[r, p] / K + eps)
+//          2 CONV  (in_proj) j < e: out[r, j] = silu(conv step of channel j with input y), state updated;
+//                  j >= e: out[r, j] = y  (out is (b, 2e): the x and z halves)
+//          4 RESID res[r, j] += y; partial_out[r, blockIdx.x] = this block's sum of res[r, j]^2
+//          8 F32   out is float32 (the head's logits)
+//   embed_rows: res[r] = emb[ids[r]], partial_out[r, 0] = sum res[r]^2 (one block per row).
+#ifndef MAXB
+#define MAXB 8
+#endif
+#define VEC (16 / (int)sizeof(in_t))
+
+__device__ __forceinline__ void load_vec(const in_t* p, float* v) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    const in_t* e = reinterpret_cast<const in_t*>(&raw);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) v[i] = to_f(e[i]);
+}
+
+extern "C" __global__ void __launch_bounds__(256) gemv_step(
+    const in_t* __restrict__ W, const float* __restrict__ wbias, int N, int K,
+    const in_t* __restrict__ x, long long xs,
+    const float* __restrict__ res_in, const float* __restrict__ partial_in, int P_in,
+    const float* __restrict__ nw, float eps,
+    void* __restrict__ out, long long os,
+    float* __restrict__ conv_state, const float* __restrict__ conv_w, const float* __restrict__ conv_b,
+    int e, int kc,
+    float* __restrict__ res_out, float* __restrict__ partial_out, int P_out,
+    int b, int flags)
+{
+    __shared__ float inv_s[MAXB];
+    __shared__ float ss_s[8][MAXB];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int j = blockIdx.x * 8 + warp;
+    if (flags & 1) {
+        if (threadIdx.x < b) {
+            float t = 0.f;
+            for (int p = 0; p < P_in; ++p) t += partial_in[threadIdx.x * P_in + p];
+            inv_s[threadIdx.x] = rsqrtf(t / (float)K + eps);
+        }
+        __syncthreads();
+    }
+    float acc[MAXB];
+#pragma unroll
+    for (int r = 0; r < MAXB; ++r) acc[r] = 0.f;
+    if (j < N) {
+        const in_t* wr = W + (long long)j * K;
+        for (int k = lane * VEC; k < K; k += 32 * VEC) {
+            float w[VEC];
+            load_vec(wr + k, w);
+            float nwv[VEC];
+            if (flags & 1) {
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) nwv[i] = nw[k + i] * w[i];
+            }
+#pragma unroll
+            for (int r = 0; r < MAXB; ++r) {
+                if (r < b) {
+                    float s = 0.f;
+                    if (flags & 1) {
+                        const float* rr = res_in + (long long)r * K + k;
+#pragma unroll
+                        for (int i = 0; i < VEC; ++i) s = fmaf(rr[i], nwv[i], s);
+                        s *= inv_s[r];
+                    } else {
+                        float xv[VEC];
+                        load_vec(x + r * xs + k, xv);
+#pragma unroll
+                        for (int i = 0; i < VEC; ++i) s = fmaf(xv[i], w[i], s);
+                    }
+                    acc[r] += s;
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < MAXB; ++r) {
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
+    }
+    if (flags & 4) {                                   // residual add + this block's partial sums of squares
+        if (lane == 0) {
+#pragma unroll
+            for (int r = 0; r < MAXB; ++r) {
+                float v = 0.f;
+                if (r < b && j < N) {
+                    const float y = acc[r] + (wbias ? wbias[j] : 0.f);
+                    v = res_out[(long long)r * N + j] + y;
+                    res_out[(long long)r * N + j] = v;
+                }
+                ss_s[warp][r] = v * v;
+            }
+        }
+        __syncthreads();
+        if (threadIdx.x < b) {
+            float t = 0.f;
+#pragma unroll
+            for (int w = 0; w < 8; ++w) t += ss_s[w][threadIdx.x];
+            partial_out[threadIdx.x * P_out + blockIdx.x] = t;
+        }
+        return;
+    }
+    if (j >= N || lane >= MAXB || lane >= b) return;
+    // lane r writes batch row r (acc[] is indexed with compile-time constants only)
+    float y = 0.f;
+#pragma unroll
+    for (int r = 0; r < MAXB; ++r) if (r == lane) y = acc[r];
+    y += wbias ? wbias[j] : 0.f;
+    const int r = lane;
+    if (flags & 8) { reinterpret_cast<float*>(out)[r * os + j] = y; return; }
+    in_t* o = reinterpret_cast<in_t*>(out);
+    if ((flags & 2) && j < e) {
+        const float xi = to_f(from_f(y));              // the conv input as stored in the unfused path
+        float* st = conv_state + ((long long)r * e + j) * (kc - 1);
+        const float* wc = conv_w + (long long)j * kc;
+        float c = conv_b ? conv_b[j] : 0.f;
+        for (int i = 0; i < kc - 1; ++i) c = fmaf(wc[i], st[i], c);
+        c = fmaf(wc[kc - 1], xi, c);
+        for (int i = 0; i + 1 < kc - 1; ++i) st[i] = st[i + 1];
+        st[kc - 2] = xi;
+        o[r * os + j] = from_f(silu_f(c));
+        return;
+    }
+    o[r * os + j] = from_f(y);
+}
+
+extern "C" __global__ void __launch_bounds__(256) embed_rows(
+    const long long* __restrict__ ids, const float* __restrict__ emb, float* __restrict__ res,
+    float* __restrict__ partial_out, int d)
+{
+    __shared__ float red[32];
+    const int row = blockIdx.x;
+    const float* src = emb + ids[row] * (long long)d;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        const float v = src[i];
+        res[(long long)row * d + i] = v;
+        ss = fmaf(v, v, ss);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = ss;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float t = 0.f;
+        for (int w = 0; w < (int)(blockDim.x >> 5); ++w) t += red[w];
+        partial_out[row] = t;
+    }
+}

@@ -120,14 +120,25 @@ class ByteMambaLM(nn.Module):
         cache.seqlen_offset += 1
         return self.lm_head(self.backbone.norm_f(residual)).float()
 
+    small_batch_gemv = True      # batches <= 8 on CUDA: fused GEMV kernels instead of cuBLAS (4 launches a layer)
+
     def _step_cuda(self, ids: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
-        from bytemamba.ops.step import CastCache, add_rmsnorm_fn
+        from bytemamba.ops.step import CastCache, add_rmsnorm_fn, embed_rows_fn, gemv_fn, gemv_supported
         casts = self.__dict__.setdefault("_step_casts", CastCache())
         layers, f32 = self.backbone.layers, torch.float32
         cdt = layers[0].mixer.step_dtype()
         emb = self.backbone.embedding.weight
         residual = torch.empty(ids.shape[0], emb.shape[1], device=emb.device, dtype=f32)
         norms = [layer.norm for layer in layers] + [self.backbone.norm_f]
+        if self.small_batch_gemv and gemv_supported(ids.shape[0], self.config.d_model, self.config.d_inner,
+                                                    dtype=cdt):
+            partial = embed_rows_fn(ids, casts.get(emb, f32), residual)
+            for layer, s in zip(layers, cache.layers):
+                partial = layer.mixer.step_small(residual, partial, layer.norm.weight, layer.norm.eps, s)
+            cache.seqlen_offset += 1
+            nf = self.backbone.norm_f
+            return gemv_fn(casts.get(self.lm_head.weight, cdt),
+                           norm=(residual, partial, casts.get(nf.weight, f32), nf.eps), out_f32=True)
         h = add_rmsnorm_fn(residual, None, casts.get(norms[0].weight, f32), norms[0].eps, cdt, ids=ids,
                            embedding=casts.get(emb, f32))
         for i, (layer, s) in enumerate(zip(layers, cache.layers)):

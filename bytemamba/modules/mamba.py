@@ -158,6 +158,31 @@ class MambaMixer(nn.Module):
             return torch.get_autocast_dtype(dev)
         return self.in_proj.weight.dtype
 
+    def step_small(self, residual, partial, norm_weight, eps, state: MixerState):
+        """The fused small-batch step (b <= 8, CUDA): residual (b, d) float32 += mixer(RMSNorm(residual)),
+        in place, with the norm's mean square taken from `partial` (sums of squares per row, from the
+        previous GEMV or the embedding). Four launches: in_proj (+norm, +conv/SiLU), x_proj, the state
+        update (+dt_proj), out_proj (+residual add). Returns the new partial sums."""
+        from bytemamba.ops.step import CastCache, gemv_fn, ssm_state_update_fn
+        cache = self.__dict__.setdefault("_step_casts", CastCache())
+        cdt, f32 = self.step_dtype(), torch.float32
+        e, r, n = self.d_inner, self.dt_rank, self.d_state
+        if not state.conv.is_contiguous():
+            state.conv = state.conv.contiguous()
+        if not state.ssm.is_contiguous():
+            state.ssm = state.ssm.contiguous()
+        xz = gemv_fn(cache.get(self.in_proj.weight, cdt), bias=cache.get(self.in_proj.bias, f32),
+                     norm=(residual, partial, cache.get(norm_weight, f32), eps),
+                     conv=(state.conv, cache.get(self.conv1d.weight, f32), cache.get(self.conv1d.bias, f32)))
+        x = xz[:, :e]
+        x_dbl = gemv_fn(cache.get(self.x_proj.weight, cdt), x)
+        A = cache.get(self.A_log, f32, "A", lambda a: -torch.exp(a.float()))
+        y = ssm_state_update_fn(state.ssm, x, x_dbl[:, :r], A, x_dbl[:, r:r + n], x_dbl[:, r + n:],
+                                cache.get(self.D, f32), xz[:, e:], cache.get(self.dt_proj.bias, f32),
+                                dt_softplus=True, dt_proj_weight=cache.get(self.dt_proj.weight, f32))
+        return gemv_fn(cache.get(self.out_proj.weight, cdt), y, bias=cache.get(self.out_proj.bias, f32),
+                       resid=residual)
+
     def _step_cuda(self, hidden: torch.Tensor, state: MixerState) -> torch.Tensor:
         from bytemamba.ops.step import CastCache, conv_state_update_fn, ssm_state_update_fn
         cache = self.__dict__.setdefault("_step_casts", CastCache())   # not a submodule, not in state_dict

@@ -28,7 +28,8 @@ from bytemamba.ops.scan import BackendError
 from bytemamba.ops._cupy import compile_module, cupy_stream, ptr
 
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-_KERNELS = ("conv_step", "ssm_step", "add_rmsnorm")
+_KERNELS = ("conv_step", "ssm_step", "add_rmsnorm", "gemv_step", "embed_rows")
+MAXB = 8                      # the fused GEMVs take batches up to this (cuda/decode_step.cu)
 MAX_STATE = 128
 
 
@@ -176,6 +177,83 @@ def add_rmsnorm_fn(residual, delta, weight, eps, out_dtype, ids=None, embedding=
             (ptr(residual), ptr(delta), ptr(ids), ptr(embedding), ptr(_f32(weight)), ptr(out), np.int32(d),
              np.float32(eps)))
     return out
+
+
+# ---- small batches: fused GEMVs (no autograd, decoding only) ------------------------------------------
+
+def gemv_supported(batch: int, *widths: int, dtype=torch.bfloat16) -> bool:
+    """True where the fused GEMV path applies: batch <= MAXB and every reduced width a multiple of 16 bytes."""
+    vec = 16 // torch.empty((), dtype=dtype).element_size()
+    return 1 <= batch <= MAXB and all(w % vec == 0 for w in widths)
+
+
+def gemv_fn(W, x=None, *, bias=None, norm=None, conv=None, resid=None, out_f32=False):
+    """Fused GEMV y = in @ W^T (+ bias) for b <= MAXB rows, W (N, K) contiguous in the activation dtype.
+
+    in:  `x` (b, K) rows (last dim contiguous), or `norm=(residual (b, K) f32, partial (b, P) f32, norm_w (K)
+         f32, eps)`: RMSNorm(residual) * norm_w with the mean square taken from the partial sums.
+    out: (b, N) in W's dtype (float32 with out_f32); `conv=(conv_state (b, e, k-1), w (e, k), bias (e))`
+         turns the first e = N/2 outputs into the conv step + SiLU of in_proj's x half;
+         `resid=(residual (b, N) f32)` adds y to the residual in place and returns the new partial sums of
+         squares (b, P_out) instead of y.
+    """
+    N, K = W.shape
+    dev, io = W.device, W.dtype
+    Kn = _kernels(io, 1, dev)
+    flags = 0
+    b = None
+    xs = np.int64(0)
+    res_in = partial_in = nw = None
+    P_in, eps = 0, 0.0
+    if norm is not None:
+        res_in, partial_in, nw, eps = norm
+        b = res_in.shape[0]
+        P_in = partial_in.shape[1]
+        flags |= 1
+    else:
+        b = x.shape[0]
+        x, xs = _rows("x", x, b, K)
+    if not gemv_supported(b, K, dtype=io) or W.stride(1) != 1 or W.stride(0) != K:
+        raise ValueError(f"gemv (cuda): batch {b} / width {K} / layout not supported")
+    grid = -(-N // 8)
+    out = partial_out = res_out = None
+    cstate = cw = cb = None
+    e = kc = 0
+    os = np.int64(N)
+    P_out = 0
+    if resid is not None:
+        res_out = resid
+        partial_out = torch.empty(b, grid, device=dev, dtype=torch.float32)
+        P_out = grid
+        flags |= 4
+    else:
+        out = torch.empty(b, N, device=dev, dtype=torch.float32 if out_f32 else io)
+        if out_f32:
+            flags |= 8
+        if conv is not None:
+            cstate, cw, cb = conv
+            e = N // 2
+            cw = _f32(cw.reshape(cw.shape[0], -1))
+            kc = cw.shape[1]
+            _check_state("conv_state", cstate, (b, e, kc - 1))
+            flags |= 2
+    _launch(dev, Kn["gemv_step"], grid, 256,
+            (ptr(W), ptr(_f32(bias)), np.int32(N), np.int32(K), ptr(x), xs, ptr(res_in), ptr(partial_in),
+             np.int32(P_in), ptr(nw), np.float32(eps), ptr(out), os, ptr(cstate), ptr(cw), ptr(_f32(cb)),
+             np.int32(e), np.int32(kc), ptr(res_out), ptr(partial_out), np.int32(P_out), np.int32(b),
+             np.int32(flags)))
+    return partial_out if resid is not None else out
+
+
+def embed_rows_fn(ids, embedding, residual):
+    """residual (b, d) f32 <- embedding[ids]; returns the partial sums of squares (b, 1) for gemv_fn(norm=)."""
+    b, d = residual.shape
+    _check_state("residual", residual, (b, d))
+    ids = ids.to(torch.int64).contiguous()
+    partial = torch.empty(b, 1, device=residual.device, dtype=torch.float32)
+    _launch(residual.device, _kernels(torch.float32, 1, residual.device)["embed_rows"], b, 256,
+            (ptr(ids), ptr(_f32(embedding)), ptr(residual), ptr(partial), np.int32(d)))
+    return partial
 
 
 class CastCache:
