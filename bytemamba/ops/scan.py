@@ -93,7 +93,8 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     ys = []
     for l in range(L):
         if reset is not None:
-            x = x * (~reset[:, l]).to(dt)[:, None, None]          # a new document starts from zero
+            x = x * (reset[:, l] == 0).to(dt)[:, None, None]      # a new document starts from zero
+                                                                    # (any nonzero reset counts, as in CUDA)
         dA = torch.exp(delta_[:, :, l, None] * A_)                  # (b, d, n)
         dBu = (delta_[:, :, l] * u_[:, :, l])[:, :, None] * B_[:, None, :, l]
         x = dA * x + dBu
@@ -229,7 +230,7 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     if chunk is None:
         chunk = max(1, int(math.isqrt(L)))
     x0 = u_.new_zeros(b, d, A.shape[-1]) if initial_state is None else initial_state.to(dt)
-    keep = None if reset is None else (~reset).t().to(dt)            # (L, b)
+    keep = None if reset is None else (reset == 0).t().to(dt)        # (L, b); `~` would break int resets
     tm = lambda t: t.permute(2, 0, 1).contiguous()                   # (b, ., L) -> (L, b, .)
     y, last = _ChunkedScanCore.apply(tm(u_), tm(delta_), A_.contiguous(), tm(B_), tm(C_), x0, keep, chunk)
     out = _finish(y.permute(1, 2, 0), u_, D, z, u.dtype)

@@ -196,6 +196,18 @@ def test_reset_isolates_what_comes_after(fn):
     torch.testing.assert_close(fn(**tail, delta_softplus=True), base[..., r:], rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("fn", [selective_scan_ref, selective_scan_chunked])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64, torch.float32])
+def test_non_bool_reset_means_nonzero(fn, dtype):
+    """0/1 resets of another dtype act like the bool ones (as the CUDA path's reset.to(bool) does)."""
+    reset = torch.zeros(2, 9, dtype=torch.bool)
+    reset[0, 3] = reset[1, 0] = reset[1, 7] = True
+    ins = make_inputs(2, 3, 9, 2, init=True, reset=reset, seed=21)
+    expect = fn(**ins, delta_softplus=True)
+    got = fn(**{**ins, "reset": reset.to(dtype)}, delta_softplus=True)
+    torch.testing.assert_close(got, expect, rtol=0, atol=0)
+
+
 def test_reset_only_affects_its_own_batch_row():
     b, L = 2, 10
     reset = torch.zeros(b, L, dtype=torch.bool)
