@@ -39,6 +39,9 @@ def _refuse(src: Path, msg: str):
 
 def map_config(raw: dict, src: Path) -> tuple[ModelConfig, int]:
     """MambaConfig dict -> (ModelConfig, rows of the stored embedding). Refuses what we cannot represent."""
+    if "hidden_size" in raw and "d_model" not in raw:
+        _refuse(src, f"{CONFIG} is a transformers MambaConfig (hidden_size, num_hidden_layers ...); convert "
+                     f"the original state-spaces release (d_model, n_layer, ssm_cfg ...) instead")
     for key in ("d_model", "n_layer", "vocab_size"):
         if not isinstance(raw.get(key), int) or isinstance(raw.get(key), bool) or raw[key] <= 0:
             _refuse(src, f"{CONFIG} has no positive integer {key!r}")
