@@ -12,7 +12,7 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
+import uuid
 from pathlib import Path
 
 import torch
@@ -39,7 +39,9 @@ def atomic_dir(final: Path):
     class _Atomic:
         def __enter__(self):
             final.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+            # mkdir (not mkdtemp, whose 0700 would stick to the renamed directory) honours the umask
+            self.tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            self.tmp.mkdir()
             return self.tmp
 
         def __exit__(self, exc_type, exc, tb):

@@ -62,6 +62,16 @@ def test_save_overwrites_existing_directory(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
+def test_saved_directory_has_ordinary_permissions(tmp_path):
+    import os
+    import stat
+    umask = os.umask(0)
+    os.umask(umask)
+    save_model(tiny(), tmp_path / "m")
+    mode = stat.S_IMODE((tmp_path / "m").stat().st_mode)
+    assert mode == 0o777 & ~umask                # as a plain mkdir would give, not mkdtemp's 0700
+
+
 def test_missing_directory(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         load_model(tmp_path / "nope")
