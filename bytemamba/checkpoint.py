@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -179,6 +180,16 @@ def param_fingerprint(model: torch.nn.Module) -> int:
 
 
 # ---- the manager the training loop uses -------------------------------------------------------------
+
+class _TiedHeadNote(logging.Filter):
+    """Accelerate warns on every save that it stored the tied lm_head once; that is expected here."""
+
+    def filter(self, record):
+        return "Removed shared tensor {'lm_head.weight'}" not in record.getMessage()
+
+
+logging.getLogger("accelerate.utils.other").addFilter(_TiedHeadNote())
+
 
 class Checkpoints:
     """Save / resume through Accelerate, atomically, keeping the newest `keep`."""

@@ -217,6 +217,34 @@ def test_sigint_in_process_stops_after_the_step_with_a_checkpoint(reference, tmp
         assert math.isclose(loss, _losses(ref)[s], abs_tol=1e-5)
 
 
+def test_a_checkpoint_that_fails_mid_write_never_appears(reference, tmp_path, monkeypatch):
+    """The second checkpoint dies after Accelerate wrote its files, before the manifest: it must not exist
+    under checkpoints/, the error says what failed, and --resume continues from the first one."""
+    import bytemamba.checkpoint as ck
+
+    data, ref = reference
+    real, calls = ck.write_manifest, {"n": 0}
+
+    def failing(folder, info):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(28, "No space left on device")
+        return real(folder, info)
+
+    monkeypatch.setattr(ck, "write_manifest", failing)
+    out = tmp_path / "full"
+    with pytest.raises(ck.CheckpointError, match="checkpoint_1 failed: OSError.*No space left"):
+        _train(_overrides(data, out))
+    assert _checkpoint_steps(out) == [2]
+    assert [d.name for d in (out / CKPT_SUBDIR).iterdir()] == ["checkpoint_0"]
+    monkeypatch.setattr(ck, "write_manifest", real)
+    _train(_overrides(data, out), resume=True)
+    want, got = _losses(ref), _losses(out)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for s in got:
+        assert math.isclose(got[s], want[s], abs_tol=1e-5)
+
+
 # ---- non-finite losses ------------------------------------------------------------------------------
 
 def _poison(monkeypatch, bad_steps: set[int], row: int):
