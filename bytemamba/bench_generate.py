@@ -36,6 +36,8 @@ def add_arguments(p):
     p.add_argument("--torch-step", nargs="*", type=int, default=None, metavar="BATCH",
                    help="also time the Mamba step with plain PyTorch ops (graph-captured) at these batches")
     p.add_argument("--no-profile", action="store_true", help="skip counting GPU operations per step")
+    p.add_argument("--gemv-max-batch", type=int, default=None,
+                   help="override ByteMambaLM.gemv_max_batch (fused GEMV path up to this batch; 0 = cuBLAS always)")
     p.add_argument("--breakdown", nargs="*", default=[], metavar="MODEL:BATCH",
                    help="print GPU time per kernel of eager Mamba steps for these configurations")
 
@@ -159,6 +161,8 @@ def _bench_mamba(cfg_kw, batch, args, backend):
     from bytemamba.generate import Sampling, sample_next
 
     model = _model("mamba", cfg_kw, backend)
+    if args.gemv_max_batch is not None:
+        model.gemv_max_batch = args.gemv_max_batch
     params = model.num_parameters()
     sampling = Sampling(temperature=1.0)
     prompt = torch.randint(0, 256, (batch, args.prompt), device="cuda")

@@ -149,7 +149,7 @@ def test_small_batch_gemv_step_equals_cublas_step(batch, autocast):
     ctx = torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast)
 
     def run(small, context):
-        m.small_batch_gemv = small
+        m.gemv_max_batch = 8 if small else 0
         with torch.no_grad(), context:
             _, cache = m.prefill(prompt)
             return torch.stack([m.step(ids[:, t], cache) for t in range(12)], 1)

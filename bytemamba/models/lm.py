@@ -120,7 +120,11 @@ class ByteMambaLM(nn.Module):
         cache.seqlen_offset += 1
         return self.lm_head(self.backbone.norm_f(residual)).float()
 
-    small_batch_gemv = True      # batches <= 8 on CUDA: fused GEMV kernels instead of cuBLAS (4 launches a layer)
+    # Batches up to this (at most 8) run the fused GEMV kernels instead of cuBLAS + add_rmsnorm (4 launches a
+    # layer instead of 6). Measured on an H200 (docs/PERF.md): faster at batch 1 for small models (audio6m
+    # 0.230 vs 0.283 ms), even at batch 1 for byte353m (1.89 vs 1.86 ms), slower at batch 8 (the kernel is
+    # latency-bound: too few bytes in flight per warp), hence 1.
+    gemv_max_batch: int = 1
 
     def _step_cuda(self, ids: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
         from bytemamba.ops.step import CastCache, add_rmsnorm_fn, embed_rows_fn, gemv_fn, gemv_supported
@@ -130,7 +134,7 @@ class ByteMambaLM(nn.Module):
         emb = self.backbone.embedding.weight
         residual = torch.empty(ids.shape[0], emb.shape[1], device=emb.device, dtype=f32)
         norms = [layer.norm for layer in layers] + [self.backbone.norm_f]
-        if self.small_batch_gemv and gemv_supported(ids.shape[0], self.config.d_model, self.config.d_inner,
+        if ids.shape[0] <= self.gemv_max_batch and gemv_supported(ids.shape[0], self.config.d_model, self.config.d_inner,
                                                     dtype=cdt):
             partial = embed_rows_fn(ids, casts.get(emb, f32), residual)
             for layer, s in zip(layers, cache.layers):
