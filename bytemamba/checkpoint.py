@@ -66,11 +66,13 @@ def _fsync_dir(path: Path) -> None:
 
 def file_table(root: Path, sync: bool = False) -> dict:
     """{relative path: {"size", "sha256"}} for every file under root (FSDP writes sub-folders)."""
-    table = {}
-    for p in sorted(root.rglob("*")):
-        if p.is_file() and p.name != MANIFEST:
-            table[p.relative_to(root).as_posix()] = {"size": p.stat().st_size, "sha256": _hash_file(p, sync)}
-    return table
+    from concurrent.futures import ThreadPoolExecutor
+
+    files = [p for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST]
+    with ThreadPoolExecutor(max_workers=min(8, len(files) or 1)) as pool:   # hashlib releases the GIL
+        digests = list(pool.map(lambda p: _hash_file(p, sync), files))
+    return {p.relative_to(root).as_posix(): {"size": p.stat().st_size, "sha256": h}
+            for p, h in zip(files, digests)}
 
 
 def write_manifest(folder: Path, info: dict) -> dict:
@@ -104,16 +106,22 @@ def read_manifest(folder: Path) -> dict:
 
 def verify(folder: Path) -> dict:
     """Check every file against the manifest; return the manifest or raise CheckpointError naming the file."""
+    from concurrent.futures import ThreadPoolExecutor
+
     m = read_manifest(folder)
-    for rel, want in m["files"].items():
+    for rel, want in m["files"].items():                # cheap checks first: presence and size
         p = folder / rel
         if not p.is_file():
             raise CheckpointError(f"{p} is missing (listed in {MANIFEST})")
         size = p.stat().st_size
         if size != want.get("size"):
             raise CheckpointError(f"{p} is damaged: {size} bytes, {MANIFEST} says {want.get('size')}")
-        if _hash_file(p) != want.get("sha256"):
-            raise CheckpointError(f"{p} is damaged: its sha256 differs from {MANIFEST}")
+    rels = sorted(m["files"])
+    with ThreadPoolExecutor(max_workers=min(8, len(rels) or 1)) as pool:
+        digests = list(pool.map(lambda r: _hash_file(folder / r), rels))
+    for rel, h in zip(rels, digests):
+        if h != m["files"][rel].get("sha256"):
+            raise CheckpointError(f"{folder / rel} is damaged: its sha256 differs from {MANIFEST}")
     return m
 
 
