@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_model as st_load_model
+from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save_model as st_save_model
 
 from bytemamba.errors import UserError
@@ -130,7 +130,17 @@ def load_model(path, device="cpu"):
         raise CheckpointError(f"{d / CONFIG}: {e}") from None
     model = ByteMambaLM(cfg)
     _check_weights(model, wfile)
-    st_load_model(model, str(wfile), strict=True, device=str(device))
+    try:
+        state = st_load_file(str(wfile), device=str(device))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{wfile} is not a readable safetensors file: {e}") from None
+    if cfg.tie_embeddings:
+        # the file may hold either name of the tied pair, or both (public layouts): one tensor either way
+        emb, head = "backbone.embedding.weight", "lm_head.weight"
+        if emb in state and head in state and not torch.equal(state[emb], state[head]):
+            raise CheckpointError(f"{wfile}: model.tie_embeddings is set, but {head} differs from {emb}")
+        state[emb] = state[head] = state[emb] if emb in state else state[head]
+    model.load_state_dict(state, strict=True)
     model.to(device)
     if cfg.tie_embeddings:  # re-tie: loading by name may have left two separate tensors
         model.lm_head.weight = model.backbone.embedding.weight

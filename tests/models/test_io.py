@@ -54,6 +54,31 @@ def test_tied_weights_retied_after_load_and_stored_once(tmp_path):
     assert torch.equal(m2.lm_head.weight, m2.backbone.embedding.weight)
 
 
+@pytest.mark.parametrize("keep", ["lm_head.weight", "both"])
+def test_tied_model_loads_files_with_either_or_both_names(tmp_path, keep):
+    """A weights file written by other tools may keep lm_head.weight, or both names (as public Mamba
+    checkpoints do); the tied model loads either, with one shared tensor."""
+    m = tiny()
+    save_model(m, tmp_path / "m")
+    drop = {"backbone.embedding.weight"} if keep == "lm_head.weight" else set()
+    sd = {k: v.clone().contiguous() for k, v in m.state_dict().items() if k not in drop}
+    save_file(sd, str(tmp_path / "m" / "model.safetensors"))
+    m2, _ = load_model(tmp_path / "m")
+    assert m2.lm_head.weight is m2.backbone.embedding.weight
+    with torch.no_grad():
+        torch.testing.assert_close(m2(X), m(X), rtol=0, atol=0)
+
+
+def test_tied_model_with_different_head_and_embedding_is_refused(tmp_path):
+    m = tiny()
+    save_model(m, tmp_path / "m")
+    sd = {k: v.clone().contiguous() for k, v in m.state_dict().items()}
+    sd["lm_head.weight"] += 1.0
+    save_file(sd, str(tmp_path / "m" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="lm_head.weight differs"):
+        load_model(tmp_path / "m")
+
+
 def test_save_overwrites_existing_directory(tmp_path):
     save_model(tiny(0), tmp_path / "m")
     save_model(tiny(1), tmp_path / "m")
