@@ -308,6 +308,13 @@ class Checkpoints:
             broadcast_object_list(choice, from_process=0)
         if choice[0] is None:
             raise CheckpointError(choice[1])
+        saved_model = choice[1].get("model")
+        if saved_model and self.model_config is not None:
+            now = dataclasses.asdict(self.model_config)
+            diff = [f"model.{k}={saved_model[k]!r} there, {now.get(k)!r} now" for k in sorted(saved_model)
+                    if k != "scan_backend" and now.get(k) != saved_model[k]]
+            if diff:
+                raise CheckpointError(f"--resume: {choice[0]} was written for another model ({'; '.join(diff)})")
         acc.load_state(choice[0])
         acc.project_configuration.iteration = choice[1]["iteration"] + 1
         return {"path": choice[0], **choice[1]}

@@ -171,6 +171,14 @@ def test_resume_refuses_when_no_checkpoint_is_good(reference, tmp_path, capsys):
     assert len(err) == 1 and "no usable checkpoint" in err[0] and "optimizer.bin is damaged" in err[0]
 
 
+def test_resume_refuses_a_checkpoint_of_another_model(reference, tmp_path):
+    data, ref = reference
+    out = tmp_path / "other"
+    shutil.copytree(ref, out)
+    with pytest.raises(UserError, match=r"another model \(model.d_model=32 there, 48 now\)"):
+        _train(_overrides(data, out, "model.d_model=48"), resume=True)
+
+
 def test_sigterm_finishes_step_saves_and_exits_zero(tmp_path):
     data = _corpus(tmp_path / "corpus.txt")
     out = tmp_path / "term"
