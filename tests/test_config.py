@@ -69,6 +69,12 @@ def test_overrides_win_over_recipe(tmp_path):
     ("d_model=3", "d_model=3"),
     ("model.d_model=-1", "model.d_model"),
     ("model.scan_backend=triton", "model.scan_backend"),
+    ("train.log_every=0", "train.log_every"),
+    ("train.eval_every=0", "train.eval_every"),
+    ("train.save_every=0", "train.save_every"),
+    ("train.eval_batches=0", "train.eval_batches"),
+    ("optim.warmup_steps=-1", "optim.warmup_steps"),
+    ("generate.top_k=-2", "generate.top_k"),
 ])
 def test_bad_overrides_name_the_key(override, needle):
     with pytest.raises(ConfigError) as e:
