@@ -123,6 +123,93 @@ extern "C" __global__ void __launch_bounds__(128) ssm_step(
 }
 
 // ------------------------------------------------------------------------------------------------
+// ssm_step_rows (opt-in v2 for larger batches): the same arithmetic, in the same order, as ssm_step, but
+// each lane group walks SSM_ROWS batch rows of one channel, so W_dt (up to WREG*LPC ranks), A, dt_bias and
+// D are read once per group instead of once per row. grid: ceil(b / SSM_ROWS) * e * LPC threads.
+#ifndef SSM_ROWS
+#define SSM_ROWS 4
+#endif
+#define WREG 16
+extern "C" __global__ void __launch_bounds__(128) ssm_step_rows(
+    float* __restrict__ state, const in_t* __restrict__ x, long long xs,
+    const in_t* __restrict__ dt, long long dts, const float* __restrict__ wdt, int r,
+    const float* __restrict__ dt_bias, const float* __restrict__ A,
+    const in_t* __restrict__ B, long long bs, const in_t* __restrict__ C, long long cs,
+    const float* __restrict__ D, const in_t* __restrict__ z, long long zs,
+    in_t* __restrict__ y, int b, int e, int flags)
+{
+    const long long g = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long long ch = g / LPC;                 // (row group, channel)
+    const int lane = (int)(g % LPC);
+    const int ngroups = (b + SSM_ROWS - 1) / SSM_ROWS;
+    const bool valid = ch < (long long)ngroups * e;
+    const int rg = valid ? (int)(ch / e) : 0, c = valid ? (int)(ch % e) : 0;
+    const bool wreg = wdt && r <= WREG * LPC;
+    float wv[WREG];
+#pragma unroll
+    for (int t = 0; t < WREG; ++t) {
+        const int j = lane + t * LPC;
+        wv[t] = (wreg && valid && j < r) ? wdt[(long long)c * r + j] : 0.f;
+    }
+    float a4[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        const int j = lane * 4 + q;
+        a4[q] = (valid && j < NSTATE) ? A[(long long)c * NSTATE + j] : 0.f;
+    }
+    const float bias = (dt_bias && valid) ? dt_bias[c] : 0.f;
+    const float Dc = (D && valid) ? D[c] : 0.f;
+    for (int rr = 0; rr < SSM_ROWS; ++rr) {
+        const int row = rg * SSM_ROWS + rr;
+        const bool ok = valid && row < b;
+        float d = 0.f;
+        if (wdt) {
+            if (ok) {
+                if (wreg) {
+#pragma unroll
+                    for (int t = 0; t < WREG; ++t) {
+                        const int j = lane + t * LPC;
+                        if (j < r) d = fmaf(wv[t], to_f(dt[row * dts + j]), d);
+                    }
+                } else {
+                    for (int j = lane; j < r; j += LPC) d = fmaf(wdt[(long long)c * r + j], to_f(dt[row * dts + j]), d);
+                }
+            }
+#pragma unroll
+            for (int o = LPC / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o, LPC);
+        } else if (ok) {
+            d = to_f(dt[row * dts + c]);
+        }
+        if (dt_bias && ok) d += bias;
+        if (flags & 1) d = d <= 20.f ? log1pf(__expf(d)) : d;
+        const float xv = ok ? to_f(x[row * xs + c]) : 0.f;
+        const float dx = d * xv;
+        float acc = 0.f;
+        if (ok) {
+            float* s = state + ((long long)row * e + c) * NSTATE;
+            const in_t* Br = B + row * bs;
+            const in_t* Cr = C + row * cs;
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                const int j = lane * 4 + q;
+                if (NPADS == NSTATE || j < NSTATE) {
+                    const float sj = fmaf(__expf(d * a4[q]), s[j], dx * to_f(Br[j]));
+                    s[j] = sj;
+                    acc = fmaf(sj, to_f(Cr[j]), acc);
+                }
+            }
+        }
+#pragma unroll
+        for (int o = LPC / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o, LPC);
+        if (ok && lane == 0) {
+            float out = acc + (D ? Dc * xv : 0.f);
+            if (z) out *= silu_f(to_f(z[row * zs + c]));
+            y[row * (long long)e + c] = from_f(out);
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
 extern "C" __global__ void __launch_bounds__(256) add_rmsnorm(
     float* __restrict__ residual, const in_t* __restrict__ delta, const long long* __restrict__ ids,
     const float* __restrict__ emb, const float* __restrict__ w, in_t* __restrict__ out, int d, float eps)
@@ -170,6 +257,9 @@ extern "C" __global__ void __launch_bounds__(256) add_rmsnorm(
 #ifndef MAXB
 #define MAXB 8
 #endif
+#ifndef GEMV_UNR
+#define GEMV_UNR 1
+#endif
 #define VEC (16 / (int)sizeof(in_t))
 
 __device__ __forceinline__ void load_vec(const in_t* p, float* v) {
@@ -207,6 +297,57 @@ extern "C" __global__ void __launch_bounds__(256) gemv_step(
     for (int r = 0; r < MAXB; ++r) acc[r] = 0.f;
     if (j < N) {
         const in_t* wr = W + (long long)j * K;
+#if GEMV_UNR > 1
+        // v2 (opt-in, -DGEMV_UNR=U): U 16-byte weight loads per lane in flight before the first FMA
+        for (int k0 = 0; k0 < K; k0 += 32 * VEC * GEMV_UNR) {
+            uint4 wraw[GEMV_UNR];
+#pragma unroll
+            for (int u = 0; u < GEMV_UNR; ++u) {
+                const int k = k0 + (u * 32 + lane) * VEC;
+                wraw[u] = k < K ? *reinterpret_cast<const uint4*>(wr + k) : make_uint4(0u, 0u, 0u, 0u);
+            }
+#pragma unroll
+            for (int u = 0; u < GEMV_UNR; ++u) {
+                const int k = k0 + (u * 32 + lane) * VEC;
+                if (k >= K) break;
+                float w[VEC];
+                const in_t* we = reinterpret_cast<const in_t*>(&wraw[u]);
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) w[i] = to_f(we[i]);
+                float nwv[VEC];
+                if (flags & 1) {
+#pragma unroll
+                    for (int i = 0; i < VEC; i += 4) {
+                        const float4 n4 = *reinterpret_cast<const float4*>(nw + k + i);
+                        nwv[i] = n4.x * w[i]; nwv[i + 1] = n4.y * w[i + 1];
+                        nwv[i + 2] = n4.z * w[i + 2]; nwv[i + 3] = n4.w * w[i + 3];
+                    }
+                }
+#pragma unroll
+                for (int r = 0; r < MAXB; ++r) {
+                    if (r < b) {
+                        float s = 0.f;
+                        if (flags & 1) {
+                            const float* rr = res_in + (long long)r * K + k;
+#pragma unroll
+                            for (int i = 0; i < VEC; i += 4) {
+                                const float4 v4 = *reinterpret_cast<const float4*>(rr + i);
+                                s = fmaf(v4.x, nwv[i], s); s = fmaf(v4.y, nwv[i + 1], s);
+                                s = fmaf(v4.z, nwv[i + 2], s); s = fmaf(v4.w, nwv[i + 3], s);
+                            }
+                            s *= inv_s[r];
+                        } else {
+                            float xv[VEC];
+                            load_vec(x + r * xs + k, xv);
+#pragma unroll
+                            for (int i = 0; i < VEC; ++i) s = fmaf(xv[i], w[i], s);
+                        }
+                        acc[r] += s;
+                    }
+                }
+            }
+        }
+#else
         for (int k = lane * VEC; k < K; k += 32 * VEC) {
             float w[VEC];
             load_vec(wr + k, w);
@@ -234,6 +375,7 @@ extern "C" __global__ void __launch_bounds__(256) gemv_step(
                 }
             }
         }
+#endif
     }
 #pragma unroll
     for (int r = 0; r < MAXB; ++r) {

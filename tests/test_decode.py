@@ -140,9 +140,11 @@ def test_decoders_cached_per_batch_size_and_rebuilt_when_weights_change():
 @gpu
 @pytest.mark.parametrize("batch", [1, 3, 8, 9])
 @pytest.mark.parametrize("autocast", [False, True])
-def test_small_batch_gemv_step_equals_cublas_step(batch, autocast):
+@pytest.mark.parametrize("v2", ["0", "1"])
+def test_small_batch_gemv_step_equals_cublas_step(batch, autocast, v2, monkeypatch):
     """Batches <= 8 run fused GEMVs (norm into in_proj, conv into its epilogue, residual into out_proj);
     the same steps through cuBLAS + add_rmsnorm give the same logits and states (batch 9: both cuBLAS)."""
+    monkeypatch.setenv("BYTEMAMBA_STEP_V2", v2)        # v2: gemv_step with 8 loads in flight, ssm_step_rows
     m = model("cuda", d=64, n_layer=3, device="cuda")
     prompt = torch.randint(0, 256, (batch, 21), device="cuda")
     ids = torch.randint(0, 256, (batch, 12), device="cuda")

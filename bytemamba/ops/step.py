@@ -20,6 +20,8 @@ dimension contiguous), states and small parameters in float32. They do no autogr
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -28,7 +30,7 @@ from bytemamba.ops.scan import BackendError
 from bytemamba.ops._cupy import compile_module, cupy_stream, ptr
 
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-_KERNELS = ("conv_step", "ssm_step", "add_rmsnorm", "gemv_step", "embed_rows")
+_KERNELS = ("conv_step", "ssm_step", "add_rmsnorm", "gemv_step", "embed_rows", "ssm_step_rows")
 MAXB = 8                      # the fused GEMVs take batches up to this (cuda/decode_step.cu)
 MAX_STATE = 128
 
@@ -83,8 +85,15 @@ def _kernels(dtype: torch.dtype, n: int, device: torch.device):
                            "(float32, bfloat16, float16)")
     if not 1 <= n <= MAX_STATE:
         raise BackendError(f"decode step (cuda): d_state {n} is not supported (1..{MAX_STATE})")
-    return compile_module("decode_step.cu", (f"-DIN_DTYPE={_DTYPE_CODE[dtype]}", f"-DNSTATE={n}"),
-                          device, _KERNELS)
+    opts = (f"-DIN_DTYPE={_DTYPE_CODE[dtype]}", f"-DNSTATE={n}") + (("-DGEMV_UNR=8",) if v2_kernels() else ())
+    return compile_module("decode_step.cu", opts, device, _KERNELS)
+
+
+def v2_kernels() -> bool:
+    """BYTEMAMBA_STEP_V2=1 selects the second versions (opt-in until measured on a GPU): gemv_step with 8
+    weight loads per lane in flight, and ssm_step_rows (4 batch rows per lane group, W_dt/A in registers)
+    for batches >= 4. Read when a step is launched (for a graph: when it is captured)."""
+    return os.environ.get("BYTEMAMBA_STEP_V2", "0") not in ("", "0", "false", "False")
 
 
 def _rows(name, t, shape0, width):
@@ -154,9 +163,10 @@ def ssm_state_update_fn(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_
     npads = 4                          # states padded to a power of two >= 4 (NPADS in the kernel)
     while npads < n:
         npads *= 2
-    threads = b * e * (npads // 4)     # npads/4 lanes per (row, channel)
+    rows = 4 if v2_kernels() and b >= 4 else 1   # ssm_step_rows: SSM_ROWS = 4 rows per lane group
+    threads = -(-b // rows) * e * (npads // 4)   # npads/4 lanes per (row [group], channel)
     y = torch.empty(b, e, device=x.device, dtype=io)
-    _launch(x.device, K["ssm_step"], -(-threads // 128), 128,
+    _launch(x.device, K["ssm_step_rows" if rows > 1 else "ssm_step"], -(-threads // 128), 128,
             (ptr(state), ptr(x), xs, ptr(dt), dts, ptr(wdt), np.int32(r), ptr(_f32(dt_bias)), ptr(_f32(A)),
              ptr(B), bs, ptr(C), cs, ptr(_f32(D)), ptr(z), zs, ptr(y), np.int32(b), np.int32(e),
              np.int32(1 if dt_softplus else 0)))

@@ -164,11 +164,19 @@ def test_conv_kernel_many_steps(dtype, k, bias, silu, seed):
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
 @pytest.mark.parametrize("n,lowrank,z,D", [(16, 0, True, True), (16, 8, True, True), (5, 3, False, True),
                                            (64, 0, True, False), (32, 16, False, False), (1, 0, True, True)])
-def test_ssm_kernel_many_steps(dtype, n, lowrank, z, D):
+@pytest.mark.parametrize("batch,v2", [(3, "0"), (9, "1")], ids=["b3", "b9-v2"])
+def test_ssm_kernel_many_steps(dtype, n, lowrank, z, D, batch, v2, monkeypatch):
+    """b9-v2: BYTEMAMBA_STEP_V2=1 runs ssm_step_rows (4 rows per lane group, 9 = two full groups and one
+    partial); it must match ssm_step (same arithmetic in the same order) as well as the truths."""
     dt = DTYPES[dtype]
     L = 48
-    ins = make_ssm(3, 70, n, L, lowrank, dt, "cuda", z, D, seed=n + lowrank)
+    ins = make_ssm(batch, 70, n, L, lowrank, dt, "cuda", z, D, seed=n + lowrank)
+    if v2 == "1":
+        y_v1, st_v1 = ssm_steps(ssm_state_update_fn, ins, L)
+    monkeypatch.setenv("BYTEMAMBA_STEP_V2", v2)
     y_k, st_k = ssm_steps(ssm_state_update_fn, ins, L)
+    if v2 == "1":
+        assert rel(y_k, y_v1) < 1e-6 and rel(st_k, st_v1) < 1e-6
     y_t, st_t = ssm_steps(ssm_state_update_ref, ins, L)
     y64, st64 = ssm_parallel(ins)
     assert y_k.dtype == dt and torch.isfinite(y_k).all() and torch.isfinite(st_k).all()
