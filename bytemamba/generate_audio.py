@@ -151,7 +151,7 @@ def generate_audio(model, meta: dict, seconds: float, num_samples: int, out_dir,
     device = next(model.parameters()).device
     ids = torch.from_numpy(prompt.astype(np.int64)).to(device)[None].repeat(num_samples, 1)
     model.eval()
-    with tqdm(total=n_samples, unit="sample", unit_scale=True, disable=not progress, dynamic_ncols=True,
+    with tqdm(total=n_samples, unit="sample", unit_scale=True, disable=not progress, mininterval=1.0,
               desc=f"generating {num_samples} x {seconds:g} s") as bar:
         def on_step(i, sym):
             if (i + 1) % bps == 0:
