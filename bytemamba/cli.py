@@ -39,8 +39,10 @@ def _generate(args) -> int:
     from bytemamba.generate import Sampling, generate_text, print_samples
 
     model, meta = _load(args.checkpoint, args.device)
-    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.min_p)
     kind = meta.get("data", {}).get("kind", "text")
+    if args.temperature is None:                 # audio samples at the model's own distribution
+        args.temperature = 1.0 if (args.audio or kind == "audio") else 0.8
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.min_p)
     if args.audio or kind == "audio":
         return _generate_audio(args, model, meta, sampling)
     if kind != "text":
@@ -126,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("checkpoint", help="exported model directory (OUT/model)")
     g.add_argument("--prompt", default="", help="text to continue (UTF-8); empty starts from a newline")
     g.add_argument("--max-bytes", type=int, default=256)
-    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--temperature", type=float, default=None, help="default 0.8 for text, 1.0 for audio")
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--min-p", type=float, default=0.0)

@@ -49,6 +49,10 @@ from bytemamba.data.stream import DataError, SymbolStream
 
 CACHE_VERSION = 1
 LIST_SUFFIXES = {".txt", ".lst", ".list"}
+# extensions of the containers soundfile decodes; only these are candidates for the validation split
+# (every file is still tried: a non-audio file is skipped with a warning)
+AUDIO_SUFFIXES = {".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc",
+                  ".au", ".snd", ".caf", ".w64", ".rf64", ".sd2", ".voc", ".mat", ".htk", ".sph", ".nist"}
 MIN_RATE, MAX_RATE = 1000, 768_000
 
 
@@ -377,7 +381,10 @@ def prepare_audio(data: DataConfig, audio: AudioConfig) -> Prepared:
             train_files, val_files, tail = list(zip(files, rels)), [], data.val_fraction
             key_val = ["tail", data.val_fraction]
         else:
-            flags = split_files(rels, data.val_fraction)
+            cand = [i for i, f in enumerate(files) if f.suffix.lower() in AUDIO_SUFFIXES] or list(range(len(files)))
+            flags = [False] * len(files)
+            for i, v in zip(cand, split_files([rels[i] for i in cand], data.val_fraction)):
+                flags[i] = v
             train_files = [(f, r) for f, r, v in zip(files, rels, flags) if not v]
             val_files = [(f, r) for f, r, v in zip(files, rels, flags) if v]
             key_val = ["hash", data.val_fraction]

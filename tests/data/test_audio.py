@@ -308,3 +308,13 @@ def test_real_digit_clips_prepare_as_clip_windows(tmp_path):
     codes = np.asarray(p.train.data)
     # speech padded with digital silence: the central codes dominate (the data README says ~59%)
     assert 0.3 < np.mean((codes >= 127) & (codes <= 129)) < 0.9
+
+
+def test_validation_file_is_chosen_among_audio_files(tmp_path, capsys):
+    folder = make_clips(tmp_path / "pieces", n=3, seconds=0.05)
+    (folder / "metadata.csv").write_text("name,seconds\n")
+    p = prepare_audio(DataConfig(kind="audio", path=str(folder), val_fraction=0.001), acfg(tmp_path))
+    m = json.loads((p.dir / "manifest.json").read_text())
+    val = [c["source"] for c in m["clips"] if c["split"] == "val"]
+    assert len(val) == 1 and val[0].endswith(".wav") and len(p.val) == 801
+    assert "metadata.csv" in capsys.readouterr().err and m["skipped"][0]["source"] == "metadata.csv"
