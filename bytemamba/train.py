@@ -386,7 +386,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
                         "bad_steps": state.bad_steps, "val_bits_per_symbol": state.last_val_bpb, **last}
     finally:
         stop.uninstall()
-    bar.close()
+        bar.close()
 
     result = {"step": state.step, "val_bits_per_symbol": state.last_val_bpb, "bad_steps": state.bad_steps,
               **last}

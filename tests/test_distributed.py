@@ -70,6 +70,7 @@ def test_two_process_data_parallel_matches_one_process(tmp_path):
     # meanwhile, the same global batch (2 x 4) in this process
     from accelerate.state import AcceleratorState, GradientState
     from bytemamba.train import train
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         ref = train(load_config(None, TINY + [f"data.path={data}", f"train.out_dir={single}",
@@ -77,7 +78,7 @@ def test_two_process_data_parallel_matches_one_process(tmp_path):
     finally:
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(threads)
     text, _ = proc.communicate(timeout=400)
     assert proc.returncode == 0, text[-3000:]
     assert " x2, precision" in text

@@ -65,7 +65,8 @@ def _losses(out: Path) -> dict[int, float]:
 
 
 def _cli(*args, **kw) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # the same intra-op thread count as this process, whose in-process runs are the references
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(torch.get_num_threads()))
     return subprocess.Popen([sys.executable, "-m", "bytemamba", *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
