@@ -23,7 +23,6 @@ import torch.nn.functional as F
 
 from bytemamba.config import ModelConfig
 from bytemamba.modules.mamba import Block, MambaMixer, MixerState, RMSNorm
-from bytemamba.ops.scan import resolve_backend
 
 
 @dataclass
@@ -112,7 +111,7 @@ class ByteMambaLM(nn.Module):
 
         With the CUDA backend (see MambaMixer.step) the embedding, the residual adds and the RMSNorms run as
         one fused kernel between layers, and every mixer step as its fused kernels."""
-        if resolve_backend(self.config.scan_backend, ids.device) == "cuda":
+        if self.backbone.layers[0].mixer.step_backend(ids.device) == "cuda":
             return self._step_cuda(ids, cache)
         residual = self.backbone.embedding(ids.long()).float()           # (b, d)
         for layer, s in zip(self.backbone.layers, cache.layers):

@@ -140,7 +140,7 @@ class MambaMixer(nn.Module):
 
         The backend follows `scan_backend`: 'cuda' (or 'auto' on a GPU with CuPy) runs the fused step kernels
         of bytemamba/ops/step.py, anything else the PyTorch references."""
-        if resolve_backend(self.scan_backend, hidden.device) == "cuda":
+        if self.step_backend(hidden.device) == "cuda":
             return self._step_cuda(hidden, state)
         xz = self.in_proj(hidden)                                      # (b, 2e)
         x, z = xz.chunk(2, dim=-1)
@@ -150,6 +150,16 @@ class MambaMixer(nn.Module):
         y = ssm_state_update_ref(state.ssm, x, dt, A, B, C, self.D, z, self.dt_proj.bias, dt_softplus=True,
                                  dt_proj_weight=self.dt_proj.weight)
         return self.out_proj(y.to(self.out_proj.weight.dtype))
+
+    def step_backend(self, device) -> str:
+        """'cuda' (the step kernels) or a PyTorch backend. 'auto' picks PyTorch outside the kernels' envelope
+        (float64, d_state > 128, a conv of one tap); 'cuda' there fails with a clear message."""
+        kind = resolve_backend(self.scan_backend, device)
+        if kind == "cuda" and self.scan_backend == "auto" and (
+                self.step_dtype() not in (torch.float32, torch.bfloat16, torch.float16)
+                or self.d_state > 128 or self.d_conv < 2):
+            return "torch"
+        return kind
 
     def step_dtype(self) -> torch.dtype:
         """The dtype the decode step computes its projections in: autocast's, else the weights'."""

@@ -127,7 +127,8 @@ def conv_state_update_fn(x, conv_state, weight, bias=None, silu=True):
     w = _f32(weight.reshape(weight.shape[0], -1))
     k = w.shape[1]
     if k < 2:
-        raise ValueError("decode step (cuda): the conv kernel must have at least 2 taps")
+        raise BackendError("decode step (cuda): the conv kernel must have at least 2 taps (d_conv >= 2); "
+                           "use scan backend 'torch' or 'auto'")
     x, xs = _rows("x", x, b, e)
     _check_state("conv_state", conv_state, (b, e, k - 1))
     K = _kernels(x.dtype, 1, x.device)
