@@ -166,3 +166,26 @@ def test_train_synth_then_generate_music_not_noise(tmp_path, capsys):
         assert 0.25 * min(t_rms) <= rms(x) <= 2.0 * max(t_rms), (rms(x), min(t_rms), max(t_rms))
         flat = spectral_flatness(x)
         assert flat < 0.5 * spectral_flatness(noise), (flat, spectral_flatness(noise), max(t_flat))
+
+
+def test_pcm16_train_and_eval_report_bytes_and_samples(tmp_path, capsys):
+    """A few real steps of the pcm16 recipe: figures are reported per byte and per sample (2x)."""
+    from bytemamba.train import train
+
+    out = tmp_path / "run"
+    cfg = load_config(REPO / "recipes" / "audio_pcm16.toml", [
+        f"train.out_dir={out}", f"audio.cache_dir={tmp_path / 'cache'}", "audio.synth_seconds=8",
+        "data.val_fraction=0.3", "model.d_model=16", "model.n_layer=1", "train.max_steps=4",
+        "train.batch_size=4", "train.seq_len=64", "train.eval_every=4", "train.eval_batches=2",
+        "train.save_every=4", "train.trackers=none", "train.device=cpu", "optim.warmup_steps=2"])
+    result = train(cfg)
+    bpb = result["val_bits_per_symbol"]
+    assert 0 < bpb < 9
+    assert f"{bpb:.4f} bits per byte ({2 * bpb:.4f} bits per sample)" in capsys.readouterr().out
+    meta = json.loads((out / "model" / "config.json").read_text())
+    assert meta["audio"]["quantizer"] == "pcm16" and meta["data"]["kind"] == "audio"
+    sf.write(tmp_path / "x.flac", (0.3 * np.sin(np.arange(1600) * 0.05)).astype(np.float32), 16000)
+    assert main(["eval", str(out / "model"), "--data", str(tmp_path / "x.flac"), "--device", "cpu"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    per_byte, per_sample = float(line.split()[0]), float(line.split()[4])
+    assert "bits per byte" in line and "over 1,600 samples" in line and per_sample == pytest.approx(2 * per_byte, abs=2e-4)
