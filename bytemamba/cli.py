@@ -87,7 +87,8 @@ def _eval(args) -> int:
         from bytemamba.data.audio import describe_eval, eval_audio
         from bytemamba.generate_audio import audio_config_of
 
-        res = eval_audio(model, audio_config_of(meta, args.checkpoint), args.data, window=args.window)
+        res = eval_audio(model, audio_config_of(meta, args.checkpoint), args.data, window=args.window,
+                         pattern=args.pattern)
         print(describe_eval(res))
         return 0
     files = list_files(args.data, args.pattern)

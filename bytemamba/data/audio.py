@@ -130,16 +130,16 @@ def read_symbols(path, audio: AudioConfig) -> np.ndarray:
     return encode_clip(x, audio)
 
 
-def audio_sources(path) -> tuple[Path, list[Path]]:
-    """(root, files) of a folder (all non-hidden files, recursively), a list file, or one file."""
+def audio_sources(path, pattern: str = "*") -> tuple[Path, list[Path]]:
+    """(root, files) of a folder (non-hidden files matching `pattern`, recursively), a list file, or one file."""
     p = Path(path).expanduser()
     if not p.exists():
         raise DataError(f"audio path not found: {p}")
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*")
+        files = sorted(f for f in p.rglob(pattern or "*")
                        if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts))
         if not files:
-            raise DataError(f"audio folder {p} holds no files")
+            raise DataError(f"audio folder {p} holds no files matching {pattern!r}")
         return p, files
     if p.suffix.lower() in LIST_SUFFIXES:
         try:
@@ -366,13 +366,13 @@ def prepare_audio(data: DataConfig, audio: AudioConfig) -> Prepared:
         manifest = {"kind": "synth", "synth_seconds": audio.synth_seconds, "synth_seed": audio.synth_seed}
         fill = _fill_synth(audio, data.val_fraction)
     else:
-        root, files = audio_sources(data.path)
+        root, files = audio_sources(data.path, data.pattern)
         label = Path(data.path).name or str(root)
         listing = _listing(root, files)
         rels = [r for r, _, _ in listing]
         tail = 0.0
         if audio.val_path:
-            vroot, vfiles = audio_sources(audio.val_path)
+            vroot, vfiles = audio_sources(audio.val_path, data.pattern)
             vlisting = _listing(vroot, vfiles)
             train_files = list(zip(files, rels))
             val_files = [(f, _rel(vroot, f)) for f in vfiles]
@@ -388,7 +388,8 @@ def prepare_audio(data: DataConfig, audio: AudioConfig) -> Prepared:
             train_files = [(f, r) for f, r, v in zip(files, rels, flags) if not v]
             val_files = [(f, r) for f, r, v in zip(files, rels, flags) if v]
             key_val = ["hash", data.val_fraction]
-        key_src = {"v": CACHE_VERSION, "root": str(root.resolve()), "files": listing, "val": key_val, **settings}
+        key_src = {"v": CACHE_VERSION, "root": str(root.resolve()), "files": listing, "val": key_val,
+                   "pattern": data.pattern, **settings}
         manifest = {"kind": "files", "root": str(root.resolve()), "path": str(data.path),
                     "val_path": audio.val_path, "val_fraction": data.val_fraction}
         fill = _fill_files(train_files, val_files, audio, tail, label)
@@ -419,9 +420,9 @@ def build_audio_streams(data: DataConfig, audio: AudioConfig) -> tuple[SymbolStr
 
 # ---- evaluation -----------------------------------------------------------------------------------
 
-def read_eval_files(path, audio: AudioConfig) -> tuple[list[Path], dict]:
+def read_eval_files(path, audio: AudioConfig, pattern: str = "*") -> tuple[list[Path], dict]:
     """Files of a folder / list / file decoded for evaluation, bad ones skipped with a warning."""
-    _, files = audio_sources(path)
+    _, files = audio_sources(path, pattern)
     arrays, skipped = {}, 0
     for f in files:
         try:
@@ -436,11 +437,11 @@ def read_eval_files(path, audio: AudioConfig) -> tuple[list[Path], dict]:
     return list(arrays), arrays
 
 
-def eval_audio(model, audio: AudioConfig, path, window: int = 4096) -> dict:
+def eval_audio(model, audio: AudioConfig, path, window: int = 4096, pattern: str = "*") -> dict:
     """Streaming bits per symbol over held-out audio; for pcm16 also per byte and per sample (2x)."""
     from bytemamba.evaluate import eval_files
 
-    files, arrays = read_eval_files(path, audio)
+    files, arrays = read_eval_files(path, audio, pattern)
     res = eval_files(model, files, window=window, read=arrays.__getitem__)
     bps = bytes_per_sample(audio.quantizer)
     res["bytes_per_sample"] = bps

@@ -318,3 +318,14 @@ def test_validation_file_is_chosen_among_audio_files(tmp_path, capsys):
     val = [c["source"] for c in m["clips"] if c["split"] == "val"]
     assert len(val) == 1 and val[0].endswith(".wav") and len(p.val) == 801
     assert "metadata.csv" in capsys.readouterr().err and m["skipped"][0]["source"] == "metadata.csv"
+
+
+def test_folder_pattern_filters_files(tmp_path, capsys):
+    folder = make_clips(tmp_path / "f", n=2, seconds=0.05)
+    make_clips(folder, n=3, seconds=0.05, fmt="flac")
+    (folder / "notes.md").write_text("x")
+    p = prepare_audio(DataConfig(kind="audio", path=str(folder), val_fraction=0.0, pattern="*.flac"),
+                      acfg(tmp_path))
+    assert len(p.train) == 3 * 801 and "notes.md" not in capsys.readouterr().err
+    with pytest.raises(DataError, match="no files matching"):
+        prepare_audio(DataConfig(kind="audio", path=str(folder), pattern="*.mp3"), acfg(tmp_path))
