@@ -19,8 +19,6 @@ Usage (what `generate` does): `dec.load(cache, symbols, logp)` copies the prefil
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 
 from bytemamba.generate import Sampling, sample_next
@@ -97,7 +95,14 @@ def param_stamp(model) -> tuple:
     return tuple((p.data_ptr(), p._version) for p in model.parameters())
 
 
-_DECODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+class _Decoders(dict):
+    """A model's decoders; copying or pickling the model leaves them behind (graphs are per process)."""
+
+    def __deepcopy__(self, memo):
+        return _Decoders()
+
+    def __reduce__(self):
+        return (_Decoders, ())
 
 
 def decoder_for(model, batch_size: int, sampling: Sampling) -> GraphDecoder:
@@ -105,7 +110,8 @@ def decoder_for(model, batch_size: int, sampling: Sampling) -> GraphDecoder:
     dev = next(model.parameters()).device
     cdt = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else None
     key = (batch_size, sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p, cdt)
-    per_model = _DECODERS.setdefault(model, {})
+    # kept on the model itself (not a module, not in its state_dict), so the graphs go when the model goes
+    per_model = model.__dict__.setdefault("_graph_decoders", _Decoders())
     dec = per_model.get(key)
     if dec is None or dec.stamp != param_stamp(model):
         if dec is not None:
@@ -115,9 +121,6 @@ def decoder_for(model, batch_size: int, sampling: Sampling) -> GraphDecoder:
     return dec
 
 
-def clear_decoders(model=None) -> None:
-    """Drop captured decoders (of one model, or all), freeing their buffers and graph memory."""
-    if model is None:
-        _DECODERS.clear()
-    else:
-        _DECODERS.pop(model, None)
+def clear_decoders(model) -> None:
+    """Drop a model's captured decoders, freeing their buffers and graph memory."""
+    model.__dict__.pop("_graph_decoders", None)

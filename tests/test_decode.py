@@ -164,3 +164,21 @@ def test_small_batch_gemv_step_equals_cublas_step(batch, autocast, v2, monkeypat
         assert err(small) <= 2 * err(big) + 1e-3
     else:
         assert err(small) < 1e-5
+
+
+def test_step_caches_and_decoders_are_left_behind_by_copies():
+    """Weight casts and captured graphs hang off the model; deepcopy / pickling give a clean model."""
+    import pickle
+
+    from bytemamba.decode import _Decoders
+    from bytemamba.ops.step import CastCache
+    m = model()
+    c = CastCache()
+    c.get(m.lm_head.weight, torch.float16)
+    m.__dict__["_step_casts"] = c
+    m.__dict__["_graph_decoders"] = _Decoders(x=object())
+    m2 = copy.deepcopy(m)
+    m3 = pickle.loads(pickle.dumps(m))
+    for mm in (m2, m3):
+        assert mm._step_casts._d == {} and len(mm._graph_decoders) == 0
+        assert torch.equal(mm.lm_head.weight, m.lm_head.weight)

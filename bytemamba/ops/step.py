@@ -276,6 +276,12 @@ class CastCache:
     def __init__(self):
         self._d: dict = {}
 
+    def __deepcopy__(self, memo):            # a copied or pickled model starts with an empty cache
+        return CastCache()
+
+    def __reduce__(self):
+        return (CastCache, ())
+
     def get(self, t: torch.Tensor | None, dtype: torch.dtype, tag: str = "", fn=None):
         if t is None:
             return None
