@@ -213,3 +213,17 @@ def test_default_corpus_is_the_stdlib(monkeypatch, tmp_path):
     train, val = build_text_streams(DataConfig(path="", val_fraction=0.0))
     assert bytes(np.asarray(train.data)) == b"import os\nimport sys\n"
     assert list(train.doc_starts) == [0, 10]
+
+
+def test_validation_windows_do_not_depend_on_the_training_seed(text_file):
+    cfg = Config()
+    cfg.data.path = str(text_file)
+    cfg.train.seq_len, cfg.train.batch_size = 16, 3
+    _, val = build_streams(cfg.data, cfg.audio)
+    a = make_sampler(val, cfg, "val").batch(0)["input"]
+    cfg.train.seed += 1
+    assert torch.equal(make_sampler(val, cfg, "val").batch(0)["input"], a)
+    train_stream, _ = build_streams(cfg.data, cfg.audio)
+    t1 = make_sampler(train_stream, cfg, "train").batch(0)["input"]
+    cfg.train.seed += 1
+    assert not torch.equal(make_sampler(train_stream, cfg, "train").batch(0)["input"], t1)
