@@ -1,6 +1,7 @@
 """Shared fixtures: every test session writes its caches under a temporary directory, never ~/.cache."""
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -10,6 +11,11 @@ import torch
 # Set before any bytemamba module reads it (cache_root() reads the variable at call time anyway).
 _SESSION_CACHE = tempfile.mkdtemp(prefix="bytemamba-test-cache-")
 os.environ["BYTEMAMBA_CACHE"] = _SESSION_CACHE
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
+
 
 # The tests run tiny shapes: one intra-op thread is 5-8x faster than two on a busy 2-core machine
 # (thread contention dominates). BYTEMAMBA_TEST_THREADS overrides.
