@@ -37,12 +37,35 @@ class GraphDecoder:
         self.generator = torch.Generator(device=self.device)
         self.graph = None
         self.stamp = param_stamp(model)
+        # v2 (opt-in, BYTEMAMBA_STEP_V2=1): one fused sampling kernel instead of ~20 PyTorch ops; its random
+        # stream is its own (a hash of seed, step counter, row, symbol), so with it generate() decodes through
+        # this decoder with or without graphs
+        from bytemamba.ops.step import v2_kernels
+        self.fused_sampler = self.device.type == "cuda" and v2_kernels()
+        self.seed_t = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.counter = torch.zeros(1, dtype=torch.long, device=self.device)
+
+    def _sample(self, logits, symbols_out, logp_acc):
+        if self.fused_sampler:
+            from bytemamba.ops.step import sample_fn
+            s = self.sampling
+            sample_fn(logits, s.temperature, s.top_k, s.top_p, s.min_p, self.seed_t, self.counter, symbols_out,
+                      logp_acc)
+            self.counter.add_(1)
+            return symbols_out
+        new = sample_next(logits, self.sampling, self.generator)
+        logp_acc.add_(torch.log_softmax(logits.float(), -1).gather(-1, new[:, None])[:, 0].double())
+        return symbols_out.copy_(new)
+
+    def first(self, logits):
+        """Sample from the prefill's logits with this decoder's sampler: (symbols, their log-probabilities)."""
+        lp = torch.zeros(logits.shape[0], dtype=torch.float64, device=logits.device)
+        sym = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+        return self._sample(logits, sym, lp), lp
 
     def _body(self):
         logits = self.model.step(self.symbols, self.cache)
-        new = sample_next(logits, self.sampling, self.generator)
-        self.logp.add_(torch.log_softmax(logits.float(), -1).gather(-1, new[:, None])[:, 0].double())
-        self.symbols.copy_(new)
+        self._sample(logits, self.symbols, self.logp)
 
     @torch.no_grad()
     def capture(self, warmup: int = 2):
@@ -66,6 +89,8 @@ class GraphDecoder:
 
     def seed(self, seed: int) -> torch.Generator:
         self.generator.manual_seed(seed)
+        self.seed_t.fill_(seed & 0x7FFFFFFFFFFFFFFF)
+        self.counter.zero_()
         return self.generator
 
     @torch.no_grad()
@@ -109,7 +134,9 @@ def decoder_for(model, batch_size: int, sampling: Sampling) -> GraphDecoder:
     """The captured decoder for this model, batch size, sampling and compute dtype (built on first use)."""
     dev = next(model.parameters()).device
     cdt = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else None
-    key = (batch_size, sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p, cdt)
+    from bytemamba.ops.step import v2_kernels
+    key = (batch_size, sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p, cdt,
+           dev.type == "cuda" and v2_kernels())
     # kept on the model itself (not a module, not in its state_dict), so the graphs go when the model goes
     per_model = model.__dict__.setdefault("_graph_decoders", _Decoders())
     dec = per_model.get(key)

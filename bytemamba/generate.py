@@ -85,12 +85,14 @@ def generate(model, prompt: torch.Tensor, n_new: int, sampling: Sampling, seed: 
     logp = torch.zeros(prompt.shape[0], dtype=torch.float64, device=device)
     with ctx:
         logits, cache = model.prefill(prompt.to(device))
-        if graphs and device.type == "cuda" and n_new > 1:
-            from bytemamba.decode import decoder_for
-            dec = decoder_for(model, prompt.shape[0], sampling)
-            gen = dec.seed(seed)
-            sym = sample_next(logits, sampling, gen)
-            logp += torch.log_softmax(logits.float(), -1).gather(-1, sym[:, None])[:, 0].double()
+        from bytemamba.ops.step import v2_kernels
+        if device.type == "cuda" and n_new > 1 and (graphs or v2_kernels()):
+            from bytemamba.decode import GraphDecoder, decoder_for
+            dec = (decoder_for(model, prompt.shape[0], sampling) if graphs
+                   else GraphDecoder(model, prompt.shape[0], sampling, use_graph=False))   # v2 sampler, eager
+            dec.seed(seed)
+            sym, lp = dec.first(logits)
+            logp += lp
             out[:, 0] = sym
             if on_step is not None:
                 on_step(0, sym)

@@ -451,3 +451,139 @@ extern "C" __global__ void __launch_bounds__(256) embed_rows(
         partial_out[row] = t;
     }
 }
+
+// ------------------------------------------------------------------------------------------------
+// sample_rows (opt-in v2 sampler): one block of 256 threads per row of logits (V <= 1024 symbols).
+//   temperature 0: the first index of the largest logit. Otherwise p = softmax(logits / T), then, as
+//   bytemamba.generate.filter_probs: top-k keeps p_v with #{u: p_u > p_v} < k; top-p keeps p_v whose mass of
+//   more likely symbols (ties broken by index) is < top_p * kept mass; min-p keeps p_v >= min_p * max p.
+//   The draw is an exponential race over the kept symbols, argmax p_v / E_v, E_v = -log U_v, with U_v from a
+//   counter-based hash of (seed, counter, row, v): no generator state, so a captured graph replays it with
+//   the counter tensor advanced outside. Writes sym[row] and adds log_softmax(logits)[sym] to logp[row].
+#define SV 1024
+__device__ __forceinline__ unsigned long long mix64(unsigned long long z) {
+    z += 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+__device__ float block_sum(float v, float* red) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+    __syncthreads();
+    float t = 0.f;
+    for (int w = 0; w < (int)(blockDim.x >> 5); ++w) t += red[w];
+    return t;
+}
+
+__device__ float block_max(float v, float* red) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+    __syncthreads();
+    float t = red[0];
+    for (int w = 1; w < (int)(blockDim.x >> 5); ++w) t = fmaxf(t, red[w]);
+    return t;
+}
+
+// (value, index) argmax, ties to the smaller index
+__device__ int block_argmax(float v, int i, float* redv, int* redi) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, i, o);
+        if (ov > v || (ov == v && oi < i)) { v = ov; i = oi; }
+    }
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) { redv[threadIdx.x >> 5] = v; redi[threadIdx.x >> 5] = i; }
+    __syncthreads();
+    float bv = redv[0];
+    int bi = redi[0];
+    for (int w = 1; w < (int)(blockDim.x >> 5); ++w)
+        if (redv[w] > bv || (redv[w] == bv && redi[w] < bi)) { bv = redv[w]; bi = redi[w]; }
+    return bi;
+}
+
+extern "C" __global__ void __launch_bounds__(256) sample_rows(
+    const float* __restrict__ logits, int V, float temperature, int top_k, float top_p, float min_p,
+    const long long* __restrict__ seed, const long long* __restrict__ counter,
+    long long* __restrict__ sym, double* __restrict__ logp)
+{
+    __shared__ float p_s[SV];
+    __shared__ float red[32];
+    __shared__ int redi[32];
+    const int row = blockIdx.x;
+    const float* lg = logits + (long long)row * V;
+    float m = -INFINITY;
+    for (int v = threadIdx.x; v < V; v += blockDim.x) m = fmaxf(m, lg[v]);
+    m = block_max(m, red);
+    float z1 = 0.f;
+    for (int v = threadIdx.x; v < V; v += blockDim.x) z1 += __expf(lg[v] - m);
+    const float lse = m + __logf(block_sum(z1, red));
+    int choice;
+    if (temperature <= 0.f) {
+        float bv = -INFINITY;
+        int bi = 0x7fffffff;
+        for (int v = threadIdx.x; v < V; v += blockDim.x)
+            if (lg[v] > bv) { bv = lg[v]; bi = v; }
+        choice = block_argmax(bv, bi, red, redi);
+    } else {
+        const float invT = 1.f / temperature;
+        float zt = 0.f;
+        for (int v = threadIdx.x; v < V; v += blockDim.x) {
+            const float p = __expf((lg[v] - m) * invT);
+            p_s[v] = p;
+            zt += p;
+        }
+        zt = block_sum(zt, red);              // (block_sum syncs, so p_s is complete below)
+        const float pmax = 1.f / zt;          // the largest probability: exp(0) / zt
+        const bool use_k = top_k > 0 && top_k < V;
+        float keepmass = 0.f;
+        // pass 1: top-k (rank by strictly larger probabilities)
+        for (int v = threadIdx.x; v < V; v += blockDim.x) {
+            const float pv = p_s[v];
+            bool keep = true;
+            if (use_k) {
+                int greater = 0;
+                for (int u = 0; u < V; ++u) greater += p_s[u] > pv;
+                keep = greater < top_k;
+            }
+            if (keep) keepmass += pv;
+        }
+        keepmass = block_sum(keepmass, red);
+        float bkey = -1.f;
+        int bidx = 0x7fffffff;
+        const unsigned long long sd = (unsigned long long)seed[0], ct = (unsigned long long)counter[0];
+        for (int v = threadIdx.x; v < V; v += blockDim.x) {
+            const float pv = p_s[v];
+            int greater = 0;
+            float before = 0.f;
+            if (use_k || top_p < 1.f) {
+                for (int u = 0; u < V; ++u) {
+                    const float pu = p_s[u];
+                    const bool ahead = pu > pv || (pu == pv && u < v);
+                    greater += pu > pv;
+                    before += ahead ? pu : 0.f;
+                }
+            }
+            bool keep = !use_k || greater < top_k;
+            if (top_p < 1.f) keep = keep && before < top_p * keepmass;
+            if (min_p > 0.f) keep = keep && pv * zt >= min_p * (pmax * zt);
+            if (keep && pv > 0.f) {
+                const unsigned long long h = mix64(sd ^ mix64((ct << 24) ^ ((unsigned long long)row << 11) ^ (unsigned long long)v));
+                const double uu = ((double)(h >> 11) + 0.5) * (1.0 / 9007199254740992.0);   // (0, 1)
+                const float key = pv / (float)(-log(uu));
+                if (key > bkey) { bkey = key; bidx = v; }
+            }
+        }
+        choice = block_argmax(bkey, bidx, red, redi);
+    }
+    if (threadIdx.x == 0) {
+        sym[row] = choice;
+        logp[row] += (double)(lg[choice] - lse);
+    }
+}

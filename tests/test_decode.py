@@ -182,3 +182,52 @@ def test_step_caches_and_decoders_are_left_behind_by_copies():
     for mm in (m2, m3):
         assert mm._step_casts._d == {} and len(mm._graph_decoders) == 0
         assert torch.equal(mm.lm_head.weight, m.lm_head.weight)
+
+
+@gpu
+@pytest.mark.parametrize("si", range(len(SAMPLINGS)))
+def test_fused_sampler_draws_from_filter_probs(si):
+    """The v2 sampler (sample_rows): every draw is a symbol filter_probs keeps, the frequencies over 65536
+    rows of the same logits match filter_probs' distribution, and logp gets log_softmax at the symbol."""
+    from bytemamba.generate import filter_probs
+    from bytemamba.ops.step import sample_fn
+    s = SAMPLINGS[si]
+    g = torch.Generator("cuda").manual_seed(si)
+    base = torch.randn(1, 256, device="cuda", generator=g) * 2.0
+    rows = 65536
+    logits = base.expand(rows, 256).contiguous()
+    sym = torch.empty(rows, dtype=torch.long, device="cuda")
+    lp = torch.zeros(rows, dtype=torch.float64, device="cuda")
+    seed = torch.tensor([1234 + si], device="cuda")
+    counter = torch.tensor([7], device="cuda")
+    sample_fn(logits, s.temperature, s.top_k, s.top_p, s.min_p, seed, counter, sym, lp)
+    want_lp = torch.log_softmax(base[0].double(), -1)[sym]
+    assert torch.allclose(lp, want_lp, atol=1e-4)
+    if s.temperature == 0:
+        assert (sym == base[0].argmax()).all()
+        return
+    probs = filter_probs(base, s)[0].double()
+    assert (probs[sym] > 0).all()
+    freq = torch.bincount(sym, minlength=256).double() / rows
+    assert 0.5 * (freq - probs).abs().sum().item() < 0.05          # total variation
+    sym2 = torch.empty_like(sym)
+    counter += 1
+    sample_fn(logits, s.temperature, s.top_k, s.top_p, s.min_p, seed, counter, sym2, lp)
+    assert not torch.equal(sym, sym2)                                # the counter moves the stream
+
+
+@gpu
+@pytest.mark.parametrize("si", range(len(SAMPLINGS)))
+def test_v2_graphs_give_the_same_symbols_as_no_graphs(si, monkeypatch):
+    monkeypatch.setenv("BYTEMAMBA_STEP_V2", "1")
+    s = SAMPLINGS[si]
+    m = model("auto", d=64, n_layer=3, seed=si, device="cuda")
+    prompt = torch.randint(0, 256, (5, 17), device="cuda", generator=torch.Generator("cuda").manual_seed(si))
+    a, la = generate(m, prompt, 40, s, seed=11, autocast=True, graphs=False)
+    b, lb = generate(m, prompt, 40, s, seed=11, autocast=True, graphs=True)
+    c, lc = generate(m, prompt, 40, s, seed=11, autocast=True, graphs=True)
+    assert torch.equal(a, b) and torch.equal(b, c)
+    assert torch.equal(la, lb) and torch.equal(lb, lc)
+    if s.temperature > 0:
+        d, _ = generate(m, prompt, 40, s, seed=12, autocast=True, graphs=True)
+        assert not torch.equal(b, d)

@@ -30,7 +30,7 @@ from bytemamba.ops.scan import BackendError
 from bytemamba.ops._cupy import compile_module, cupy_stream, ptr
 
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-_KERNELS = ("conv_step", "ssm_step", "add_rmsnorm", "gemv_step", "embed_rows", "ssm_step_rows")
+_KERNELS = ("conv_step", "ssm_step", "add_rmsnorm", "gemv_step", "embed_rows", "ssm_step_rows", "sample_rows")
 MAXB = 8                      # the fused GEMVs take batches up to this (cuda/decode_step.cu)
 MAX_STATE = 128
 
@@ -265,6 +265,21 @@ def embed_rows_fn(ids, embedding, residual):
     _launch(residual.device, _kernels(torch.float32, 1, residual.device)["embed_rows"], b, 256,
             (ptr(ids), ptr(_f32(embedding)), ptr(residual), ptr(partial), np.int32(d)))
     return partial
+
+
+def sample_fn(logits, temperature: float, top_k: int, top_p: float, min_p: float, seed, counter, symbols, logp):
+    """The fused sampler (opt-in v2, cuda/decode_step.cu sample_rows): logits (b, V <= 1024) float32 ->
+    symbols (b,) int64 written in place, logp (b,) float64 += log_softmax(logits)[symbol]. Temperature, top-k,
+    top-p and min-p as bytemamba.generate.filter_probs; the random draw from a hash of (seed, counter, row,
+    symbol), seed and counter being one-element int64 device tensors (advance the counter between steps)."""
+    b, V = logits.shape
+    if V > 1024:
+        raise BackendError(f"sample (cuda): at most 1024 symbols, got {V}")
+    logits = logits.float().contiguous()
+    _launch(logits.device, _kernels(torch.float32, 1, logits.device)["sample_rows"], b, 256,
+            (ptr(logits), np.int32(V), np.float32(temperature), np.int32(top_k), np.float32(top_p),
+             np.float32(min_p), ptr(seed), ptr(counter), ptr(symbols), ptr(logp)))
+    return symbols
 
 
 class CastCache:
