@@ -7,10 +7,9 @@ import math
 import pytest
 import torch
 
-from bytemamba.config import load_config
+from bytemamba.config import OptimConfig, load_config
 from bytemamba.models.lm import ByteMambaLM
 from bytemamba.train import lr_at, param_groups, train
-from bytemamba.config import OptimConfig
 
 pytestmark = pytest.mark.slow
 

@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from bytemamba.errors import UserError
 from bytemamba.ops.scan import (BackendError, resolve_backend, selective_scan, selective_scan_chunked,
