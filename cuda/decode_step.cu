@@ -518,7 +518,7 @@ extern "C" __global__ void __launch_bounds__(256) sample_rows(
     __shared__ int redi[32];
     const int row = blockIdx.x;
     const float* lg = logits + (long long)row * V;
-    float m = -INFINITY;
+    float m = -__int_as_float(0x7f800000);
     for (int v = threadIdx.x; v < V; v += blockDim.x) m = fmaxf(m, lg[v]);
     m = block_max(m, red);
     float z1 = 0.f;
@@ -526,7 +526,7 @@ extern "C" __global__ void __launch_bounds__(256) sample_rows(
     const float lse = m + __logf(block_sum(z1, red));
     int choice;
     if (temperature <= 0.f) {
-        float bv = -INFINITY;
+        float bv = -__int_as_float(0x7f800000);
         int bi = 0x7fffffff;
         for (int v = threadIdx.x; v < V; v += blockDim.x)
             if (lg[v] > bv) { bv = lg[v]; bi = v; }
