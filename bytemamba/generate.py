@@ -86,9 +86,10 @@ def generate(model, prompt: torch.Tensor, n_new: int, sampling: Sampling, seed: 
     with ctx:
         logits, cache = model.prefill(prompt.to(device))
         from bytemamba.ops.step import v2_kernels
-        if device.type == "cuda" and n_new > 1 and (graphs or v2_kernels()):
+        use_graph = graphs and n_new > 1
+        if device.type == "cuda" and (use_graph or v2_kernels()):
             from bytemamba.decode import GraphDecoder, decoder_for
-            dec = (decoder_for(model, prompt.shape[0], sampling) if graphs
+            dec = (decoder_for(model, prompt.shape[0], sampling) if use_graph
                    else GraphDecoder(model, prompt.shape[0], sampling, use_graph=False))   # v2 sampler, eager
             dec.seed(seed)
             sym, lp = dec.first(logits)
