@@ -12,6 +12,7 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 demo: $(BIN)/.installed
+	rm -rf runs/demo
 	$(BIN)/bytemamba train recipes/text_default.toml train.out_dir=runs/demo
 
 test: $(BIN)/.installed

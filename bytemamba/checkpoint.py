@@ -269,15 +269,8 @@ class Checkpoints:
             pass
 
     def start_fresh(self, metrics_path: Path) -> None:
-        """Main process, new run (no --resume): remove a previous run's checkpoints and metrics, saying so."""
-        old = [d for d in self.dir.iterdir()] if self.dir.is_dir() else []
-        if old:
-            print(f"starting a new run in {self.dir.parent}: removing {len(old)} checkpoint(s) of a previous "
-                  f"run (use --resume to continue one instead)", flush=True)
-            trash = self.tmp_root / f"previous-{os.getpid()}"
-            trash.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(self.dir, trash)
-            shutil.rmtree(trash, ignore_errors=True)
+        """Main process, new run (no --resume; train() has refused an out_dir with checkpoints): remove the
+        metrics and half-written checkpoint of an earlier attempt that never saved a whole checkpoint."""
         if Path(metrics_path).exists():
             Path(metrics_path).unlink()
         if self.tmp_root.exists():                      # a checkpoint cut short by a crash

@@ -255,6 +255,10 @@ def train(cfg: Config, resume: bool = False) -> dict:
     state = TrainState()
     accelerator.register_for_checkpointing(state)
 
+    previous = out_dir / "checkpoints"
+    if not resume and previous.is_dir() and any(previous.iterdir()):   # every rank sees the same files
+        raise UserError(f"{out_dir} holds checkpoints of a previous run: continue it with --resume, or "
+                        f"choose another train.out_dir (or delete {previous})")
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.toml").write_text(to_toml(cfg))
@@ -272,7 +276,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
                       f"(was {found['world_size']} x {t.batch_size}); batches differ from the original run's",
                       flush=True)
     elif main:
-        checkpoints.start_fresh(metrics_path)                  # a new run in an old out_dir: say so, clear
+        checkpoints.start_fresh(metrics_path)                  # no old checkpoints: clear stale metrics
     if accelerator.log_with:
         accelerator.init_trackers("bytemamba", config=_flat(cfg))
 
