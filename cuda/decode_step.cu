@@ -540,7 +540,6 @@ extern "C" __global__ void __launch_bounds__(256) sample_rows(
             zt += p;
         }
         zt = block_sum(zt, red);              // (block_sum syncs, so p_s is complete below)
-        const float pmax = 1.f / zt;          // the largest probability: exp(0) / zt
         const bool use_k = top_k > 0 && top_k < V;
         float keepmass = 0.f;
         // pass 1: top-k (rank by strictly larger probabilities)
@@ -572,7 +571,8 @@ extern "C" __global__ void __launch_bounds__(256) sample_rows(
             }
             bool keep = !use_k || greater < top_k;
             if (top_p < 1.f) keep = keep && before < top_p * keepmass;
-            if (min_p > 0.f) keep = keep && pv * zt >= min_p * (pmax * zt);
+            // p_s holds exp((logit - max) / T): the largest is exactly 1, so min-p is pv >= min_p * 1
+            if (min_p > 0.f) keep = keep && pv >= min_p;
             if (keep && pv > 0.f) {
                 const unsigned long long h = mix64(sd ^ mix64((ct << 24) ^ ((unsigned long long)row << 11) ^ (unsigned long long)v));
                 const double uu = ((double)(h >> 11) + 0.5) * (1.0 / 9007199254740992.0);   // (0, 1)
