@@ -25,7 +25,7 @@ class ConfigError(UserError, ValueError):
 
 @dataclass
 class ModelConfig:
-    d_model: int = 256
+    d_model: int = 128
     n_layer: int = 4
     vocab_size: int = 256            # 256 symbols: bytes, or 8-bit audio codes
     d_state: int = 16                # N, the SSM state size per channel
@@ -73,9 +73,9 @@ class AudioConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 2e-3
+    lr: float = 3e-3
     min_lr_ratio: float = 0.1        # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 50
+    warmup_steps: int = 30
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
@@ -85,8 +85,8 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 600
-    batch_size: int = 16
+    max_steps: int = 300
+    batch_size: int = 8
     seq_len: int = 256
     grad_accum: int = 1
     out_dir: str = "runs/text_default"
@@ -94,9 +94,9 @@ class TrainConfig:
     mixed_precision: str = "auto"    # auto (bf16 on GPU, none on CPU) | no | bf16 | fp16
     seed: int = 1337
     log_every: int = 10
-    eval_every: int = 200
-    eval_batches: int = 16
-    save_every: int = 200
+    eval_every: int = 100
+    eval_batches: int = 8
+    save_every: int = 100
     keep_checkpoints: int = 3
     trackers: str = "auto"           # auto (tensorboard when installed) | none | tensorboard
     sample_bytes: int = 200          # sample printed at the end of a run (0 = none)
