@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import math
 import os
 import statistics
 import sys
@@ -113,7 +112,6 @@ def _run_scan(args) -> int:
         dout = [torch.randn(b, d, L, device="cuda", generator=g).to(dtype) for _ in range(args.sets)]
         es = torch.tensor([], dtype=dtype).element_size()
         elems = b * d * L
-        ntiles = -(-L // 64)
         bytes_f = elems * es * 4 + 2 * b * n * L * es
         bytes_b = elems * es * 7 + 2 * b * n * L * es + 2 * b * n * L * 4
         floor_mem_f, floor_mem_b = bytes_f / bw * 1e3, bytes_b / bw * 1e3

@@ -238,7 +238,6 @@ def train(cfg: Config, resume: bool = False) -> dict:
     from bytemamba.models.lm import ByteMambaLM
 
     t = cfg.train
-    unit = "byte" if cfg.data.kind == "text" else "symbol"
     out_dir = Path(t.out_dir)
     accelerator = make_accelerator(cfg, out_dir)
     main = accelerator.is_main_process
@@ -416,7 +415,6 @@ def report(model, cfg: Config, result: dict, out_dir: Path) -> None:
     """The end of a run: where things are, the validation figure, and a sample (text models)."""
     import sys
 
-    unit = "byte" if cfg.data.kind == "text" else "symbol"
     print(f"\nexported model: {out_dir / 'model'}")
     if not math.isnan(result["val_bits_per_symbol"]):
         print(f"validation: {describe_bits(result['val_bits_per_symbol'], cfg.data.kind, cfg.audio.quantizer)}")

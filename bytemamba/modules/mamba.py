@@ -77,7 +77,6 @@ class MambaMixer(nn.Module):
     def forward(self, hidden: torch.Tensor, reset: torch.Tensor | None = None,
                 state: MixerState | None = None, return_state: bool = False):
         b, l, _ = hidden.shape
-        k = self.d_conv
         xz = self.in_proj(hidden).transpose(1, 2)                      # (b, 2e, l)
         x, z = xz.chunk(2, dim=1)                                      # (b, e, l) each
 

@@ -26,7 +26,6 @@ in float32); A, D, delta_bias float32 (others are upcast); float64 is refused (u
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 import time
