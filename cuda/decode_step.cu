@@ -49,11 +49,28 @@ __device__ __forceinline__ in_t from_f(float v) { return v; }
 
 __device__ __forceinline__ float silu_f(float v) { return v / (1.f + __expf(-v)); }
 
+// Programmatic dependent launch (sm_90+): when the launcher sets the attribute (BYTEMAMBA_STEP_PDL), a kernel
+// may start while the previous one finishes; it reads its weights first, then waits here for the previous
+// grid's results. Without the attribute both are no-ops. Every kernel below waits in every thread before it
+// reads activations or writes anything, so completion stays ordered along the stream.
+__device__ __forceinline__ void grid_dep_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void grid_dep_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+
 // ------------------------------------------------------------------------------------------------
 extern "C" __global__ void __launch_bounds__(256) conv_step(
     const in_t* __restrict__ x, long long x_stride, float* __restrict__ state, const float* __restrict__ w,
     const float* __restrict__ bias, in_t* __restrict__ out, int b, int e, int k, int silu)
 {
+    grid_dep_wait();
+    grid_dep_launch();
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long long)b * e) return;
     const int row = (int)(i / e), c = (int)(i % e);
@@ -69,6 +86,19 @@ extern "C" __global__ void __launch_bounds__(256) conv_step(
 }
 
 // ------------------------------------------------------------------------------------------------
+// ssm_step: a block of 128 threads owns CPB = 128 / LPC adjacent channels (LPC lanes each) and SSM_ROWS batch
+// rows (grid: ceil(e / CPB) x ceil(b / SSM_ROWS)). A lane keeps its W_dt slice (ranks lane, lane + LPC, ...,
+// up to WREG of them), its 4 entries of A, dt_bias and D in registers for all the block's rows, and loads the
+// states of all its rows (16 bytes a row when NSTATE % 4 == 0) before the first update, so W_dt and A are
+// read once per SSM_ROWS rows and the state traffic of a warp is in flight at once. The arithmetic per
+// (row, channel), and its order, is that of the one-row form: the dt dot per lane in rank order, shuffles.
+#ifndef SSM_ROWS
+#define SSM_ROWS 8
+#endif
+#define WREG 16
+#define CPB (128 / LPC)
+#define VEC4 (NSTATE % 4 == 0)
+
 extern "C" __global__ void __launch_bounds__(128) ssm_step(
     float* __restrict__ state, const in_t* __restrict__ x, long long xs,
     const in_t* __restrict__ dt, long long dts, const float* __restrict__ wdt, int r,
@@ -77,74 +107,12 @@ extern "C" __global__ void __launch_bounds__(128) ssm_step(
     const float* __restrict__ D, const in_t* __restrict__ z, long long zs,
     in_t* __restrict__ y, int b, int e, int flags)
 {
-    const long long g = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    const long long ch = g / LPC;                 // (row, channel), row-major
-    const int lane = (int)(g % LPC);
-    const bool valid = ch < (long long)b * e;
-    const int row = valid ? (int)(ch / e) : 0, c = valid ? (int)(ch % e) : 0;
-
-    // dt: the full-rank input, or the low-rank dot W_dt[c] . dt_low[row] spread over the channel's lanes
-    float d = 0.f;
-    if (wdt) {
-        if (valid)
-            for (int j = lane; j < r; j += LPC) d = fmaf(wdt[(long long)c * r + j], to_f(dt[row * dts + j]), d);
-#pragma unroll
-        for (int o = LPC / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o, LPC);
-    } else if (valid) {
-        d = to_f(dt[row * dts + c]);
-    }
-    if (dt_bias && valid) d += dt_bias[c];
-    if (flags & 1) d = d <= 20.f ? log1pf(__expf(d)) : d;   // softplus, PyTorch's threshold
-
-    const float xv = valid ? to_f(x[row * xs + c]) : 0.f;
-    const float dx = d * xv;
-    float acc = 0.f;
-    if (valid) {
-        float* s = state + ch * NSTATE;
-        const float* a = A + (long long)c * NSTATE;
-        const in_t* Br = B + row * bs;
-        const in_t* Cr = C + row * cs;
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-            const int j = lane * 4 + q;
-            if (NPADS == NSTATE || j < NSTATE) {
-                const float sj = fmaf(__expf(d * a[j]), s[j], dx * to_f(Br[j]));
-                s[j] = sj;
-                acc = fmaf(sj, to_f(Cr[j]), acc);
-            }
-        }
-    }
-#pragma unroll
-    for (int o = LPC / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o, LPC);
-    if (!valid || lane != 0) return;
-    float out = acc + (D ? D[c] * xv : 0.f);
-    if (z) out *= silu_f(to_f(z[row * zs + c]));
-    y[row * (long long)e + c] = from_f(out);
-}
-
-// ------------------------------------------------------------------------------------------------
-// ssm_step_rows (opt-in v2 for larger batches): the same arithmetic, in the same order, as ssm_step, but
-// each lane group walks SSM_ROWS batch rows of one channel, so W_dt (up to WREG*LPC ranks), A, dt_bias and
-// D are read once per group instead of once per row. grid: ceil(b / SSM_ROWS) * e * LPC threads.
-#ifndef SSM_ROWS
-#define SSM_ROWS 4
-#endif
-#define WREG 16
-extern "C" __global__ void __launch_bounds__(128) ssm_step_rows(
-    float* __restrict__ state, const in_t* __restrict__ x, long long xs,
-    const in_t* __restrict__ dt, long long dts, const float* __restrict__ wdt, int r,
-    const float* __restrict__ dt_bias, const float* __restrict__ A,
-    const in_t* __restrict__ B, long long bs, const in_t* __restrict__ C, long long cs,
-    const float* __restrict__ D, const in_t* __restrict__ z, long long zs,
-    in_t* __restrict__ y, int b, int e, int flags)
-{
-    const long long g = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    const long long ch = g / LPC;                 // (row group, channel)
-    const int lane = (int)(g % LPC);
-    const int ngroups = (b + SSM_ROWS - 1) / SSM_ROWS;
-    const bool valid = ch < (long long)ngroups * e;
-    const int rg = valid ? (int)(ch / e) : 0, c = valid ? (int)(ch % e) : 0;
+    const int c = blockIdx.x * CPB + threadIdx.x / LPC;
+    const int lane = threadIdx.x % LPC;
+    const int row0 = blockIdx.y * SSM_ROWS;
+    const bool valid = c < e;
     const bool wreg = wdt && r <= WREG * LPC;
+    // parameters (not written by the previous kernels): before the grid dependency wait
     float wv[WREG];
 #pragma unroll
     for (int t = 0; t < WREG; ++t) {
@@ -159,9 +127,28 @@ extern "C" __global__ void __launch_bounds__(128) ssm_step_rows(
     }
     const float bias = (dt_bias && valid) ? dt_bias[c] : 0.f;
     const float Dc = (D && valid) ? D[c] : 0.f;
+    grid_dep_wait();
+    grid_dep_launch();
+    // every row's state first (the loads of all rows in flight together)
+    float s4[SSM_ROWS][4];
+#pragma unroll
     for (int rr = 0; rr < SSM_ROWS; ++rr) {
-        const int row = rg * SSM_ROWS + rr;
+        const int row = row0 + rr;
         const bool ok = valid && row < b;
+        const float* s = state + ((long long)row * e + c) * NSTATE + lane * 4;
+        if (VEC4) {
+            const float4 v = (ok && lane * 4 < NSTATE) ? *reinterpret_cast<const float4*>(s) : make_float4(0.f, 0.f, 0.f, 0.f);
+            s4[rr][0] = v.x; s4[rr][1] = v.y; s4[rr][2] = v.z; s4[rr][3] = v.w;
+        } else {
+#pragma unroll
+            for (int q = 0; q < 4; ++q) s4[rr][q] = (ok && lane * 4 + q < NSTATE) ? s[q] : 0.f;
+        }
+    }
+#pragma unroll
+    for (int rr = 0; rr < SSM_ROWS; ++rr) {
+        const int row = row0 + rr;
+        if (row0 + rr >= b) break;                    // uniform across the block
+        const bool ok = valid;
         float d = 0.f;
         if (wdt) {
             if (ok) {
@@ -181,22 +168,28 @@ extern "C" __global__ void __launch_bounds__(128) ssm_step_rows(
             d = to_f(dt[row * dts + c]);
         }
         if (dt_bias && ok) d += bias;
-        if (flags & 1) d = d <= 20.f ? log1pf(__expf(d)) : d;
+        if (flags & 1) d = d <= 20.f ? log1pf(__expf(d)) : d;   // softplus, PyTorch's threshold
         const float xv = ok ? to_f(x[row * xs + c]) : 0.f;
         const float dx = d * xv;
         float acc = 0.f;
         if (ok) {
-            float* s = state + ((long long)row * e + c) * NSTATE;
             const in_t* Br = B + row * bs;
             const in_t* Cr = C + row * cs;
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
                 const int j = lane * 4 + q;
                 if (NPADS == NSTATE || j < NSTATE) {
-                    const float sj = fmaf(__expf(d * a4[q]), s[j], dx * to_f(Br[j]));
-                    s[j] = sj;
+                    const float sj = fmaf(__expf(d * a4[q]), s4[rr][q], dx * to_f(Br[j]));
+                    s4[rr][q] = sj;
                     acc = fmaf(sj, to_f(Cr[j]), acc);
                 }
+            }
+            float* s = state + ((long long)row * e + c) * NSTATE + lane * 4;
+            if (VEC4) {
+                if (lane * 4 < NSTATE) *reinterpret_cast<float4*>(s) = make_float4(s4[rr][0], s4[rr][1], s4[rr][2], s4[rr][3]);
+            } else {
+#pragma unroll
+                for (int q = 0; q < 4; ++q) if (lane * 4 + q < NSTATE) s[q] = s4[rr][q];
             }
         }
 #pragma unroll
@@ -215,6 +208,8 @@ extern "C" __global__ void __launch_bounds__(256) add_rmsnorm(
     const float* __restrict__ emb, const float* __restrict__ w, in_t* __restrict__ out, int d, float eps)
 {
     __shared__ float red[32];
+    grid_dep_wait();
+    grid_dep_launch();
     const int row = blockIdx.x;
     float* res = residual + (long long)row * d;
     const float* src = ids ? emb + ids[row] * (long long)d : nullptr;
@@ -242,28 +237,37 @@ extern "C" __global__ void __launch_bounds__(256) add_rmsnorm(
 }
 
 // ------------------------------------------------------------------------------------------------
-// Small batches (b <= MAXB): the projections as fused GEMVs, so that a layer is 4 launches
-// (in_proj [+RMSNorm in, conv+SiLU out], x_proj, ssm_step, out_proj [+residual add, norm partial sums]).
+// The projections as fused GEMVs on CUDA cores, so that a layer is 4 launches (in_proj [+RMSNorm in, conv+SiLU
+// out], x_proj, ssm_step, out_proj [+residual add, norm partials]); batch rows in tiles of GB <= 8 (compile-time),
+// one tile per blockIdx.y (the weights of a block are re-read from L2 by the other tiles).
 //
 //   gemv_step: y[r, j] = sum_k W[j, k] * in[r, k] (+ bias[j]) for r < b, j < N;  W (N, K) in_t contiguous,
-//   K a multiple of VEC (16-byte rows). One warp per output j (8 per block, grid ceil(N/8)); each lane
-//   reads 16 bytes of W per step and the same columns of every batch row (L1/L2-resident).
-//   flags: 1 NORM  in[r, k] = res[r, k] * inv_r * nw[k], inv_r = rsqrt(sum_p partial_in[r, p] / K + eps)
+//   K a multiple of kw * VEC (16-byte chunks). A block of 8 warps owns 8 / kw groups of RPW output rows; the kw
+//   warps of a group split K in equal slices. Each lane first loads RPW x UK 16-byte chunks of W (the whole
+//   slice when it fits: K / kw <= 32 * VEC * UK), and only then waits for the previous kernel, reads the
+//   input rows into shared memory once per block (GB x K in_t, normalised there when NORM), and does the
+//   FMAs from registers and shared memory; partial sums of the kw warps meet in shared memory.
+//   flags: 1 NORM  in[r, k] = in_t(res[r, k] * inv_r * nw[k]), inv_r = rsqrt(sum_p partial_in[r, p] / K + eps)
+//                  (the rounding of add_rmsnorm's output)
 //          2 CONV  (in_proj) j < e: out[r, j] = silu(conv step of channel j with input y), state updated;
 //                  j >= e: out[r, j] = y  (out is (b, 2e): the x and z halves)
 //          4 RESID res[r, j] += y; partial_out[r, blockIdx.x] = this block's sum of res[r, j]^2
 //          8 F32   out is float32 (the head's logits)
+//   grid: ceil(N / (RPW * 8 / kw)) x ceil(b / GB) blocks of 256 threads, GB * K * sizeof(in_t) bytes of
+//   dynamic shared memory.
 //   embed_rows: res[r] = emb[ids[r]], partial_out[r, 0] = sum res[r]^2 (one block per row).
-#ifndef MAXB
-#define MAXB 8
+#ifndef GB
+#define GB 1
 #endif
-#ifndef GEMV_UNR
-#define GEMV_UNR 1
+#ifndef RPW
+#define RPW 2
+#endif
+#ifndef UK
+#define UK 4
 #endif
 #define VEC (16 / (int)sizeof(in_t))
 
-__device__ __forceinline__ void load_vec(const in_t* p, float* v) {
-    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+__device__ __forceinline__ void unpack(const uint4& raw, float* v) {
     const in_t* e = reinterpret_cast<const in_t*>(&raw);
 #pragma unroll
     for (int i = 0; i < VEC; ++i) v[i] = to_f(e[i]);
@@ -278,154 +282,149 @@ extern "C" __global__ void __launch_bounds__(256) gemv_step(
     float* __restrict__ conv_state, const float* __restrict__ conv_w, const float* __restrict__ conv_b,
     int e, int kc,
     float* __restrict__ res_out, float* __restrict__ partial_out, int P_out,
-    int b, int flags)
+    int b, int kw, int flags)
 {
-    __shared__ float inv_s[MAXB];
-    __shared__ float ss_s[8][MAXB];
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    in_t* xin = reinterpret_cast<in_t*>(smem_raw);          // (GB, K) input rows of this batch tile
+    const int n0 = blockIdx.y * GB;                         // its first batch row
+    __shared__ float inv_s[GB];
+    __shared__ float red[8][RPW][GB];
+    __shared__ float sq[8 * RPW][GB];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int j = blockIdx.x * 8 + warp;
-    if (flags & 1) {
-        if (threadIdx.x < b) {
+    const int groups = 8 / kw, grp = warp / kw, part = warp % kw;
+    const int rows_blk = groups * RPW;
+    const int row0 = blockIdx.x * rows_blk + grp * RPW;
+    const int klen = K / kw, k_lo = part * klen, k_hi = k_lo + klen;
+    const int step = 32 * VEC * UK;
+    const int trips = (klen + step - 1) / step;
+
+    uint4 wv[RPW][UK];
+    auto load_w = [&](int t) {
+#pragma unroll
+        for (int u = 0; u < UK; ++u) {
+            const int k = k_lo + t * step + (u * 32 + lane) * VEC;
+#pragma unroll
+            for (int i = 0; i < RPW; ++i) {
+                const int j = row0 + i;
+                wv[i][u] = (k < k_hi && j < N) ? __ldg(reinterpret_cast<const uint4*>(W + (long long)j * K + k))
+                                               : make_uint4(0u, 0u, 0u, 0u);
+            }
+        }
+    };
+    load_w(0);                                         // weights: independent of the previous kernel
+    grid_dep_wait();
+    grid_dep_launch();
+
+    if (flags & 1) {                                   // inv rms of row r from the partial sums (warp r)
+        if (warp < GB) {
             float t = 0.f;
-            for (int p = 0; p < P_in; ++p) t += partial_in[threadIdx.x * P_in + p];
-            inv_s[threadIdx.x] = rsqrtf(t / (float)K + eps);
+            if (n0 + warp < b)
+                for (int p = lane; p < P_in; p += 32) t += partial_in[(n0 + warp) * P_in + p];
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
+            if (lane == 0) inv_s[warp] = rsqrtf(t / (float)K + eps);
         }
         __syncthreads();
-    }
-    float acc[MAXB];
-#pragma unroll
-    for (int r = 0; r < MAXB; ++r) acc[r] = 0.f;
-    if (j < N) {
-        const in_t* wr = W + (long long)j * K;
-#if GEMV_UNR > 1
-        // v2 (opt-in, -DGEMV_UNR=U): U 16-byte weight loads per lane in flight before the first FMA
-        for (int k0 = 0; k0 < K; k0 += 32 * VEC * GEMV_UNR) {
-            uint4 wraw[GEMV_UNR];
-#pragma unroll
-            for (int u = 0; u < GEMV_UNR; ++u) {
-                const int k = k0 + (u * 32 + lane) * VEC;
-                wraw[u] = k < K ? *reinterpret_cast<const uint4*>(wr + k) : make_uint4(0u, 0u, 0u, 0u);
-            }
-#pragma unroll
-            for (int u = 0; u < GEMV_UNR; ++u) {
-                const int k = k0 + (u * 32 + lane) * VEC;
-                if (k >= K) break;
-                float w[VEC];
-                const in_t* we = reinterpret_cast<const in_t*>(&wraw[u]);
-#pragma unroll
-                for (int i = 0; i < VEC; ++i) w[i] = to_f(we[i]);
-                float nwv[VEC];
-                if (flags & 1) {
-#pragma unroll
-                    for (int i = 0; i < VEC; i += 4) {
-                        const float4 n4 = *reinterpret_cast<const float4*>(nw + k + i);
-                        nwv[i] = n4.x * w[i]; nwv[i + 1] = n4.y * w[i + 1];
-                        nwv[i + 2] = n4.z * w[i + 2]; nwv[i + 3] = n4.w * w[i + 3];
-                    }
-                }
-#pragma unroll
-                for (int r = 0; r < MAXB; ++r) {
-                    if (r < b) {
-                        float s = 0.f;
-                        if (flags & 1) {
-                            const float* rr = res_in + (long long)r * K + k;
-#pragma unroll
-                            for (int i = 0; i < VEC; i += 4) {
-                                const float4 v4 = *reinterpret_cast<const float4*>(rr + i);
-                                s = fmaf(v4.x, nwv[i], s); s = fmaf(v4.y, nwv[i + 1], s);
-                                s = fmaf(v4.z, nwv[i + 2], s); s = fmaf(v4.w, nwv[i + 3], s);
-                            }
-                            s *= inv_s[r];
-                        } else {
-                            float xv[VEC];
-                            load_vec(x + r * xs + k, xv);
-#pragma unroll
-                            for (int i = 0; i < VEC; ++i) s = fmaf(xv[i], w[i], s);
-                        }
-                        acc[r] += s;
-                    }
-                }
-            }
+        for (int i = threadIdx.x * 4; i < GB * K; i += 256 * 4) {
+            const int r = i / K, k = i - r * K;
+            const float4 v = n0 + r < b ? *reinterpret_cast<const float4*>(res_in + (long long)(n0 + r) * K + k)
+                                        : make_float4(0.f, 0.f, 0.f, 0.f);
+            const float4 n = *reinterpret_cast<const float4*>(nw + k);
+            const float inv = inv_s[r];
+            in_t* d = xin + i;
+            d[0] = from_f(v.x * inv * n.x); d[1] = from_f(v.y * inv * n.y);
+            d[2] = from_f(v.z * inv * n.z); d[3] = from_f(v.w * inv * n.w);
         }
-#else
-        for (int k = lane * VEC; k < K; k += 32 * VEC) {
-            float w[VEC];
-            load_vec(wr + k, w);
-            float nwv[VEC];
-            if (flags & 1) {
+    } else {
+        for (int i = threadIdx.x * VEC; i < GB * K; i += 256 * VEC) {
+            const int r = i / K, k = i - r * K;
+            *reinterpret_cast<uint4*>(xin + i) = n0 + r < b ? *reinterpret_cast<const uint4*>(x + (n0 + r) * xs + k)
+                                                            : make_uint4(0u, 0u, 0u, 0u);
+        }
+    }
+    __syncthreads();
+
+    float acc[RPW][GB];
 #pragma unroll
-                for (int i = 0; i < VEC; ++i) nwv[i] = nw[k + i] * w[i];
-            }
+    for (int i = 0; i < RPW; ++i)
 #pragma unroll
-            for (int r = 0; r < MAXB; ++r) {
-                if (r < b) {
+        for (int r = 0; r < GB; ++r) acc[i][r] = 0.f;
+    for (int t = 0; t < trips; ++t) {
+        if (t > 0) load_w(t);
+#pragma unroll
+        for (int u = 0; u < UK; ++u) {
+            const int k = k_lo + t * step + (u * 32 + lane) * VEC;
+            if (k >= k_hi) break;
+            float w[RPW][VEC];
+#pragma unroll
+            for (int i = 0; i < RPW; ++i) unpack(wv[i][u], w[i]);
+#pragma unroll
+            for (int r = 0; r < GB; ++r) {
+                float xv[VEC];
+                unpack(*reinterpret_cast<const uint4*>(xin + r * K + k), xv);
+#pragma unroll
+                for (int i = 0; i < RPW; ++i) {
                     float s = 0.f;
-                    if (flags & 1) {
-                        const float* rr = res_in + (long long)r * K + k;
 #pragma unroll
-                        for (int i = 0; i < VEC; ++i) s = fmaf(rr[i], nwv[i], s);
-                        s *= inv_s[r];
-                    } else {
-                        float xv[VEC];
-                        load_vec(x + r * xs + k, xv);
-#pragma unroll
-                        for (int i = 0; i < VEC; ++i) s = fmaf(xv[i], w[i], s);
-                    }
-                    acc[r] += s;
+                    for (int q = 0; q < VEC; ++q) s = fmaf(xv[q], w[i][q], s);
+                    acc[i][r] += s;
                 }
             }
         }
-#endif
     }
 #pragma unroll
-    for (int r = 0; r < MAXB; ++r) {
+    for (int i = 0; i < RPW; ++i)
 #pragma unroll
-        for (int o = 16; o > 0; o >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
+        for (int r = 0; r < GB; ++r) {
+            float v = acc[i][r];
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+            if (lane == 0) red[warp][i][r] = v;
+        }
+    __syncthreads();
+
+    // epilogue: thread t < rows_blk * GB owns (local output row lr, batch row n of this tile)
+    const int t = threadIdx.x;
+    const int lr = t / GB, n = n0 + t % GB;                 // local output row, batch row
+    const int j = blockIdx.x * rows_blk + lr;
+    const bool mine = t < rows_blk * GB && j < N && n < b;
+    float y = 0.f;
+    if (mine) {
+        const int g = lr / RPW, i = lr % RPW;
+        for (int p = 0; p < kw; ++p) y += red[g * kw + p][i][t % GB];
+        y += wbias ? wbias[j] : 0.f;
     }
     if (flags & 4) {                                   // residual add + this block's partial sums of squares
-        if (lane == 0) {
-#pragma unroll
-            for (int r = 0; r < MAXB; ++r) {
-                float v = 0.f;
-                if (r < b && j < N) {
-                    const float y = acc[r] + (wbias ? wbias[j] : 0.f);
-                    v = res_out[(long long)r * N + j] + y;
-                    res_out[(long long)r * N + j] = v;
-                }
-                ss_s[warp][r] = v * v;
-            }
+        float v = 0.f;
+        if (mine) {
+            v = res_out[(long long)n * N + j] + y;
+            res_out[(long long)n * N + j] = v;
         }
+        if (t < rows_blk * GB) sq[lr][t % GB] = v * v;
         __syncthreads();
-        if (threadIdx.x < b) {
-            float t = 0.f;
-#pragma unroll
-            for (int w = 0; w < 8; ++w) t += ss_s[w][threadIdx.x];
-            partial_out[threadIdx.x * P_out + blockIdx.x] = t;
+        if (t < GB && n0 + t < b) {
+            float s = 0.f;
+            for (int q = 0; q < rows_blk; ++q) s += sq[q][t];
+            partial_out[(n0 + t) * P_out + blockIdx.x] = s;
         }
         return;
     }
-    if (j >= N || lane >= MAXB || lane >= b) return;
-    // lane r writes batch row r (acc[] is indexed with compile-time constants only)
-    float y = 0.f;
-#pragma unroll
-    for (int r = 0; r < MAXB; ++r) if (r == lane) y = acc[r];
-    y += wbias ? wbias[j] : 0.f;
-    const int r = lane;
-    if (flags & 8) { reinterpret_cast<float*>(out)[r * os + j] = y; return; }
+    if (!mine) return;
+    if (flags & 8) { reinterpret_cast<float*>(out)[n * os + j] = y; return; }
     in_t* o = reinterpret_cast<in_t*>(out);
     if ((flags & 2) && j < e) {
         const float xi = to_f(from_f(y));              // the conv input as stored in the unfused path
-        float* st = conv_state + ((long long)r * e + j) * (kc - 1);
+        float* st = conv_state + ((long long)n * e + j) * (kc - 1);
         const float* wc = conv_w + (long long)j * kc;
         float c = conv_b ? conv_b[j] : 0.f;
-        for (int i = 0; i < kc - 1; ++i) c = fmaf(wc[i], st[i], c);
+        for (int q = 0; q < kc - 1; ++q) c = fmaf(wc[q], st[q], c);
         c = fmaf(wc[kc - 1], xi, c);
-        for (int i = 0; i + 1 < kc - 1; ++i) st[i] = st[i + 1];
+        for (int q = 0; q + 1 < kc - 1; ++q) st[q] = st[q + 1];
         st[kc - 2] = xi;
-        o[r * os + j] = from_f(silu_f(c));
+        o[n * os + j] = from_f(silu_f(c));
         return;
     }
-    o[r * os + j] = from_f(y);
+    o[n * os + j] = from_f(y);
 }
 
 extern "C" __global__ void __launch_bounds__(256) embed_rows(
@@ -433,6 +432,8 @@ extern "C" __global__ void __launch_bounds__(256) embed_rows(
     float* __restrict__ partial_out, int d)
 {
     __shared__ float red[32];
+    grid_dep_wait();
+    grid_dep_launch();
     const int row = blockIdx.x;
     const float* src = emb + ids[row] * (long long)d;
     float ss = 0.f;

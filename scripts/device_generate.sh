@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Device run for fast generation (issue 7): GPU tests of the decode step and graph decoding, then
-# `bytemamba bench generate "$@"` (default kernels, with the Transformer baseline), then the opt-in v2 kernels
-# (BYTEMAMBA_STEP_V2=1: gemv_step with 8 loads in flight, ssm_step_rows) with the fused GEMV path up to batch 8.
-# Installs nothing. Logs under $OUT (tests.log, bench.log, bench_v2.log); the tables print last. ~2-3 minutes.
-#   SKIP_TESTS=1  skip the tests;  SKIP_BENCH=1  skip the default benchmark;  SKIP_V2=1  skip the v2 benchmark
+# Device run for fast generation (issue 7): GPU tests of the decode step and graph decoding, then the
+# decode-step variants side by side (scripts/step_variants.py; CONFIGS / VARIANTS below), then
+# `bytemamba bench generate "$@"` (with the Transformer baseline). Installs nothing. Logs under $OUT
+# (tests.log, variants.log, bench.log); the tables print last.
+#   SKIP_TESTS=1  skip the tests;  SKIP_VARIANTS=1  skip the variants;  SKIP_BENCH=1  skip the benchmark
 #   TESTS=...     which tests (default tests/ops/test_step.py tests/test_decode.py)
+#   CONFIGS=...   MODEL:BATCH list for the variants;  VARIANTS=...  NAME:SETTINGS[@CONFIGS] list (see the script)
 set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/bytemamba_out}
@@ -14,11 +15,12 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   timeout "${TEST_TIMEOUT:-100}" python3 -m pytest -q -m gpu --tb=short -p no:cacheprovider \
     ${TESTS:-tests/ops/test_step.py tests/test_decode.py} 2>&1 | tee "$OUT/tests.log" | tail -40
 fi
+if [ "${SKIP_VARIANTS:-0}" != 1 ]; then
+  timeout "${VARIANTS_TIMEOUT:-120}" python3 scripts/step_variants.py \
+    --configs ${CONFIGS:-byte353m:1 byte353m:64 audio6m:1 audio6m:256} \
+    --variants ${VARIANTS:-"base:" "pdl:BYTEMAMBA_STEP_PDL=1"} ${VARIANT_ARGS:-} 2>&1 | tee "$OUT/variants.log" \
+    | grep -v "^#  "
+fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   timeout "${BENCH_TIMEOUT:-120}" python3 -m bytemamba.bench generate "$@" 2>&1 | tee "$OUT/bench.log"
-fi
-if [ "${SKIP_V2:-0}" != 1 ]; then
-  echo "### v2 kernels (BYTEMAMBA_STEP_V2=1), fused GEMV path up to batch 8"
-  BYTEMAMBA_STEP_V2=1 timeout "${V2_TIMEOUT:-90}" python3 -m bytemamba.bench generate --no-transformer \
-    --gemv-max-batch 8 --breakdown byte353m:1 byte353m:64 2>&1 | tee "$OUT/bench_v2.log" | grep -v "^#  " | tail -14
 fi

@@ -20,6 +20,7 @@ dimension contiguous), states and small parameters in float32. They do no autogr
 
 from __future__ import annotations
 
+import ctypes
 import os
 
 import numpy as np
@@ -30,8 +31,8 @@ from bytemamba.ops.scan import BackendError
 from bytemamba.ops._cupy import compile_module, cupy_stream, ptr
 
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-_KERNELS = ("conv_step", "ssm_step", "add_rmsnorm", "gemv_step", "embed_rows", "ssm_step_rows", "sample_rows")
-MAXB = 8                      # the fused GEMVs take batches up to this (cuda/decode_step.cu)
+_KERNELS = ("conv_step", "ssm_step", "add_rmsnorm", "gemv_step", "embed_rows", "sample_rows")
+MAXB = 8                      # the fused GEMVs take batch rows in tiles of up to this (GB in cuda/decode_step.cu)
 MAX_STATE = 128
 
 
@@ -79,21 +80,46 @@ def add_rmsnorm_ref(residual, delta, weight, eps, out_dtype, ids=None, embedding
 
 # ---- CUDA launchers -----------------------------------------------------------------------------------
 
-def _kernels(dtype: torch.dtype, n: int, device: torch.device):
+def _kernels(dtype: torch.dtype, n: int, device: torch.device, gb: int = 0):
+    """The module for activations of `dtype`, d_state `n` (ssm_step) and, for gemv_step, batch `gb`."""
     if dtype not in _DTYPE_CODE:
         raise BackendError(f"decode step (cuda): activations of dtype {dtype} are not supported "
                            "(float32, bfloat16, float16)")
     if not 1 <= n <= MAX_STATE:
         raise BackendError(f"decode step (cuda): d_state {n} is not supported (1..{MAX_STATE})")
-    opts = (f"-DIN_DTYPE={_DTYPE_CODE[dtype]}", f"-DNSTATE={n}") + (("-DGEMV_UNR=8",) if v2_kernels() else ())
+    t = tuning()
+    opts = (f"-DIN_DTYPE={_DTYPE_CODE[dtype]}", f"-DNSTATE={n}", f"-DGB={max(gb, 1)}", f"-DSSM_ROWS={t['ssm_rows']}",
+            f"-DRPW={t['rpw']}", f"-DUK={t['uk']}")
     return compile_module("decode_step.cu", opts, device, _KERNELS)
 
 
+_TUNING = dict(ssm_rows=8, rpw=2, uk=4, gemv_blocks=264)
+
+
+def tuning() -> dict:
+    """Launch shapes of the step kernels: ssm_rows (batch rows per ssm_step block), rpw / uk (gemv_step: output
+    rows per warp, 16-byte weight chunks per lane per row in flight), gemv_blocks (gemv_step splits K over
+    more warps until it has this many blocks). BYTEMAMBA_STEP_TUNE="ssm_rows=4,uk=8" overrides them (for
+    benchmarks); read at every launch (for a graph: when it is captured)."""
+    t = dict(_TUNING)
+    for item in filter(None, os.environ.get("BYTEMAMBA_STEP_TUNE", "").split(",")):
+        k, _, v = item.partition("=")
+        if k.strip() not in t or not v.strip().isdigit() or int(v) < 1:
+            raise ValueError(f"BYTEMAMBA_STEP_TUNE: bad item {item!r} (keys {', '.join(t)}, positive integers)")
+        t[k.strip()] = int(v)
+    return t
+
+
 def v2_kernels() -> bool:
-    """BYTEMAMBA_STEP_V2=1 selects the second versions (opt-in until measured on a GPU): gemv_step with 8
-    weight loads per lane in flight, and ssm_step_rows (4 batch rows per lane group, W_dt/A in registers)
-    for batches >= 4. Read when a step is launched (for a graph: when it is captured)."""
+    """BYTEMAMBA_STEP_V2=1 selects the fused sampler (sample_rows, its own random stream) in the decoder.
+    Read when a step is launched (for a graph: when it is captured)."""
     return os.environ.get("BYTEMAMBA_STEP_V2", "0") not in ("", "0", "false", "False")
+
+
+def pdl() -> bool:
+    """BYTEMAMBA_STEP_PDL=1 launches the step kernels with programmatic dependent launch (sm_90+): each may
+    start, and load its weights, while the previous kernel finishes."""
+    return os.environ.get("BYTEMAMBA_STEP_PDL", "0") not in ("", "0", "false", "False")
 
 
 def _rows(name, t, shape0, width):
@@ -116,10 +142,48 @@ def _check_state(name, t, shape):
                          f"{tuple(shape)}, got {t.dtype} {tuple(t.shape)} (contiguous={t.is_contiguous()})")
 
 
-def _launch(device, fn, grid, block, args):
+def _launch(device, fn, grid, block, args, smem: int = 0):
+    grid = grid if isinstance(grid, tuple) else (grid,)
+    if pdl() and torch.cuda.get_device_capability(device)[0] >= 9:
+        return _launch_pdl(device, fn, grid, block, args, smem)
     import cupy
     with cupy.cuda.Device(device.index), cupy_stream(device):
-        fn((grid,), (block,), args)
+        fn(grid, (block,), args, shared_mem=smem)
+
+
+class _LaunchAttr(ctypes.Structure):          # CUlaunchAttribute (cuda.h): id, pad to 8, a 64-byte value union
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int * 16)]
+
+
+class _LaunchConfig(ctypes.Structure):        # CUlaunchConfig (cuda.h)
+    _fields_ = [("gx", ctypes.c_uint), ("gy", ctypes.c_uint), ("gz", ctypes.c_uint), ("bx", ctypes.c_uint),
+                ("by", ctypes.c_uint), ("bz", ctypes.c_uint), ("smem", ctypes.c_uint), ("stream", ctypes.c_void_p),
+                ("attrs", ctypes.POINTER(_LaunchAttr)), ("nattrs", ctypes.c_uint)]
+
+
+_CT = {np.uint64: ctypes.c_uint64, np.int64: ctypes.c_int64, np.int32: ctypes.c_int32, np.float32: ctypes.c_float}
+_libcuda = None
+
+
+def _launch_pdl(device, fn, grid, block, args, smem):
+    """cuLaunchKernelEx with CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION (6) on PyTorch's stream."""
+    global _libcuda
+    if _libcuda is None:
+        _libcuda = ctypes.CDLL("libcuda.so.1")
+        _libcuda.cuLaunchKernelEx.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p,
+                                              ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
+    vals = [_CT[type(a)](a.item()) for a in args]
+    params = (ctypes.c_void_p * len(vals))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in vals])
+    attr = _LaunchAttr(id=6)
+    attr.value[0] = 1
+    g = tuple(grid) + (1,) * (3 - len(grid))
+    cfg = _LaunchConfig(g[0], g[1], g[2], block, 1, 1, smem, torch.cuda.current_stream(device).cuda_stream,
+                        ctypes.pointer(attr), 1)
+    import cupy
+    with cupy.cuda.Device(device.index):
+        rc = _libcuda.cuLaunchKernelEx(ctypes.byref(cfg), fn.ptr, params, None)
+    if rc != 0:
+        raise RuntimeError(f"decode step (cuda): cuLaunchKernelEx failed with CUresult {rc}")
 
 
 def conv_state_update_fn(x, conv_state, weight, bias=None, silu=True):
@@ -164,10 +228,10 @@ def ssm_state_update_fn(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_
     npads = 4                          # states padded to a power of two >= 4 (NPADS in the kernel)
     while npads < n:
         npads *= 2
-    rows = 4 if v2_kernels() and b >= 4 else 1   # ssm_step_rows: SSM_ROWS = 4 rows per lane group
-    threads = -(-b // rows) * e * (npads // 4)   # npads/4 lanes per (row [group], channel)
+    cpb = 128 // (npads // 4)          # channels per block of 128 threads (npads/4 lanes per channel)
+    grid = (-(-e // cpb), -(-b // tuning()["ssm_rows"]))
     y = torch.empty(b, e, device=x.device, dtype=io)
-    _launch(x.device, K["ssm_step_rows" if rows > 1 else "ssm_step"], -(-threads // 128), 128,
+    _launch(x.device, K["ssm_step"], grid, 128,
             (ptr(state), ptr(x), xs, ptr(dt), dts, ptr(wdt), np.int32(r), ptr(_f32(dt_bias)), ptr(_f32(A)),
              ptr(B), bs, ptr(C), cs, ptr(_f32(D)), ptr(z), zs, ptr(y), np.int32(b), np.int32(e),
              np.int32(1 if dt_softplus else 0)))
@@ -192,17 +256,31 @@ def add_rmsnorm_fn(residual, delta, weight, eps, out_dtype, ids=None, embedding=
 
 # ---- small batches: fused GEMVs (no autograd, decoding only) ------------------------------------------
 
+_SMEM = 48 * 1024                # gemv_step stages the (b, K) input rows in (static-limit) shared memory
+
+
 def gemv_supported(batch: int, *widths: int, dtype=torch.bfloat16) -> bool:
-    """True where the fused GEMV path applies: batch <= MAXB and every reduced width a multiple of 16 bytes."""
-    vec = 16 // torch.empty((), dtype=dtype).element_size()
-    return 1 <= batch <= MAXB and all(w % vec == 0 for w in widths)
+    """True where the fused GEMV path applies: every reduced width a multiple of 16 bytes, and a tile of
+    min(batch, MAXB) rows of it within 48 KB (the rows are staged in shared memory)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    gb = min(batch, MAXB)
+    return batch >= 1 and all(w % (16 // size) == 0 and gb * w * size <= _SMEM for w in widths)
+
+
+def _split_k(N: int, K: int, vec: int, t: dict) -> int:
+    """Warps sharing an output row group (gemv_step's kw): the fewest that give gemv_blocks blocks."""
+    kw = 1
+    while kw < 8 and -(-N // (t["rpw"] * 8 // kw)) < t["gemv_blocks"] and K % (2 * kw * vec) == 0:
+        kw *= 2
+    return kw
 
 
 def gemv_fn(W, x=None, *, bias=None, norm=None, conv=None, resid=None, out_f32=False):
-    """Fused GEMV y = in @ W^T (+ bias) for b <= MAXB rows, W (N, K) contiguous in the activation dtype.
+    """Fused GEMV y = in @ W^T (+ bias) for b rows (tiles of MAXB), W (N, K) contiguous in the activation dtype.
 
-    in:  `x` (b, K) rows (last dim contiguous), or `norm=(residual (b, K) f32, partial (b, P) f32, norm_w (K)
-         f32, eps)`: RMSNorm(residual) * norm_w with the mean square taken from the partial sums.
+    in:  `x` (b, K) rows (last dim contiguous, rows 16-byte aligned), or `norm=(residual (b, K) f32, partial
+         (b, P) f32, norm_w (K) f32, eps)`: RMSNorm(residual) * norm_w, rounded to W's dtype, with the mean
+         square taken from the partial sums.
     out: (b, N) in W's dtype (float32 with out_f32); `conv=(conv_state (b, e, k-1), w (e, k), bias (e))`
          turns the first e = N/2 outputs into the conv step + SiLU of in_proj's x half;
          `resid=(residual (b, N) f32)` adds y to the residual in place and returns the new partial sums of
@@ -210,23 +288,32 @@ def gemv_fn(W, x=None, *, bias=None, norm=None, conv=None, resid=None, out_f32=F
     """
     N, K = W.shape
     dev, io = W.device, W.dtype
-    Kn = _kernels(io, 1, dev)
     flags = 0
-    b = None
     xs = np.int64(0)
     res_in = partial_in = nw = None
     P_in, eps = 0, 0.0
     if norm is not None:
         res_in, partial_in, nw, eps = norm
         b = res_in.shape[0]
+        _check_state("residual", res_in, (b, K))
+        partial_in = partial_in.contiguous()
+        nw = _f32(nw)
         P_in = partial_in.shape[1]
         flags |= 1
     else:
         b = x.shape[0]
         x, xs = _rows("x", x, b, K)
+        if x.dtype != io:
+            raise TypeError(f"gemv (cuda): x has dtype {x.dtype}, W has {io}")
+    vec = 16 // W.element_size()
     if not gemv_supported(b, K, dtype=io) or W.stride(1) != 1 or W.stride(0) != K:
         raise ValueError(f"gemv (cuda): batch {b} / width {K} / layout not supported")
-    grid = -(-N // 8)
+    if x is not None and (x.data_ptr() % 16 or int(xs) % vec):
+        raise ValueError("gemv (cuda): input rows must start on 16-byte boundaries")
+    t = tuning()
+    kw = _split_k(N, K, vec, t)
+    grid = -(-N // (t["rpw"] * 8 // kw))
+    gb = min(b, MAXB)
     out = partial_out = res_out = None
     cstate = cw = cb = None
     e = kc = 0
@@ -234,6 +321,7 @@ def gemv_fn(W, x=None, *, bias=None, norm=None, conv=None, resid=None, out_f32=F
     P_out = 0
     if resid is not None:
         res_out = resid
+        _check_state("residual", res_out, (b, N))
         partial_out = torch.empty(b, grid, device=dev, dtype=torch.float32)
         P_out = grid
         flags |= 4
@@ -248,11 +336,11 @@ def gemv_fn(W, x=None, *, bias=None, norm=None, conv=None, resid=None, out_f32=F
             kc = cw.shape[1]
             _check_state("conv_state", cstate, (b, e, kc - 1))
             flags |= 2
-    _launch(dev, Kn["gemv_step"], grid, 256,
+    _launch(dev, _kernels(io, 1, dev, gb)["gemv_step"], (grid, -(-b // gb)), 256,
             (ptr(W), ptr(_f32(bias)), np.int32(N), np.int32(K), ptr(x), xs, ptr(res_in), ptr(partial_in),
              np.int32(P_in), ptr(nw), np.float32(eps), ptr(out), os, ptr(cstate), ptr(cw), ptr(_f32(cb)),
              np.int32(e), np.int32(kc), ptr(res_out), ptr(partial_out), np.int32(P_out), np.int32(b),
-             np.int32(flags)))
+             np.int32(kw), np.int32(flags)), smem=gb * K * W.element_size())
     return partial_out if resid is not None else out
 
 

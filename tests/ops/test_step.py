@@ -163,25 +163,65 @@ def test_conv_kernel_many_steps(dtype, k, bias, silu, seed):
 @gpu
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
 @pytest.mark.parametrize("n,lowrank,z,D", [(16, 0, True, True), (16, 8, True, True), (5, 3, False, True),
-                                           (64, 0, True, False), (32, 16, False, False), (1, 0, True, True)])
-@pytest.mark.parametrize("batch,v2", [(3, "0"), (9, "1")], ids=["b3", "b9-v2"])
-def test_ssm_kernel_many_steps(dtype, n, lowrank, z, D, batch, v2, monkeypatch):
-    """b9-v2: BYTEMAMBA_STEP_V2=1 runs ssm_step_rows (4 rows per lane group, 9 = two full groups and one
-    partial); it must match ssm_step (same arithmetic in the same order) as well as the truths."""
+                                           (64, 0, True, False), (32, 16, False, False), (1, 0, True, True),
+                                           (16, 80, True, True)])
+@pytest.mark.parametrize("batch", [3, 9], ids=["b3", "b9"])
+def test_ssm_kernel_many_steps(dtype, n, lowrank, z, D, batch):
+    """ssm_step takes 8 batch rows a block: b9 is one full group and one partial; rank 80 > 16 * 4 reads W_dt
+    from memory instead of registers."""
     dt = DTYPES[dtype]
     L = 48
     ins = make_ssm(batch, 70, n, L, lowrank, dt, "cuda", z, D, seed=n + lowrank)
-    if v2 == "1":
-        y_v1, st_v1 = ssm_steps(ssm_state_update_fn, ins, L)
-    monkeypatch.setenv("BYTEMAMBA_STEP_V2", v2)
     y_k, st_k = ssm_steps(ssm_state_update_fn, ins, L)
-    if v2 == "1":
-        assert rel(y_k, y_v1) < 1e-6 and rel(st_k, st_v1) < 1e-6
     y_t, st_t = ssm_steps(ssm_state_update_ref, ins, L)
     y64, st64 = ssm_parallel(ins)
     assert y_k.dtype == dt and torch.isfinite(y_k).all() and torch.isfinite(st_k).all()
     _check(rel(y_k, y64), rel(y_t, y64), dt, "ssm out")
     _check(rel(st_k, st64), rel(st_t, st64), dt, "ssm state")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+@pytest.mark.parametrize("batch", [1, 3, 8, 20])
+@pytest.mark.parametrize("N,K", [(96, 2048), (1000, 256), (40, 64), (2 * 136, 1024)])
+def test_gemv_kernel(dtype, batch, N, K):
+    """gemv_step (the fused projections; batch 20: tiles of 8, 8 and 4 rows) against float64 on the same
+    rounded inputs: plain, with RMSNorm in (against add_rmsnorm_ref's rounding), with the conv step out, with
+    the residual add out (new residual and the per-block partial sums of squares)."""
+    from bytemamba.ops.step import embed_rows_fn, gemv_fn, gemv_supported
+    dt = DTYPES[dtype]
+    if not gemv_supported(batch, K, dtype=dt):
+        pytest.skip("outside the GEMV path's envelope (batch x width in shared memory)")
+    tol = 2e-6 if dt == torch.float32 else 2e-3
+    g = torch.Generator(device="cuda").manual_seed(N + K + batch)
+    r = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
+    W, bias, x = (r(N, K) * K ** -0.5).to(dt), r(N), r(batch, K).to(dt)
+    want = x.double() @ W.double().T + bias.double()
+    assert rel(gemv_fn(W, x, bias=bias), want) < tol
+    assert rel(gemv_fn(W, x, out_f32=True), want - bias.double()) < tol
+    # norm in: the partial sums as embed_rows leaves them
+    emb, ids, nw = r(256, K), torch.randint(0, 256, (batch,), device="cuda", generator=g), r(K)
+    res = torch.empty(batch, K, device="cuda")
+    partial = embed_rows_fn(ids, emb, res)
+    assert torch.equal(res, emb[ids])
+    h = add_rmsnorm_ref(res.clone(), None, nw, 1e-5, dt)
+    assert rel(gemv_fn(W, norm=(res, partial, nw, 1e-5)), h.double() @ W.double().T) < tol
+    # conv out (in_proj: N = 2e)
+    e = N // 2
+    cst, cw, cb = r(batch, e, 3), r(e, 4), r(e)
+    cst_t = cst.clone()
+    y = gemv_fn(W, x, conv=(cst, cw, cb))
+    lin = (x.double() @ W.double().T).to(dt)
+    assert rel(y[:, e:], lin[:, e:]) < tol
+    conv_t = conv_state_update_ref(lin[:, :e].float(), cst_t, cw, cb)
+    assert rel(y[:, :e], conv_t) < 4 * tol and rel(cst, cst_t) < tol
+    # residual add out, partial sums of squares per block
+    res0 = r(batch, N)
+    res1 = res0.clone()
+    p = gemv_fn(W, x, bias=bias, resid=res1)
+    want_res = res0.double() + want
+    assert rel(res1, want_res) < tol
+    assert abs(p.double().sum(1) / want_res.pow(2).sum(1) - 1).max().item() < 1e-5
 
 
 @gpu
