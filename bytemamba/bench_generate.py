@@ -38,6 +38,9 @@ def add_arguments(p):
     p.add_argument("--no-profile", action="store_true", help="skip counting GPU operations per step")
     p.add_argument("--gemv-max-batch", type=int, default=None,
                    help="override ByteMambaLM.gemv_max_batch (fused GEMV path up to this batch; 0 = cuBLAS always)")
+    p.add_argument("--fused-max-batch", type=int, default=None,
+                   help="override ByteMambaLM.fused_max_batch (one-kernel step up to this batch where the model's "
+                        "shape allows; 0 = off)")
     p.add_argument("--breakdown", nargs="*", default=[], metavar="MODEL:BATCH",
                    help="print GPU time per kernel of eager Mamba steps for these configurations")
 
@@ -163,6 +166,8 @@ def _bench_mamba(cfg_kw, batch, args, backend):
     model = _model("mamba", cfg_kw, backend)
     if args.gemv_max_batch is not None:
         model.gemv_max_batch = args.gemv_max_batch
+    if getattr(args, "fused_max_batch", None) is not None:
+        model.fused_max_batch = args.fused_max_batch
     params = model.num_parameters()
     sampling = Sampling(temperature=1.0)
     prompt = torch.randint(0, 256, (batch, args.prompt), device="cuda")
@@ -187,7 +192,8 @@ def _bench_mamba(cfg_kw, batch, args, backend):
             kernel_breakdown(dec._body)
     del dec
     torch.cuda.empty_cache()
-    return dict(params=params, ms=ms, ops=ops, prefill_s=prefill_s, capture_s=capture_s)
+    return dict(params=params, ms=ms, ops=ops, prefill_s=prefill_s, capture_s=capture_s,
+                path=getattr(model, "last_step_path", "") or "?")
 
 
 def _bench_transformer(tcfg, batch, args):
@@ -260,7 +266,7 @@ def run(args) -> int:
             r = _guard(_bench_mamba, mcfg, b, args, "cuda")
             if r is None:
                 continue
-            r.update(model=name, kind="mamba (fused step)", batch=b)
+            r.update(model=name, kind=f"mamba ({r['path']} step)", batch=b)
             rows.append(r)
             print(f"{name} mamba b={b}: {r['ms']:.4f} ms/step, {b / r['ms'] * 1e3:,.0f} sym/s, ops {r['ops']}, "
                   f"prefill {r['prefill_s']:.2f} s, capture {r['capture_s']:.2f} s, {r['params'] / 1e6:.1f}M params",

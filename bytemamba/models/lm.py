@@ -113,6 +113,7 @@ class ByteMambaLM(nn.Module):
         one fused kernel between layers, and every mixer step as its fused kernels."""
         if self.backbone.layers[0].mixer.step_backend(ids.device) == "cuda":
             return self._step_cuda(ids, cache)
+        self.last_step_path = "torch"
         residual = self.backbone.embedding(ids.long()).float()           # (b, d)
         for layer, s in zip(self.backbone.layers, cache.layers):
             residual = layer.step(residual, s)
@@ -125,7 +126,62 @@ class ByteMambaLM(nn.Module):
     # latency-bound: too few bytes in flight per warp), hence 1.
     gemv_max_batch: int = 1
 
+    # Batches up to this run the whole step as one kernel (cuda/decode_fused.cu) where the model has its
+    # shape (d_model 256, d_state 16, ...: bytemamba.ops.fused_step.SHAPE) and the step computes in bf16/fp16;
+    # 0 (or BYTEMAMBA_FUSED_STEP=0) turns it off. `last_step_path` says which path the last step took.
+    fused_max_batch: int = 8
+    last_step_path: str = ""
+
+    def fused_step_reason(self, batch: int, device) -> str | None:
+        """None where the fused one-kernel step applies to this batch, else why not (one line)."""
+        import os
+
+        from bytemamba.ops.fused_step import unsupported_reason
+        if os.environ.get("BYTEMAMBA_FUSED_STEP", "1") in ("0", "false", "False"):
+            return "fused step: turned off (BYTEMAMBA_FUSED_STEP=0)"
+        if batch > self.fused_max_batch:
+            return f"fused step: batch {batch} > fused_max_batch {self.fused_max_batch}"
+        c, mixer = self.config, self.backbone.layers[0].mixer
+        eps = {layer.norm.eps for layer in self.backbone.layers} | {self.backbone.norm_f.eps}
+        if len(eps) != 1:
+            return "fused step: the norms' eps differ"
+        return unsupported_reason(d_model=c.d_model, d_inner=c.d_inner, d_state=c.d_state, dt_rank=mixer.dt_rank,
+                                  d_conv=c.d_conv, vocab=c.vocab_size, dtype=mixer.step_dtype(),
+                                  biases=mixer.in_proj.bias is not None or mixer.out_proj.bias is not None,
+                                  device=device)
+
+    def _fused_weights(self, dtype):
+        """The stacked weights of the fused step, rebuilt when a parameter changes."""
+        from bytemamba.ops.fused_step import PackCache, pack_weights
+        stamp = (dtype,) + tuple((p.data_ptr(), p._version) for p in self.parameters())
+        cache = self.__dict__.setdefault("_fused_pack", PackCache())     # not a submodule, not in state_dict
+        if cache.entry is not None and cache.entry[0] == stamp:
+            return cache.entry[1]
+        layers = [dict(in_proj=m.in_proj.weight, conv_w=m.conv1d.weight, conv_b=m.conv1d.bias,
+                       x_proj=m.x_proj.weight, dt_w=m.dt_proj.weight, dt_b=m.dt_proj.bias, A_log=m.A_log, D=m.D,
+                       out_proj=m.out_proj.weight) for m in (layer.mixer for layer in self.backbone.layers)]
+        norms = [layer.norm.weight for layer in self.backbone.layers] + [self.backbone.norm_f.weight]
+        packed = pack_weights(self.backbone.embedding.weight, self.lm_head.weight, norms, layers,
+                              self.backbone.norm_f.eps, dtype)
+        cache.entry = (stamp, packed)
+        return packed
+
+    def _step_fused(self, ids: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
+        from bytemamba.ops.fused_step import fused_step_fn
+        for s in cache.layers:                                  # prefill may hand over strided views
+            if not s.conv.is_contiguous():
+                s.conv = s.conv.contiguous()
+            if not s.ssm.is_contiguous():
+                s.ssm = s.ssm.contiguous()
+        W = self._fused_weights(self.backbone.layers[0].mixer.step_dtype())
+        logits = fused_step_fn(ids, W, [s.conv for s in cache.layers], [s.ssm for s in cache.layers])
+        cache.seqlen_offset += 1
+        self.last_step_path = "fused"
+        return logits
+
     def _step_cuda(self, ids: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
+        if self.fused_step_reason(ids.shape[0], ids.device) is None:
+            return self._step_fused(ids, cache)
         from bytemamba.ops.step import CastCache, add_rmsnorm_fn, embed_rows_fn, gemv_fn, gemv_supported
         casts = self.__dict__.setdefault("_step_casts", CastCache())
         layers, f32 = self.backbone.layers, torch.float32
@@ -135,6 +191,7 @@ class ByteMambaLM(nn.Module):
         norms = [layer.norm for layer in layers] + [self.backbone.norm_f]
         if ids.shape[0] <= self.gemv_max_batch and gemv_supported(ids.shape[0], self.config.d_model, self.config.d_inner,
                                                     dtype=cdt):
+            self.last_step_path = "gemv"
             partial = embed_rows_fn(ids, casts.get(emb, f32), residual)
             for layer, s in zip(layers, cache.layers):
                 partial = layer.mixer.step_small(residual, partial, layer.norm.weight, layer.norm.eps, s)
@@ -142,6 +199,7 @@ class ByteMambaLM(nn.Module):
             nf = self.backbone.norm_f
             return gemv_fn(casts.get(self.lm_head.weight, cdt),
                            norm=(residual, partial, casts.get(nf.weight, f32), nf.eps), out_f32=True)
+        self.last_step_path = "cublas"
         h = add_rmsnorm_fn(residual, None, casts.get(norms[0].weight, f32), norms[0].eps, cdt, ids=ids,
                            embedding=casts.get(emb, f32))
         for i, (layer, s) in enumerate(zip(layers, cache.layers)):

@@ -1,0 +1,208 @@
+"""One whole decoding step of a small Mamba LM as ONE kernel (cuda/decode_fused.cu): embedding, every layer
+(RMSNorm, in_proj, conv step + SiLU, x_proj, dt_proj + softplus + state update + D + z gate, out_proj,
+residual add), final norm and head, for the shapes it is compiled for (`SHAPE`: d_model 256, d_inner 512,
+d_state 16, dt_rank 16, d_conv 4, 256 symbols; any number of layers and batch rows; bf16 or fp16 compute).
+A thread-block cluster of 8 CTAs per batch row; see the kernel's opening comment.
+
+    pack_weights(emb, head, norm_ws, layers, dtype) -> FusedWeights   (stacked once, reused every step)
+        layers: one dict per layer with in_proj (2e, d), conv_w (e, k), conv_b (e) or None, x_proj (r+2n, e),
+        dt_w (e, r), dt_b (e), A_log (e, n), D (e), out_proj (d, e); norm_ws: every layer's norm weight
+        followed by the final norm's; head (V, d); emb (V, d)
+    fused_step_fn(ids, W, conv_states, ssm_states, logits=None) -> logits (b, V) float32   (CUDA)
+    fused_step_ref(ids, W, conv_states, ssm_states) -> the same in PyTorch (the definition)
+        conv_states[l] (b, e, k-1) and ssm_states[l] (b, e, n) float32, updated in place
+
+Arithmetic: float32, with the projections' inputs and outputs rounded to W.dtype where autocast stores them
+(the normed residual, xz, the conv output, x_proj's output, y, out_proj's output, the logits). With
+W.dtype == float32 the reference is the PyTorch step of the model in float32 (no rounding).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bytemamba.ops._cupy import compile_module, cupy_stream, ptr
+
+# the one shape the kernel is compiled for: (d_model, d_inner, d_state, dt_rank, d_conv, vocab)
+SHAPE = dict(d_model=256, d_inner=512, d_state=16, dt_rank=16, d_conv=4, vocab=256)
+NCTA = 8                          # CTAs per cluster (one cluster per batch row)
+NTHREADS = 512
+_DTYPE_CODE = {torch.bfloat16: 1, torch.float16: 2}
+
+
+@dataclass
+class FusedWeights:
+    emb: torch.Tensor         # (V, d) float32
+    head: torch.Tensor        # (V, d) dtype
+    norm_w: torch.Tensor      # (L + 1, d) float32
+    eps: float
+    W_in: torch.Tensor        # (L, 2e, d) dtype
+    conv_w: torch.Tensor      # (L, e, k) float32
+    conv_b: torch.Tensor      # (L, e) float32 (zeros without conv bias)
+    W_x: torch.Tensor         # (L, r + 2n, e) dtype
+    W_dt: torch.Tensor        # (L, e, r) float32
+    dt_b: torch.Tensor        # (L, e) float32
+    A: torch.Tensor           # (L, e, n) float32, -exp(A_log)
+    D: torch.Tensor           # (L, e) float32
+    W_out: torch.Tensor       # (L, d, e) dtype
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.W_in.dtype
+
+    @property
+    def n_layer(self) -> int:
+        return self.W_in.shape[0]
+
+
+class PackCache:
+    """Holds a model's packed weights (stamp, FusedWeights); a copied or pickled model starts empty."""
+
+    def __init__(self):
+        self.entry = None
+
+    def __deepcopy__(self, memo):
+        return PackCache()
+
+    def __reduce__(self):
+        return (PackCache, ())
+
+
+def unsupported_reason(*, d_model, d_inner, d_state, dt_rank, d_conv, vocab, dtype, biases=False,
+                       device=None) -> str | None:
+    """None where the fused step applies, else one line saying why not."""
+    got = dict(d_model=d_model, d_inner=d_inner, d_state=d_state, dt_rank=dt_rank, d_conv=d_conv, vocab=vocab)
+    if got != SHAPE:
+        diff = ", ".join(f"{k} {got[k]} (needs {v})" for k, v in SHAPE.items() if got[k] != v)
+        return f"fused step: compiled for one shape only: {diff}"
+    if dtype not in _DTYPE_CODE:
+        return f"fused step: compute dtype {dtype} (needs bfloat16 or float16 autocast)"
+    if biases:
+        return "fused step: in_proj / out_proj biases are not supported"
+    if device is not None:
+        if device.type != "cuda":
+            return "fused step: needs a CUDA device"
+        if torch.cuda.get_device_capability(device) < (9, 0):
+            return "fused step: needs thread-block clusters (compute capability 9.0+)"
+    return None
+
+
+def pack_weights(emb, head, norm_ws, layers, eps: float, dtype: torch.dtype) -> FusedWeights:
+    """Stack every layer's parameters into the kernel's layout (copies, detached)."""
+    f32 = torch.float32
+    with torch.no_grad():
+        def stack(key, dt, fn=None):
+            ts = [(fn(lay[key]) if fn else lay[key]).detach().to(dt) for lay in layers]
+            return torch.stack(ts).contiguous()
+
+        e = layers[0]["in_proj"].shape[0] // 2
+        conv_b = [lay["conv_b"] if lay["conv_b"] is not None else torch.zeros(e, device=emb.device)
+                  for lay in layers]
+        return FusedWeights(
+            emb=emb.detach().to(f32).contiguous(), head=head.detach().to(dtype).contiguous(),
+            norm_w=torch.stack([w.detach().to(f32) for w in norm_ws]).contiguous(), eps=float(eps),
+            W_in=stack("in_proj", dtype), conv_w=stack("conv_w", f32, lambda w: w.reshape(w.shape[0], -1)),
+            conv_b=torch.stack([b.detach().to(f32) for b in conv_b]).contiguous(),
+            W_x=stack("x_proj", dtype), W_dt=stack("dt_w", f32), dt_b=stack("dt_b", f32),
+            A=stack("A_log", f32, lambda a: -torch.exp(a.float())), D=stack("D", f32),
+            W_out=stack("out_proj", dtype))
+
+
+# ---- PyTorch reference (the definition) -------------------------------------------------------------------
+
+def fused_step_ref(ids, W: FusedWeights, conv_states, ssm_states):
+    dt_ = W.dtype
+
+    def rnd(t):
+        return t.to(dt_).float()
+
+    def norm(res, w):
+        return res * torch.rsqrt(res.pow(2).mean(-1, keepdim=True) + W.eps) * w
+
+    res = W.emb[ids.long()].float()                                      # (b, d)
+    e = W.W_in.shape[1] // 2
+    r, n = W.W_dt.shape[2], W.A.shape[2]
+    for l in range(W.n_layer):
+        h = rnd(norm(res, W.norm_w[l]))
+        xz = rnd(h @ W.W_in[l].float().t())
+        x, z = xz[:, :e], xz[:, e:]
+        cs = conv_states[l]
+        window = torch.cat([cs, x[:, :, None]], dim=-1)                  # (b, e, k)
+        conv = (window * W.conv_w[l]).sum(-1) + W.conv_b[l]
+        cs.copy_(window[..., 1:])
+        xc = rnd(F.silu(conv))
+        dbl = rnd(xc @ W.W_x[l].float().t())
+        dt_low, B, C = dbl[:, :r], dbl[:, r:r + n], dbl[:, r + n:]
+        dt = F.softplus(dt_low @ W.W_dt[l].t() + W.dt_b[l])              # (b, e)
+        s = ssm_states[l]
+        s.mul_(torch.exp(dt[:, :, None] * W.A[l])).add_((dt * xc)[:, :, None] * B[:, None, :])
+        y = (s @ C[:, :, None])[..., 0] + W.D[l] * xc
+        y = rnd(y * F.silu(z))
+        res = res + rnd(y @ W.W_out[l].float().t())
+    h = rnd(norm(res, W.norm_w[W.n_layer]))
+    return rnd(h @ W.head.float().t())
+
+
+# ---- CUDA launcher ------------------------------------------------------------------------------------------
+
+def _defines() -> tuple:
+    """Extra compile-time defines (benchmark variants), e.g. BYTEMAMBA_FUSED_DEFINES="SYNC_MODE=0"."""
+    v = os.environ.get("BYTEMAMBA_FUSED_DEFINES", "")
+    return tuple(f"-D{d}" for d in v.replace("+", " ").split() if d)
+
+
+def _check(name, t, shape):
+    if t.dtype != torch.float32 or not t.is_contiguous() or tuple(t.shape) != tuple(shape):
+        raise ValueError(f"fused step: {name} must be a contiguous float32 tensor of shape {tuple(shape)}, "
+                         f"got {t.dtype} {tuple(t.shape)} (contiguous={t.is_contiguous()})")
+
+
+_ptr_tables: dict = {}
+
+
+def _state_table(conv_states, ssm_states, device):
+    """A device int64 table of the states' addresses, built once per set of state buffers (so that a
+    captured graph replays it; building it inside a capture would be a host-to-device copy)."""
+    key = (device.index, tuple(t.data_ptr() for t in conv_states), tuple(t.data_ptr() for t in ssm_states))
+    t = _ptr_tables.get(key)
+    if t is None:
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("fused step: first call with these state buffers inside a graph capture "
+                               "(run one step eagerly first)")
+        if len(_ptr_tables) > 64:
+            _ptr_tables.clear()
+        t = torch.tensor(list(key[1]) + list(key[2]), dtype=torch.int64, device=device)
+        _ptr_tables[key] = t
+    return t
+
+
+def fused_step_fn(ids, W: FusedWeights, conv_states, ssm_states, logits=None):
+    dev = W.W_in.device
+    if W.dtype not in _DTYPE_CODE:
+        raise ValueError(f"fused step: weights of dtype {W.dtype} (needs bfloat16 or float16)")
+    b = ids.shape[0]
+    L = W.n_layer
+    e, n, k = SHAPE["d_inner"], SHAPE["d_state"], SHAPE["d_conv"]
+    if len(conv_states) != L or len(ssm_states) != L:
+        raise ValueError(f"fused step: {L} layers of weights, {len(conv_states)} / {len(ssm_states)} states")
+    for i in range(L):
+        _check(f"conv state {i}", conv_states[i], (b, e, k - 1))
+        _check(f"ssm state {i}", ssm_states[i], (b, e, n))
+    ids = ids.to(torch.int64).contiguous()
+    if logits is None:
+        logits = torch.empty(b, SHAPE["vocab"], device=dev, dtype=torch.float32)
+    table = _state_table(conv_states, ssm_states, dev)
+    K = compile_module("decode_fused.cu", (f"-DIN_DTYPE={_DTYPE_CODE[W.dtype]}",) + _defines(), dev,
+                       ("fused_step",))
+    import cupy
+    with cupy.cuda.Device(dev.index), cupy_stream(dev):
+        K["fused_step"]((NCTA * b,), (NTHREADS,),
+                        (ptr(ids), ptr(W.emb), ptr(W.head), ptr(W.norm_w), np.float32(W.eps), ptr(W.W_in),
+                         ptr(W.conv_w), ptr(W.conv_b), ptr(W.W_x), ptr(W.W_dt), ptr(W.dt_b), ptr(W.A),
+                         ptr(W.D), ptr(W.W_out), ptr(table), np.int32(L), np.int32(b), ptr(logits)))
+    return logits

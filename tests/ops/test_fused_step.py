@@ -1,0 +1,194 @@
+"""The fused one-kernel decode step (bytemamba/ops/fused_step.py, cuda/decode_fused.cu): its PyTorch reference
+is the model's step (CPU, float32); many kernel steps against the reference and a float32 truth on random
+weights and random starting states (never zeros), both synchronisation modes, several batch sizes; the model
+takes the fused path where it applies and agrees with the parallel forward; graphs or not, the same symbols.
+"""
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from bytemamba.config import ModelConfig
+from bytemamba.generate import Sampling, generate
+from bytemamba.models.lm import ByteMambaLM
+from bytemamba.ops.fused_step import SHAPE, fused_step_fn, fused_step_ref, pack_weights, unsupported_reason
+from bytemamba.ops.scan import cuda_available
+
+_needs_gpu = pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU and CuPy")
+_needs_sm90 = pytest.mark.skipif(not (cuda_available() and torch.cuda.get_device_capability() >= (9, 0)),
+                                 reason="needs thread-block clusters (compute capability 9.0+)")
+SRC = Path(__file__).resolve().parents[2] / "cuda" / "decode_fused.cu"
+
+
+def gpu(f):
+    return pytest.mark.gpu(_needs_gpu(_needs_sm90(f)))
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def make_model(n_layer=2, seed=0, device="cpu", backend="torch"):
+    """The fused step's shape (d_model 256, d_state 16, ...), weights perturbed away from their inits."""
+    torch.manual_seed(seed)
+    m = ByteMambaLM(ModelConfig(d_model=256, n_layer=n_layer, scan_backend=backend)).eval()
+    with torch.no_grad():
+        m.backbone.embedding.weight.normal_(0, 0.5)
+        for layer in m.backbone.layers:
+            mx = layer.mixer
+            layer.norm.weight.add_(0.2 * torch.randn_like(layer.norm.weight))
+            mx.A_log.add_(0.3 * torch.randn_like(mx.A_log))
+            mx.D.normal_(1.0, 0.5)
+            mx.conv1d.bias.normal_(0, 0.2)
+            mx.out_proj.weight.mul_(2.0)
+        m.backbone.norm_f.weight.add_(0.2 * torch.randn_like(m.backbone.norm_f.weight))
+    return m.to(device)
+
+
+def random_states(m, batch, device, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    cache = m.empty_cache(batch, device)
+    for s in cache.layers:
+        s.conv.copy_(torch.randn(s.conv.shape, generator=g))
+        s.ssm.copy_(torch.randn(s.ssm.shape, generator=g))
+    return cache
+
+
+def packed(m, dtype, round_to=None):
+    """The model's weights in the fused layout; round_to: the big weights first rounded to that dtype."""
+    layers = [dict(in_proj=x.in_proj.weight, conv_w=x.conv1d.weight, conv_b=x.conv1d.bias, x_proj=x.x_proj.weight,
+                   dt_w=x.dt_proj.weight, dt_b=x.dt_proj.bias, A_log=x.A_log, D=x.D, out_proj=x.out_proj.weight)
+              for x in (layer.mixer for layer in m.backbone.layers)]
+    if round_to is not None:
+        for lay in layers:
+            for k in ("in_proj", "x_proj", "out_proj"):
+                lay[k] = lay[k].to(round_to).float()
+    norms = [layer.norm.weight for layer in m.backbone.layers] + [m.backbone.norm_f.weight]
+    head = m.lm_head.weight if round_to is None else m.lm_head.weight.to(round_to).float()
+    return pack_weights(m.backbone.embedding.weight, head, norms, layers, m.backbone.norm_f.eps, dtype)
+
+
+# ---- CPU --------------------------------------------------------------------------------------------------
+
+def test_ref_in_float32_is_the_models_step():
+    m = make_model()
+    W = packed(m, torch.float32)
+    c1, c2 = random_states(m, 3, "cpu"), random_states(m, 3, "cpu")
+    ids = torch.randint(0, 256, (5, 3), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        for t in range(5):
+            want = m.step(ids[t], c1)
+            got = fused_step_ref(ids[t], W, [s.conv for s in c2.layers], [s.ssm for s in c2.layers])
+            assert rel(got, want) < 1e-5
+    for a, b in zip(c1.layers, c2.layers):
+        assert rel(b.conv, a.conv) < 1e-6 and rel(b.ssm, a.ssm) < 1e-5
+
+
+def test_unsupported_reasons():
+    ok = dict(SHAPE, dtype=torch.bfloat16)
+    assert unsupported_reason(**ok) is None
+    assert "d_model 128 (needs 256)" in unsupported_reason(**dict(ok, d_model=128))
+    assert "float32" in unsupported_reason(**dict(ok, dtype=torch.float32))
+    assert "biases" in unsupported_reason(**ok, biases=True)
+    assert "CUDA" in unsupported_reason(**ok, device=torch.device("cpu"))
+    m = make_model()
+    assert m.fused_step_reason(1, torch.device("cpu")) is not None        # float32 on the CPU: not fused
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+@pytest.mark.parametrize("defines", [["-DIN_DTYPE=1"], ["-DIN_DTYPE=2"], ["-DIN_DTYPE=1", "-DSYNC_MODE=0"]])
+def test_kernel_compiles_for_sm90_without_spills(defines, tmp_path):
+    r = subprocess.run(["nvcc", "-arch=sm_90", "-std=c++17", "-cubin", "-o", str(tmp_path / "k.cubin"),
+                        "-Xptxas", "-v", "-Werror", "all-warnings", *defines, str(SRC)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "0 bytes spill stores" in r.stderr and "0 bytes stack frame" in r.stderr, r.stderr
+
+
+# ---- GPU --------------------------------------------------------------------------------------------------
+
+@gpu
+@pytest.mark.parametrize("sync", ["1", "0"], ids=["mbarrier", "cluster-barrier"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_kernel_many_steps(sync, dtype, batch, monkeypatch):
+    """20 steps of the kernel against the reference (same roundings) and a float32 truth (no rounding of the
+    activations, the same rounded weights): the kernel's error at most about twice the reference's."""
+    monkeypatch.setenv("BYTEMAMBA_FUSED_DEFINES", f"SYNC_MODE={sync}")
+    m = make_model(n_layer=3, seed=batch, device="cuda")
+    W = packed(m, dtype)
+    W32 = packed(m, torch.float32, round_to=dtype)
+    caches = [random_states(m, batch, "cuda", seed=7) for _ in range(3)]
+    st = [([s.conv for s in c.layers], [s.ssm for s in c.layers]) for c in caches]
+    ids = torch.randint(0, 256, (20, batch), device="cuda", generator=torch.Generator("cuda").manual_seed(3))
+    out = {"k": [], "ref": [], "f32": []}
+    with torch.no_grad():
+        for t in range(20):
+            logits = torch.full((batch, 256), float("nan"), device="cuda")      # poisoned: all written?
+            out["k"].append(fused_step_fn(ids[t], W, *st[0], logits=logits).clone())
+            out["ref"].append(fused_step_ref(ids[t], W, *st[1]))
+            out["f32"].append(fused_step_ref(ids[t], W32, *st[2]))
+    k, ref, f32 = (torch.stack(out[n]) for n in ("k", "ref", "f32"))
+    assert torch.isfinite(k).all()
+    assert rel(k, f32) <= 2 * rel(ref, f32) + 1e-4, (rel(k, f32), rel(ref, f32))
+    assert rel(k, ref) < 3e-2
+    for i in range(3):
+        for j in (0, 1):                                        # conv windows, SSM states
+            err_k, err_r = rel(st[0][j][i], st[2][j][i]), rel(st[1][j][i], st[2][j][i])
+            assert err_k <= 2 * err_r + 1e-4, (i, j, err_k, err_r)
+
+
+@gpu
+def test_kernel_is_deterministic_and_rows_independent():
+    """Same inputs, bit-identical outputs; a batch of 2 equals each row run alone."""
+    m = make_model(n_layer=2, seed=5, device="cuda")
+    W = packed(m, torch.bfloat16)
+    ids = torch.tensor([17, 200], device="cuda")
+    runs = []
+    for rows in ([0, 1], [0, 1], [0], [1]):
+        c = random_states(m, 2, "cuda", seed=9)
+        conv = [s.conv[rows].contiguous() for s in c.layers]
+        ssm = [s.ssm[rows].contiguous() for s in c.layers]
+        runs.append((fused_step_fn(ids[rows], W, conv, ssm).clone(), torch.cat(ssm)))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    assert torch.equal(runs[0][0], torch.cat([runs[2][0], runs[3][0]]))
+
+
+@gpu
+@pytest.mark.parametrize("batch", [1, 2])
+def test_model_takes_the_fused_path_and_equals_the_forward(batch):
+    """Prefill + teacher-forced steps under bf16 autocast against the float32 parallel forward: the fused
+    step's error at most about twice the small-batch GEMV / cuBLAS path's."""
+    m = make_model(n_layer=3, seed=11, device="cuda", backend="cuda")
+    g = torch.Generator("cuda").manual_seed(batch)
+    prompt = torch.randint(0, 256, (batch, 33), device="cuda", generator=g)
+    ids = torch.randint(0, 256, (batch, 24), device="cuda", generator=g)
+    with torch.no_grad():
+        want = m(torch.cat([prompt, ids], 1))[:, prompt.shape[1] - 1:-1].float()
+    outs = {}
+    for name, fmax in (("fused", 8), ("unfused", 0)):
+        m.fused_max_batch = fmax
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            logits, cache = m.prefill(prompt)
+            steps = [logits]
+            for t in range(ids.shape[1] - 1):
+                steps.append(m.step(ids[:, t], cache))
+                assert (m.last_step_path == "fused") == bool(fmax)
+        outs[name] = torch.stack(steps, 1).float()
+    assert rel(outs["fused"], want) <= 2 * rel(outs["unfused"], want) + 1e-3
+    m.fused_max_batch = 8
+
+
+@gpu
+def test_graphs_give_the_same_symbols_as_no_graphs():
+    m = make_model(n_layer=2, seed=3, device="cuda", backend="cuda")
+    prompt = torch.randint(0, 256, (2, 17), device="cuda", generator=torch.Generator("cuda").manual_seed(4))
+    s = Sampling(temperature=1.0)
+    a, la = generate(m, prompt, 40, s, seed=11, autocast=True, graphs=False)
+    assert m.last_step_path == "fused"
+    b, lb = generate(m, prompt, 40, s, seed=11, autocast=True, graphs=True)
+    assert torch.equal(a, b) and torch.equal(la, lb)
