@@ -46,6 +46,9 @@
 #ifndef POLY_J
 #define POLY_J 0
 #endif
+#ifndef V5
+#define V5 0
+#endif
 
 #define NTHREADS 128
 #define NT (NPAD / 4)              // lanes per channel
@@ -267,6 +270,31 @@ __device__ __forceinline__ void raw_row(const in_t* p, float (&v)[EPT]) {
   }
 }
 
+// A thread's EPT raw elements of one staged row kept packed in 32-bit words (v5), and element e of them.
+constexpr int RW = EPT * (int)sizeof(in_t) / 4;
+__device__ __forceinline__ void raw_words(const in_t* p, unsigned (&w)[RW]) {
+  if constexpr (RW % 4 == 0) {
+#pragma unroll
+    for (int k = 0; k < RW / 4; ++k) {
+      const uint4 v = reinterpret_cast<const uint4*>(p)[k];
+      w[4 * k] = v.x; w[4 * k + 1] = v.y; w[4 * k + 2] = v.z; w[4 * k + 3] = v.w;
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < RW / 2; ++k) {
+      const uint2 v = reinterpret_cast<const uint2*>(p)[k];
+      w[2 * k] = v.x; w[2 * k + 1] = v.y;
+    }
+  }
+}
+__device__ __forceinline__ float word_f(const unsigned (&w)[RW], int e) {
+#if IN_DTYPE == 0
+  return __uint_as_float(w[e]);
+#else
+  return to_f((u16)((e & 1) ? (w[e >> 1] >> 16) : (w[e >> 1] & 0xffffu)));
+#endif
+}
+
 // log(1 + e) for e in [0, 1]: 2 atanh(s), s = e / (2 + e) <= 1/3 (relative error ~1e-7, no cancellation).
 __device__ __forceinline__ float log1p_unit(float e) {
   const float s = __fdividef(e, 2.0f + e), s2 = s * s;
@@ -281,16 +309,32 @@ __device__ __forceinline__ float log1p_unit(float e) {
   return 2.0f * s * p;
 }
 // softplus as torch computes it (identity above 20), and optionally its derivative sigmoid(x).
+#if V5
+// v5: branchless; exp through ex2.approx directly (its argument is <= 0: no range fix needed) and the
+// atanh series cut after s^11 (s <= 1/3: truncation ~1.4e-7 relative, about one float ulp).
+__device__ __forceinline__ float softplus_f(float x) {
+  const float e = ex2_mufu(fabsf(x) * -1.4426950408889634f);
+  const float s = __fdividef(e, 2.0f + e), s2 = s * s;
+  float p = 1.0f / 11.0f;
+  p = fmaf(p, s2, 1.0f / 9.0f);
+  p = fmaf(p, s2, 1.0f / 7.0f);
+  p = fmaf(p, s2, 1.0f / 5.0f);
+  p = fmaf(p, s2, 1.0f / 3.0f);
+  p = fmaf(p, s2, 1.0f);
+  const float r = fmaf(s + s, p, fmaxf(x, 0.0f));
+  return x > 20.0f ? x : r;
+}
+// 1 / (1 + 2^(-x log2 e)): ex2 overflows to inf for x < -88, and the approximate division gives 0 there.
+__device__ __forceinline__ float sigmoid_f(float x) {
+  return __fdividef(1.0f, 1.0f + ex2_mufu(x * -1.4426950408889634f));
+}
+#else
 __device__ __forceinline__ float softplus_f(float x) {
   const float e = __expf(-fabsf(x));
   return x > 20.0f ? x : fmaxf(x, 0.0f) + log1p_unit(e);
 }
-__device__ __forceinline__ float softplus_sig(float x, float& sig) {
-  const float e = __expf(-fabsf(x));
-  sig = __fdividef(x >= 0.0f ? 1.0f : e, 1.0f + e);
-  return x > 20.0f ? x : fmaxf(x, 0.0f) + log1p_unit(e);
-}
 __device__ __forceinline__ float sigmoid_f(float x) { return __fdividef(1.0f, 1.0f + __expf(-x)); }
+#endif
 
 // ------------------------------------------------------------------------------------------------
 // Forward.
@@ -298,8 +342,13 @@ __device__ __forceinline__ float sigmoid_f(float x) { return __fdividef(1.0f, 1.
 struct FwdSmem {
   float dl[CPB * RS];          // softplus(delta + bias)
   float du[CPB * RS];          // dl * u; overwritten by y = <C, x> as the scan passes
-  float B[TL * BSF];
+#if V5
+  float B[NPAD * RS];          // [bc_row(n)][t]
+  float C[NPAD * RS];
+#else
+  float B[TL * BSF];           // [t][n]
   float C[TL * BSF];
+#endif
   float m[TL];                 // 0 where reset, else 1
   alignas(16) in_t ru[CPB * RRS];   // raw next tile (cp.async destinations)
   alignas(16) in_t rd[CPB * RRS];
@@ -322,11 +371,28 @@ __device__ __forceinline__ void fwd_tile_scan(const FwdSmem& s, int c, int sg, i
       float4 du4 = *reinterpret_cast<const float4*>(&s.du[c * RS + t0 + tt]);
       float dls[4] = {dl4.x, dl4.y, dl4.z, dl4.w};
       float dus[4] = {du4.x, du4.y, du4.z, du4.w};
+#if V5
+      float bq[4][4], cq[4][4];       // [state j][position q]: one 16-byte load per state and 4 positions
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        float4 b4 = *reinterpret_cast<const float4*>(&s.B[(j * NT + sg) * RS + t0 + tt]);
+        bq[j][0] = b4.x; bq[j][1] = b4.y; bq[j][2] = b4.z; bq[j][3] = b4.w;
+        if (!AGG) {
+          float4 c4 = *reinterpret_cast<const float4*>(&s.C[(j * NT + sg) * RS + t0 + tt]);
+          cq[j][0] = c4.x; cq[j][1] = c4.y; cq[j][2] = c4.z; cq[j][3] = c4.w;
+        }
+      }
+#endif
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
         const int t = t0 + tt + q;
+        (void)t;
+#if V5
+        float bb[4] = {bq[0][q], bq[1][q], bq[2][q], bq[3][q]};
+#else
         float4 b4 = *reinterpret_cast<const float4*>(&s.B[t * BSF + sg * 4]);
         float bb[4] = {b4.x, b4.y, b4.z, b4.w};
+#endif
         float dl = dls[q], du = dus[q];
 #if HAS_RESET
         float mk = s.m[t];
@@ -348,8 +414,12 @@ __device__ __forceinline__ void fwd_tile_scan(const FwdSmem& s, int c, int sg, i
           sumdl += dl;
           yv[tt + q] = 0.0f;
         } else {
+#if V5
+          yv[tt + q] = fmaf(cq[3][q], x[3], fmaf(cq[2][q], x[2], fmaf(cq[1][q], x[1], cq[0][q] * x[0])));
+#else
           float4 c4 = *reinterpret_cast<const float4*>(&s.C[t * BSF + sg * 4]);
           yv[tt + q] = fmaf(c4.w, x[3], fmaf(c4.z, x[2], fmaf(c4.y, x[1], c4.x * x[0])));
+#endif
         }
       }
     }
@@ -382,13 +452,81 @@ __device__ __forceinline__ void fwd_issue(FwdSmem& s, const in_t* __restrict__ u
   cp_async_commit();
 }
 
+#if V5
+// v5 issue: where the tile is whole, aligned and the block's channels all exist (the common case), each
+// thread copies fixed 16-byte chunks (its row rc and chunk kc, rows rc + i*RSTEP), with no per-chunk
+// index arithmetic beyond one 64-bit add; otherwise the general path above. Raw B/C rows >= n are never
+// read (convert_BC writes zeros for them), so the fast path skips them.
+constexpr int CHK = 16 / (int)sizeof(in_t);     // elements per 16-byte chunk
+constexpr int CPR = TL / CHK;                    // chunks per row
+constexpr int RSTEP = NTHREADS / CPR;            // rows covered by one pass of the block
+template <bool AGG>
+__device__ __forceinline__ void fwd_issue5(FwdSmem& s, const in_t* __restrict__ u, const in_t* __restrict__ delta,
+                                           const in_t* __restrict__ z, const in_t* __restrict__ Bm,
+                                           const in_t* __restrict__ Cm, const u8* __restrict__ reset, int bi,
+                                           int dim, int db, int n, i64 L, int k, bool aligned, bool raligned,
+                                           bool fullc) {
+  const i64 l0 = (i64)k * TL;
+  if (aligned && fullc && l0 + TL <= L) {
+    const int tid = threadIdx.x, kc = tid % CPR, rc = tid / CPR;
+    const i64 g = ((i64)bi * dim + (i64)db * CPB + rc) * L + l0 + kc * CHK;
+#pragma unroll
+    for (int r = 0; r < CPB; r += RSTEP) {
+      if (CPB % RSTEP == 0 || r + rc < CPB) {
+        const i64 o = g + (i64)r * L;
+        const int so = (r + rc) * RRS + kc * CHK;
+        cp_async16(&s.ru[so], u + o);
+        cp_async16(&s.rd[so], delta + o);
+#if HAS_Z
+        if (!AGG) cp_async16(&s.rz[so], z + o);
+#endif
+      }
+    }
+    const i64 gb = ((i64)bi * n + rc) * L + l0 + kc * CHK;
+#pragma unroll
+    for (int r = 0; r < NPAD; r += RSTEP) {
+      if (r + rc < n) {
+        const i64 o = gb + (i64)r * L;
+        const int so = (r + rc) * RRS + kc * CHK;
+        cp_async16(&s.rB[so], Bm + o);
+        if (!AGG) cp_async16(&s.rC[so], Cm + o);
+      }
+    }
+#if HAS_RESET
+    load_rows(s.rr, reset + (i64)bi * L, 1, 1, L, l0, raligned);
+#endif
+    cp_async_commit();
+  } else {
+    fwd_issue<AGG>(s, u, delta, z, Bm, Cm, reset, bi, dim, db, n, L, k, aligned, raligned);
+  }
+}
+
+// raw B (NPAD x TL, [n][t]) -> float rows [bc_row(n)][t], 16 bytes at a time; rows >= n as zeros.
+__device__ __forceinline__ void convert_BC(float* dst, const in_t* raw, int n) {
+  constexpr int NCH = NPAD * CPR;
+#pragma unroll
+  for (int i0 = 0; i0 < NCH; i0 += NTHREADS) {
+    const int idx = i0 + (int)threadIdx.x;
+    if (NCH % NTHREADS != 0 && idx >= NCH) break;
+    const int r = idx / CPR, kc = idx % CPR;
+    uint4 w = *reinterpret_cast<const uint4*>(&raw[r * RRS + kc * CHK]);
+    if (r >= n) w = make_uint4(0u, 0u, 0u, 0u);
+    const in_t* e = reinterpret_cast<const in_t*>(&w);
+    float* d = &dst[((r & 3) * NT + (r >> 2)) * RS + kc * CHK];
+#pragma unroll
+    for (int i = 0; i < CHK; i += 4)
+      *reinterpret_cast<float4*>(d + i) = make_float4(to_f(e[i]), to_f(e[i + 1]), to_f(e[i + 2]), to_f(e[i + 3]));
+  }
+}
+#else
 // raw B (NPAD x TL) -> float [t][n]
-__device__ __forceinline__ void convert_BC(float* dst, const in_t* raw) {
+__device__ __forceinline__ void convert_BC(float* dst, const in_t* raw, int) {
   for (int idx = threadIdx.x; idx < TL * NPAD; idx += NTHREADS) {
     const int nn = idx % NPAD, t = idx / NPAD;
     dst[t * BSF + nn] = to_f(raw[nn * RRS + t]);
   }
 }
+#endif
 
 template <bool AGG>
 __device__ __forceinline__ void fwd_body(
@@ -434,7 +572,13 @@ __device__ __forceinline__ void fwd_body(
   float sumdl = 0.0f, keep = 1.0f;
   const int k0 = seg * seg_tiles, k1 = min(ntiles, k0 + seg_tiles);
 
-  fwd_issue<AGG>(s, u, delta, z, Bm, Cm, reset, bi, dim, db, n, L, k0, aligned, raligned);
+#if V5
+  const bool fullc = dim - db * CPB >= CPB;
+#define FWD_ISSUE(kk) fwd_issue5<AGG>(s, u, delta, z, Bm, Cm, reset, bi, dim, db, n, L, kk, aligned, raligned, fullc)
+#else
+#define FWD_ISSUE(kk) fwd_issue<AGG>(s, u, delta, z, Bm, Cm, reset, bi, dim, db, n, L, kk, aligned, raligned)
+#endif
+  FWD_ISSUE(k0);
   for (int k = k0; k < k1; ++k) {
     const i64 l0 = (i64)k * TL;
     const i64 p0 = l0 + sg * EPT;
@@ -442,11 +586,42 @@ __device__ __forceinline__ void fwd_body(
     cp_async_wait_all();
     __syncthreads();                                 // raw tile k is in; the previous tile is done
     float uv[EPT], zv[EPT], dv[EPT];
+#if V5
+    // u and z stay raw (packed) in registers until the epilogue: half the registers in bf16/fp16.
+    unsigned uw[RW], zw[RW];
+    (void)zw;
+    raw_words(&s.ru[c * RRS + sg * EPT], uw);
+#pragma unroll
+    for (int e = 0; e < EPT; ++e) uv[e] = word_f(uw, e);
+#if HAS_Z
+    if (!AGG) raw_words(&s.rz[c * RRS + sg * EPT], zw);
+#endif
+#else
     raw_row(&s.ru[c * RRS + sg * EPT], uv);
-    raw_row(&s.rd[c * RRS + sg * EPT], dv);
 #if HAS_Z
     if (!AGG) raw_row(&s.rz[c * RRS + sg * EPT], zv);
 #endif
+#endif
+    raw_row(&s.rd[c * RRS + sg * EPT], dv);
+#if V5
+    // v5: positions past L (last tile only) are masked in a separate branch, with 32-bit compares.
+#pragma unroll
+    for (int e = 0; e < EPT; ++e) {
+      const float xv = dv[e] + bias_d;
+      dv[e] = softplus ? softplus_f(xv) : xv;
+    }
+    if (avail < EPT) {
+      const int av = (int)max(avail, (i64)0);
+#pragma unroll
+      for (int e = 0; e < EPT; ++e) dv[e] = e < av ? dv[e] : 0.0f;
+    }
+#pragma unroll
+    for (int e = 0; e < EPT; e += 4) {
+      *reinterpret_cast<float4*>(&s.dl[c * RS + sg * EPT + e]) = make_float4(dv[e], dv[e + 1], dv[e + 2], dv[e + 3]);
+      *reinterpret_cast<float4*>(&s.du[c * RS + sg * EPT + e]) =
+          make_float4(dv[e] * uv[e], dv[e + 1] * uv[e + 1], dv[e + 2] * uv[e + 2], dv[e + 3] * uv[e + 3]);
+    }
+#else
 #pragma unroll
     for (int e = 0; e < EPT; e += 4) {
       float4 dl4, du4;
@@ -464,13 +639,14 @@ __device__ __forceinline__ void fwd_body(
       *reinterpret_cast<float4*>(&s.dl[c * RS + sg * EPT + e]) = dl4;
       *reinterpret_cast<float4*>(&s.du[c * RS + sg * EPT + e]) = du4;
     }
-    convert_BC(s.B, s.rB);
-    if (!AGG) convert_BC(s.C, s.rC);
+#endif
+    convert_BC(s.B, s.rB, n);
+    if (!AGG) convert_BC(s.C, s.rC, n);
 #if HAS_RESET
     for (int t = tid; t < TL; t += NTHREADS) s.m[t] = s.rr[t] ? 0.0f : 1.0f;
 #endif
     __syncthreads();                                 // staged floats ready; the raw buffer is free
-    if (k + 1 < k1) fwd_issue<AGG>(s, u, delta, z, Bm, Cm, reset, bi, dim, db, n, L, k + 1, aligned, raligned);
+    if (k + 1 < k1) FWD_ISSUE(k + 1);
     if (!AGG && valid) {
       float4 xs = make_float4(x[0], x[1], x[2], x[3]);
       *reinterpret_cast<float4*>(&ckpt[(ch * ntiles + k) * NPAD + sg * 4]) = xs;
@@ -480,18 +656,32 @@ __device__ __forceinline__ void fwd_body(
       __syncthreads();
       float ov[EPT];
 #pragma unroll
-      for (int e = 0; e < EPT; ++e) {
-        float yv = fmaf(D_d, uv[e], s.du[c * RS + sg * EPT + e]);
-#if HAS_Z
-        const float zz = zv[e];
-        yv *= zz * sigmoid_f(zz);
+      for (int e = 0; e < EPT; e += 4) {
+        const float4 y4 = *reinterpret_cast<const float4*>(&s.du[c * RS + sg * EPT + e]);
+        const float ys[4] = {y4.x, y4.y, y4.z, y4.w};
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+#if V5
+          float yv = fmaf(D_d, word_f(uw, e + q), ys[q]);
+#else
+          float yv = fmaf(D_d, uv[e + q], ys[q]);
 #endif
-        ov[e] = yv;
+#if HAS_Z
+#if V5
+          const float zz = word_f(zw, e + q);
+#else
+          const float zz = zv[e + q];
+#endif
+          yv *= zz * sigmoid_f(zz);
+#endif
+          ov[e + q] = yv;
+        }
       }
       store_row(out + ch * L + p0, avail, aligned, ov);
     }
     (void)zv;
   }
+#undef FWD_ISSUE
   if (AGG) {
     if (valid) {
       float* ag = agg + (ch * (nseg - 1) + seg) * 2 * NPAD;
@@ -559,6 +749,11 @@ __device__ __forceinline__ void bwd_stage(BwdSmem& s, const in_t* __restrict__ u
   float rzv[EPT];
   load_row(z + ch * L + p0, avail, vec, rzv);
 #endif
+#if V5
+  const int av = (int)max((i64)0, min(avail, (i64)EPT));   // 32-bit compares below
+#else
+  const i64 av = avail;
+#endif
 #pragma unroll
   for (int e = 0; e < EPT; e += 4) {
     float4 dl4, u4, dy4, dz4;
@@ -568,7 +763,7 @@ __device__ __forceinline__ void bwd_stage(BwdSmem& s, const in_t* __restrict__ u
     float* dzp = &dz4.x;
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
-      const bool in = e + q < avail;
+      const bool in = e + q < av;
       const float xv = rdv[e + q] + bias_d;
       const float dl = softplus ? softplus_f(xv) : xv;
       const float g = rgv[e + q];
@@ -593,6 +788,33 @@ __device__ __forceinline__ void bwd_stage(BwdSmem& s, const in_t* __restrict__ u
       *reinterpret_cast<float4*>(&s.dzf[c * RS + sg * EPT + e]) = dz4;
     }
   }
+#if V5
+  // v5: whole aligned tiles as 16-byte loads, thread -> (row nn = idx % NPAD, chunk idx / NPAD): a warp's
+  // scalar stores into [t][n] then hit 2 chunks' worth of banks (2-way), not 8.
+  if (vec && l0 + TL <= L) {
+    constexpr int CHK = 16 / (int)sizeof(in_t), NCH = NPAD * (TL / CHK);
+#pragma unroll
+    for (int i0 = 0; i0 < NCH; i0 += NTHREADS) {
+      const int idx = i0 + (int)threadIdx.x;
+      if (NCH % NTHREADS != 0 && idx >= NCH) break;
+      const int nn = idx % NPAD, kc = idx / NPAD;
+      const bool in = nn < n;
+      const i64 off = ((i64)bi * n + (in ? nn : 0)) * L + l0 + kc * CHK;
+      uint4 wb = make_uint4(0u, 0u, 0u, 0u), wc = wb;
+      if (in) {
+        if (!AGG) wb = *reinterpret_cast<const uint4*>(Bm + off);
+        wc = *reinterpret_cast<const uint4*>(Cm + off);
+      }
+      const in_t* eb = reinterpret_cast<const in_t*>(&wb);
+      const in_t* ec = reinterpret_cast<const in_t*>(&wc);
+#pragma unroll
+      for (int i = 0; i < CHK; ++i) {
+        if (!AGG) s.B[(kc * CHK + i) * BS + nn] = to_f(eb[i]);
+        s.C[(kc * CHK + i) * BS + nn] = to_f(ec[i]);
+      }
+    }
+  } else
+#endif
   for (int idx = threadIdx.x; idx < TL * NPAD; idx += NTHREADS) {
     const int nn = idx / TL, t = idx % TL;
     const bool in = nn < n && l0 + t < L;
@@ -835,8 +1057,16 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) ss_bwd(BWD_PARAMS) {
         if (!valid || l >= L) return;
         const float dl = s.dl[c * RS + t], dy = s.dy[c * RS + t], uu = s.u[c * RS + t];
         float sig = 1.0f;                 // softplus'(x) = 1 - exp(-softplus(x)), accurate for small dl
+#if V5
+        if (softplus) {                   // both branches, then a select (no divergence)
+          const float ser = dl * (1.0f - dl * (0.5f - dl * (1.0f / 6.0f - dl * (1.0f / 24.0f - dl * (1.0f / 120.0f)))));
+          const float ex = 1.0f - ex2_mufu(dl * -1.4426950408889634f);
+          sig = dl < 0.1f ? ser : ex;
+        }
+#else
         if (softplus) sig = dl < 0.1f ? dl * (1.0f - dl * (0.5f - dl * (1.0f / 6.0f - dl * (1.0f / 24.0f - dl * (1.0f / 120.0f)))))
                                       : 1.0f - __expf(-dl);
+#endif
         const float dd = fmaf(uu, s1, s2) * sig;
         dDacc = fmaf(dy, uu, dDacc);
         dbacc += dd;
