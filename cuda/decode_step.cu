@@ -3,7 +3,8 @@
 // What it computes (bytemamba/ops/step.py holds the PyTorch references of the same signatures):
 //   conv_step    the depthwise causal conv's state update:  window = [state, x];  out = <window, w> + bias,
 //                optional SiLU;  state <- window[1:]                              (state updated in place)
-//   ssm_step     the selective state update (S6, ZOH for A):
+//   ssm_step     (optionally first the conv step of its x input, as conv_step + SiLU, conv state updated)
+//                the selective state update (S6, ZOH for A):
 //                  dt = dt_in (+ W_dt @ dt_low when the low-rank form is used) + dt_bias, optional softplus
 //                  s  = exp(dt * A) * s + dt * x * B ;  y = <s, C> + D * x ;  y *= silu(z)
 //                                                                                 (state updated in place)
@@ -49,6 +50,13 @@ __device__ __forceinline__ in_t from_f(float v) { return v; }
 
 __device__ __forceinline__ float silu_f(float v) { return v / (1.f + __expf(-v)); }
 
+// one causal-conv step of a channel, the arithmetic of conv_step: silu(bias + <state, w[:k-1]> + w[k-1] * xi)
+__device__ __forceinline__ float conv_silu(float xi, const float* st, const float* wc, float bias, int k) {
+    float acc = bias;
+    for (int j = 0; j < k - 1; ++j) acc = fmaf(wc[j], st[j], acc);
+    return silu_f(fmaf(wc[k - 1], xi, acc));
+}
+
 // Programmatic dependent launch (sm_90+): when the launcher sets the attribute (BYTEMAMBA_STEP_PDL), a kernel
 // may start while the previous one finishes; it reads its weights first, then waits here for the previous
 // grid's results. Without the attribute both are no-ops. Every kernel below waits in every thread before it
@@ -88,12 +96,13 @@ extern "C" __global__ void __launch_bounds__(256) conv_step(
 // ------------------------------------------------------------------------------------------------
 // ssm_step: a block of 128 threads owns CPB = 128 / LPC adjacent channels (LPC lanes each) and SSM_ROWS batch
 // rows (grid: ceil(e / CPB) x ceil(b / SSM_ROWS)). A lane keeps its W_dt slice (ranks lane, lane + LPC, ...,
-// up to WREG of them), its 4 entries of A, dt_bias and D in registers for all the block's rows, and loads the
-// states of all its rows (16 bytes a row when NSTATE % 4 == 0) before the first update, so W_dt and A are
-// read once per SSM_ROWS rows and the state traffic of a warp is in flight at once. The arithmetic per
-// (row, channel), and its order, is that of the one-row form: the dt dot per lane in rank order, shuffles.
+// up to WREG of them), its 4 entries of A, dt_bias and D in registers for all the block's rows. Before the
+// first update the block stages its rows' low-rank dt, B and C in shared memory and every lane loads the
+// states (16 bytes a row when NSTATE % 4 == 0), x and z of all its rows, so the row loop waits on no memory.
+// The arithmetic per (row, channel), and its order, is that of the one-row form: the dt dot per lane in rank
+// order, then shuffles.
 #ifndef SSM_ROWS
-#define SSM_ROWS 8
+#define SSM_ROWS 4
 #endif
 #define WREG 16
 #define CPB (128 / LPC)
@@ -105,11 +114,16 @@ extern "C" __global__ void __launch_bounds__(128) ssm_step(
     const float* __restrict__ dt_bias, const float* __restrict__ A,
     const in_t* __restrict__ B, long long bs, const in_t* __restrict__ C, long long cs,
     const float* __restrict__ D, const in_t* __restrict__ z, long long zs,
-    in_t* __restrict__ y, int b, int e, int flags)
+    in_t* __restrict__ y, int b, int e, int flags,
+    float* __restrict__ conv_state, const float* __restrict__ conv_w, const float* __restrict__ conv_b, int kc)
 {
+    __shared__ float dt_s[SSM_ROWS][WREG * LPC];
+    __shared__ float B_s[SSM_ROWS][NPADS];
+    __shared__ float C_s[SSM_ROWS][NPADS];
     const int c = blockIdx.x * CPB + threadIdx.x / LPC;
     const int lane = threadIdx.x % LPC;
     const int row0 = blockIdx.y * SSM_ROWS;
+    const int nrows = min(SSM_ROWS, b - row0);
     const bool valid = c < e;
     const bool wreg = wdt && r <= WREG * LPC;
     // parameters (not written by the previous kernels): before the grid dependency wait
@@ -129,12 +143,25 @@ extern "C" __global__ void __launch_bounds__(128) ssm_step(
     const float Dc = (D && valid) ? D[c] : 0.f;
     grid_dep_wait();
     grid_dep_launch();
-    // every row's state first (the loads of all rows in flight together)
-    float s4[SSM_ROWS][4];
+    // the block's rows of dt (low rank), B and C into shared memory
+    for (int i = threadIdx.x; i < SSM_ROWS * NPADS; i += 128) {
+        const int rr = i / NPADS, j = i % NPADS;
+        const bool ok = rr < nrows && j < NSTATE;
+        B_s[rr][j] = ok ? to_f(B[(row0 + rr) * bs + j]) : 0.f;
+        C_s[rr][j] = ok ? to_f(C[(row0 + rr) * cs + j]) : 0.f;
+    }
+    if (wreg) {
+        for (int i = threadIdx.x; i < SSM_ROWS * WREG * LPC; i += 128) {
+            const int rr = i / (WREG * LPC), j = i % (WREG * LPC);
+            dt_s[rr][j] = (rr < nrows && j < r) ? to_f(dt[(row0 + rr) * dts + j]) : 0.f;
+        }
+    }
+    // every row's state, x and z (the loads of all rows in flight together)
+    float s4[SSM_ROWS][4], xr[SSM_ROWS], zr[SSM_ROWS], raw[SSM_ROWS];
 #pragma unroll
     for (int rr = 0; rr < SSM_ROWS; ++rr) {
         const int row = row0 + rr;
-        const bool ok = valid && row < b;
+        const bool ok = valid && rr < nrows;
         const float* s = state + ((long long)row * e + c) * NSTATE + lane * 4;
         if (VEC4) {
             const float4 v = (ok && lane * 4 < NSTATE) ? *reinterpret_cast<const float4*>(s) : make_float4(0.f, 0.f, 0.f, 0.f);
@@ -143,11 +170,27 @@ extern "C" __global__ void __launch_bounds__(128) ssm_step(
 #pragma unroll
             for (int q = 0; q < 4; ++q) s4[rr][q] = (ok && lane * 4 + q < NSTATE) ? s[q] : 0.f;
         }
+        raw[rr] = ok ? to_f(x[row * xs + c]) : 0.f;
+        xr[rr] = raw[rr];
+        if (conv_state && ok)                      // x is the conv input: the conv step here, as conv_step
+            xr[rr] = to_f(from_f(conv_silu(raw[rr], conv_state + ((long long)row * e + c) * (kc - 1),
+                                           conv_w + (long long)c * kc, conv_b ? conv_b[c] : 0.f, kc)));
+        zr[rr] = (ok && z) ? to_f(z[row * zs + c]) : 0.f;
+    }
+    __syncthreads();                               // (also: every lane has read its conv states)
+    if (conv_state && valid && lane == 0) {
+#pragma unroll
+        for (int rr = 0; rr < SSM_ROWS; ++rr) {
+            if (rr >= nrows) break;
+            float* st = conv_state + ((long long)(row0 + rr) * e + c) * (kc - 1);
+            for (int j = 0; j + 1 < kc - 1; ++j) st[j] = st[j + 1];
+            st[kc - 2] = raw[rr];
+        }
     }
 #pragma unroll
     for (int rr = 0; rr < SSM_ROWS; ++rr) {
         const int row = row0 + rr;
-        if (row0 + rr >= b) break;                    // uniform across the block
+        if (rr >= nrows) break;                        // uniform across the block
         const bool ok = valid;
         float d = 0.f;
         if (wdt) {
@@ -156,7 +199,7 @@ extern "C" __global__ void __launch_bounds__(128) ssm_step(
 #pragma unroll
                     for (int t = 0; t < WREG; ++t) {
                         const int j = lane + t * LPC;
-                        if (j < r) d = fmaf(wv[t], to_f(dt[row * dts + j]), d);
+                        if (j < r) d = fmaf(wv[t], dt_s[rr][j], d);
                     }
                 } else {
                     for (int j = lane; j < r; j += LPC) d = fmaf(wdt[(long long)c * r + j], to_f(dt[row * dts + j]), d);
@@ -169,19 +212,17 @@ extern "C" __global__ void __launch_bounds__(128) ssm_step(
         }
         if (dt_bias && ok) d += bias;
         if (flags & 1) d = d <= 20.f ? log1pf(__expf(d)) : d;   // softplus, PyTorch's threshold
-        const float xv = ok ? to_f(x[row * xs + c]) : 0.f;
+        const float xv = xr[rr];
         const float dx = d * xv;
         float acc = 0.f;
         if (ok) {
-            const in_t* Br = B + row * bs;
-            const in_t* Cr = C + row * cs;
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
                 const int j = lane * 4 + q;
                 if (NPADS == NSTATE || j < NSTATE) {
-                    const float sj = fmaf(__expf(d * a4[q]), s4[rr][q], dx * to_f(Br[j]));
+                    const float sj = fmaf(__expf(d * a4[q]), s4[rr][q], dx * B_s[rr][j]);
                     s4[rr][q] = sj;
-                    acc = fmaf(sj, to_f(Cr[j]), acc);
+                    acc = fmaf(sj, C_s[rr][j], acc);
                 }
             }
             float* s = state + ((long long)row * e + c) * NSTATE + lane * 4;
@@ -196,7 +237,7 @@ extern "C" __global__ void __launch_bounds__(128) ssm_step(
         for (int o = LPC / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o, LPC);
         if (ok && lane == 0) {
             float out = acc + (D ? Dc * xv : 0.f);
-            if (z) out *= silu_f(to_f(z[row * zs + c]));
+            if (z) out *= silu_f(zr[rr]);
             y[row * (long long)e + c] = from_f(out);
         }
     }
@@ -253,6 +294,9 @@ extern "C" __global__ void __launch_bounds__(256) add_rmsnorm(
 //                  j >= e: out[r, j] = y  (out is (b, 2e): the x and z halves)
 //          4 RESID res[r, j] += y; partial_out[r, blockIdx.x] = this block's sum of res[r, j]^2
 //          8 F32   out is float32 (the head's logits)
+//         16 CONVIN (x_proj at larger batches) in[r, k] = in_t(silu(conv step of channel k with input x[r, k]))
+//                  from conv_state, read only (ssm_step with its conv arguments makes the same step and
+//                  updates the state); K = e channels
 //   grid: ceil(N / (RPW * 8 / kw)) x ceil(b / GB) blocks of 256 threads, GB * K * sizeof(in_t) bytes of
 //   dynamic shared memory.
 //   embed_rows: res[r] = emb[ids[r]], partial_out[r, 0] = sum res[r]^2 (one block per row).
@@ -334,6 +378,16 @@ extern "C" __global__ void __launch_bounds__(256) gemv_step(
             in_t* d = xin + i;
             d[0] = from_f(v.x * inv * n.x); d[1] = from_f(v.y * inv * n.y);
             d[2] = from_f(v.z * inv * n.z); d[3] = from_f(v.w * inv * n.w);
+        }
+    } else if (flags & 16) {
+#pragma unroll 8
+        for (int i = threadIdx.x; i < GB * K; i += 256) {
+            const int r = i / K, k = i - r * K;
+            float v = 0.f;
+            if (n0 + r < b)
+                v = conv_silu(to_f(x[(n0 + r) * xs + k]), conv_state + ((long long)(n0 + r) * K + k) * (kc - 1),
+                              conv_w + (long long)k * kc, conv_b ? conv_b[k] : 0.f, kc);
+            xin[i] = from_f(v);
         }
     } else {
         for (int i = threadIdx.x * VEC; i < GB * K; i += 256 * VEC) {

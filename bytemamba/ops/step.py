@@ -49,7 +49,9 @@ def conv_state_update_ref(x, conv_state, weight, bias=None, silu=True):
 
 
 def ssm_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
-                         dt_proj_weight=None):
+                         dt_proj_weight=None, conv=None):
+    if conv is not None:                     # x is the conv's input: its step (+ SiLU) first, state updated
+        x = conv_state_update_ref(x, *conv, silu=True)
     if dt_proj_weight is not None:
         # in dt's dtype, as the module's dt_proj runs (autocast casts its weight the same way)
         dt = F.linear(dt, dt_proj_weight.to(dt.dtype),
@@ -93,13 +95,13 @@ def _kernels(dtype: torch.dtype, n: int, device: torch.device, gb: int = 0):
     return compile_module("decode_step.cu", opts, device, _KERNELS)
 
 
-_TUNING = dict(ssm_rows=8, rpw=2, uk=4, gemv_blocks=264)
+_TUNING = dict(ssm_rows=4, rpw=2, uk=4, gemv_blocks=264, xproj_gemv=0)
 
 
 def tuning() -> dict:
     """Launch shapes of the step kernels: ssm_rows (batch rows per ssm_step block), rpw / uk (gemv_step: output
     rows per warp, 16-byte weight chunks per lane per row in flight), gemv_blocks (gemv_step splits K over
-    more warps until it has this many blocks). BYTEMAMBA_STEP_TUNE="ssm_rows=4,uk=8" overrides them (for
+    more warps until it has this many blocks), xproj_gemv (1: the cuBLAS path's x_proj through gemv_step). BYTEMAMBA_STEP_TUNE="ssm_rows=4,uk=8" overrides them (for
     benchmarks); read at every launch (for a graph: when it is captured)."""
     t = dict(_TUNING)
     for item in filter(None, os.environ.get("BYTEMAMBA_STEP_TUNE", "").split(",")):
@@ -181,7 +183,7 @@ def _launch_pdl(device, fn, grid, block, args, smem):
                         ctypes.pointer(attr), 1)
     import cupy
     with cupy.cuda.Device(device.index):
-        rc = _libcuda.cuLaunchKernelEx(ctypes.byref(cfg), fn.ptr, params, None)
+        rc = _libcuda.cuLaunchKernelEx(ctypes.byref(cfg), fn.kernel.ptr, params, None)   # CuPy RawKernel -> CUfunction
     if rc != 0:
         raise RuntimeError(f"decode step (cuda): cuLaunchKernelEx failed with CUresult {rc}")
 
@@ -204,7 +206,7 @@ def conv_state_update_fn(x, conv_state, weight, bias=None, silu=True):
 
 
 def ssm_state_update_fn(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
-                        dt_proj_weight=None):
+                        dt_proj_weight=None, conv=None):
     b, e = x.shape
     n = A.shape[-1]
     _check_state("state", state, (b, e, n))
@@ -230,11 +232,20 @@ def ssm_state_update_fn(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_
         npads *= 2
     cpb = 128 // (npads // 4)          # channels per block of 128 threads (npads/4 lanes per channel)
     grid = (-(-e // cpb), -(-b // tuning()["ssm_rows"]))
+    cst = cw = cb = None
+    kc = 0
+    if conv is not None:
+        cst, cw, cb = conv
+        cw = _f32(cw.reshape(cw.shape[0], -1))
+        kc = cw.shape[1]
+        if kc < 2:
+            raise BackendError("decode step (cuda): the conv kernel must have at least 2 taps (d_conv >= 2)")
+        _check_state("conv_state", cst, (b, e, kc - 1))
     y = torch.empty(b, e, device=x.device, dtype=io)
     _launch(x.device, K["ssm_step"], grid, 128,
             (ptr(state), ptr(x), xs, ptr(dt), dts, ptr(wdt), np.int32(r), ptr(_f32(dt_bias)), ptr(_f32(A)),
              ptr(B), bs, ptr(C), cs, ptr(_f32(D)), ptr(z), zs, ptr(y), np.int32(b), np.int32(e),
-             np.int32(1 if dt_softplus else 0)))
+             np.int32(1 if dt_softplus else 0), ptr(cst), ptr(cw), ptr(_f32(cb)), np.int32(kc)))
     return y
 
 
@@ -275,12 +286,13 @@ def _split_k(N: int, K: int, vec: int, t: dict) -> int:
     return kw
 
 
-def gemv_fn(W, x=None, *, bias=None, norm=None, conv=None, resid=None, out_f32=False):
+def gemv_fn(W, x=None, *, bias=None, norm=None, conv=None, resid=None, out_f32=False, conv_in=None):
     """Fused GEMV y = in @ W^T (+ bias) for b rows (tiles of MAXB), W (N, K) contiguous in the activation dtype.
 
     in:  `x` (b, K) rows (last dim contiguous, rows 16-byte aligned), or `norm=(residual (b, K) f32, partial
          (b, P) f32, norm_w (K) f32, eps)`: RMSNorm(residual) * norm_w, rounded to W's dtype, with the mean
-         square taken from the partial sums.
+         square taken from the partial sums; with `conv_in=(conv_state (b, K, k-1), w (K, k), bias (K))` the
+         input rows are the conv step + SiLU of x (rounded to W's dtype), the state only read.
     out: (b, N) in W's dtype (float32 with out_f32); `conv=(conv_state (b, e, k-1), w (e, k), bias (e))`
          turns the first e = N/2 outputs into the conv step + SiLU of in_proj's x half;
          `resid=(residual (b, N) f32)` adds y to the residual in place and returns the new partial sums of
@@ -311,12 +323,18 @@ def gemv_fn(W, x=None, *, bias=None, norm=None, conv=None, resid=None, out_f32=F
     if x is not None and (x.data_ptr() % 16 or int(xs) % vec):
         raise ValueError("gemv (cuda): input rows must start on 16-byte boundaries")
     t = tuning()
-    kw = _split_k(N, K, vec, t)
+    kw = _split_k(N, K, vec, t) if conv_in is None else 1     # (each block redoes the conv: few blocks)
     grid = -(-N // (t["rpw"] * 8 // kw))
     gb = min(b, MAXB)
     out = partial_out = res_out = None
     cstate = cw = cb = None
     e = kc = 0
+    if conv_in is not None:
+        cstate, cw, cb = conv_in
+        cw = _f32(cw.reshape(cw.shape[0], -1))
+        kc = cw.shape[1]
+        _check_state("conv_state", cstate, (b, K, kc - 1))
+        flags |= 16
     os = np.int64(N)
     P_out = 0
     if resid is not None:
@@ -329,7 +347,7 @@ def gemv_fn(W, x=None, *, bias=None, norm=None, conv=None, resid=None, out_f32=F
         out = torch.empty(b, N, device=dev, dtype=torch.float32 if out_f32 else io)
         if out_f32:
             flags |= 8
-        if conv is not None:
+        if conv is not None and conv_in is None:
             cstate, cw, cb = conv
             e = N // 2
             cw = _f32(cw.reshape(cw.shape[0], -1))
@@ -342,6 +360,16 @@ def gemv_fn(W, x=None, *, bias=None, norm=None, conv=None, resid=None, out_f32=F
              np.int32(e), np.int32(kc), ptr(res_out), ptr(partial_out), np.int32(P_out), np.int32(b),
              np.int32(kw), np.int32(flags)), smem=gb * K * W.element_size())
     return partial_out if resid is not None else out
+
+
+def x_proj_mode(x, W) -> int:
+    """How the cuBLAS path runs x_proj (W (r + 2n, e), small) for activations x (b, e): 0 F.linear after
+    conv_step; 1 gemv_step in batch tiles after conv_step; 2 gemv_step with the conv step folded into its input
+    and into ssm_step (no conv_step launch). Tuning xproj_gemv, where gemv_step applies."""
+    mode = tuning()["xproj_gemv"]
+    if mode and x.is_cuda and x.dtype == W.dtype and gemv_supported(x.shape[0], W.shape[1], dtype=W.dtype):
+        return min(mode, 2)
+    return 0
 
 
 def embed_rows_fn(ids, embedding, residual):
