@@ -101,14 +101,15 @@ _TUNING = dict(ssm_rows=4, rpw=2, uk=4, gemv_blocks=264, xproj_gemv=0)
 def tuning() -> dict:
     """Launch shapes of the step kernels: ssm_rows (batch rows per ssm_step block), rpw / uk (gemv_step: output
     rows per warp, 16-byte weight chunks per lane per row in flight), gemv_blocks (gemv_step splits K over
-    more warps until it has this many blocks), xproj_gemv (1: the cuBLAS path's x_proj through gemv_step). BYTEMAMBA_STEP_TUNE="ssm_rows=4,uk=8" overrides them (for
-    benchmarks); read at every launch (for a graph: when it is captured)."""
+    more warps until it has this many blocks), xproj_gemv (the cuBLAS path's x_proj: see x_proj_mode).
+    BYTEMAMBA_STEP_TUNE="ssm_rows=8,uk=8" overrides them (for benchmarks); read at every launch (for a graph:
+    when it is captured)."""
     t = dict(_TUNING)
     for item in filter(None, os.environ.get("BYTEMAMBA_STEP_TUNE", "").split(",")):
-        k, _, v = item.partition("=")
-        if k.strip() not in t or not v.strip().isdigit() or int(v) < 1:
-            raise ValueError(f"BYTEMAMBA_STEP_TUNE: bad item {item!r} (keys {', '.join(t)}, positive integers)")
-        t[k.strip()] = int(v)
+        k, _, v = (p.strip() for p in item.partition("="))
+        if k not in t or not v.isdigit() or int(v) < (0 if k == "xproj_gemv" else 1):
+            raise ValueError(f"BYTEMAMBA_STEP_TUNE: bad item {item!r} (keys {', '.join(t)}; integers, sizes >= 1)")
+        t[k] = int(v)
     return t
 
 
