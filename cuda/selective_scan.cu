@@ -49,6 +49,13 @@
 #ifndef V5
 #define V5 0
 #endif
+#ifndef FWD_V6
+#define FWD_V6 0
+#endif
+#if FWD_V6 && !V5
+#error "FWD_V6 builds on V5"
+#endif
+#define Z_STAGED (HAS_Z && !FWD_V6)   // z through the shared raw tile (else straight from global, v6)
 
 #define NTHREADS 128
 #define NT (NPAD / 4)              // lanes per channel
@@ -287,6 +294,37 @@ __device__ __forceinline__ void raw_words(const in_t* p, unsigned (&w)[RW]) {
     }
   }
 }
+// The same packed words straight from global memory (avail elements exist there; zeros past them).
+__device__ __forceinline__ void load_words(const in_t* __restrict__ p, i64 avail, bool vec, unsigned (&w)[RW]) {
+  if (vec && avail >= EPT) {
+    if constexpr (RW % 4 == 0) {
+#pragma unroll
+      for (int k = 0; k < RW / 4; ++k) {
+        const uint4 v = reinterpret_cast<const uint4*>(p)[k];
+        w[4 * k] = v.x; w[4 * k + 1] = v.y; w[4 * k + 2] = v.z; w[4 * k + 3] = v.w;
+      }
+    } else {
+#pragma unroll
+      for (int k = 0; k < RW / 2; ++k) {
+        const uint2 v = reinterpret_cast<const uint2*>(p)[k];
+        w[2 * k] = v.x; w[2 * k + 1] = v.y;
+      }
+    }
+    return;
+  }
+#pragma unroll
+  for (int k = 0; k < RW; ++k) w[k] = 0u;
+#pragma unroll
+  for (int e = 0; e < EPT; ++e) {
+    if (e < avail) {
+#if IN_DTYPE == 0
+      w[e] = __float_as_uint(p[e]);
+#else
+      w[e >> 1] |= ((unsigned)p[e]) << ((e & 1) * 16);
+#endif
+    }
+  }
+}
 __device__ __forceinline__ float word_f(const unsigned (&w)[RW], int e) {
 #if IN_DTYPE == 0
   return __uint_as_float(w[e]);
@@ -352,7 +390,9 @@ struct FwdSmem {
   float m[TL];                 // 0 where reset, else 1
   alignas(16) in_t ru[CPB * RRS];   // raw next tile (cp.async destinations)
   alignas(16) in_t rd[CPB * RRS];
+#if Z_STAGED
   alignas(16) in_t rz[CPB * RRS];
+#endif
   alignas(16) in_t rB[NPAD * RRS];
   alignas(16) in_t rC[NPAD * RRS];
   alignas(16) u8 rr[TL + 16];
@@ -441,7 +481,7 @@ __device__ __forceinline__ void fwd_issue(FwdSmem& s, const in_t* __restrict__ u
   const int nvalid = min(CPB, dim - db * CPB);
   load_rows(s.ru, u + row0 * L, CPB, nvalid, L, l0, aligned);
   load_rows(s.rd, delta + row0 * L, CPB, nvalid, L, l0, aligned);
-#if HAS_Z
+#if Z_STAGED
   if (!AGG) load_rows(s.rz, z + row0 * L, CPB, nvalid, L, l0, aligned);
 #endif
   load_rows(s.rB, Bm + (i64)bi * n * L, NPAD, n, L, l0, aligned);
@@ -477,7 +517,7 @@ __device__ __forceinline__ void fwd_issue5(FwdSmem& s, const in_t* __restrict__ 
         const int so = (r + rc) * RRS + kc * CHK;
         cp_async16(&s.ru[so], u + o);
         cp_async16(&s.rd[so], delta + o);
-#if HAS_Z
+#if Z_STAGED
         if (!AGG) cp_async16(&s.rz[so], z + o);
 #endif
       }
@@ -593,7 +633,7 @@ __device__ __forceinline__ void fwd_body(
     raw_words(&s.ru[c * RRS + sg * EPT], uw);
 #pragma unroll
     for (int e = 0; e < EPT; ++e) uv[e] = word_f(uw, e);
-#if HAS_Z
+#if Z_STAGED
     if (!AGG) raw_words(&s.rz[c * RRS + sg * EPT], zw);
 #endif
 #else
@@ -651,9 +691,17 @@ __device__ __forceinline__ void fwd_body(
       float4 xs = make_float4(x[0], x[1], x[2], x[3]);
       *reinterpret_cast<float4*>(&ckpt[(ch * ntiles + k) * NPAD + sg * 4]) = xs;
     }
+#if HAS_Z && FWD_V6
+    // v6: z is needed only by the epilogue: load it from global now, the scan hides the latency.
+    if (!AGG) load_words(z + ch * L + p0, avail, aligned, zw);
+#endif
     fwd_tile_scan<AGG>(s, c, sg, lane, A2, x, sumdl, keep, s.du);
     if (!AGG) {
+#if FWD_V6
+      __syncwarp();       // y of channel c was written by c's own lanes, all in this warp
+#else
       __syncthreads();
+#endif
       float ov[EPT];
 #pragma unroll
       for (int e = 0; e < EPT; e += 4) {
