@@ -105,6 +105,10 @@ __device__ __forceinline__ unsigned remote(const void* p, unsigned rank) {
 __device__ __forceinline__ void st_remote(unsigned addr, float v) {
     asm volatile("st.shared::cluster.f32 [%0], %1;" ::"r"(addr), "f"(v) : "memory");
 }
+__device__ __forceinline__ void st_remote4(unsigned addr, float4 v) {
+    asm volatile("st.shared::cluster.v4.f32 [%0], {%1, %2, %3, %4};" ::"r"(addr), "f"(v.x), "f"(v.y), "f"(v.z),
+                 "f"(v.w) : "memory");
+}
 __device__ __forceinline__ void cluster_arrive() {
     asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
 }
@@ -139,6 +143,43 @@ __device__ __forceinline__ void st_async(unsigned raddr, float v, unsigned rbar)
     asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];"
                  ::"r"(raddr), "r"(__float_as_uint(v)), "r"(rbar) : "memory");
 }
+__device__ __forceinline__ void st_async4(unsigned raddr, float4 v, unsigned rbar) {
+    asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, [%5];"
+                 ::"r"(raddr), "r"(__float_as_uint(v.x)), "r"(__float_as_uint(v.y)), "r"(__float_as_uint(v.z)),
+                 "r"(__float_as_uint(v.w)), "r"(rbar) : "memory");
+}
+// How the partial sums travel. PACK 0: one 4-byte DSMEM store per row and destination. PACK 1 (default):
+// 16-byte stores (4 rows each), 4x fewer stores and mbarrier credits. PACK 2 (SYNC_MODE 1 only): each CTA
+// writes its partials into its own shared memory, then one thread per destination copies them with one bulk
+// copy (cp.async.bulk shared::cta -> shared::cluster, the copy engine credits the destination's mbarrier):
+// 8 messages per exchange instead of hundreds, at the cost of a CTA barrier and the copy engine's latency.
+// DBL_ONCE 1: x_proj's 48 outputs summed from the partials once (by 48 threads, then a CTA barrier) instead
+// of by every thread (0, default).
+#ifndef PACK
+#define PACK 1
+#endif
+#ifndef DBL_ONCE
+#define DBL_ONCE 0
+#endif
+#if PACK == 2 && SYNC_MODE != 1
+#error "PACK 2 needs SYNC_MODE 1"
+#endif
+__device__ __forceinline__ void bulk_to(const float* dst, unsigned rank, const float* src, unsigned bytes,
+                                        unsigned long long* bar) {
+    asm volatile("cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                 ::"r"(remote(dst, rank)), "r"(sm_addr(src)), "r"(bytes), "r"(remote(bar, rank)) : "memory");
+}
+__device__ __forceinline__ void fence_proxy_async() {     // generic-proxy smem writes -> the copy engine
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
+// one 16-byte message to CTA `rank`: v into dst (this CTA's address of the slot), credited to bar
+__device__ __forceinline__ void send4(const float* dst, unsigned rank, float4 v, unsigned long long* bar) {
+#if SYNC_MODE == 1
+    st_async4(remote(dst, rank), v, remote(bar, rank));
+#else
+    st_remote4(remote(dst, rank), v);
+#endif
+}
 
 // ---- the kernel ----------------------------------------------------------------------------------------
 struct Prefetch {               // what one thread needs of one layer, loaded a layer ahead
@@ -167,12 +208,26 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
     __shared__ __align__(16) float xc[EC];
     __shared__ __align__(16) float yc[EC];
     __shared__ float zc[EC];
-    __shared__ float xpart[NCTA][NX];       // x_proj partial sums, one row per source CTA
-    __shared__ float opart[NCTA][DM];       // out_proj partial sums, one row per source CTA
+    __shared__ __align__(16) float xpart[NCTA][NX];   // x_proj partial sums, one row per source CTA
+    __shared__ __align__(16) float opart[NCTA][DM];   // out_proj partial sums, one row per source CTA
 #if SYNC_MODE == 1
     __shared__ __align__(8) unsigned long long bar_x, bar_o;   // their transaction barriers
 #endif
+#if PACK == 2
+    __shared__ __align__(16) float xloc[NX];          // this CTA's partials, the bulk copies' sources
+    __shared__ __align__(16) float oloc[DM];
+#endif
+#if DBL_ONCE
+    __shared__ float dbl[NX];
+#endif
 
+#if SYNC_MODE == 1
+#define BAR_X (&bar_x)
+#define BAR_O (&bar_o)
+#else
+#define BAR_X ((unsigned long long*)0)           // (unused: no transaction barriers)
+#define BAR_O ((unsigned long long*)0)
+#endif
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const unsigned c = cluster_rank();
     const int b = (int)cluster_id();
@@ -348,23 +403,58 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
             p += __shfl_xor_sync(0xffffffffu, p, 4);
             p += __shfl_xor_sync(0xffffffffu, p, 2);
             p += __shfl_xor_sync(0xffffffffu, p, 1);
-#if SYNC_MODE == 1
+#if PACK == 2
+            if (q == 0) xloc[xp_row] = p;
+#elif PACK
+            // warp w holds rows 4w..4w+3 in its four 8-lane groups: lane q < 8 gathers them for CTA q
+            const float4 v4 = make_float4(__shfl_sync(0xffffffffu, p, q), __shfl_sync(0xffffffffu, p, q + 8),
+                                          __shfl_sync(0xffffffffu, p, q + 16), __shfl_sync(0xffffffffu, p, q + 24));
+            if (lane < 8) send4(&xpart[c][4 * warp], q, v4, BAR_X);
+#elif SYNC_MODE == 1
             st_async(remote(&xpart[c][xp_row], q), p, remote(&bar_x, q));
 #else
             st_remote(remote(&xpart[c][xp_row], q), p);
 #endif
             if (l + 1 < L) fetch_x(l + 1, P);
         }
+#if PACK == 2
+        fence_proxy_async();
+        __syncthreads();
+        if (tid < NCTA) bulk_to(&xpart[c][0], tid, xloc, NX * 4, &bar_x);
+#endif
+#if SYNC_MODE == 0
+        cluster_sync();
+#endif
+#if DBL_ONCE
+        // x_proj's outputs once: warps 0-1 wait for the partials and sum them, the others meet them at the barrier
+        if (tid < 64) {
 #if SYNC_MODE == 1
+            mbar_wait(&bar_x, l & 1);
+            if (tid == 0) mbar_expect(&bar_x, NCTA * NX * 4);       // arm the next phase
+#endif
+            if (tid < NX) {
+                float sacc = 0.f;
+#pragma unroll
+                for (int s = 0; s < NCTA; ++s) sacc += xpart[s][tid];
+                dbl[tid] = rnd(sacc);
+            }
+        }
+#endif
+#if SYNC_MODE == 1 && !DBL_ONCE
         mbar_wait(&bar_x, l & 1);
         if (tid == 0) mbar_expect(&bar_x, NCTA * NX * 4);           // arm the next phase
-#else
-        cluster_sync();
 #endif
 
         // (D) SSM state update for channel s_ch (8 lanes, 2 states and 2 dt ranks each)
         {
             float dl[2], Bv[2], Cv[2];
+#if DBL_ONCE
+            __syncthreads();
+#pragma unroll
+            for (int k = 0; k < 2; ++k) {
+                dl[k] = dbl[2 * q + k]; Bv[k] = dbl[RK + 2 * q + k]; Cv[k] = dbl[RK + NS + 2 * q + k];
+            }
+#else
 #pragma unroll
             for (int k = 0; k < 2; ++k) {
                 float sd = 0.f, sb = 0.f, sc = 0.f;
@@ -376,6 +466,7 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
                 }
                 dl[k] = rnd(sd); Bv[k] = rnd(sb); Cv[k] = rnd(sc);
             }
+#endif
             float d = fmaf(P.wdt.y, dl[1], P.wdt.x * dl[0]);
             d += __shfl_xor_sync(0xffffffffu, d, 4);
             d += __shfl_xor_sync(0xffffffffu, d, 2);
@@ -405,6 +496,16 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
             float o[4];
 #pragma unroll
             for (int m = 0; m < 4; ++m) o[m] = dot8(P.wo[m], yv);
+#if PACK == 1
+            // all-reduce the 4 rows over the 8 lanes; lane q sends rows 4g..4g+3 to CTA q
+#pragma unroll
+            for (int m = 0; m < 4; ++m) {
+                o[m] += __shfl_xor_sync(0xffffffffu, o[m], 4);
+                o[m] += __shfl_xor_sync(0xffffffffu, o[m], 2);
+                o[m] += __shfl_xor_sync(0xffffffffu, o[m], 1);
+            }
+            send4(&opart[c][4 * g], q, make_float4(o[0], o[1], o[2], o[3]), BAR_O);
+#else
             const bool h4 = q & 4, h2 = q & 2;
             float o2[2];
 #pragma unroll
@@ -413,6 +514,9 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
             float t = (h2 ? o2[1] : o2[0]) + __shfl_xor_sync(0xffffffffu, h2 ? o2[0] : o2[1], 2);
             t += __shfl_xor_sync(0xffffffffu, t, 1);
             const int orow = 4 * g + (q >> 1);
+#if PACK == 2
+            if ((q & 1) == 0) oloc[orow] = t;
+#else
             const unsigned r0 = 4u * (q & 1);
 #pragma unroll
             for (int k = 0; k < 4; ++k) {
@@ -422,9 +526,16 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
                 st_remote(remote(&opart[c][orow], r0 + k), t);
 #endif
             }
+#endif  // PACK == 2
+#endif  // PACK == 1
         }
 
         if (l + 1 < L) fetch_out(l + 1, P);
+#if PACK == 2
+        fence_proxy_async();
+        __syncthreads();
+        if (tid < NCTA) bulk_to(&opart[c][0], tid, oloc, DM * 4, &bar_o);
+#endif
 #if SYNC_MODE == 0
         cluster_sync();
 #endif

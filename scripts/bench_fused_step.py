@@ -1,7 +1,8 @@
 """Time the fused one-kernel decode step alone (cuda/decode_fused.cu, no sampler) on the audio6m shape:
-graph-replayed launches, CUDA events, median of 15 repetitions of 200 launches. Variants: synchronisation
-mode (SYNC_MODE 1 transaction barriers, 0 cluster barriers), batch, and number of layers (1, 8, 15: the slope
-is the cost of a layer, the intercept embedding + head + launch). Usage: python3 scripts/bench_fused_step.py
+graph-replayed launches, CUDA events, median of 15 repetitions of 200 launches. Variants: compile-time
+defines (argv, see the opening of cuda/decode_fused.cu), batch 1 and 8, and 1 or 15 layers (the slope is the
+cost of a layer, the intercept embedding + head + launch). Usage:
+    python3 scripts/bench_fused_step.py [NAME=DEFINE+DEFINE ...]
 """
 
 from __future__ import annotations
@@ -45,12 +46,15 @@ def timed(fn, n=200, reps=15):
 
 
 def main():
+    """argv: NAME=DEFINES variants (defines joined by '+', e.g. pack2=PACK=2+DBL_ONCE=1); default: the
+    transaction-barrier and the cluster-barrier modes. The last line names the fastest at batch 1, 15 layers."""
+    variants = [a.split("=", 1) for a in sys.argv[1:]] or [["default", ""], ["cbar", "SYNC_MODE=0"]]
     torch.manual_seed(0)
     m = ByteMambaLM(ModelConfig(d_model=256, n_layer=15)).cuda().eval()
     W = m._fused_weights(torch.bfloat16)
     rows = []
-    for sync in ("1", "0"):
-        os.environ["BYTEMAMBA_FUSED_DEFINES"] = f"SYNC_MODE={sync}"
+    for name, defines in variants:
+        os.environ["BYTEMAMBA_FUSED_DEFINES"] = defines
         for batch in (1, 8):
             cache = m.empty_cache(batch, "cuda")
             for s in cache.layers:
@@ -58,7 +62,7 @@ def main():
                 s.ssm.normal_()
             ids = torch.randint(0, 256, (batch,), device="cuda")
             logits = torch.empty(batch, 256, device="cuda")
-            for L in (15, 8, 1):
+            for L in (15, 1):
                 Wl = dataclasses.replace(W, **{f.name: getattr(W, f.name)[:L] for f in dataclasses.fields(W)
                                                if f.name in ("W_in", "conv_w", "conv_b", "W_x", "W_dt", "dt_b",
                                                              "A", "D", "W_out")})
@@ -66,14 +70,16 @@ def main():
                 ssm = [s.ssm for s in cache.layers[:L]]
                 us = timed(lambda: fused_step_fn(ids, Wl, conv, ssm, logits))
                 assert torch.isfinite(logits).all()
-                rows.append((sync, batch, L, us))
-                print(f"SYNC_MODE={sync} batch {batch} layers {L:2d}: {us:7.2f} us / step", flush=True)
-    print("\n| SYNC_MODE | batch | layers | us / step (kernel only) | per layer (slope 1->15) |")
-    print("|---|---|---|---|---|")
-    for sync, batch, L, us in rows:
-        t1 = next(r[3] for r in rows if r[:3] == (sync, batch, 1))
-        t15 = next(r[3] for r in rows if r[:3] == (sync, batch, 15))
-        print(f"| {sync} | {batch} | {L} | {us:.2f} | {(t15 - t1) / 14:.2f} |")
+                rows.append((name, batch, L, us))
+                print(f"{name} ({defines or 'defaults'}) batch {batch} layers {L:2d}: {us:7.2f} us / step", flush=True)
+    print("\n| variant | defines | batch | us / step, 15 layers (kernel only) | 1 layer | per layer (slope) |")
+    print("|---|---|---|---|---|---|")
+    for name, defines in variants:
+        for batch in (1, 8):
+            t = {r[2]: r[3] for r in rows if r[:2] == (name, batch)}
+            print(f"| {name} | {defines or '-'} | {batch} | {t[15]:.2f} | {t[1]:.2f} | {(t[15] - t[1]) / 14:.2f} |")
+    best = min((r for r in rows if r[1] == 1 and r[2] == 15), key=lambda r: r[3])
+    print(f"BEST {best[0]} {dict(variants)[best[0]]}")
 
 
 if __name__ == "__main__":

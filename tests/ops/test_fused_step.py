@@ -72,6 +72,14 @@ def packed(m, dtype, round_to=None):
     return pack_weights(m.backbone.embedding.weight, head, norms, layers, m.backbone.norm_f.eps, dtype)
 
 
+# compile-time variants of the kernel (name: defines; see the opening of cuda/decode_fused.cu)
+VARIANTS = {"default": "", "pack0": "PACK=0", "pack2": "PACK=2", "dbl": "DBL_ONCE=1",
+            "pack2dbl": "PACK=2 DBL_ONCE=1", "cbar": "SYNC_MODE=0", "cbar-pack0": "SYNC_MODE=0 PACK=0"}
+KERNEL_CASES = [("default", torch.bfloat16, 1), ("default", torch.bfloat16, 3), ("default", torch.float16, 1),
+                ("default", torch.float16, 3)] + [(v, dt, b) for v in list(VARIANTS)[1:]
+                                                  for dt, b in ((torch.bfloat16, 3), (torch.float16, 1))]
+
+
 # ---- CPU --------------------------------------------------------------------------------------------------
 
 def test_ref_in_float32_is_the_models_step():
@@ -100,7 +108,8 @@ def test_unsupported_reasons():
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
-@pytest.mark.parametrize("defines", [["-DIN_DTYPE=1"], ["-DIN_DTYPE=2"], ["-DIN_DTYPE=1", "-DSYNC_MODE=0"]])
+@pytest.mark.parametrize("defines", [["-DIN_DTYPE=2"]] + [["-DIN_DTYPE=1"] + [f"-D{d}" for d in v.split()]
+                                                           for v in VARIANTS.values()])
 def test_kernel_compiles_for_sm90_without_spills(defines, tmp_path):
     r = subprocess.run(["nvcc", "-arch=sm_90", "-std=c++17", "-cubin", "-o", str(tmp_path / "k.cubin"),
                         "-Xptxas", "-v", "-Werror", "all-warnings", *defines, str(SRC)],
@@ -112,13 +121,12 @@ def test_kernel_compiles_for_sm90_without_spills(defines, tmp_path):
 # ---- GPU --------------------------------------------------------------------------------------------------
 
 @gpu
-@pytest.mark.parametrize("sync", ["1", "0"], ids=["mbarrier", "cluster-barrier"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("batch", [1, 3])
-def test_kernel_many_steps(sync, dtype, batch, monkeypatch):
+@pytest.mark.parametrize("variant,dtype,batch", KERNEL_CASES,
+                         ids=[f"{v}-{str(dt)[6:]}-b{b}" for v, dt, b in KERNEL_CASES])
+def test_kernel_many_steps(variant, dtype, batch, monkeypatch):
     """20 steps of the kernel against the reference (same roundings) and a float32 truth (no rounding of the
     activations, the same rounded weights): the kernel's error at most about twice the reference's."""
-    monkeypatch.setenv("BYTEMAMBA_FUSED_DEFINES", f"SYNC_MODE={sync}")
+    monkeypatch.setenv("BYTEMAMBA_FUSED_DEFINES", VARIANTS[variant])
     m = make_model(n_layer=3, seed=batch, device="cuda")
     W = packed(m, dtype)
     W32 = packed(m, torch.float32, round_to=dtype)
