@@ -10,7 +10,9 @@ the running log-probabilities and a CUDA generator. Its body
 (embedding, every layer, the head, temperature / top-k / top-p / min-p and the random draw) is warmed up
 eagerly on a side stream, then captured once into a CUDA graph with the generator registered, so every
 replay draws fresh random numbers exactly as the same calls made eagerly would: decoding with and without
-graphs gives the same symbols for the same seed. Decoders are kept per (model, batch size, sampling,
+graphs gives the same symbols for the same seed. On a GPU the sampling is by default one fused kernel
+(`sample_fn`, its random numbers a hash of the seed and a step counter on the GPU; BYTEMAMBA_STEP_V2=0 keeps
+`sample_next` and its generator). Decoders are kept per (model, batch size, sampling,
 compute dtype) by `decoder_for` and rebuilt when a parameter of the model changes.
 
 Usage (what `generate` does): `dec.load(cache, symbols, logp)` copies the prefill's state in, each
@@ -37,7 +39,7 @@ class GraphDecoder:
         self.generator = torch.Generator(device=self.device)
         self.graph = None
         self.stamp = param_stamp(model)
-        # v2 (opt-in, BYTEMAMBA_STEP_V2=1): one fused sampling kernel instead of ~20 PyTorch ops; its random
+        # on a GPU (unless BYTEMAMBA_STEP_V2=0): one fused sampling kernel instead of ~20 PyTorch ops; its random
         # stream is its own (a hash of seed, step counter, row, symbol), so with it generate() decodes through
         # this decoder with or without graphs
         from bytemamba.ops.step import v2_kernels

@@ -359,14 +359,26 @@ extern "C" __global__ void __launch_bounds__(256) gemv_step(
     grid_dep_wait();
     grid_dep_launch();
 
-    if (flags & 1) {                                   // inv rms of row r from the partial sums (warp r)
-        if (warp < GB) {
-            float t = 0.f;
-            if (n0 + warp < b)
-                for (int p = lane; p < P_in; p += 32) t += partial_in[(n0 + warp) * P_in + p];
+    if (flags & 1) {                                   // inv rms of each row from the partial sums (whole block)
+        float t[GB];
 #pragma unroll
-            for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
-            if (lane == 0) inv_s[warp] = rsqrtf(t / (float)K + eps);
+        for (int r = 0; r < GB; ++r) {
+            t[r] = 0.f;
+            if (n0 + r < b)
+                for (int p = threadIdx.x; p < P_in; p += 256) t[r] += partial_in[(n0 + r) * P_in + p];
+        }
+#pragma unroll
+        for (int r = 0; r < GB; ++r) {
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) t[r] += __shfl_xor_sync(0xffffffffu, t[r], o);
+            if (lane == 0) sq[warp][r] = t[r];
+        }
+        __syncthreads();
+        if (threadIdx.x < GB) {
+            float u = 0.f;
+#pragma unroll
+            for (int w = 0; w < 8; ++w) u += sq[w][threadIdx.x];
+            inv_s[threadIdx.x] = rsqrtf(u / (float)K + eps);
         }
         __syncthreads();
         for (int i = threadIdx.x * 4; i < GB * K; i += 256 * 4) {
@@ -571,6 +583,8 @@ extern "C" __global__ void __launch_bounds__(256) sample_rows(
     __shared__ float p_s[SV];
     __shared__ float red[32];
     __shared__ int redi[32];
+    grid_dep_wait();
+    grid_dep_launch();
     const int row = blockIdx.x;
     const float* lg = logits + (long long)row * V;
     float m = -__int_as_float(0x7f800000);

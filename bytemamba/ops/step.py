@@ -114,9 +114,10 @@ def tuning() -> dict:
 
 
 def v2_kernels() -> bool:
-    """BYTEMAMBA_STEP_V2=1 selects the fused sampler (sample_rows, its own random stream) in the decoder.
-    Read when a step is launched (for a graph: when it is captured)."""
-    return os.environ.get("BYTEMAMBA_STEP_V2", "0") not in ("", "0", "false", "False")
+    """The fused sampler (sample_rows: 2 launches instead of ~20, its own random stream) in the decoder, on by
+    default; BYTEMAMBA_STEP_V2=0 selects the PyTorch sampler (sample_next, torch.multinomial's stream).
+    Read when a decoder is built."""
+    return os.environ.get("BYTEMAMBA_STEP_V2", "1") not in ("", "0", "false", "False")
 
 
 def pdl() -> bool:
