@@ -34,12 +34,11 @@ def main() -> int:
     p.add_argument("--breakdown", nargs="*", default=[], metavar="VARIANT/MODEL:BATCH")
     a = p.parse_args()
     results = {}
-    names = []
+    names, plan = [], []
     for v in a.variants:
         v, _, only = v.partition("@")
         name, _, settings = v.partition(":")
         names.append(name)
-        configs = only.split(",") if only else a.configs
         env, gemv = {}, ByteMambaLM.gemv_max_batch
         for item in filter(None, settings.split(";")):
             k, _, val = item.partition("=")
@@ -47,28 +46,29 @@ def main() -> int:
                 gemv = int(val)
             else:
                 env[k] = val
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            for cfg in configs:
-                model, _, b = cfg.partition(":")
-                args = argparse.Namespace(prompt=a.prompt, new=a.new, chunk=32, no_profile=True, gemv_max_batch=gemv,
-                                          breakdown=[cfg] if f"{name}/{cfg}" in a.breakdown else [],
-                                          _model_name=model)
-                try:
-                    r = bg._bench_mamba(bg.MODELS[model][0], int(b), args, "cuda")
-                    results[(name, cfg)] = r["ms"]
-                    print(f"{name:>12} {cfg:>12}: {r['ms']:.4f} ms/step  ({int(b) / r['ms'] * 1e3:,.0f} sym/s)",
-                          flush=True)
-                except Exception:
-                    print(f"{name} {cfg} failed:\n{traceback.format_exc(limit=3)}", flush=True)
-                    torch.cuda.empty_cache()
-        finally:
-            for k, old in saved.items():
-                if old is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = old
+        plan.append((name, env, gemv, only.split(",") if only else a.configs))
+    for cfg in a.configs:                       # configurations outside, so each model is built once
+        model, _, b = cfg.partition(":")
+        for name, env, gemv, configs in plan:
+            if cfg not in configs:
+                continue
+            saved = {k: os.environ.get(k) for k in env}
+            os.environ.update(env)
+            args = argparse.Namespace(prompt=a.prompt, new=a.new, chunk=32, no_profile=True, gemv_max_batch=gemv,
+                                      breakdown=[cfg] if f"{name}/{cfg}" in a.breakdown else [], _model_name=model)
+            try:
+                r = bg._bench_mamba(bg.MODELS[model][0], int(b), args, "cuda")
+                results[(name, cfg)] = r["ms"]
+                print(f"{name:>12} {cfg:>12}: {r['ms']:.4f} ms/step  ({int(b) / r['ms'] * 1e3:,.0f} sym/s)", flush=True)
+            except Exception:
+                print(f"{name} {cfg} failed:\n{traceback.format_exc(limit=3)}", flush=True)
+                torch.cuda.empty_cache()
+            finally:
+                for k, old in saved.items():
+                    if old is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = old
     print("\n| variant | " + " | ".join(a.configs) + " |")
     print("|---|" + "---|" * len(a.configs))
     for n in names:
