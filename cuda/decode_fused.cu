@@ -301,6 +301,9 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
 #endif
     // every CTA of the cluster has started (and set up its barriers) before any DSMEM store: the matching
     // cluster wait is at (C) of layer 0
+    // a kernel launched after this one with programmatic dependent launch (the sampler, BYTEMAMBA_STEP_PDL=1)
+    // may be scheduled now; it waits (griddepcontrol.wait) for this grid's completion before reading logits
+    asm volatile("griddepcontrol.launch_dependents;" :::);
     Prefetch P;
     fetch_in(0, P);
     fetch_conv(0, P);

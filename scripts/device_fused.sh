@@ -5,9 +5,9 @@
 #  2. the GPU tests of tests/ops/test_fused_step.py (failed variants deselected);
 #  3. the kernel alone, every surviving variant (scripts/bench_fused_step.py), which names the fastest;
 #  4. `bytemamba bench generate` at audio6m batch 1 and 8 with the fastest variant: fused step + fused sampler
-#     (BYTEMAMBA_STEP_V2=1, with the Transformer and a per-kernel breakdown at batch 1), then fused step +
-#     PyTorch sampler.
-# Logs under $OUT (smoke.log, tests.log, kernel.log, bench_v2.log, bench_torch.log); the tables print last.
+#     (the default, with the Transformer and a per-kernel breakdown at batch 1), the same with programmatic
+#     dependent launch (BYTEMAMBA_STEP_PDL=1), then fused step + PyTorch sampler (BYTEMAMBA_STEP_V2=0).
+# Logs under $OUT (smoke.log, tests.log, kernel.log, bench*.log); the tables print last.
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/bytemamba_out}
 mkdir -p "$OUT"
@@ -46,5 +46,6 @@ BEST=$(grep "^BEST" "$OUT/kernel.log" | cut -d' ' -f3-)
 [ -n "$(grep '^BEST' $OUT/kernel.log)" ] && export BYTEMAMBA_FUSED_DEFINES="$BEST"
 echo "bench generate with BYTEMAMBA_FUSED_DEFINES='$BYTEMAMBA_FUSED_DEFINES'"
 B="python3 -m bytemamba.bench generate --models audio6m --batches 1 8"
-BYTEMAMBA_STEP_V2=1 timeout 45 $B --breakdown audio6m:1 2>&1 | tee "$OUT/bench_v2.log" | grep -E "^\||^#  " | tail -14
-timeout 30 $B --no-transformer 2>&1 | tee "$OUT/bench_torch.log" | tail -3
+timeout 45 $B --breakdown audio6m:1 2>&1 | tee "$OUT/bench.log" | grep -E "^\||^#  " | tail -14
+BYTEMAMBA_STEP_PDL=1 timeout 30 $B --no-transformer 2>&1 | tee "$OUT/bench_pdl.log" | tail -3
+BYTEMAMBA_STEP_V2=0 timeout 30 $B --no-transformer 2>&1 | tee "$OUT/bench_torch.log" | tail -3
