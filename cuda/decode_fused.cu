@@ -1,5 +1,5 @@
 // decode_fused.cu -- one whole decoding step of a small ByteMambaLM (embedding, every layer, final norm, head)
-// as ONE kernel launch: a thread-block cluster of 8 CTAs per batch row, synchronised by cluster barriers and
+// as ONE kernel launch: a thread-block cluster of 8 CTAs per batch row, synchronised by transaction barriers and
 // exchanging partial sums through distributed shared memory (DSMEM). For bytemamba.
 //
 // What it computes (bytemamba/ops/fused_step.py holds the PyTorch reference, fused_step_ref):
@@ -25,11 +25,13 @@
 // How it is launched: grid 8*B blocks of 512 threads, cluster dims (8,1,1) compiled in (sm_90), so a plain
 // launch works; cluster b computes batch row b. CTA c of a cluster owns channels [64c, 64c+64):
 //   in_proj rows of its x and z channels (128 x 256), the conv and SSM state of its channels, the x_proj and
-//   out_proj partial sums over its channels, pushed into every CTA's shared memory (DSMEM stores), then
-//   one cluster barrier each: 2 barriers per layer. Every CTA keeps an identical copy of the residual (the
-//   partials are summed in the same fixed order everywhere). Every weight a thread needs for layer l+1 is
-//   loaded into its registers while layer l runs (71 registers of prefetch), so the L2 latency is hidden.
-//   The head's 256 rows are split 32 per CTA.
+//   out_proj partial sums over its channels, pushed into every CTA's shared memory (DSMEM st.async), each
+//   CTA then waiting on its own transaction barrier (mbarrier) until the 8 sources' bytes arrived
+//   (SYNC_MODE 0: cluster barriers instead): 2 exchanges per layer, no grid-wide sync. Every CTA keeps an
+//   identical copy of the residual (the partials are summed in the same fixed order everywhere). Every
+//   weight a thread needs for layer l+1 is loaded into its registers while layer l runs (~71 registers of
+//   prefetch), so the L2 latency is hidden. The head's 256 rows are split 32 per CTA. 128 registers, no
+//   spills (nvcc 13.0), ~12 KB static shared memory; state buffers must not alias.
 
 #if IN_DTYPE == 2
 #include <cuda_fp16.h>
@@ -153,13 +155,15 @@ __device__ __forceinline__ void st_async4(unsigned raddr, float4 v, unsigned rba
 // writes its partials into its own shared memory, then one thread per destination copies them with one bulk
 // copy (cp.async.bulk shared::cta -> shared::cluster, the copy engine credits the destination's mbarrier):
 // 8 messages per exchange instead of hundreds, at the cost of a CTA barrier and the copy engine's latency.
-// DBL_ONCE 1: x_proj's 48 outputs summed from the partials once (by 48 threads, then a CTA barrier) instead
-// of by every thread (0, default).
+// DBL_ONCE 1 (default): x_proj's 48 outputs summed from the partials once (2 warps wait for them and sum,
+// then a CTA barrier) instead of by every thread, all 16 warps spinning on the mbarrier (0).
+// Measured on an H200 (docs/PERF.md, audio6m, 15 layers, batch 1, kernel alone): PACK 1 / DBL_ONCE 1
+// 54.7 us; PACK 1 / 0 58.8; PACK 0 / 0 56.9; PACK 2 / 0 61.0; PACK 2 / 1 56.3; SYNC_MODE 0 72.4.
 #ifndef PACK
 #define PACK 1
 #endif
 #ifndef DBL_ONCE
-#define DBL_ONCE 0
+#define DBL_ONCE 1
 #endif
 #if PACK == 2 && SYNC_MODE != 1
 #error "PACK 2 needs SYNC_MODE 1"

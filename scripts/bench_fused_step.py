@@ -48,7 +48,7 @@ def timed(fn, n=200, reps=15):
 def main():
     """argv: NAME=DEFINES variants (defines joined by '+', e.g. pack2=PACK=2+DBL_ONCE=1); default: the
     transaction-barrier and the cluster-barrier modes. The last line names the fastest at batch 1, 15 layers."""
-    variants = [a.split("=", 1) for a in sys.argv[1:]] or [["default", ""], ["cbar", "SYNC_MODE=0"]]
+    variants = [a.split("=", 1) for a in sys.argv[1:]] or [["default", ""], ["cbar", "SYNC_MODE=0+DBL_ONCE=0"]]
     torch.manual_seed(0)
     m = ByteMambaLM(ModelConfig(d_model=256, n_layer=15)).cuda().eval()
     W = m._fused_weights(torch.bfloat16)

@@ -11,7 +11,7 @@
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/bytemamba_out}
 mkdir -p "$OUT"
-VARIANTS=${VARIANTS:-"default= pack0=PACK=0 pack2=PACK=2 dbl=DBL_ONCE=1 pack2dbl=PACK=2+DBL_ONCE=1 cbar=SYNC_MODE=0"}
+VARIANTS=${VARIANTS:-"default= nodbl=DBL_ONCE=0 pack0=PACK=0+DBL_ONCE=0 pack2=PACK=2+DBL_ONCE=0 pack2dbl=PACK=2 cbar=SYNC_MODE=0+DBL_ONCE=0"}
 SMOKE='
 import torch
 from tests.ops.test_fused_step import make_model, packed, random_states, rel

@@ -73,8 +73,8 @@ def packed(m, dtype, round_to=None):
 
 
 # compile-time variants of the kernel (name: defines; see the opening of cuda/decode_fused.cu)
-VARIANTS = {"default": "", "pack0": "PACK=0", "pack2": "PACK=2", "dbl": "DBL_ONCE=1",
-            "pack2dbl": "PACK=2 DBL_ONCE=1", "cbar": "SYNC_MODE=0", "cbar-pack0": "SYNC_MODE=0 PACK=0"}
+VARIANTS = {"default": "", "nodbl": "DBL_ONCE=0", "pack0": "PACK=0 DBL_ONCE=0", "pack2": "PACK=2 DBL_ONCE=0",
+            "pack2dbl": "PACK=2", "cbar": "SYNC_MODE=0 DBL_ONCE=0", "cbar-pack0": "SYNC_MODE=0 PACK=0 DBL_ONCE=0"}
 KERNEL_CASES = [("default", torch.bfloat16, 1), ("default", torch.bfloat16, 3), ("default", torch.float16, 1),
                 ("default", torch.float16, 3)] + [(v, dt, b) for v in list(VARIANTS)[1:]
                                                   for dt, b in ((torch.bfloat16, 3), (torch.float16, 1))]
