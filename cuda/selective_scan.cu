@@ -28,8 +28,13 @@
 //                                  runs the adjoint recurrence backwards. dB, dC are summed over the
 //                                  block's channels in shared memory, then added atomically (default) or
 //                                  written as per-block partials (deterministic mode).
+// The forward keeps B and C of a tile as float rows, row (n % 4) * NT + n / 4 for state n, so that a lane
+// reads one state for 4 positions per 16-byte load and the NT lanes of a channel hit distinct banks; the
+// staging of a tile (softplus, dl * u, B/C conversion) is done once per element, branch-free, and u, z
+// stay packed in registers until the epilogue (docs/PERF.md "Selective scan" has the instruction counts).
 // Compile-time knobs (-D): IN_DTYPE (0 f32, 1 bf16, 2 f16), NPAD, HAS_Z, HAS_RESET, POLY_J (bit mask of
-// the per-thread states j in 0..3 whose exp2 is a polynomial on the FMA pipes instead of MUFU.EX2).
+// the per-thread states j in 0..3 whose exp2 is a polynomial on the FMA pipes instead of MUFU.EX2),
+// FWD_UNR (forward positions per unrolled step, default 16), FWD_MINB (forward blocks per SM, default 4).
 
 #ifndef IN_DTYPE
 #define IN_DTYPE 1
@@ -46,16 +51,6 @@
 #ifndef POLY_J
 #define POLY_J 0
 #endif
-#ifndef V5
-#define V5 0
-#endif
-#ifndef FWD_V6
-#define FWD_V6 0
-#endif
-#if FWD_V6 && !V5
-#error "FWD_V6 builds on V5"
-#endif
-#define Z_STAGED (HAS_Z && !FWD_V6)   // z through the shared raw tile (else straight from global, v6)
 
 #define NTHREADS 128
 #define NT (NPAD / 4)              // lanes per channel
@@ -64,10 +59,9 @@
 #define EPT (TL / NT)              // staged elements per thread (one row, EPT consecutive positions)
 #define SB 8                       // backward sub-block
 #define RS (TL + 4)                // padded row stride of per-(channel, position) tiles
-#define BSF NPAD                   // row stride of the forward's B / C tiles ([t][n])
 #define BS (NPAD + 4)              // padded row stride of the backward's B / C tiles
 #ifndef FWD_UNR
-#define FWD_UNR 8
+#define FWD_UNR 16
 #endif
 #define UNR ((NT > FWD_UNR) ? NT : FWD_UNR)   // forward inner unroll (a multiple of NT)
 #define RRS (TL + 16 / (int)sizeof(in_t))   // raw staged row stride (elements): +16 bytes against bank conflicts
@@ -277,7 +271,8 @@ __device__ __forceinline__ void raw_row(const in_t* p, float (&v)[EPT]) {
   }
 }
 
-// A thread's EPT raw elements of one staged row kept packed in 32-bit words (v5), and element e of them.
+// A thread's EPT raw elements of one staged row kept packed in 32-bit words (half the registers
+// of floats in bf16/fp16), and element e of them.
 constexpr int RW = EPT * (int)sizeof(in_t) / 4;
 __device__ __forceinline__ void raw_words(const in_t* p, unsigned (&w)[RW]) {
   if constexpr (RW % 4 == 0) {
@@ -294,37 +289,6 @@ __device__ __forceinline__ void raw_words(const in_t* p, unsigned (&w)[RW]) {
     }
   }
 }
-// The same packed words straight from global memory (avail elements exist there; zeros past them).
-__device__ __forceinline__ void load_words(const in_t* __restrict__ p, i64 avail, bool vec, unsigned (&w)[RW]) {
-  if (vec && avail >= EPT) {
-    if constexpr (RW % 4 == 0) {
-#pragma unroll
-      for (int k = 0; k < RW / 4; ++k) {
-        const uint4 v = reinterpret_cast<const uint4*>(p)[k];
-        w[4 * k] = v.x; w[4 * k + 1] = v.y; w[4 * k + 2] = v.z; w[4 * k + 3] = v.w;
-      }
-    } else {
-#pragma unroll
-      for (int k = 0; k < RW / 2; ++k) {
-        const uint2 v = reinterpret_cast<const uint2*>(p)[k];
-        w[2 * k] = v.x; w[2 * k + 1] = v.y;
-      }
-    }
-    return;
-  }
-#pragma unroll
-  for (int k = 0; k < RW; ++k) w[k] = 0u;
-#pragma unroll
-  for (int e = 0; e < EPT; ++e) {
-    if (e < avail) {
-#if IN_DTYPE == 0
-      w[e] = __float_as_uint(p[e]);
-#else
-      w[e >> 1] |= ((unsigned)p[e]) << ((e & 1) * 16);
-#endif
-    }
-  }
-}
 __device__ __forceinline__ float word_f(const unsigned (&w)[RW], int e) {
 #if IN_DTYPE == 0
   return __uint_as_float(w[e]);
@@ -333,23 +297,10 @@ __device__ __forceinline__ float word_f(const unsigned (&w)[RW], int e) {
 #endif
 }
 
-// log(1 + e) for e in [0, 1]: 2 atanh(s), s = e / (2 + e) <= 1/3 (relative error ~1e-7, no cancellation).
-__device__ __forceinline__ float log1p_unit(float e) {
-  const float s = __fdividef(e, 2.0f + e), s2 = s * s;
-  float p = 1.0f / 15.0f;
-  p = fmaf(p, s2, 1.0f / 13.0f);
-  p = fmaf(p, s2, 1.0f / 11.0f);
-  p = fmaf(p, s2, 1.0f / 9.0f);
-  p = fmaf(p, s2, 1.0f / 7.0f);
-  p = fmaf(p, s2, 1.0f / 5.0f);
-  p = fmaf(p, s2, 1.0f / 3.0f);
-  p = fmaf(p, s2, 1.0f);
-  return 2.0f * s * p;
-}
-// softplus as torch computes it (identity above 20), and optionally its derivative sigmoid(x).
-#if V5
-// v5: branchless; exp through ex2.approx directly (its argument is <= 0: no range fix needed) and the
-// atanh series cut after s^11 (s <= 1/3: truncation ~1.4e-7 relative, about one float ulp).
+// softplus as torch computes it (identity above 20), branchless: max(x, 0) + log1p(e), e = exp(-|x|) in
+// (0, 1] through ex2.approx directly (its argument is <= 0: no range fix needed), and
+// log1p(e) = 2 atanh(s), s = e / (2 + e) <= 1/3, the series cut after s^11 (truncation ~1.4e-7 relative,
+// about one float ulp; no cancellation for small e).
 __device__ __forceinline__ float softplus_f(float x) {
   const float e = ex2_mufu(fabsf(x) * -1.4426950408889634f);
   const float s = __fdividef(e, 2.0f + e), s2 = s * s;
@@ -366,13 +317,6 @@ __device__ __forceinline__ float softplus_f(float x) {
 __device__ __forceinline__ float sigmoid_f(float x) {
   return __fdividef(1.0f, 1.0f + ex2_mufu(x * -1.4426950408889634f));
 }
-#else
-__device__ __forceinline__ float softplus_f(float x) {
-  const float e = __expf(-fabsf(x));
-  return x > 20.0f ? x : fmaxf(x, 0.0f) + log1p_unit(e);
-}
-__device__ __forceinline__ float sigmoid_f(float x) { return __fdividef(1.0f, 1.0f + __expf(-x)); }
-#endif
 
 // ------------------------------------------------------------------------------------------------
 // Forward.
@@ -380,19 +324,12 @@ __device__ __forceinline__ float sigmoid_f(float x) { return __fdividef(1.0f, 1.
 struct FwdSmem {
   float dl[CPB * RS];          // softplus(delta + bias)
   float du[CPB * RS];          // dl * u; overwritten by y = <C, x> as the scan passes
-#if V5
-  float B[NPAD * RS];          // [bc_row(n)][t]
+  float B[NPAD * RS];          // state n in row (n % 4) * NT + n / 4, positions along the row
   float C[NPAD * RS];
-#else
-  float B[TL * BSF];           // [t][n]
-  float C[TL * BSF];
-#endif
   float m[TL];                 // 0 where reset, else 1
   alignas(16) in_t ru[CPB * RRS];   // raw next tile (cp.async destinations)
   alignas(16) in_t rd[CPB * RRS];
-#if Z_STAGED
   alignas(16) in_t rz[CPB * RRS];
-#endif
   alignas(16) in_t rB[NPAD * RRS];
   alignas(16) in_t rC[NPAD * RRS];
   alignas(16) u8 rr[TL + 16];
@@ -411,7 +348,6 @@ __device__ __forceinline__ void fwd_tile_scan(const FwdSmem& s, int c, int sg, i
       float4 du4 = *reinterpret_cast<const float4*>(&s.du[c * RS + t0 + tt]);
       float dls[4] = {dl4.x, dl4.y, dl4.z, dl4.w};
       float dus[4] = {du4.x, du4.y, du4.z, du4.w};
-#if V5
       float bq[4][4], cq[4][4];       // [state j][position q]: one 16-byte load per state and 4 positions
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
@@ -422,17 +358,11 @@ __device__ __forceinline__ void fwd_tile_scan(const FwdSmem& s, int c, int sg, i
           cq[j][0] = c4.x; cq[j][1] = c4.y; cq[j][2] = c4.z; cq[j][3] = c4.w;
         }
       }
-#endif
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
         const int t = t0 + tt + q;
         (void)t;
-#if V5
         float bb[4] = {bq[0][q], bq[1][q], bq[2][q], bq[3][q]};
-#else
-        float4 b4 = *reinterpret_cast<const float4*>(&s.B[t * BSF + sg * 4]);
-        float bb[4] = {b4.x, b4.y, b4.z, b4.w};
-#endif
         float dl = dls[q], du = dus[q];
 #if HAS_RESET
         float mk = s.m[t];
@@ -454,12 +384,7 @@ __device__ __forceinline__ void fwd_tile_scan(const FwdSmem& s, int c, int sg, i
           sumdl += dl;
           yv[tt + q] = 0.0f;
         } else {
-#if V5
           yv[tt + q] = fmaf(cq[3][q], x[3], fmaf(cq[2][q], x[2], fmaf(cq[1][q], x[1], cq[0][q] * x[0])));
-#else
-          float4 c4 = *reinterpret_cast<const float4*>(&s.C[t * BSF + sg * 4]);
-          yv[tt + q] = fmaf(c4.w, x[3], fmaf(c4.z, x[2], fmaf(c4.y, x[1], c4.x * x[0])));
-#endif
         }
       }
     }
@@ -481,7 +406,7 @@ __device__ __forceinline__ void fwd_issue(FwdSmem& s, const in_t* __restrict__ u
   const int nvalid = min(CPB, dim - db * CPB);
   load_rows(s.ru, u + row0 * L, CPB, nvalid, L, l0, aligned);
   load_rows(s.rd, delta + row0 * L, CPB, nvalid, L, l0, aligned);
-#if Z_STAGED
+#if HAS_Z
   if (!AGG) load_rows(s.rz, z + row0 * L, CPB, nvalid, L, l0, aligned);
 #endif
   load_rows(s.rB, Bm + (i64)bi * n * L, NPAD, n, L, l0, aligned);
@@ -492,8 +417,7 @@ __device__ __forceinline__ void fwd_issue(FwdSmem& s, const in_t* __restrict__ u
   cp_async_commit();
 }
 
-#if V5
-// v5 issue: where the tile is whole, aligned and the block's channels all exist (the common case), each
+// Issue of the next raw tile: where the tile is whole, aligned and the block's channels all exist (the common case), each
 // thread copies fixed 16-byte chunks (its row rc and chunk kc, rows rc + i*RSTEP), with no per-chunk
 // index arithmetic beyond one 64-bit add; otherwise the general path above. Raw B/C rows >= n are never
 // read (convert_BC writes zeros for them), so the fast path skips them.
@@ -517,7 +441,7 @@ __device__ __forceinline__ void fwd_issue5(FwdSmem& s, const in_t* __restrict__ 
         const int so = (r + rc) * RRS + kc * CHK;
         cp_async16(&s.ru[so], u + o);
         cp_async16(&s.rd[so], delta + o);
-#if Z_STAGED
+#if HAS_Z
         if (!AGG) cp_async16(&s.rz[so], z + o);
 #endif
       }
@@ -541,7 +465,7 @@ __device__ __forceinline__ void fwd_issue5(FwdSmem& s, const in_t* __restrict__ 
   }
 }
 
-// raw B (NPAD x TL, [n][t]) -> float rows [bc_row(n)][t], 16 bytes at a time; rows >= n as zeros.
+// raw B (NPAD x TL, [n][t]) -> float rows (row (n % 4) * NT + n / 4), 16 bytes at a time; rows >= n as zeros.
 __device__ __forceinline__ void convert_BC(float* dst, const in_t* raw, int n) {
   constexpr int NCH = NPAD * CPR;
 #pragma unroll
@@ -558,15 +482,6 @@ __device__ __forceinline__ void convert_BC(float* dst, const in_t* raw, int n) {
       *reinterpret_cast<float4*>(d + i) = make_float4(to_f(e[i]), to_f(e[i + 1]), to_f(e[i + 2]), to_f(e[i + 3]));
   }
 }
-#else
-// raw B (NPAD x TL) -> float [t][n]
-__device__ __forceinline__ void convert_BC(float* dst, const in_t* raw, int) {
-  for (int idx = threadIdx.x; idx < TL * NPAD; idx += NTHREADS) {
-    const int nn = idx % NPAD, t = idx / NPAD;
-    dst[t * BSF + nn] = to_f(raw[nn * RRS + t]);
-  }
-}
-#endif
 
 template <bool AGG>
 __device__ __forceinline__ void fwd_body(
@@ -612,12 +527,8 @@ __device__ __forceinline__ void fwd_body(
   float sumdl = 0.0f, keep = 1.0f;
   const int k0 = seg * seg_tiles, k1 = min(ntiles, k0 + seg_tiles);
 
-#if V5
   const bool fullc = dim - db * CPB >= CPB;
 #define FWD_ISSUE(kk) fwd_issue5<AGG>(s, u, delta, z, Bm, Cm, reset, bi, dim, db, n, L, kk, aligned, raligned, fullc)
-#else
-#define FWD_ISSUE(kk) fwd_issue<AGG>(s, u, delta, z, Bm, Cm, reset, bi, dim, db, n, L, kk, aligned, raligned)
-#endif
   FWD_ISSUE(k0);
   for (int k = k0; k < k1; ++k) {
     const i64 l0 = (i64)k * TL;
@@ -625,26 +536,18 @@ __device__ __forceinline__ void fwd_body(
     const i64 avail = valid ? L - p0 : 0;
     cp_async_wait_all();
     __syncthreads();                                 // raw tile k is in; the previous tile is done
-    float uv[EPT], zv[EPT], dv[EPT];
-#if V5
+    float uv[EPT], dv[EPT];
     // u and z stay raw (packed) in registers until the epilogue: half the registers in bf16/fp16.
     unsigned uw[RW], zw[RW];
     (void)zw;
     raw_words(&s.ru[c * RRS + sg * EPT], uw);
 #pragma unroll
     for (int e = 0; e < EPT; ++e) uv[e] = word_f(uw, e);
-#if Z_STAGED
+#if HAS_Z
     if (!AGG) raw_words(&s.rz[c * RRS + sg * EPT], zw);
 #endif
-#else
-    raw_row(&s.ru[c * RRS + sg * EPT], uv);
-#if HAS_Z
-    if (!AGG) raw_row(&s.rz[c * RRS + sg * EPT], zv);
-#endif
-#endif
     raw_row(&s.rd[c * RRS + sg * EPT], dv);
-#if V5
-    // v5: positions past L (last tile only) are masked in a separate branch, with 32-bit compares.
+    // Positions past L (last tile only) are masked in a separate branch, with 32-bit compares.
 #pragma unroll
     for (int e = 0; e < EPT; ++e) {
       const float xv = dv[e] + bias_d;
@@ -661,25 +564,6 @@ __device__ __forceinline__ void fwd_body(
       *reinterpret_cast<float4*>(&s.du[c * RS + sg * EPT + e]) =
           make_float4(dv[e] * uv[e], dv[e + 1] * uv[e + 1], dv[e + 2] * uv[e + 2], dv[e + 3] * uv[e + 3]);
     }
-#else
-#pragma unroll
-    for (int e = 0; e < EPT; e += 4) {
-      float4 dl4, du4;
-      float* dlp = &dl4.x;
-      float* dup = &du4.x;
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const float uu = uv[e + q];
-        float xv = dv[e + q] + bias_d;
-        float dl = softplus ? softplus_f(xv) : xv;
-        dl = (e + q < avail) ? dl : 0.0f;
-        dlp[q] = dl;
-        dup[q] = dl * uu;
-      }
-      *reinterpret_cast<float4*>(&s.dl[c * RS + sg * EPT + e]) = dl4;
-      *reinterpret_cast<float4*>(&s.du[c * RS + sg * EPT + e]) = du4;
-    }
-#endif
     convert_BC(s.B, s.rB, n);
     if (!AGG) convert_BC(s.C, s.rC, n);
 #if HAS_RESET
@@ -691,17 +575,9 @@ __device__ __forceinline__ void fwd_body(
       float4 xs = make_float4(x[0], x[1], x[2], x[3]);
       *reinterpret_cast<float4*>(&ckpt[(ch * ntiles + k) * NPAD + sg * 4]) = xs;
     }
-#if HAS_Z && FWD_V6
-    // v6: z is needed only by the epilogue: load it from global now, the scan hides the latency.
-    if (!AGG) load_words(z + ch * L + p0, avail, aligned, zw);
-#endif
     fwd_tile_scan<AGG>(s, c, sg, lane, A2, x, sumdl, keep, s.du);
     if (!AGG) {
-#if FWD_V6
-      __syncwarp();       // y of channel c was written by c's own lanes, all in this warp
-#else
       __syncthreads();
-#endif
       float ov[EPT];
 #pragma unroll
       for (int e = 0; e < EPT; e += 4) {
@@ -709,17 +585,9 @@ __device__ __forceinline__ void fwd_body(
         const float ys[4] = {y4.x, y4.y, y4.z, y4.w};
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
-#if V5
           float yv = fmaf(D_d, word_f(uw, e + q), ys[q]);
-#else
-          float yv = fmaf(D_d, uv[e + q], ys[q]);
-#endif
 #if HAS_Z
-#if V5
           const float zz = word_f(zw, e + q);
-#else
-          const float zz = zv[e + q];
-#endif
           yv *= zz * sigmoid_f(zz);
 #endif
           ov[e + q] = yv;
@@ -727,7 +595,6 @@ __device__ __forceinline__ void fwd_body(
       }
       store_row(out + ch * L + p0, avail, aligned, ov);
     }
-    (void)zv;
   }
 #undef FWD_ISSUE
   if (AGG) {
@@ -797,11 +664,7 @@ __device__ __forceinline__ void bwd_stage(BwdSmem& s, const in_t* __restrict__ u
   float rzv[EPT];
   load_row(z + ch * L + p0, avail, vec, rzv);
 #endif
-#if V5
   const int av = (int)max((i64)0, min(avail, (i64)EPT));   // 32-bit compares below
-#else
-  const i64 av = avail;
-#endif
 #pragma unroll
   for (int e = 0; e < EPT; e += 4) {
     float4 dl4, u4, dy4, dz4;
@@ -836,8 +699,7 @@ __device__ __forceinline__ void bwd_stage(BwdSmem& s, const in_t* __restrict__ u
       *reinterpret_cast<float4*>(&s.dzf[c * RS + sg * EPT + e]) = dz4;
     }
   }
-#if V5
-  // v5: whole aligned tiles as 16-byte loads, thread -> (row nn = idx % NPAD, chunk idx / NPAD): a warp's
+  // Whole aligned tiles as 16-byte loads, thread -> (row nn = idx % NPAD, chunk idx / NPAD): a warp's
   // scalar stores into [t][n] then hit 2 chunks' worth of banks (2-way), not 8.
   if (vec && l0 + TL <= L) {
     constexpr int CHK = 16 / (int)sizeof(in_t), NCH = NPAD * (TL / CHK);
@@ -862,7 +724,6 @@ __device__ __forceinline__ void bwd_stage(BwdSmem& s, const in_t* __restrict__ u
       }
     }
   } else
-#endif
   for (int idx = threadIdx.x; idx < TL * NPAD; idx += NTHREADS) {
     const int nn = idx / TL, t = idx % TL;
     const bool in = nn < n && l0 + t < L;
@@ -1105,16 +966,11 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) ss_bwd(BWD_PARAMS) {
         if (!valid || l >= L) return;
         const float dl = s.dl[c * RS + t], dy = s.dy[c * RS + t], uu = s.u[c * RS + t];
         float sig = 1.0f;                 // softplus'(x) = 1 - exp(-softplus(x)), accurate for small dl
-#if V5
         if (softplus) {                   // both branches, then a select (no divergence)
           const float ser = dl * (1.0f - dl * (0.5f - dl * (1.0f / 6.0f - dl * (1.0f / 24.0f - dl * (1.0f / 120.0f)))));
           const float ex = 1.0f - ex2_mufu(dl * -1.4426950408889634f);
           sig = dl < 0.1f ? ser : ex;
         }
-#else
-        if (softplus) sig = dl < 0.1f ? dl * (1.0f - dl * (0.5f - dl * (1.0f / 6.0f - dl * (1.0f / 24.0f - dl * (1.0f / 120.0f)))))
-                                      : 1.0f - __expf(-dl);
-#endif
         const float dd = fmaf(uu, s1, s2) * sig;
         dDacc = fmaf(dy, uu, dDacc);
         dbacc += dd;
