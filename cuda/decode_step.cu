@@ -3,8 +3,7 @@
 // What it computes (bytemamba/ops/step.py holds the PyTorch references of the same signatures):
 //   conv_step    the depthwise causal conv's state update:  window = [state, x];  out = <window, w> + bias,
 //                optional SiLU;  state <- window[1:]                              (state updated in place)
-//   ssm_step     (optionally first the conv step of its x input, as conv_step + SiLU, conv state updated)
-//                the selective state update (S6, ZOH for A):
+//   ssm_step     the selective state update (S6, ZOH for A):
 //                  dt = dt_in (+ W_dt @ dt_low when the low-rank form is used) + dt_bias, optional softplus
 //                  s  = exp(dt * A) * s + dt * x * B ;  y = <s, C> + D * x ;  y *= silu(z)
 //                                                                                 (state updated in place)
@@ -49,13 +48,6 @@ __device__ __forceinline__ in_t from_f(float v) { return v; }
 #define LPC (NPADS / 4)
 
 __device__ __forceinline__ float silu_f(float v) { return v / (1.f + __expf(-v)); }
-
-// one causal-conv step of a channel, the arithmetic of conv_step: silu(bias + <state, w[:k-1]> + w[k-1] * xi)
-__device__ __forceinline__ float conv_silu(float xi, const float* st, const float* wc, float bias, int k) {
-    float acc = bias;
-    for (int j = 0; j < k - 1; ++j) acc = fmaf(wc[j], st[j], acc);
-    return silu_f(fmaf(wc[k - 1], xi, acc));
-}
 
 // Programmatic dependent launch (sm_90+): when the launcher sets the attribute (BYTEMAMBA_STEP_PDL), a kernel
 // may start while the previous one finishes; it reads its weights first, then waits here for the previous
@@ -114,8 +106,7 @@ extern "C" __global__ void __launch_bounds__(128) ssm_step(
     const float* __restrict__ dt_bias, const float* __restrict__ A,
     const in_t* __restrict__ B, long long bs, const in_t* __restrict__ C, long long cs,
     const float* __restrict__ D, const in_t* __restrict__ z, long long zs,
-    in_t* __restrict__ y, int b, int e, int flags,
-    float* __restrict__ conv_state, const float* __restrict__ conv_w, const float* __restrict__ conv_b, int kc)
+    in_t* __restrict__ y, int b, int e, int flags)
 {
     __shared__ float dt_s[SSM_ROWS][WREG * LPC];
     __shared__ float B_s[SSM_ROWS][NPADS];
@@ -157,7 +148,7 @@ extern "C" __global__ void __launch_bounds__(128) ssm_step(
         }
     }
     // every row's state, x and z (the loads of all rows in flight together)
-    float s4[SSM_ROWS][4], xr[SSM_ROWS], zr[SSM_ROWS], raw[SSM_ROWS];
+    float s4[SSM_ROWS][4], xr[SSM_ROWS], zr[SSM_ROWS];
 #pragma unroll
     for (int rr = 0; rr < SSM_ROWS; ++rr) {
         const int row = row0 + rr;
@@ -170,23 +161,10 @@ extern "C" __global__ void __launch_bounds__(128) ssm_step(
 #pragma unroll
             for (int q = 0; q < 4; ++q) s4[rr][q] = (ok && lane * 4 + q < NSTATE) ? s[q] : 0.f;
         }
-        raw[rr] = ok ? to_f(x[row * xs + c]) : 0.f;
-        xr[rr] = raw[rr];
-        if (conv_state && ok)                      // x is the conv input: the conv step here, as conv_step
-            xr[rr] = to_f(from_f(conv_silu(raw[rr], conv_state + ((long long)row * e + c) * (kc - 1),
-                                           conv_w + (long long)c * kc, conv_b ? conv_b[c] : 0.f, kc)));
+        xr[rr] = ok ? to_f(x[row * xs + c]) : 0.f;
         zr[rr] = (ok && z) ? to_f(z[row * zs + c]) : 0.f;
     }
-    __syncthreads();                               // (also: every lane has read its conv states)
-    if (conv_state && valid && lane == 0) {
-#pragma unroll
-        for (int rr = 0; rr < SSM_ROWS; ++rr) {
-            if (rr >= nrows) break;
-            float* st = conv_state + ((long long)(row0 + rr) * e + c) * (kc - 1);
-            for (int j = 0; j + 1 < kc - 1; ++j) st[j] = st[j + 1];
-            st[kc - 2] = raw[rr];
-        }
-    }
+    __syncthreads();
 #pragma unroll
     for (int rr = 0; rr < SSM_ROWS; ++rr) {
         const int row = row0 + rr;
@@ -294,9 +272,6 @@ extern "C" __global__ void __launch_bounds__(256) add_rmsnorm(
 //                  j >= e: out[r, j] = y  (out is (b, 2e): the x and z halves)
 //          4 RESID res[r, j] += y; partial_out[r, blockIdx.x] = this block's sum of res[r, j]^2
 //          8 F32   out is float32 (the head's logits)
-//         16 CONVIN (x_proj at larger batches) in[r, k] = in_t(silu(conv step of channel k with input x[r, k]))
-//                  from conv_state, read only (ssm_step with its conv arguments makes the same step and
-//                  updates the state); K = e channels
 //   grid: ceil(N / (RPW * 8 / kw)) x ceil(b / GB) blocks of 256 threads, GB * K * sizeof(in_t) bytes of
 //   dynamic shared memory.
 //   embed_rows: res[r] = emb[ids[r]], partial_out[r, 0] = sum res[r]^2 (one block per row).
@@ -359,26 +334,14 @@ extern "C" __global__ void __launch_bounds__(256) gemv_step(
     grid_dep_wait();
     grid_dep_launch();
 
-    if (flags & 1) {                                   // inv rms of each row from the partial sums (whole block)
-        float t[GB];
+    if (flags & 1) {                                   // inv rms of row r from the partial sums (warp r)
+        if (warp < GB) {
+            float t = 0.f;
+            if (n0 + warp < b)
+                for (int p = lane; p < P_in; p += 32) t += partial_in[(n0 + warp) * P_in + p];
 #pragma unroll
-        for (int r = 0; r < GB; ++r) {
-            t[r] = 0.f;
-            if (n0 + r < b)
-                for (int p = threadIdx.x; p < P_in; p += 256) t[r] += partial_in[(n0 + r) * P_in + p];
-        }
-#pragma unroll
-        for (int r = 0; r < GB; ++r) {
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) t[r] += __shfl_xor_sync(0xffffffffu, t[r], o);
-            if (lane == 0) sq[warp][r] = t[r];
-        }
-        __syncthreads();
-        if (threadIdx.x < GB) {
-            float u = 0.f;
-#pragma unroll
-            for (int w = 0; w < 8; ++w) u += sq[w][threadIdx.x];
-            inv_s[threadIdx.x] = rsqrtf(u / (float)K + eps);
+            for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
+            if (lane == 0) inv_s[warp] = rsqrtf(t / (float)K + eps);
         }
         __syncthreads();
         for (int i = threadIdx.x * 4; i < GB * K; i += 256 * 4) {
@@ -390,16 +353,6 @@ extern "C" __global__ void __launch_bounds__(256) gemv_step(
             in_t* d = xin + i;
             d[0] = from_f(v.x * inv * n.x); d[1] = from_f(v.y * inv * n.y);
             d[2] = from_f(v.z * inv * n.z); d[3] = from_f(v.w * inv * n.w);
-        }
-    } else if (flags & 16) {
-#pragma unroll 8
-        for (int i = threadIdx.x; i < GB * K; i += 256) {
-            const int r = i / K, k = i - r * K;
-            float v = 0.f;
-            if (n0 + r < b)
-                v = conv_silu(to_f(x[(n0 + r) * xs + k]), conv_state + ((long long)(n0 + r) * K + k) * (kc - 1),
-                              conv_w + (long long)k * kc, conv_b ? conv_b[k] : 0.f, kc);
-            xin[i] = from_f(v);
         }
     } else {
         for (int i = threadIdx.x * VEC; i < GB * K; i += 256 * VEC) {

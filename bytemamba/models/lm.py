@@ -120,10 +120,10 @@ class ByteMambaLM(nn.Module):
         cache.seqlen_offset += 1
         return self.lm_head(self.backbone.norm_f(residual)).float()
 
-    # Batches up to this (at most 8) run the fused GEMV kernels instead of cuBLAS + add_rmsnorm (4 launches a
-    # layer instead of 6). Measured on an H200 (docs/PERF.md): faster at batch 1 for small models (audio6m
-    # 0.230 vs 0.283 ms), even at batch 1 for byte353m (1.89 vs 1.86 ms), slower at batch 8 (the kernel is
-    # latency-bound: too few bytes in flight per warp), hence 1.
+    # Batches up to this run the fused GEMV kernels (any batch, in tiles of 8 rows) instead of cuBLAS +
+    # add_rmsnorm (4 launches a layer instead of 6). Measured on an H200 (docs/PERF.md, decoding): byte353m
+    # batch 1 0.99 ms (GEMV) vs 1.86 ms (cuBLAS); batch 8 2.79 vs 2.11 ms and batch 64 12.3 vs 2.4 ms (on CUDA
+    # cores the GEMV's FMAs, not its weight bytes, bound it from batch 8 on), hence 1.
     gemv_max_batch: int = 1
 
     # Batches up to this run the whole step as one kernel (cuda/decode_fused.cu) where the model has its

@@ -194,7 +194,7 @@ class MambaMixer(nn.Module):
                        resid=residual)
 
     def _step_cuda(self, hidden: torch.Tensor, state: MixerState) -> torch.Tensor:
-        from bytemamba.ops.step import CastCache, conv_state_update_fn, gemv_fn, ssm_state_update_fn, x_proj_mode
+        from bytemamba.ops.step import CastCache, conv_state_update_fn, ssm_state_update_fn
         cache = self.__dict__.setdefault("_step_casts", CastCache())   # not a submodule, not in state_dict
         cdt, f32 = self.step_dtype(), torch.float32
         e, r, n = self.d_inner, self.dt_rank, self.d_state
@@ -203,20 +203,13 @@ class MambaMixer(nn.Module):
         if not state.ssm.is_contiguous():
             state.ssm = state.ssm.contiguous()
         xz = F.linear(hidden.to(cdt), cache.get(self.in_proj.weight, cdt), cache.get(self.in_proj.bias, cdt))
-        wx = cache.get(self.x_proj.weight, cdt)
-        conv = (state.conv, cache.get(self.conv1d.weight, f32), cache.get(self.conv1d.bias, f32))
-        mode = x_proj_mode(xz[:, :e], wx)             # 2: the conv step folded into x_proj and ssm_step
-        if mode == 2:
-            x = xz[:, :e]                             # the conv's input
-            x_dbl = gemv_fn(wx, x, conv_in=conv)
-        else:
-            x = conv_state_update_fn(xz[:, :e], *conv, silu=True)
-            x_dbl = gemv_fn(wx, x) if mode == 1 else F.linear(x, wx)       # (b, r + 2n)
+        x = conv_state_update_fn(xz[:, :e], state.conv, cache.get(self.conv1d.weight, f32),
+                                 cache.get(self.conv1d.bias, f32), silu=True)
+        x_dbl = F.linear(x, cache.get(self.x_proj.weight, cdt))       # (b, r + 2n)
         A = cache.get(self.A_log, f32, "A", lambda a: -torch.exp(a.float()))
         y = ssm_state_update_fn(state.ssm, x, x_dbl[:, :r], A, x_dbl[:, r:r + n], x_dbl[:, r + n:],
                                 cache.get(self.D, f32), xz[:, e:], cache.get(self.dt_proj.bias, f32),
-                                dt_softplus=True, dt_proj_weight=cache.get(self.dt_proj.weight, f32),
-                                conv=conv if mode == 2 else None)
+                                dt_softplus=True, dt_proj_weight=cache.get(self.dt_proj.weight, f32))
         return F.linear(y, cache.get(self.out_proj.weight, cdt), cache.get(self.out_proj.bias, cdt))
 
 

@@ -49,9 +49,7 @@ def conv_state_update_ref(x, conv_state, weight, bias=None, silu=True):
 
 
 def ssm_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
-                         dt_proj_weight=None, conv=None):
-    if conv is not None:                     # x is the conv's input: its step (+ SiLU) first, state updated
-        x = conv_state_update_ref(x, *conv, silu=True)
+                         dt_proj_weight=None):
     if dt_proj_weight is not None:
         # in dt's dtype, as the module's dt_proj runs (autocast casts its weight the same way)
         dt = F.linear(dt, dt_proj_weight.to(dt.dtype),
@@ -95,20 +93,20 @@ def _kernels(dtype: torch.dtype, n: int, device: torch.device, gb: int = 0):
     return compile_module("decode_step.cu", opts, device, _KERNELS)
 
 
-_TUNING = dict(ssm_rows=4, rpw=2, uk=4, gemv_blocks=264, xproj_gemv=0)
+# measured on the H200 (docs/PERF.md, decoding): ssm_rows 4 beat 8 and 16; gemv_blocks 132 beat 264 (byte353m b 1)
+_TUNING = dict(ssm_rows=4, rpw=2, uk=4, gemv_blocks=132)
 
 
 def tuning() -> dict:
     """Launch shapes of the step kernels: ssm_rows (batch rows per ssm_step block), rpw / uk (gemv_step: output
     rows per warp, 16-byte weight chunks per lane per row in flight), gemv_blocks (gemv_step splits K over
-    more warps until it has this many blocks), xproj_gemv (the cuBLAS path's x_proj: see x_proj_mode).
-    BYTEMAMBA_STEP_TUNE="ssm_rows=8,uk=8" overrides them (for benchmarks); read at every launch (for a graph:
+    more warps until it has this many blocks). BYTEMAMBA_STEP_TUNE="ssm_rows=8,uk=8" overrides them (for benchmarks); read at every launch (for a graph:
     when it is captured)."""
     t = dict(_TUNING)
     for item in filter(None, os.environ.get("BYTEMAMBA_STEP_TUNE", "").split(",")):
         k, _, v = (p.strip() for p in item.partition("="))
-        if k not in t or not v.isdigit() or int(v) < (0 if k == "xproj_gemv" else 1):
-            raise ValueError(f"BYTEMAMBA_STEP_TUNE: bad item {item!r} (keys {', '.join(t)}; integers, sizes >= 1)")
+        if k not in t or not v.isdigit() or int(v) < 1:
+            raise ValueError(f"BYTEMAMBA_STEP_TUNE: bad item {item!r} (keys {', '.join(t)}; positive integers)")
         t[k] = int(v)
     return t
 
@@ -120,10 +118,15 @@ def v2_kernels() -> bool:
     return os.environ.get("BYTEMAMBA_STEP_V2", "1") not in ("", "0", "false", "False")
 
 
-def pdl() -> bool:
-    """BYTEMAMBA_STEP_PDL=1 launches the step kernels with programmatic dependent launch (sm_90+): each may
-    start, and load its weights, while the previous kernel finishes."""
-    return os.environ.get("BYTEMAMBA_STEP_PDL", "0") not in ("", "0", "false", "False")
+def pdl(batch: int) -> bool:
+    """Whether the step kernels of this batch size launch with programmatic dependent launch (sm_90+): each
+    may start, and load its weights, while the previous kernel finishes. By default for batches <= MAXB
+    (measured: byte353m b 1 0.963 -> 0.848 ms a step; b 64 and audio6m b 256 2-4% slower);
+    BYTEMAMBA_STEP_PDL=1 / 0 turns it on / off at every batch."""
+    env = os.environ.get("BYTEMAMBA_STEP_PDL", "")
+    if env == "":
+        return batch <= MAXB
+    return env not in ("0", "false", "False")
 
 
 def _rows(name, t, shape0, width):
@@ -146,9 +149,9 @@ def _check_state(name, t, shape):
                          f"{tuple(shape)}, got {t.dtype} {tuple(t.shape)} (contiguous={t.is_contiguous()})")
 
 
-def _launch(device, fn, grid, block, args, smem: int = 0):
+def _launch(device, fn, grid, block, args, smem: int = 0, batch: int = 1):
     grid = grid if isinstance(grid, tuple) else (grid,)
-    if pdl() and torch.cuda.get_device_capability(device)[0] >= 9:
+    if pdl(batch) and torch.cuda.get_device_capability(device)[0] >= 9:
         return _launch_pdl(device, fn, grid, block, args, smem)
     import cupy
     with cupy.cuda.Device(device.index), cupy_stream(device):
@@ -203,12 +206,12 @@ def conv_state_update_fn(x, conv_state, weight, bias=None, silu=True):
     out = torch.empty(b, e, device=x.device, dtype=x.dtype)
     _launch(x.device, K["conv_step"], -(-b * e // 256), 256,
             (ptr(x), xs, ptr(conv_state), ptr(w), ptr(_f32(bias)), ptr(out), np.int32(b), np.int32(e),
-             np.int32(k), np.int32(1 if silu else 0)))
+             np.int32(k), np.int32(1 if silu else 0)), batch=b)
     return out
 
 
 def ssm_state_update_fn(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
-                        dt_proj_weight=None, conv=None):
+                        dt_proj_weight=None):
     b, e = x.shape
     n = A.shape[-1]
     _check_state("state", state, (b, e, n))
@@ -234,20 +237,11 @@ def ssm_state_update_fn(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_
         npads *= 2
     cpb = 128 // (npads // 4)          # channels per block of 128 threads (npads/4 lanes per channel)
     grid = (-(-e // cpb), -(-b // tuning()["ssm_rows"]))
-    cst = cw = cb = None
-    kc = 0
-    if conv is not None:
-        cst, cw, cb = conv
-        cw = _f32(cw.reshape(cw.shape[0], -1))
-        kc = cw.shape[1]
-        if kc < 2:
-            raise BackendError("decode step (cuda): the conv kernel must have at least 2 taps (d_conv >= 2)")
-        _check_state("conv_state", cst, (b, e, kc - 1))
     y = torch.empty(b, e, device=x.device, dtype=io)
     _launch(x.device, K["ssm_step"], grid, 128,
             (ptr(state), ptr(x), xs, ptr(dt), dts, ptr(wdt), np.int32(r), ptr(_f32(dt_bias)), ptr(_f32(A)),
              ptr(B), bs, ptr(C), cs, ptr(_f32(D)), ptr(z), zs, ptr(y), np.int32(b), np.int32(e),
-             np.int32(1 if dt_softplus else 0), ptr(cst), ptr(cw), ptr(_f32(cb)), np.int32(kc)))
+             np.int32(1 if dt_softplus else 0)), batch=b)
     return y
 
 
@@ -263,7 +257,7 @@ def add_rmsnorm_fn(residual, delta, weight, eps, out_dtype, ids=None, embedding=
     out = torch.empty(b, d, device=residual.device, dtype=out_dtype)
     _launch(residual.device, K["add_rmsnorm"], b, 256,
             (ptr(residual), ptr(delta), ptr(ids), ptr(embedding), ptr(_f32(weight)), ptr(out), np.int32(d),
-             np.float32(eps)))
+             np.float32(eps)), batch=b)
     return out
 
 
@@ -288,13 +282,12 @@ def _split_k(N: int, K: int, vec: int, t: dict) -> int:
     return kw
 
 
-def gemv_fn(W, x=None, *, bias=None, norm=None, conv=None, resid=None, out_f32=False, conv_in=None):
+def gemv_fn(W, x=None, *, bias=None, norm=None, conv=None, resid=None, out_f32=False):
     """Fused GEMV y = in @ W^T (+ bias) for b rows (tiles of MAXB), W (N, K) contiguous in the activation dtype.
 
     in:  `x` (b, K) rows (last dim contiguous, rows 16-byte aligned), or `norm=(residual (b, K) f32, partial
          (b, P) f32, norm_w (K) f32, eps)`: RMSNorm(residual) * norm_w, rounded to W's dtype, with the mean
-         square taken from the partial sums; with `conv_in=(conv_state (b, K, k-1), w (K, k), bias (K))` the
-         input rows are the conv step + SiLU of x (rounded to W's dtype), the state only read.
+         square taken from the partial sums.
     out: (b, N) in W's dtype (float32 with out_f32); `conv=(conv_state (b, e, k-1), w (e, k), bias (e))`
          turns the first e = N/2 outputs into the conv step + SiLU of in_proj's x half;
          `resid=(residual (b, N) f32)` adds y to the residual in place and returns the new partial sums of
@@ -325,18 +318,12 @@ def gemv_fn(W, x=None, *, bias=None, norm=None, conv=None, resid=None, out_f32=F
     if x is not None and (x.data_ptr() % 16 or int(xs) % vec):
         raise ValueError("gemv (cuda): input rows must start on 16-byte boundaries")
     t = tuning()
-    kw = _split_k(N, K, vec, t) if conv_in is None else 1     # (each block redoes the conv: few blocks)
+    kw = _split_k(N, K, vec, t)
     grid = -(-N // (t["rpw"] * 8 // kw))
     gb = min(b, MAXB)
     out = partial_out = res_out = None
     cstate = cw = cb = None
     e = kc = 0
-    if conv_in is not None:
-        cstate, cw, cb = conv_in
-        cw = _f32(cw.reshape(cw.shape[0], -1))
-        kc = cw.shape[1]
-        _check_state("conv_state", cstate, (b, K, kc - 1))
-        flags |= 16
     os = np.int64(N)
     P_out = 0
     if resid is not None:
@@ -349,7 +336,7 @@ def gemv_fn(W, x=None, *, bias=None, norm=None, conv=None, resid=None, out_f32=F
         out = torch.empty(b, N, device=dev, dtype=torch.float32 if out_f32 else io)
         if out_f32:
             flags |= 8
-        if conv is not None and conv_in is None:
+        if conv is not None:
             cstate, cw, cb = conv
             e = N // 2
             cw = _f32(cw.reshape(cw.shape[0], -1))
@@ -360,18 +347,8 @@ def gemv_fn(W, x=None, *, bias=None, norm=None, conv=None, resid=None, out_f32=F
             (ptr(W), ptr(_f32(bias)), np.int32(N), np.int32(K), ptr(x), xs, ptr(res_in), ptr(partial_in),
              np.int32(P_in), ptr(nw), np.float32(eps), ptr(out), os, ptr(cstate), ptr(cw), ptr(_f32(cb)),
              np.int32(e), np.int32(kc), ptr(res_out), ptr(partial_out), np.int32(P_out), np.int32(b),
-             np.int32(kw), np.int32(flags)), smem=gb * K * W.element_size())
+             np.int32(kw), np.int32(flags)), smem=gb * K * W.element_size(), batch=b)
     return partial_out if resid is not None else out
-
-
-def x_proj_mode(x, W) -> int:
-    """How the cuBLAS path runs x_proj (W (r + 2n, e), small) for activations x (b, e): 0 F.linear after
-    conv_step; 1 gemv_step in batch tiles after conv_step; 2 gemv_step with the conv step folded into its input
-    and into ssm_step (no conv_step launch). Tuning xproj_gemv, where gemv_step applies."""
-    mode = tuning()["xproj_gemv"]
-    if mode and x.is_cuda and x.dtype == W.dtype and gemv_supported(x.shape[0], W.shape[1], dtype=W.dtype):
-        return min(mode, 2)
-    return 0
 
 
 def embed_rows_fn(ids, embedding, residual):
@@ -381,7 +358,7 @@ def embed_rows_fn(ids, embedding, residual):
     ids = ids.to(torch.int64).contiguous()
     partial = torch.empty(b, 1, device=residual.device, dtype=torch.float32)
     _launch(residual.device, _kernels(torch.float32, 1, residual.device)["embed_rows"], b, 256,
-            (ptr(ids), ptr(_f32(embedding)), ptr(residual), ptr(partial), np.int32(d)))
+            (ptr(ids), ptr(_f32(embedding)), ptr(residual), ptr(partial), np.int32(d)), batch=b)
     return partial
 
 
@@ -396,7 +373,7 @@ def sample_fn(logits, temperature: float, top_k: int, top_p: float, min_p: float
     logits = logits.float().contiguous()
     _launch(logits.device, _kernels(torch.float32, 1, logits.device)["sample_rows"], b, 256,
             (ptr(logits), np.int32(V), np.float32(temperature), np.int32(top_k), np.float32(top_p),
-             np.float32(min_p), ptr(seed), ptr(counter), ptr(symbols), ptr(logp)))
+             np.float32(min_p), ptr(seed), ptr(counter), ptr(symbols), ptr(logp)), batch=b)
     return symbols
 
 
