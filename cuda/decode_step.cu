@@ -21,8 +21,12 @@
 //   conv_step    one thread per (row, channel), 256 per block.
 //   ssm_step     LPC = NPADS/4 adjacent lanes per (row, channel), each owning 4 of its NSTATE states
 //                (-DNSTATE, padded to NPADS, a power of two >= 4); the low-rank dt dot and <s, C> are reduced
-//                across the LPC lanes with shuffles; 128 threads per block.
+//                across the LPC lanes with shuffles; 128 threads per block = 128 / LPC channels x SSM_ROWS
+//                batch rows (grid ceil(e / (128 / LPC)) x ceil(b / SSM_ROWS)).
 //   add_rmsnorm  one block of 256 threads per row.
+//   gemv_step, embed_rows, sample_rows: see their sections below.
+// Every kernel calls grid_dep_wait() before it reads activations or writes anything, so the launcher may use
+// programmatic dependent launch (bytemamba/ops/step.py: by default for batches <= 8).
 
 #if IN_DTYPE == 1
 #include <cuda_bf16.h>
