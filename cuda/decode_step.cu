@@ -159,7 +159,8 @@ extern "C" __global__ void __launch_bounds__(128) ssm_step(
         const bool ok = valid && rr < nrows;
         const float* s = state + ((long long)row * e + c) * NSTATE + lane * 4;
         if (VEC4) {
-            const float4 v = (ok && lane * 4 < NSTATE) ? *reinterpret_cast<const float4*>(s) : make_float4(0.f, 0.f, 0.f, 0.f);
+            const float4 v = (ok && lane * 4 < NSTATE) ? *reinterpret_cast<const float4*>(s)
+                                                       : make_float4(0.f, 0.f, 0.f, 0.f);
             s4[rr][0] = v.x; s4[rr][1] = v.y; s4[rr][2] = v.z; s4[rr][3] = v.w;
         } else {
 #pragma unroll
@@ -209,7 +210,8 @@ extern "C" __global__ void __launch_bounds__(128) ssm_step(
             }
             float* s = state + ((long long)row * e + c) * NSTATE + lane * 4;
             if (VEC4) {
-                if (lane * 4 < NSTATE) *reinterpret_cast<float4*>(s) = make_float4(s4[rr][0], s4[rr][1], s4[rr][2], s4[rr][3]);
+                if (lane * 4 < NSTATE)
+                    *reinterpret_cast<float4*>(s) = make_float4(s4[rr][0], s4[rr][1], s4[rr][2], s4[rr][3]);
             } else {
 #pragma unroll
                 for (int q = 0; q < 4; ++q) if (lane * 4 + q < NSTATE) s[q] = s4[rr][q];

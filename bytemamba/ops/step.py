@@ -100,8 +100,8 @@ _TUNING = dict(ssm_rows=4, rpw=2, uk=4, gemv_blocks=132)
 def tuning() -> dict:
     """Launch shapes of the step kernels: ssm_rows (batch rows per ssm_step block), rpw / uk (gemv_step: output
     rows per warp, 16-byte weight chunks per lane per row in flight), gemv_blocks (gemv_step splits K over
-    more warps until it has this many blocks). BYTEMAMBA_STEP_TUNE="ssm_rows=8,uk=8" overrides them (for benchmarks); read at every launch (for a graph:
-    when it is captured)."""
+    more warps until it has this many blocks). BYTEMAMBA_STEP_TUNE="ssm_rows=8,uk=8" overrides them (for
+    benchmarks); read at every launch (for a graph: when it is captured)."""
     t = dict(_TUNING)
     for item in filter(None, os.environ.get("BYTEMAMBA_STEP_TUNE", "").split(",")):
         k, _, v = (p.strip() for p in item.partition("="))

@@ -134,6 +134,25 @@ def test_mixer_torch_step_uses_the_refs_and_equals_forward():
     assert rel(got, want) < 1e-5
 
 
+def test_launch_settings_from_the_environment(monkeypatch):
+    """PDL by default for batches <= MAXB only, forced on / off by BYTEMAMBA_STEP_PDL; BYTEMAMBA_STEP_TUNE
+    overrides known launch shapes and refuses anything else with one clear line."""
+    from bytemamba.ops.step import MAXB, pdl, tuning
+    monkeypatch.delenv("BYTEMAMBA_STEP_PDL", raising=False)
+    assert pdl(1) and pdl(MAXB) and not pdl(MAXB + 1)
+    monkeypatch.setenv("BYTEMAMBA_STEP_PDL", "1")
+    assert pdl(256)
+    monkeypatch.setenv("BYTEMAMBA_STEP_PDL", "0")
+    assert not pdl(1)
+    monkeypatch.setenv("BYTEMAMBA_STEP_TUNE", "ssm_rows=8, uk=2")
+    t = tuning()
+    assert t["ssm_rows"] == 8 and t["uk"] == 2 and t["rpw"] == 2
+    for bad in ("ssm_rows=0", "rows=4", "uk=x"):
+        monkeypatch.setenv("BYTEMAMBA_STEP_TUNE", bad)
+        with pytest.raises(ValueError, match="BYTEMAMBA_STEP_TUNE"):
+            tuning()
+
+
 # ---- GPU: kernels against the parallel forward and the PyTorch step -----------------------------
 
 def _check(err_k, err_t, dtype, what):
