@@ -35,14 +35,24 @@ def _load(path, device: str):
     return load_model(path, device=device)
 
 
+def _sampling(args, meta: dict, audio: bool):
+    """--temperature/--top-k/--top-p/--min-p; a flag not given comes, for an audio model, from the [generate]
+    section of the recipe it was trained with (kept in config.json), else 1.0/0/1.0/0 (the model's own
+    distribution); for text 0.8/0/1.0/0."""
+    from bytemamba.generate import Sampling
+
+    base = {"temperature": 1.0 if audio else 0.8, "top_k": 0, "top_p": 1.0, "min_p": 0.0}
+    if audio:
+        base.update({k: v for k, v in meta.get("generate", {}).items() if k in base})
+    return Sampling(**{k: base[k] if getattr(args, k) is None else getattr(args, k) for k in base})
+
+
 def _generate(args) -> int:
-    from bytemamba.generate import Sampling, generate_text, print_samples
+    from bytemamba.generate import generate_text, print_samples
 
     model, meta = _load(args.checkpoint, args.device)
     kind = meta.get("data", {}).get("kind", "text")
-    if args.temperature is None:                 # audio samples at the model's own distribution
-        args.temperature = 1.0 if (args.audio or kind == "audio") else 0.8
-    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.min_p)
+    sampling = _sampling(args, meta, args.audio or kind == "audio")
     if args.audio or kind == "audio":
         return _generate_audio(args, model, meta, sampling)
     if kind != "text":
@@ -129,10 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("checkpoint", help="exported model directory (OUT/model)")
     g.add_argument("--prompt", default="", help="text to continue (UTF-8); empty starts from a newline")
     g.add_argument("--max-bytes", type=int, default=256)
-    g.add_argument("--temperature", type=float, default=None, help="default 0.8 for text, 1.0 for audio")
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--temperature", type=float, default=None,
+                   help="default 0.8 for text; for audio the recipe's [generate] value, else 1.0")
+    g.add_argument("--top-k", type=int, default=None, help="default 0 (off); audio: the recipe's [generate]")
+    g.add_argument("--top-p", type=float, default=None, help="default 1.0 (off); audio: the recipe's [generate]")
+    g.add_argument("--min-p", type=float, default=None, help="default 0.0 (off); audio: the recipe's [generate]")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--num-samples", type=int, default=1)
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

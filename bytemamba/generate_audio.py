@@ -114,6 +114,16 @@ def spectral_flatness(x: np.ndarray, n_fft: int = 512) -> float:
     return float(np.exp(np.mean(np.log(p))) / np.mean(p))
 
 
+def piece_measures(clips, seconds: float, sample_rate: int) -> tuple[list[float], list[float]]:
+    """RMS and spectral flatness of every whole `seconds`-long piece of each clip, cut from the clip's start
+    (a generated clip starts where a training clip does, from the quantized zero): the range that
+    generated clips of that length are compared with. Pass the clips as the model saw them (after the
+    quantizer's round trip): the model cannot be cleaner than its quantizer."""
+    n = int(round(seconds * sample_rate))
+    pieces = [c[i:i + n] for c in clips for i in range(0, len(c) - n + 1, n)]
+    return [rms(p) for p in pieces], [spectral_flatness(p) for p in pieces]
+
+
 # ---- generation -----------------------------------------------------------------------------------
 
 def prompt_symbols(audio: AudioConfig, prompt_wav=None) -> np.ndarray:

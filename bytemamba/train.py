@@ -430,7 +430,7 @@ def report(model, cfg: Config, result: dict, out_dir: Path) -> None:
 
 def export(model, cfg: Config, state: TrainState, path: Path, train_symbols: int | None = None) -> None:
     """The exported model directory: weights, model config, and what generate/eval need to know."""
-    extra = {"data": asdict(cfg.data), "audio": asdict(cfg.audio),
+    extra = {"data": asdict(cfg.data), "audio": asdict(cfg.audio), "generate": asdict(cfg.generate),
              "training": {"step": state.step, "symbols_seen": state.symbols_seen,
                           "val_bits_per_symbol": state.last_val_bpb, "bad_steps": state.bad_steps,
                           "train_symbols": train_symbols}}

@@ -361,7 +361,8 @@ def prepare_audio(data: DataConfig, audio: AudioConfig) -> Prepared:
     settings = _settings(audio)
     if not data.path:
         label = f"synth(seed {audio.synth_seed}, {audio.synth_seconds:g} s)"
-        key_src = {"v": CACHE_VERSION, "synth": [audio.synth_seconds, audio.synth_seed],
+        from bytemamba.data.synth import SYNTH_VERSION
+        key_src = {"v": CACHE_VERSION, "synth": [audio.synth_seconds, audio.synth_seed, SYNTH_VERSION],
                    "val_fraction": data.val_fraction, **settings}
         manifest = {"kind": "synth", "synth_seconds": audio.synth_seconds, "synth_seed": audio.synth_seed}
         fill = _fill_synth(audio, data.val_fraction)

@@ -3,8 +3,14 @@ recipe runs with no download.
 
 The corpus is a list of phrases (clips) of a few seconds. A phrase is a melody of notes drawn from a
 scale, each note a sum of harmonics with a per-note spectral tilt, an attack-decay-sustain-release
-envelope and a vibrato, separated now and then by rests; about a third of the phrases carry a second,
-lower voice. Everything is a pure function of (seed, sample_rate, seconds): the same arguments give the
+envelope and a vibrato, separated now and then by short rests (a breath of a quarter or half beat);
+about a third of the phrases carry a second, lower voice. A phrase opens on a note, never on a rest.
+
+Why the rests are short and a phrase opens on a note (version 2): a sampled clip starts, like every
+training phrase, from the quantized zero with an empty state. With long rests (version 1: up to three
+beats) most of what the model saw after silence was more silence, so below temperature 1 a small model
+never left the opening silence, and at temperature 1 it was noisy. Here silence is always soon followed
+by a note. Everything is a pure function of (seed, sample_rate, seconds): the same arguments give the
 same samples bit for bit on every machine that has the same numpy.
 """
 
@@ -17,7 +23,9 @@ SCALES = {
     "minor": (0, 2, 3, 5, 7, 8, 10),
     "pentatonic": (0, 2, 4, 7, 9),
 }
-PHRASE_SECONDS = (3.0, 5.0)
+PHRASE_SECONDS = (1.0, 3.0)
+MAX_PARTIAL_HZ = 3000.0     # no harmonic above this
+SYNTH_VERSION = 2          # part of the prepared cache's key: bump whenever the samples change
 
 
 def _note(rng: np.random.Generator, f0: float, n: int, sr: int) -> np.ndarray:
@@ -26,10 +34,10 @@ def _note(rng: np.random.Generator, f0: float, n: int, sr: int) -> np.ndarray:
     vib_rate, vib_depth = rng.uniform(4.0, 7.0), rng.uniform(0.0, 0.006)
     freq = f0 * (1.0 + vib_depth * np.sin(2 * np.pi * vib_rate * t + rng.uniform(0, 2 * np.pi)))
     phase = 2 * np.pi * np.cumsum(freq) / sr
-    tilt = rng.uniform(0.25, 0.7)
+    tilt = rng.uniform(0.2, 0.5)
     wave = np.zeros(n)
-    for k in range(1, 9):
-        if k * f0 >= 0.45 * sr:
+    for k in range(1, 7):
+        if k * f0 >= MAX_PARTIAL_HZ:
             break
         wave += tilt ** (k - 1) * np.sin(k * phase + rng.uniform(0, 2 * np.pi))
     wave /= max(np.max(np.abs(wave)), 1e-9)
@@ -51,14 +59,17 @@ def _voice(rng: np.random.Generator, n: int, sr: int, low: int, high: int, scale
            beat: float, rest_p: float) -> np.ndarray:
     out = np.zeros(n)
     pos = 0
+    first = True
     pitches = [m for m in range(low, high + 1) if (m - root) % 12 in scale]
     idx = int(rng.integers(len(pitches)))
     while pos < n:
-        dur = int(beat * rng.choice([0.5, 1.0, 1.0, 2.0, 3.0]) * sr)
+        rest = not first and rng.random() < rest_p
+        first = False
+        dur = int(beat * (rng.choice([0.25, 0.5]) if rest else rng.choice([0.5, 1.0, 1.0, 2.0, 3.0])) * sr)
         dur = min(dur, n - pos)
         if dur <= 8:
             break
-        if rng.random() >= rest_p:
+        if not rest:
             idx = int(np.clip(idx + rng.choice([-3, -2, -1, -1, 0, 1, 1, 2, 3]), 0, len(pitches) - 1))
             f0 = 440.0 * 2.0 ** ((pitches[idx] - 69) / 12.0)
             out[pos:pos + dur] += rng.uniform(0.35, 1.0) * _note(rng, f0, dur, sr)
@@ -71,9 +82,9 @@ def synth_phrase(rng: np.random.Generator, sr: int, seconds: float) -> np.ndarra
     scale = SCALES[("major", "minor", "pentatonic")[int(rng.integers(3))]]
     root = int(rng.integers(0, 12))
     beat = 60.0 / rng.uniform(80, 180)
-    x = _voice(rng, n, sr, 60, 84, scale, root, beat, rest_p=0.15)
+    x = _voice(rng, n, sr, 48, 72, scale, root, beat, rest_p=0.15)
     if rng.random() < 0.35:
-        x += 0.6 * _voice(rng, n, sr, 40, 59, scale, root, beat * 2, rest_p=0.25)
+        x += 0.6 * _voice(rng, n, sr, 36, 47, scale, root, beat * 2, rest_p=0.25)
     peak = np.max(np.abs(x))
     if peak > 0:
         x *= rng.uniform(0.3, 0.9) / peak
@@ -85,7 +96,10 @@ def synth_corpus(seconds: float, seed: int = 0, sample_rate: int = 16000) -> lis
     rng = np.random.default_rng([seed, 0x5EED, sample_rate])
     clips, total = [], 0.0
     while total < seconds - 1e-9:
-        length = min(rng.uniform(*PHRASE_SECONDS), max(seconds - total, 0.25))
+        left = seconds - total
+        length = rng.uniform(*PHRASE_SECONDS)
+        if left - length < PHRASE_SECONDS[0]:          # no shorter phrase at the end: the last takes the rest
+            length = left
         clips.append(synth_phrase(rng, sample_rate, length))
         total += length
     return clips
