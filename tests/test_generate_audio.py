@@ -208,7 +208,7 @@ def test_train_synth_then_generate_clips_in_training_range(tmp_path, capsys):
     # piece); silence sits far below. Flatness: not below a tenth of the cleanest piece (below that is a
     # constant or silent clip: the mu-law noise floor keeps any moving signal near the training minimum),
     # and not above the noisiest training piece with hiss HISS_DB below it. The CI model trains for
-    # ~1/4 of the recipe's steps; its clips carry hiss 15-25 dB under the music (docs/PERF.md); the recipe's
+    # 1/4 of the recipe's steps; its clips carry hiss ~17-28 dB under the music (docs/PERF.md); the recipe's
     # own model is measured there against the unwidened range. White noise sits >10x above the bound.
     rng = np.random.default_rng(1)
     hissy = [spectral_flatness(mulaw(c[:n] + rng.standard_normal(n) * rms(c[:n]) * 10 ** (-HISS_DB / 20)))
