@@ -1,17 +1,20 @@
 """The embedded audio corpus: procedural music made deterministically from a seed, so the default audio
 recipe runs with no download.
 
-The corpus is a list of phrases (clips) of a few seconds. A phrase is a melody of notes drawn from a
+The corpus is a list of phrases (clips) of 1-3 seconds. A phrase is a melody of notes drawn from a
 scale, each note a sum of harmonics with a per-note spectral tilt, an attack-decay-sustain-release
 envelope and a vibrato, separated now and then by short rests (a breath of a quarter or half beat);
 about a third of the phrases carry a second, lower voice. A phrase opens on a note, never on a rest.
+Everything is a pure function of (seed, sample_rate, seconds): the same arguments give the same samples
+bit for bit on every machine that has the same numpy.
 
-Why the rests are short and a phrase opens on a note (version 2): a sampled clip starts, like every
-training phrase, from the quantized zero with an empty state. With long rests (version 1: up to three
-beats) most of what the model saw after silence was more silence, so below temperature 1 a small model
-never left the opening silence, and at temperature 1 it was noisy. Here silence is always soon followed
-by a note. Everything is a pure function of (seed, sample_rate, seconds): the same arguments give the
-same samples bit for bit on every machine that has the same numpy.
+Version 2, and why (measured in docs/PERF.md): a sampled clip starts, like every training phrase, from
+the quantized zero with an empty state. With version 1's long rests (up to three beats) most of what the
+model saw after silence was more silence, so below temperature 1 a small model never left the opening
+silence, and at temperature 1 it was noise (spectral flatness ~0.5). Here silence is always soon followed
+by a note, and the music sits lower and smoother (melody MIDI 48-72, no partial above 3 kHz, a steeper
+spectral tilt), so the 0.1M-parameter CPU recipe follows it to ~2 bits per sample in a few minutes
+(version 1: ~3.5).
 """
 
 from __future__ import annotations
