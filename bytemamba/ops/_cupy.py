@@ -14,7 +14,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-CUDA_DIR = Path(__file__).resolve().parents[2] / "cuda"
+# Where the kernel sources are: cuda/ at the repository root (a source checkout or an editable install), or
+# bytemamba/cuda/ inside an installed wheel (pyproject.toml maps the package bytemamba.cuda onto cuda/).
+SOURCE_DIRS = (Path(__file__).resolve().parents[2] / "cuda", Path(__file__).resolve().parents[1] / "cuda")
+
+
+def kernel_source(name: str) -> Path:
+    """The path of the kernel source `name` (e.g. "selective_scan.cu"): the first of SOURCE_DIRS that holds it."""
+    for d in SOURCE_DIRS:
+        if (d / name).is_file():
+            return d / name
+    raise RuntimeError(f"kernel source {name} not found in {' or '.join(str(d) for d in SOURCE_DIRS)} "
+                       "(a broken install: reinstall bytemamba)")
 
 _streams: dict = {}
 _modules: dict = {}
@@ -44,7 +55,7 @@ def ptr(t: torch.Tensor | None):
 
 
 def compile_module(source: str, options: tuple, device: torch.device, names: tuple):
-    """Compile `cuda/<source>` with NVRTC for `device` (once per process and option set) and return
+    """Compile the kernel source `source` (cuda/<source>) with NVRTC for `device` (once per process and option set) and return
     {kernel name: cupy function}. `-arch` for the device is added here."""
     import cupy
 
@@ -57,9 +68,7 @@ def compile_module(source: str, options: tuple, device: torch.device, names: tup
         mod = _modules.get(key)
         if mod is not None:
             return mod
-        path = CUDA_DIR / source
-        if not path.exists():
-            raise RuntimeError(f"kernel source not found at {path}")
+        path = kernel_source(source)
         t0 = time.perf_counter()
         with cupy.cuda.Device(device.index):
             m = cupy.RawModule(code=path.read_text(), backend="nvrtc",

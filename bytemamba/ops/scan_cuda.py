@@ -29,11 +29,11 @@ from __future__ import annotations
 import os
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from bytemamba.ops._cupy import kernel_source
 from bytemamba.ops.scan import BackendError
 
 MAX_STATE = 64
@@ -41,7 +41,6 @@ TL = 64          # tile length = checkpoint interval (must match cuda/selective_
 SB = 8           # backward sub-block
 NTHREADS = 128
 
-_SRC_PATH = Path(__file__).resolve().parents[2] / "cuda" / "selective_scan.cu"
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _lock = threading.Lock()
 _modules: dict = {}
@@ -107,9 +106,7 @@ def _get_kernels(dtype_code: int, npad: int, has_z: bool, has_reset: bool, devic
         mod = _modules.get(key)
         if mod is not None:
             return mod
-        if not _SRC_PATH.exists():
-            raise RuntimeError(f"selective_scan (cuda): kernel source not found at {_SRC_PATH}")
-        src = _SRC_PATH.read_text()
+        src = kernel_source("selective_scan.cu").read_text()
         opts = ("--std=c++17", f"-arch=sm_{major}{minor}", f"-DIN_DTYPE={dtype_code}", f"-DNPAD={npad}",
                 f"-DHAS_Z={int(has_z)}", f"-DHAS_RESET={int(has_reset)}", f"-DPOLY_J={poly}",
                 *(f"-D{d}" for d in extra))

@@ -8,6 +8,7 @@ import pytest
 
 CUDA_DIR = Path(__file__).resolve().parents[2] / "cuda"
 SOURCES = sorted(CUDA_DIR.glob("*.cu"))
+PACKAGES = sorted(p.parent for p in (CUDA_DIR.parent / "bytemamba").rglob("__init__.py"))
 # The specialisations the launchers compile: (IN_DTYPE, NPAD, HAS_Z, HAS_RESET, POLY_J).
 VARIANTS = [(1, 16, 1, 0, 0), (0, 64, 0, 1, 5), (2, 32, 1, 1, 0)]
 
@@ -49,3 +50,32 @@ def test_cu_compiles(src, arch, tmp_path):
             log = b" " * size
             nvrtc.nvrtcGetProgramLog(prog, log)
             pytest.fail(f"{src.name} {arch} {v}:\n{log.decode(errors='replace')}")
+
+
+# ---- the kernel sources ship with the package ------------------------------------------------------------
+
+def test_pyproject_ships_every_kernel_source_and_package():
+    """A plain `pip install .` wheel must carry cuda/*.cu (as bytemamba/cuda/) and every Python package; the
+    package list is explicit in pyproject.toml, so a new subpackage or a moved kernel directory fails here."""
+    import tomllib
+    st = tomllib.loads((CUDA_DIR.parent / "pyproject.toml").read_text())["tool"]["setuptools"]
+    root = CUDA_DIR.parent
+    listed = set(st["packages"])
+    found = {".".join(p.relative_to(root).parts) for p in PACKAGES}
+    assert found <= listed, f"packages missing from pyproject.toml: {sorted(found - listed)}"
+    assert st["package-dir"]["bytemamba.cuda"] == "cuda"
+    patterns = st["package-data"]["bytemamba.cuda"]
+    assert SOURCES and all(any(p.match(g) for g in patterns) for p in SOURCES)
+
+
+def test_kernel_source_checkout_then_installed_layout(tmp_path, monkeypatch):
+    from bytemamba.ops import _cupy
+    assert _cupy.kernel_source("selective_scan.cu") == CUDA_DIR / "selective_scan.cu"
+    # an installed wheel: no cuda/ beside site-packages' parent, the sources in bytemamba/cuda/
+    (tmp_path / "site" / "cuda").mkdir(parents=True)            # e.g. cuda-python's own `cuda` package
+    (tmp_path / "site" / "bytemamba" / "cuda").mkdir(parents=True)
+    (tmp_path / "site" / "bytemamba" / "cuda" / "k.cu").write_text("// k")
+    monkeypatch.setattr(_cupy, "SOURCE_DIRS", (tmp_path / "site" / "cuda", tmp_path / "site" / "bytemamba" / "cuda"))
+    assert _cupy.kernel_source("k.cu").read_text() == "// k"
+    with pytest.raises(RuntimeError, match=r"kernel source missing\.cu not found in .*reinstall"):
+        _cupy.kernel_source("missing.cu")
