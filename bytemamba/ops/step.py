@@ -120,12 +120,13 @@ def v2_kernels() -> bool:
 
 def pdl(batch: int) -> bool:
     """Whether the step kernels of this batch size launch with programmatic dependent launch (sm_90+): each
-    may start, and load its weights, while the previous kernel finishes. By default for batches <= MAXB
-    (measured: byte353m b 1 0.963 -> 0.848 ms a step; b 64 and audio6m b 256 2-4% slower);
+    may start, and load its weights, while the previous kernel finishes. By default at batch 1 only (measured
+    on the H200: byte353m b 1 0.963 -> 0.848 ms a step; audio6m b 1 fused step 60.7 -> 59.5 us; but byte353m b 8
+    on the cuBLAS path 1.529 -> 1.604 ms, b 64 and audio6m b 256 2-4% slower; docs/PERF.md run F);
     BYTEMAMBA_STEP_PDL=1 / 0 turns it on / off at every batch."""
     env = os.environ.get("BYTEMAMBA_STEP_PDL", "")
     if env == "":
-        return batch <= MAXB
+        return batch == 1
     return env not in ("0", "false", "False")
 
 

@@ -135,11 +135,11 @@ def test_mixer_torch_step_uses_the_refs_and_equals_forward():
 
 
 def test_launch_settings_from_the_environment(monkeypatch):
-    """PDL by default for batches <= MAXB only, forced on / off by BYTEMAMBA_STEP_PDL; BYTEMAMBA_STEP_TUNE
+    """PDL by default at batch 1 only, forced on / off by BYTEMAMBA_STEP_PDL; BYTEMAMBA_STEP_TUNE
     overrides known launch shapes and refuses anything else with one clear line."""
-    from bytemamba.ops.step import MAXB, pdl, tuning
+    from bytemamba.ops.step import pdl, tuning
     monkeypatch.delenv("BYTEMAMBA_STEP_PDL", raising=False)
-    assert pdl(1) and pdl(MAXB) and not pdl(MAXB + 1)
+    assert pdl(1) and not pdl(2) and not pdl(8) and not pdl(64)
     monkeypatch.setenv("BYTEMAMBA_STEP_PDL", "1")
     assert pdl(256)
     monkeypatch.setenv("BYTEMAMBA_STEP_PDL", "0")
