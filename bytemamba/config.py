@@ -65,6 +65,7 @@ class AudioConfig:
     quantizer: str = "mulaw8"        # mulaw8 | linear8 | pcm16
     normalize: bool = False          # per-clip peak normalisation before quantizing
     window: str = "random"           # random (long recordings) | clip (clip-aligned, short clips)
+    clip_start_fraction: float = 0.0  # share of training windows that begin exactly at a clip start
     cache_dir: str = ""              # "" = ~/.cache/bytemamba/audio
     synth_seconds: float = 240.0     # size of the embedded procedural corpus
     synth_seed: int = 0
@@ -238,6 +239,7 @@ def validate(cfg: Config) -> None:
         (cfg.audio.quantizer in ("mulaw8", "linear8", "pcm16"),
          "audio.quantizer must be mulaw8, linear8 or pcm16"),
         (cfg.audio.window in ("random", "clip"), "audio.window must be random or clip"),
+        (0.0 <= cfg.audio.clip_start_fraction <= 1.0, "audio.clip_start_fraction must be in [0, 1]"),
         (1000 <= cfg.audio.sample_rate <= 192000, "audio.sample_rate must be in 1000..192000 Hz"),
         (cfg.audio.synth_seconds > 0, "audio.synth_seconds must be positive"),
         (not (cfg.data.kind == "audio" and cfg.audio.quantizer == "pcm16" and cfg.train.seq_len % 2),

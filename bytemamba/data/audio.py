@@ -200,8 +200,22 @@ class AudioStream(SymbolStream):
     bytes_per_sample: int = 1
     clip_windows: bool = False
     sample_rate: int = 16000
+    clip_start_fraction: float = 0.0     # share of windows that begin exactly at a clip start
 
     def window_starts(self, rng: np.random.Generator, count: int, seq_len: int) -> np.ndarray:
+        starts = self._window_starts(rng, count, seq_len)
+        if self.clip_start_fraction > 0:
+            # Some windows open on a clip (its quantized zero, then the phrase's onset from silence): a
+            # random window of 512 samples holds a clip start only ~2% of the time on the synth corpus,
+            # and unconditional generation begins exactly there. Extra draws only when enabled, so the
+            # default batches do not move.
+            firsts = self.doc_starts[self.doc_starts + seq_len + 1 <= len(self)]
+            at = rng.random(count) < self.clip_start_fraction
+            if len(firsts):
+                starts = np.where(at, firsts[rng.integers(0, len(firsts), size=count)], starts)
+        return starts
+
+    def _window_starts(self, rng: np.random.Generator, count: int, seq_len: int) -> np.ndarray:
         need = seq_len + 1
         bps = self.bytes_per_sample
         if self.clip_windows:
@@ -269,7 +283,8 @@ def _load(cdir: Path, split: str, audio: AudioConfig, label: str) -> AudioStream
     if not len(starts):
         starts = np.zeros(1, dtype=np.int64)
     return AudioStream(data, starts, f"{label}:{split}", bytes_per_sample=bytes_per_sample(audio.quantizer),
-                       clip_windows=audio.window == "clip", sample_rate=audio.sample_rate)
+                       clip_windows=audio.window == "clip", sample_rate=audio.sample_rate,
+                       clip_start_fraction=audio.clip_start_fraction if split == "train" else 0.0)
 
 
 def _build(cdir: Path, key: str, fill, manifest: dict) -> None:

@@ -230,6 +230,25 @@ def test_clip_windows_start_at_clips_and_never_cross(tmp_path):
     assert np.all(starts + 256 <= s.doc_starts[clip_of] + 1601)
 
 
+def test_clip_start_fraction_opens_that_share_of_training_windows_on_a_clip(tmp_path):
+    folder = make_clips(tmp_path / "c", n=8, seconds=0.1)
+    data = DataConfig(kind="audio", path=str(folder), val_fraction=0.25)
+    plain = prepare_audio(data, acfg(tmp_path)).train
+    p = prepare_audio(data, acfg(tmp_path, clip_start_fraction=0.3))
+    s = p.train
+    assert p.reused and s.clip_start_fraction == 0.3 and p.val.clip_start_fraction == 0.0   # same cache
+    starts = s.window_starts(np.random.default_rng(0), 4000, 255)
+    at_clip = np.isin(starts, s.doc_starts)
+    assert 0.27 < at_clip.mean() < 0.36           # 0.3, plus the odd random start that falls on a clip
+    assert set(starts[at_clip].tolist()) == set(s.doc_starts.tolist())
+    ids, reset = s.windows(starts[at_clip][:20], 255)
+    assert np.all(ids[:, 0] == 128) and reset[:, 0].all()      # the quantized zero, a reset
+    assert starts.max() + 256 <= len(s)
+    assert np.isin(plain.window_starts(np.random.default_rng(0), 4000, 255), s.doc_starts).mean() < 0.05
+    with pytest.raises(ValueError, match="clip_start_fraction"):
+        load_config(REPO / "recipes" / "audio_default.toml", ["audio.clip_start_fraction=1.5"])
+
+
 def test_random_windows_are_sample_aligned_and_mark_resets(tmp_path):
     folder = make_clips(tmp_path / "c", n=4, seconds=0.05)
     p = prepare_audio(DataConfig(kind="audio", path=str(folder), val_fraction=0.0),
