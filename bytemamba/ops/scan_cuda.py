@@ -11,8 +11,8 @@ contiguous, and launches the kernels on PyTorch's current stream with the tensor
 see one opaque op each way.
 
 Compilation: one NVRTC compile per specialisation (input dtype, padded state size, z present, reset
-present, exp variant) and device architecture, cached for the life of the process (``compile_times``
-records how long each took).
+present, exp variant) and device architecture, through ``bytemamba.ops._cupy.compile_module``: cached for
+the life of the process (``_cupy.compile_times`` records how long each took).
 
 Deterministic mode: by default dB and dC are summed over channel blocks with float32 atomics (fast, the
 last bits vary from run to run). ``BYTEMAMBA_DETERMINISTIC=1``, ``set_deterministic(True)`` or
@@ -28,12 +28,11 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 
 import numpy as np
 import torch
 
-from bytemamba.ops._cupy import kernel_source
+from bytemamba.ops._cupy import compile_module
 from bytemamba.ops.scan import BackendError
 
 MAX_STATE = 64
@@ -43,8 +42,7 @@ NTHREADS = 128
 
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _lock = threading.Lock()
-_modules: dict = {}
-compile_times: dict = {}          # specialisation key -> seconds spent compiling it
+_modules: dict = {}               # (defines, device) -> kernels + launch settings
 _deterministic_override: bool | None = None
 
 # Tuning knobs, read once per call (the benchmark sets them to compare variants).
@@ -93,12 +91,15 @@ def _variant() -> tuple:
 
 
 def _get_kernels(dtype_code: int, npad: int, has_z: bool, has_reset: bool, device: torch.device):
-    """Compile (once per process) and return the three kernels of one specialisation."""
+    """The kernels of one specialisation (compiled once per process by ``_cupy.compile_module``) with their
+    launch settings: dynamic shared memory per block (fs / bs) and resident blocks per SM (bps), worked out
+    once per specialisation."""
     import cupy
 
-    major, minor = torch.cuda.get_device_capability(device)
     poly, extra = _variant()
-    key = (dtype_code, npad, bool(has_z), bool(has_reset), poly, extra, major, minor, device.index)
+    opts = (f"-DIN_DTYPE={dtype_code}", f"-DNPAD={npad}", f"-DHAS_Z={int(has_z)}", f"-DHAS_RESET={int(has_reset)}",
+            f"-DPOLY_J={poly}", *(f"-D{d}" for d in extra))
+    key = (opts, device.index)
     mod = _modules.get(key)
     if mod is not None:
         return mod
@@ -106,31 +107,26 @@ def _get_kernels(dtype_code: int, npad: int, has_z: bool, has_reset: bool, devic
         mod = _modules.get(key)
         if mod is not None:
             return mod
-        src = kernel_source("selective_scan.cu").read_text()
-        opts = ("--std=c++17", f"-arch=sm_{major}{minor}", f"-DIN_DTYPE={dtype_code}", f"-DNPAD={npad}",
-                f"-DHAS_Z={int(has_z)}", f"-DHAS_RESET={int(has_reset)}", f"-DPOLY_J={poly}",
-                *(f"-D{d}" for d in extra))
-        t0 = time.perf_counter()
+        fns = compile_module("selective_scan.cu", opts, device,
+                             ("ss_fwd", "ss_fwd_agg", "ss_bwd", "ss_bwd_agg", "ss_smem_sizes"))
+        ks = {name: f for name, f in fns.items() if name != "ss_smem_sizes"}
         with cupy.cuda.Device(device.index):
-            m = cupy.RawModule(code=src, options=opts, backend="nvrtc")
-            ks = {name: m.get_function(name) for name in ("ss_fwd", "ss_fwd_agg", "ss_bwd", "ss_bwd_agg")}
             sizes = cupy.zeros(2, dtype=cupy.int32)
-            m.get_function("ss_smem_sizes")((1,), (1,), (sizes,))
+            fns["ss_smem_sizes"]((1,), (1,), (sizes,))
             fs, bs = (int(v) for v in sizes.get())
-            props = torch.cuda.get_device_properties(device)
-            smem_sm = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
-            smem_blk = getattr(props, "shared_memory_per_block_optin", 227 * 1024)
-            bps = {}
-            for name, k in ks.items():
-                sm = fs if "fwd" in name else bs
-                if sm > smem_blk:
-                    raise RuntimeError(f"selective_scan (cuda): {name} needs {sm} bytes of shared memory, "
-                                       f"the device allows {smem_blk} per block")
-                if sm > 48 * 1024 or name == "ss_bwd":
-                    k.max_dynamic_shared_size_bytes = smem_blk if name == "ss_bwd" else sm
-                regs = max(1, int(k.num_regs))
-                bps[name] = max(1, min(smem_sm // (sm + 1024), 65536 // (regs * NTHREADS), 16))
-        compile_times[key] = time.perf_counter() - t0
+        props = torch.cuda.get_device_properties(device)
+        smem_sm = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
+        smem_blk = getattr(props, "shared_memory_per_block_optin", 227 * 1024)
+        bps = {}
+        for name, k in ks.items():
+            sm = fs if "fwd" in name else bs
+            if sm > smem_blk:
+                raise RuntimeError(f"selective_scan (cuda): {name} needs {sm} bytes of shared memory, "
+                                   f"the device allows {smem_blk} per block")
+            if sm > 48 * 1024 or name == "ss_bwd":
+                k.max_dynamic_shared_size_bytes = smem_blk if name == "ss_bwd" else sm
+            regs = max(1, int(k.num_regs))
+            bps[name] = max(1, min(smem_sm // (sm + 1024), 65536 // (regs * NTHREADS), 16))
         mod = dict(ks, fs=fs, bs=bs, bps=bps)
         _modules[key] = mod
         return mod
