@@ -53,6 +53,17 @@ __device__ __forceinline__ in_t from_f(float v) { return v; }
 
 __device__ __forceinline__ float silu_f(float v) { return v / (1.f + __expf(-v)); }
 
+// One channel's causal-conv step: window = [state (k-1 floats), x]; returns <window, w> + bias and shifts x
+// into the state. Shared by conv_step and gemv_step's conv epilogue (same arithmetic, same order).
+__device__ __forceinline__ float conv_update(float* st, const float* wc, float bias, float xi, int k) {
+    float acc = bias;
+    for (int j = 0; j < k - 1; ++j) acc = fmaf(wc[j], st[j], acc);
+    acc = fmaf(wc[k - 1], xi, acc);
+    for (int j = 0; j + 1 < k - 1; ++j) st[j] = st[j + 1];
+    st[k - 2] = xi;
+    return acc;
+}
+
 // Programmatic dependent launch (sm_90+): when the launcher sets the attribute (BYTEMAMBA_STEP_PDL), a kernel
 // may start while the previous one finishes; it reads its weights first, then waits here for the previous
 // grid's results. Without the attribute both are no-ops. Every kernel below waits in every thread before it
@@ -79,13 +90,7 @@ extern "C" __global__ void __launch_bounds__(256) conv_step(
     if (i >= (long long)b * e) return;
     const int row = (int)(i / e), c = (int)(i % e);
     const float xi = to_f(x[row * x_stride + c]);
-    float* st = state + i * (k - 1);
-    const float* wc = w + (long long)c * k;
-    float acc = bias ? bias[c] : 0.f;
-    for (int j = 0; j < k - 1; ++j) acc = fmaf(wc[j], st[j], acc);
-    acc = fmaf(wc[k - 1], xi, acc);
-    for (int j = 0; j + 1 < k - 1; ++j) st[j] = st[j + 1];
-    st[k - 2] = xi;
+    const float acc = conv_update(state + i * (k - 1), w + (long long)c * k, bias ? bias[c] : 0.f, xi, k);
     out[row * (long long)e + c] = from_f(silu ? silu_f(acc) : acc);
 }
 
@@ -439,13 +444,8 @@ extern "C" __global__ void __launch_bounds__(256) gemv_step(
     in_t* o = reinterpret_cast<in_t*>(out);
     if ((flags & 2) && j < e) {
         const float xi = to_f(from_f(y));              // the conv input as stored in the unfused path
-        float* st = conv_state + ((long long)n * e + j) * (kc - 1);
-        const float* wc = conv_w + (long long)j * kc;
-        float c = conv_b ? conv_b[j] : 0.f;
-        for (int q = 0; q < kc - 1; ++q) c = fmaf(wc[q], st[q], c);
-        c = fmaf(wc[kc - 1], xi, c);
-        for (int q = 0; q + 1 < kc - 1; ++q) st[q] = st[q + 1];
-        st[kc - 2] = xi;
+        const float c = conv_update(conv_state + ((long long)n * e + j) * (kc - 1), conv_w + (long long)j * kc,
+                                    conv_b ? conv_b[j] : 0.f, xi, kc);
         o[n * os + j] = from_f(silu_f(c));
         return;
     }
