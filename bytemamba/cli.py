@@ -41,9 +41,7 @@ def _sampling(args, meta: dict, audio: bool):
     distribution); for text 0.8/0/1.0/0."""
     from bytemamba.generate import Sampling
 
-    base = {"temperature": 1.0 if audio else 0.8, "top_k": 0, "top_p": 1.0, "min_p": 0.0}
-    if audio:
-        base.update({k: v for k, v in meta.get("generate", {}).items() if k in base})
+    base = vars(Sampling.from_config({"temperature": 1.0, **meta.get("generate", {})}) if audio else Sampling())
     return Sampling(**{k: base[k] if getattr(args, k) is None else getattr(args, k) for k in base})
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import codecs
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -26,6 +26,13 @@ class Sampling:
     top_k: int = 0
     top_p: float = 1.0
     min_p: float = 0.0
+
+    @classmethod
+    def from_config(cls, section) -> "Sampling":
+        """The sampling fields of a recipe's [generate] section: a GenerateConfig, or the dict of it kept in
+        an exported config.json; a field it lacks keeps Sampling's default."""
+        get = section.get if isinstance(section, dict) else lambda k, d: getattr(section, k, d)
+        return cls(**{f.name: get(f.name, f.default) for f in fields(cls)})
 
     def check(self) -> None:
         if self.temperature < 0:

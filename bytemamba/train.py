@@ -424,7 +424,7 @@ def report(model, cfg: Config, result: dict, out_dir: Path) -> None:
         g = cfg.generate
         print(f"sample (temperature {g.temperature}):\n{g.prompt}", end="")
         model.eval()
-        generate_text(model, g.prompt, cfg.train.sample_bytes, Sampling(g.temperature, g.top_k, g.top_p, g.min_p),
+        generate_text(model, g.prompt, cfg.train.sample_bytes, Sampling.from_config(g),
                       seed=g.seed, stream=sys.stdout)
 
 

@@ -107,6 +107,14 @@ def tiny():
     return ByteMambaLM(ModelConfig(d_model=16, n_layer=2, d_state=4, scan_backend="torch")).eval()
 
 
+def test_sampling_from_a_generate_section():
+    from bytemamba.config import GenerateConfig
+    g = GenerateConfig(prompt="x", temperature=0.5, top_k=7, top_p=0.9, min_p=0.05, seed=3)
+    assert Sampling.from_config(g) == Sampling(0.5, 7, 0.9, 0.05)
+    # an exported config.json's dict: other keys ignored, missing ones keep Sampling's defaults
+    assert Sampling.from_config({"temperature": 1.2, "prompt": "x", "max_bytes": 9}) == Sampling(temperature=1.2)
+
+
 def test_same_seed_same_samples_different_seed_differs():
     m = tiny()
     prompt = torch.tensor([list(b"def ")] * 3)
