@@ -230,11 +230,31 @@ def validate(model, sampler, accelerator, n_batches: int) -> float:
 
 # ---- the loop -------------------------------------------------------------------------------------
 
+def _streams_main_first(accelerator, cfg: Config):
+    """The (train, val) streams; the main process prepares them first (an audio recipe decodes and caches its
+    clips once, not once per rank), then the other ranks open its cache. A failure on the main process still
+    reaches the barrier, so the other ranks do not wait for it forever: they try the same preparation and
+    fail with the same message."""
+    from bytemamba.data import build_streams
+    if accelerator.num_processes == 1:
+        return build_streams(cfg.data, cfg.audio)
+    streams = error = None
+    if accelerator.is_main_process:
+        try:
+            streams = build_streams(cfg.data, cfg.audio)
+        except Exception as e:                  # re-raised after the barrier
+            error = e
+    accelerator.wait_for_everyone()
+    if error is not None:
+        raise error
+    return streams if streams is not None else build_streams(cfg.data, cfg.audio)
+
+
 def train(cfg: Config, resume: bool = False) -> dict:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    from bytemamba.data import build_streams, make_sampler
+    from bytemamba.data import make_sampler
     from bytemamba.models.lm import ByteMambaLM
 
     t = cfg.train
@@ -243,7 +263,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
     main = accelerator.is_main_process
     set_seed(t.seed)                                          # same initial weights on every rank
 
-    train_stream, val_stream = build_streams(cfg.data, cfg.audio)
+    train_stream, val_stream = _streams_main_first(accelerator, cfg)
     rank, world = accelerator.process_index, accelerator.num_processes
     sampler = make_sampler(train_stream, cfg, "train", rank, world)
     val_sampler = make_sampler(val_stream, cfg, "val", rank, world) if len(val_stream) > t.seq_len + 1 else None

@@ -137,3 +137,21 @@ def test_two_processes_skip_and_stop_in_lockstep(tmp_path):
     (d, m), = good
     verify(d)
     assert m["step"] == 5 and m["bad_steps"] == 1 and len(set(m["rank_param_fingerprints"])) == 1
+
+
+def test_two_processes_bad_audio_data_fail_together(tmp_path):
+    """The main process prepares the data first; when that fails, the other rank must not wait for it at the
+    barrier: both exit non-zero with the one-line message naming the path."""
+    missing = tmp_path / "no_such_folder"
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), "-m", "bytemamba", "train", *TINY, "data.kind=audio",
+           f"data.path={missing}", f"audio.cache_dir={tmp_path / 'cache'}", f"train.out_dir={tmp_path / 'out'}",
+           "train.batch_size=4"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0, text[-3000:]
+    assert f"bytemamba: error: audio path not found: {missing}" in text, text[-3000:]
+    assert 'bytemamba/train.py", line' not in text, text[-3000:]      # the launcher's traceback only, not ours
+    assert not (tmp_path / "out" / "checkpoints").exists()
