@@ -19,10 +19,11 @@
 //
 // How it is launched (grids from bytemamba/ops/step.py, on PyTorch's current stream, so graph-capturable):
 //   conv_step    one thread per (row, channel), 256 per block.
-//   ssm_step     LPC = NPADS/4 adjacent lanes per (row, channel), each owning 4 of its NSTATE states
-//                (-DNSTATE, padded to NPADS, a power of two >= 4); the low-rank dt dot and <s, C> are reduced
-//                across the LPC lanes with shuffles; 128 threads per block = 128 / LPC channels x SSM_ROWS
-//                batch rows (grid ceil(e / (128 / LPC)) x ceil(b / SSM_ROWS)).
+//   ssm_step_r<ROWS> (ROWS = 1, 2, 4, 8, 16 batch rows a block, chosen by the launcher per shape): LPC = NPADS/4
+//                adjacent lanes per (row, channel), each owning 4 of its NSTATE states (-DNSTATE, padded to
+//                NPADS, a power of two >= 4); the low-rank dt dot and <s, C> are reduce-scattered across the LPC
+//                lanes with shuffles; 128 threads per block = 128 / LPC channels x ROWS batch rows (grid
+//                ceil(e / (128 / LPC)) x ceil(b / ROWS)), ROWS x rp floats of dynamic shared memory.
 //   add_rmsnorm  one block of 256 threads per row.
 //   gemv_step, embed_rows, sample_rows: see their sections below.
 // Every kernel calls grid_dep_wait() before it reads activations or writes anything, so the launcher may use
@@ -95,21 +96,81 @@ extern "C" __global__ void __launch_bounds__(256) conv_step(
 }
 
 // ------------------------------------------------------------------------------------------------
-// ssm_step: a block of 128 threads owns CPB = 128 / LPC adjacent channels (LPC lanes each) and SSM_ROWS batch
-// rows (grid: ceil(e / CPB) x ceil(b / SSM_ROWS)). A lane keeps its W_dt slice (ranks lane, lane + LPC, ...,
-// up to WREG of them), its 4 entries of A, dt_bias and D in registers for all the block's rows. Before the
-// first update the block stages its rows' low-rank dt, B and C in shared memory and every lane loads the
-// states (16 bytes a row when NSTATE % 4 == 0), x and z of all its rows, so the row loop waits on no memory.
-// The arithmetic per (row, channel), and its order, is that of the one-row form: the dt dot per lane in rank
-// order, then shuffles.
-#ifndef SSM_ROWS
-#define SSM_ROWS 4
-#endif
-#define WREG 16
-#define CPB (128 / LPC)
+// ssm_step (v4): a block of SSM_T = 128 threads owns CPB = 128 / LPC adjacent channels (LPC lanes each, lane q
+// holding states 4q .. 4q+3) and ROWS batch rows, ROWS a template parameter: kernels ssm_step_r1 .. ssm_step_r16
+// (the launcher picks one per (batch, channels)); grid ceil(e / CPB) x ceil(b / ROWS); dynamic shared memory
+// ROWS x rp floats, rp = the rank r rounded up to chunks of 4 * LPC ranks (0 without the low-rank form).
+// The order of work puts one memory latency, not a chain of them, before the arithmetic:
+//   1. before the grid dependency wait: the lane's W_dt slice (ranks 4 LPC k + 4q .. +3 of chunks k < WCH:
+//      16 floats), its 4 entries of A pre-scaled by log2(e) (so exp is one ex2.approx), dt_bias and D;
+//   2. after it: every row's 16-byte state slice (ROWS loads in flight a lane), then the block's rows of x, z
+//      (or the full-rank dt), B, C and the low-rank dt, all loaded before any is stored into shared memory;
+//   3. the dt dot of every row (W_dt from registers, dt_low as 16-byte shared loads), summed across the LPC
+//      lanes by a reduce-scatter (each lane ends with the sums of ROWS / LPC rows), so + dt_bias and the
+//      softplus run once per (row, channel), not once per lane; the results are gathered back by shuffles;
+//   4. per row the update s = ex2(dt A log2 e) s + dt x B, the state stored back (16 bytes a lane), <s, C>
+//      reduce-scattered the same way: the lane owning a row adds D x, applies the z gate and writes y.
+// Ranks beyond WCH chunks (r > 16 LPC) read their W_dt from global memory inside the dot (general, slower).
+#define SSM_T 128
+#define CPB (SSM_T / LPC)
+#define WCH 4
 #define VEC4 (NSTATE % 4 == 0)
+#define LOG2E_F 1.4426950408889634f
 
-extern "C" __global__ void __launch_bounds__(128) ssm_step(
+__device__ __forceinline__ float ex2_approx(float v) {
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
+    return r;
+}
+
+__device__ __forceinline__ float4 zero4() { return make_float4(0.f, 0.f, 0.f, 0.f); }
+
+// ranks j .. j+3 of a W_dt row, zero from r on (one 16-byte load when r % 4 == 0)
+__device__ __forceinline__ float4 wdt4(const float* __restrict__ wrow, int j, int r, bool ok) {
+    if (!ok || j >= r) return zero4();
+    if ((r & 3) == 0) return __ldg(reinterpret_cast<const float4*>(wrow + j));
+    return make_float4(wrow[j], j + 1 < r ? wrow[j + 1] : 0.f, j + 2 < r ? wrow[j + 2] : 0.f,
+                       j + 3 < r ? wrow[j + 3] : 0.f);
+}
+
+// a lane's 4 states (zero in the padding past NSTATE)
+__device__ __forceinline__ float4 state4_load(const float* p, int j, bool ok) {
+    if (VEC4) return (ok && j < NSTATE) ? *reinterpret_cast<const float4*>(p) : zero4();
+    return make_float4(ok && j < NSTATE ? p[0] : 0.f, ok && j + 1 < NSTATE ? p[1] : 0.f,
+                       ok && j + 2 < NSTATE ? p[2] : 0.f, ok && j + 3 < NSTATE ? p[3] : 0.f);
+}
+__device__ __forceinline__ void state4_store(float* p, int j, bool ok, float4 v) {
+    if (!ok || j >= NSTATE) return;
+    if (VEC4) { *reinterpret_cast<float4*>(p) = v; return; }
+    p[0] = v.x;
+    if (j + 1 < NSTATE) p[1] = v.y;
+    if (j + 2 < NSTATE) p[2] = v.z;
+    if (j + 3 < NSTATE) p[3] = v.w;
+}
+
+// Sums v[0 .. ROWS) over the LPC lanes of a channel. Afterwards lane q holds in v[0 .. M) the sums of rows
+// (q / G) M .. (q / G) M + M - 1, M = max(ROWS / LPC, 1), G = max(LPC / ROWS, 1) (G lanes hold each row).
+template <int M, int O>
+__device__ __forceinline__ void reduce_scatter(float* v, int q) {
+    if constexpr (O > 0) {
+        if constexpr (M > 1) {
+            const bool hi = (q & O) != 0;
+#pragma unroll
+            for (int i = 0; i < M / 2; ++i) {
+                const float send = hi ? v[i] : v[i + M / 2];
+                const float keep = hi ? v[i + M / 2] : v[i];
+                v[i] = keep + __shfl_xor_sync(0xffffffffu, send, O, LPC);
+            }
+            reduce_scatter<M / 2, O / 2>(v, q);
+        } else {
+            v[0] += __shfl_xor_sync(0xffffffffu, v[0], O, LPC);
+            reduce_scatter<1, O / 2>(v, q);
+        }
+    }
+}
+
+template <int ROWS>
+__device__ __forceinline__ void ssm_rows(
     float* __restrict__ state, const in_t* __restrict__ x, long long xs,
     const in_t* __restrict__ dt, long long dts, const float* __restrict__ wdt, int r,
     const float* __restrict__ dt_bias, const float* __restrict__ A,
@@ -117,120 +178,183 @@ extern "C" __global__ void __launch_bounds__(128) ssm_step(
     const float* __restrict__ D, const in_t* __restrict__ z, long long zs,
     in_t* __restrict__ y, int b, int e, int flags)
 {
-    __shared__ float dt_s[SSM_ROWS][WREG * LPC];
-    __shared__ float B_s[SSM_ROWS][NPADS];
-    __shared__ float C_s[SSM_ROWS][NPADS];
-    const int c = blockIdx.x * CPB + threadIdx.x / LPC;
-    const int lane = threadIdx.x % LPC;
-    const int row0 = blockIdx.y * SSM_ROWS;
-    const int nrows = min(SSM_ROWS, b - row0);
+    constexpr int M = ROWS >= LPC ? ROWS / LPC : 1;      // rows a lane owns after a reduce-scatter
+    constexpr int G = ROWS >= LPC ? 1 : LPC / ROWS;      // lanes that hold the same row
+    constexpr int CH = 4 * LPC;                          // ranks per chunk (4 a lane)
+    constexpr int NX = (ROWS * CPB + SSM_T - 1) / SSM_T; // staging trips: x / z / dt rows
+    constexpr int NBC = (ROWS * NPADS + SSM_T - 1) / SSM_T;
+    constexpr int NDT = (ROWS * WCH * CH + SSM_T - 1) / SSM_T;
+    extern __shared__ float4 ssm_dyn_s[];
+    float* dtl_s = reinterpret_cast<float*>(ssm_dyn_s);  // ROWS x rp: the rows' low-rank dt
+    __shared__ __align__(16) float B_s[ROWS][NPADS];
+    __shared__ __align__(16) float C_s[ROWS][NPADS];
+    __shared__ float x_s[ROWS][CPB], z_s[ROWS][CPB], d_s[ROWS][CPB];
+    const int cl = threadIdx.x / LPC, q = threadIdx.x % LPC;
+    const int c0 = blockIdx.x * CPB, c = c0 + cl;
+    const int row0 = blockIdx.y * ROWS;
+    const int nrows = min(ROWS, b - row0);
     const bool valid = c < e;
-    const bool wreg = wdt && r <= WREG * LPC;
-    // parameters (not written by the previous kernels): before the grid dependency wait
-    float wv[WREG];
+    const int rp = wdt ? (r + CH - 1) / CH * CH : 0;
+    const int nch = rp / CH;
+    const float* wrow = wdt + (wdt ? (size_t)c * r : 0);
+
+    // 1. parameters (not written by the previous kernels)
+    float4 w[WCH];
 #pragma unroll
-    for (int t = 0; t < WREG; ++t) {
-        const int j = lane + t * LPC;
-        wv[t] = (wreg && valid && j < r) ? wdt[(long long)c * r + j] : 0.f;
-    }
-    float a4[4];
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-        const int j = lane * 4 + q;
-        a4[q] = (valid && j < NSTATE) ? A[(long long)c * NSTATE + j] : 0.f;
-    }
+    for (int k = 0; k < WCH; ++k) w[k] = wdt4(wrow, k * CH + 4 * q, r, wdt != nullptr && valid);
+    float4 a = state4_load(A + (size_t)c * NSTATE + 4 * q, 4 * q, valid);
+    a.x *= LOG2E_F; a.y *= LOG2E_F; a.z *= LOG2E_F; a.w *= LOG2E_F;
     const float bias = (dt_bias && valid) ? dt_bias[c] : 0.f;
     const float Dc = (D && valid) ? D[c] : 0.f;
     grid_dep_wait();
     grid_dep_launch();
-    // the block's rows of dt (low rank), B and C into shared memory
-    for (int i = threadIdx.x; i < SSM_ROWS * NPADS; i += 128) {
-        const int rr = i / NPADS, j = i % NPADS;
-        const bool ok = rr < nrows && j < NSTATE;
-        B_s[rr][j] = ok ? to_f(B[(row0 + rr) * bs + j]) : 0.f;
-        C_s[rr][j] = ok ? to_f(C[(row0 + rr) * cs + j]) : 0.f;
+
+    // 2. every row's states, then the block's inputs: all loads issued before the first shared store
+    const size_t rstride = (size_t)e * NSTATE;
+    float* sp = state + ((size_t)row0 * e + c) * NSTATE + 4 * q;
+    float4 s[ROWS];
+#pragma unroll
+    for (int rr = 0; rr < ROWS; ++rr) s[rr] = state4_load(sp + rr * rstride, 4 * q, valid && rr < nrows);
+    float tx[NX], tz[NX], td[NX], tb[NBC], tc[NBC], tl[NDT];
+#pragma unroll
+    for (int t = 0; t < NX; ++t) {
+        const int i = threadIdx.x + t * SSM_T, rr = i / CPB, cc = c0 + i % CPB;
+        const bool ok = i < ROWS * CPB && rr < nrows && cc < e;
+        const size_t row = row0 + rr;
+        tx[t] = ok ? to_f(x[row * xs + cc]) : 0.f;
+        tz[t] = (ok && z) ? to_f(z[row * zs + cc]) : 0.f;
+        td[t] = (ok && !wdt) ? to_f(dt[row * dts + cc]) : 0.f;
     }
-    if (wreg) {
-        for (int i = threadIdx.x; i < SSM_ROWS * WREG * LPC; i += 128) {
-            const int rr = i / (WREG * LPC), j = i % (WREG * LPC);
-            dt_s[rr][j] = (rr < nrows && j < r) ? to_f(dt[(row0 + rr) * dts + j]) : 0.f;
+#pragma unroll
+    for (int t = 0; t < NBC; ++t) {
+        const int i = threadIdx.x + t * SSM_T, rr = i / NPADS, j = i % NPADS;
+        const bool ok = i < ROWS * NPADS && rr < nrows && j < NSTATE;
+        tb[t] = ok ? to_f(B[(row0 + rr) * bs + j]) : 0.f;
+        tc[t] = ok ? to_f(C[(row0 + rr) * cs + j]) : 0.f;
+    }
+    const int ndl = ROWS * rp;
+#pragma unroll
+    for (int t = 0; t < NDT; ++t) {
+        const int i = threadIdx.x + t * SSM_T, rr = rp ? i / rp : 0, j = i - rr * rp;
+        tl[t] = (i < ndl && rr < nrows && j < r) ? to_f(dt[(row0 + rr) * dts + j]) : 0.f;
+    }
+#pragma unroll
+    for (int t = 0; t < NX; ++t) {
+        const int i = threadIdx.x + t * SSM_T;
+        if (i < ROWS * CPB) {
+            x_s[i / CPB][i % CPB] = tx[t];
+            z_s[i / CPB][i % CPB] = tz[t];
+            d_s[i / CPB][i % CPB] = td[t];
         }
     }
-    // every row's state, x and z (the loads of all rows in flight together)
-    float s4[SSM_ROWS][4], xr[SSM_ROWS], zr[SSM_ROWS];
 #pragma unroll
-    for (int rr = 0; rr < SSM_ROWS; ++rr) {
-        const int row = row0 + rr;
-        const bool ok = valid && rr < nrows;
-        const float* s = state + ((long long)row * e + c) * NSTATE + lane * 4;
-        if (VEC4) {
-            const float4 v = (ok && lane * 4 < NSTATE) ? *reinterpret_cast<const float4*>(s)
-                                                       : make_float4(0.f, 0.f, 0.f, 0.f);
-            s4[rr][0] = v.x; s4[rr][1] = v.y; s4[rr][2] = v.z; s4[rr][3] = v.w;
-        } else {
-#pragma unroll
-            for (int q = 0; q < 4; ++q) s4[rr][q] = (ok && lane * 4 + q < NSTATE) ? s[q] : 0.f;
+    for (int t = 0; t < NBC; ++t) {
+        const int i = threadIdx.x + t * SSM_T;
+        if (i < ROWS * NPADS) {
+            B_s[i / NPADS][i % NPADS] = tb[t];
+            C_s[i / NPADS][i % NPADS] = tc[t];
         }
-        xr[rr] = ok ? to_f(x[row * xs + c]) : 0.f;
-        zr[rr] = (ok && z) ? to_f(z[row * zs + c]) : 0.f;
+    }
+#pragma unroll
+    for (int t = 0; t < NDT; ++t) {
+        const int i = threadIdx.x + t * SSM_T;
+        if (i < ndl) dtl_s[i] = tl[t];
+    }
+    for (int i = threadIdx.x + NDT * SSM_T; i < ndl; i += SSM_T) {   // ranks past the register chunks
+        const int rr = i / rp, j = i - rr * rp;
+        dtl_s[i] = (rr < nrows && j < r) ? to_f(dt[(row0 + rr) * dts + j]) : 0.f;
     }
     __syncthreads();
+
+    // 3. dt of every row: the lane's part of the dot, reduce-scattered, bias + softplus once, gathered back
+    float v[ROWS];
 #pragma unroll
-    for (int rr = 0; rr < SSM_ROWS; ++rr) {
-        const int row = row0 + rr;
-        if (rr >= nrows) break;                        // uniform across the block
-        const bool ok = valid;
-        float d = 0.f;
-        if (wdt) {
-            if (ok) {
-                if (wreg) {
+    for (int rr = 0; rr < ROWS; ++rr) v[rr] = 0.f;
+    if (wdt) {
+        const float* dr = dtl_s + 4 * q;
 #pragma unroll
-                    for (int t = 0; t < WREG; ++t) {
-                        const int j = lane + t * LPC;
-                        if (j < r) d = fmaf(wv[t], dt_s[rr][j], d);
-                    }
-                } else {
-                    for (int j = lane; j < r; j += LPC) d = fmaf(wdt[(long long)c * r + j], to_f(dt[row * dts + j]), d);
+        for (int k = 0; k < WCH; ++k) {
+            if (k < nch) {
+#pragma unroll
+                for (int rr = 0; rr < ROWS; ++rr) {
+                    const float4 u = *reinterpret_cast<const float4*>(dr + rr * rp + k * CH);
+                    v[rr] = fmaf(w[k].x, u.x, v[rr]);
+                    v[rr] = fmaf(w[k].y, u.y, v[rr]);
+                    v[rr] = fmaf(w[k].z, u.z, v[rr]);
+                    v[rr] = fmaf(w[k].w, u.w, v[rr]);
                 }
             }
-#pragma unroll
-            for (int o = LPC / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o, LPC);
-        } else if (ok) {
-            d = to_f(dt[row * dts + c]);
         }
-        if (dt_bias && ok) d += bias;
-        if (flags & 1) d = d <= 20.f ? log1pf(__expf(d)) : d;   // softplus, PyTorch's threshold
-        const float xv = xr[rr];
-        const float dx = d * xv;
-        float acc = 0.f;
-        if (ok) {
+        for (int k = WCH; k < nch; ++k) {
+            const float4 wk = wdt4(wrow, k * CH + 4 * q, r, valid);
 #pragma unroll
-            for (int q = 0; q < 4; ++q) {
-                const int j = lane * 4 + q;
-                if (NPADS == NSTATE || j < NSTATE) {
-                    const float sj = fmaf(__expf(d * a4[q]), s4[rr][q], dx * B_s[rr][j]);
-                    s4[rr][q] = sj;
-                    acc = fmaf(sj, C_s[rr][j], acc);
-                }
-            }
-            float* s = state + ((long long)row * e + c) * NSTATE + lane * 4;
-            if (VEC4) {
-                if (lane * 4 < NSTATE)
-                    *reinterpret_cast<float4*>(s) = make_float4(s4[rr][0], s4[rr][1], s4[rr][2], s4[rr][3]);
-            } else {
-#pragma unroll
-                for (int q = 0; q < 4; ++q) if (lane * 4 + q < NSTATE) s[q] = s4[rr][q];
+            for (int rr = 0; rr < ROWS; ++rr) {
+                const float4 u = *reinterpret_cast<const float4*>(dr + rr * rp + k * CH);
+                v[rr] = fmaf(wk.x, u.x, v[rr]);
+                v[rr] = fmaf(wk.y, u.y, v[rr]);
+                v[rr] = fmaf(wk.z, u.z, v[rr]);
+                v[rr] = fmaf(wk.w, u.w, v[rr]);
             }
         }
+    } else if (q == 0) {
 #pragma unroll
-        for (int o = LPC / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o, LPC);
-        if (ok && lane == 0) {
-            float out = acc + (D ? Dc * xv : 0.f);
-            if (z) out *= silu_f(zr[rr]);
-            y[row * (long long)e + c] = from_f(out);
+        for (int rr = 0; rr < ROWS; ++rr) v[rr] = d_s[rr][cl];
+    }
+    reduce_scatter<ROWS, LPC / 2>(v, q);
+#pragma unroll
+    for (int i = 0; i < M; ++i) {
+        float dv = v[i] + bias;
+        if (flags & 1) dv = dv <= 20.f ? log1pf(__expf(dv)) : dv;   // softplus, PyTorch's threshold
+        v[i] = dv;
+    }
+    float d[ROWS];
+#pragma unroll
+    for (int rr = 0; rr < ROWS; ++rr) d[rr] = __shfl_sync(0xffffffffu, v[rr % M], (rr / M) * G, LPC);
+
+    // 4. the update, row by row; <s, C> reduce-scattered; the owning lane writes y
+    float acc[ROWS];
+#pragma unroll
+    for (int rr = 0; rr < ROWS; ++rr) {
+        const float dx = d[rr] * x_s[rr][cl];
+        const float4 Bv = *reinterpret_cast<const float4*>(&B_s[rr][4 * q]);
+        const float4 Cv = *reinterpret_cast<const float4*>(&C_s[rr][4 * q]);
+        float4 u = s[rr];
+        u.x = fmaf(ex2_approx(d[rr] * a.x), u.x, dx * Bv.x);
+        u.y = fmaf(ex2_approx(d[rr] * a.y), u.y, dx * Bv.y);
+        u.z = fmaf(ex2_approx(d[rr] * a.z), u.z, dx * Bv.z);
+        u.w = fmaf(ex2_approx(d[rr] * a.w), u.w, dx * Bv.w);
+        state4_store(sp + rr * rstride, 4 * q, valid && rr < nrows, u);
+        float t = u.x * Cv.x;
+        t = fmaf(u.y, Cv.y, t);
+        t = fmaf(u.z, Cv.z, t);
+        acc[rr] = fmaf(u.w, Cv.w, t);
+    }
+    reduce_scatter<ROWS, LPC / 2>(acc, q);
+    if (valid && q % G == 0) {
+#pragma unroll
+        for (int i = 0; i < M; ++i) {
+            const int rr = (q / G) * M + i;
+            if (rr < nrows) {
+                const float xv = x_s[rr][cl];
+                float out = acc[i] + (D ? Dc * xv : 0.f);
+                if (z) out *= silu_f(z_s[rr][cl]);
+                y[(size_t)(row0 + rr) * e + c] = from_f(out);
+            }
         }
     }
 }
+
+#define SSM_PARAMS float* __restrict__ state, const in_t* __restrict__ x, long long xs, \
+    const in_t* __restrict__ dt, long long dts, const float* __restrict__ wdt, int r, \
+    const float* __restrict__ dt_bias, const float* __restrict__ A, \
+    const in_t* __restrict__ B, long long bs, const in_t* __restrict__ C, long long cs, \
+    const float* __restrict__ D, const in_t* __restrict__ z, long long zs, in_t* __restrict__ y, int b, int e, int flags
+#define SSM_ARGS state, x, xs, dt, dts, wdt, r, dt_bias, A, B, bs, C, cs, D, z, zs, y, b, e, flags
+extern "C" __global__ void __launch_bounds__(SSM_T) ssm_step_r1(SSM_PARAMS) { ssm_rows<1>(SSM_ARGS); }
+extern "C" __global__ void __launch_bounds__(SSM_T) ssm_step_r2(SSM_PARAMS) { ssm_rows<2>(SSM_ARGS); }
+extern "C" __global__ void __launch_bounds__(SSM_T) ssm_step_r4(SSM_PARAMS) { ssm_rows<4>(SSM_ARGS); }
+extern "C" __global__ void __launch_bounds__(SSM_T) ssm_step_r8(SSM_PARAMS) { ssm_rows<8>(SSM_ARGS); }
+extern "C" __global__ void __launch_bounds__(SSM_T) ssm_step_r16(SSM_PARAMS) { ssm_rows<16>(SSM_ARGS); }
 
 // ------------------------------------------------------------------------------------------------
 extern "C" __global__ void __launch_bounds__(256) add_rmsnorm(

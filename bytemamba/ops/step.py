@@ -31,7 +31,9 @@ from bytemamba.ops.scan import BackendError
 from bytemamba.ops._cupy import compile_module, cupy_stream, ptr
 
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-_KERNELS = ("conv_step", "ssm_step", "add_rmsnorm", "gemv_step", "embed_rows", "sample_rows")
+_SSM_ROWS = (1, 2, 4, 8, 16)        # ssm_step_r<ROWS>: batch rows per block (template instances in the .cu)
+_KERNELS = ("conv_step", "add_rmsnorm", "gemv_step", "embed_rows", "sample_rows",
+            *(f"ssm_step_r{k}" for k in _SSM_ROWS))
 MAXB = 8                      # the fused GEMVs take batch rows in tiles of up to this (GB in cuda/decode_step.cu)
 MAX_STATE = 128
 
@@ -88,17 +90,19 @@ def _kernels(dtype: torch.dtype, n: int, device: torch.device, gb: int = 0):
     if not 1 <= n <= MAX_STATE:
         raise BackendError(f"decode step (cuda): d_state {n} is not supported (1..{MAX_STATE})")
     t = tuning()
-    opts = (f"-DIN_DTYPE={_DTYPE_CODE[dtype]}", f"-DNSTATE={n}", f"-DGB={max(gb, 1)}", f"-DSSM_ROWS={t['ssm_rows']}",
+    opts = (f"-DIN_DTYPE={_DTYPE_CODE[dtype]}", f"-DNSTATE={n}", f"-DGB={max(gb, 1)}",
             f"-DRPW={t['rpw']}", f"-DUK={t['uk']}")
     return compile_module("decode_step.cu", opts, device, _KERNELS)
 
 
-# measured on the H200 (docs/PERF.md, decoding): ssm_rows 4 beat 8 and 16; gemv_blocks 132 beat 264 (byte353m b 1)
-_TUNING = dict(ssm_rows=4, rpw=2, uk=4, gemv_blocks=132)
+# measured on the H200 (docs/PERF.md, decoding): gemv_blocks 132 beat 264 (byte353m b 1); ssm_rows None: chosen
+# per (batch, channels) by ssm_rows() (docs/PERF.md, "ssm_step v4")
+_TUNING = dict(ssm_rows=None, rpw=2, uk=4, gemv_blocks=132)
 
 
 def tuning() -> dict:
-    """Launch shapes of the step kernels: ssm_rows (batch rows per ssm_step block), rpw / uk (gemv_step: output
+    """Launch shapes of the step kernels: ssm_rows (batch rows per ssm_step block, one of 1, 2, 4, 8, 16; None:
+    ssm_rows() picks it per shape), rpw / uk (gemv_step: output
     rows per warp, 16-byte weight chunks per lane per row in flight), gemv_blocks (gemv_step splits K over
     more warps until it has this many blocks). BYTEMAMBA_STEP_TUNE="ssm_rows=8,uk=8" overrides them (for
     benchmarks); read at every launch (for a graph: when it is captured)."""
@@ -142,6 +146,11 @@ def _rows(name, t, shape0, width):
 
 def _f32(t):
     return None if t is None else t.detach().to(torch.float32).contiguous()
+
+
+def _aligned(t):
+    """t itself when it starts on a 16-byte boundary (ssm_step reads W_dt and A rows as float4), else a copy."""
+    return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
 def _check_state(name, t, shape):
@@ -211,6 +220,43 @@ def conv_state_update_fn(x, conv_state, weight, bias=None, silu=True):
     return out
 
 
+def _ssm_lanes(n: int) -> int:
+    """Lanes per channel in ssm_step (LPC): the states padded to a power of two >= 4, 4 a lane."""
+    npads = 4
+    while npads < n:
+        npads *= 2
+    return npads // 4
+
+
+_SM_COUNT: dict = {}
+_SSM_SMEM = 48 * 1024            # ssm_step's low-rank dt rows in (static-limit) dynamic shared memory
+
+
+def ssm_rows(b: int, e: int, n: int, r: int, device) -> int:
+    """Batch rows per ssm_step block (kernel ssm_step_r<rows>): tuning()["ssm_rows"] when set, else the most
+    rows (up to 8) that still give every SM at least two blocks of 128 threads, so that each lane has several
+    16-byte state loads in flight and W_dt is re-read by few blocks, without leaving SMs idle."""
+    lpc = _ssm_lanes(n)
+    rp = -(-r // (4 * lpc)) * 4 * lpc
+    if rp * 4 > _SSM_SMEM:
+        raise BackendError(f"decode step (cuda): dt_rank {r} is too large for ssm_step (at most {_SSM_SMEM // 4})")
+    forced = tuning()["ssm_rows"]
+    if forced is not None:
+        if forced not in _SSM_ROWS or forced * rp * 4 > _SSM_SMEM:
+            raise ValueError(f"BYTEMAMBA_STEP_TUNE: ssm_rows={forced} is not one of {_SSM_ROWS} or its dt rows "
+                             f"({forced} x {rp} floats) exceed {_SSM_SMEM} bytes of shared memory")
+        return forced
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    blocks_per_row = -(-e // (128 // lpc))
+    rows = 1
+    for k in (2, 4, 8):
+        if k <= b and blocks_per_row * -(-b // k) >= 2 * _SM_COUNT[idx] and k * rp * 4 <= _SSM_SMEM:
+            rows = k
+    return rows
+
+
 def ssm_state_update_fn(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
                         dt_proj_weight=None):
     b, e = x.shape
@@ -223,7 +269,7 @@ def ssm_state_update_fn(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_
     x, xs = _rows("x", x, b, e)
     wdt = None
     if dt_proj_weight is not None:
-        wdt = _f32(dt_proj_weight)
+        wdt = _aligned(_f32(dt_proj_weight))
         r = wdt.shape[1]
         dt, dts = _rows("dt", dt, b, r)
     else:
@@ -232,17 +278,14 @@ def ssm_state_update_fn(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_
     B, bs = _rows("B", B, b, n)
     C, cs = _rows("C", C, b, n)
     z, zs = _rows("z", z, b, e) if z is not None else (None, np.int64(0))
-    K = _kernels(io, n, x.device)
-    npads = 4                          # states padded to a power of two >= 4 (NPADS in the kernel)
-    while npads < n:
-        npads *= 2
-    cpb = 128 // (npads // 4)          # channels per block of 128 threads (npads/4 lanes per channel)
-    grid = (-(-e // cpb), -(-b // tuning()["ssm_rows"]))
+    lpc = _ssm_lanes(n)
+    rp = -(-r // (4 * lpc)) * 4 * lpc                  # ranks padded to whole chunks (dynamic shared memory)
+    rows = ssm_rows(b, e, n, r, x.device)
     y = torch.empty(b, e, device=x.device, dtype=io)
-    _launch(x.device, K["ssm_step"], grid, 128,
-            (ptr(state), ptr(x), xs, ptr(dt), dts, ptr(wdt), np.int32(r), ptr(_f32(dt_bias)), ptr(_f32(A)),
+    _launch(x.device, _kernels(io, n, x.device)[f"ssm_step_r{rows}"], (-(-e // (128 // lpc)), -(-b // rows)), 128,
+            (ptr(state), ptr(x), xs, ptr(dt), dts, ptr(wdt), np.int32(r), ptr(_f32(dt_bias)), ptr(_aligned(_f32(A))),
              ptr(B), bs, ptr(C), cs, ptr(_f32(D)), ptr(z), zs, ptr(y), np.int32(b), np.int32(e),
-             np.int32(1 if dt_softplus else 0)), batch=b)
+             np.int32(1 if dt_softplus else 0)), smem=rows * rp * 4, batch=b)
     return y
 
 

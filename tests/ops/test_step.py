@@ -186,11 +186,31 @@ def test_conv_kernel_many_steps(dtype, k, bias, silu, seed):
                                            (16, 80, True, True)])
 @pytest.mark.parametrize("batch", [3, 9], ids=["b3", "b9"])
 def test_ssm_kernel_many_steps(dtype, n, lowrank, z, D, batch):
-    """ssm_step takes 4 batch rows a block (b9: two full groups and one partial); rank 80 > 16 * 4 reads
-    W_dt and dt from memory instead of registers and shared memory."""
+    """ssm_step with the rows per block the launcher picks (e 70: a partial block of channels); rank 80 > 16 * 4
+    reads the W_dt chunks past the registers from memory."""
     dt = DTYPES[dtype]
     L = 48
     ins = make_ssm(batch, 70, n, L, lowrank, dt, "cuda", z, D, seed=n + lowrank)
+    y_k, st_k = ssm_steps(ssm_state_update_fn, ins, L)
+    y_t, st_t = ssm_steps(ssm_state_update_ref, ins, L)
+    y64, st64 = ssm_parallel(ins)
+    assert y_k.dtype == dt and torch.isfinite(y_k).all() and torch.isfinite(st_k).all()
+    _check(rel(y_k, y64), rel(y_t, y64), dt, "ssm out")
+    _check(rel(st_k, st64), rel(st_t, st64), dt, "ssm state")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("n,lowrank", [(16, 64), (16, 16), (5, 3), (64, 0), (16, 80), (1, 0), (128, 8)])
+@pytest.mark.parametrize("rows", [1, 2, 4, 8, 16])
+def test_ssm_kernel_every_tile(dtype, n, lowrank, rows, monkeypatch):
+    """Every ssm_step_r<rows> instance (forced through BYTEMAMBA_STEP_TUNE) on 19 rows (partial row tiles but
+    for 1 row a block) and 70 channels (a partial channel tile), against the parallel forward and the PyTorch
+    step: the reduce-scatter of the dt dot and of <s, C> for rows below and above the lanes per channel."""
+    monkeypatch.setenv("BYTEMAMBA_STEP_TUNE", f"ssm_rows={rows}")
+    dt = DTYPES[dtype]
+    L = 12
+    ins = make_ssm(19, 70, n, L, lowrank, dt, "cuda", True, True, seed=rows + n + lowrank)
     y_k, st_k = ssm_steps(ssm_state_update_fn, ins, L)
     y_t, st_t = ssm_steps(ssm_state_update_ref, ins, L)
     y64, st64 = ssm_parallel(ins)
