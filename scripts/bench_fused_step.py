@@ -1,12 +1,19 @@
-"""Time the fused one-kernel decode step alone (cuda/decode_fused.cu, no sampler) on the audio6m shape:
-graph-replayed launches, CUDA events, median of 15 repetitions of 200 launches. Variants: compile-time
-defines (argv, see the opening of cuda/decode_fused.cu), batch 1 and 8, and 1 or 15 layers (the slope is the
-cost of a layer, the intercept embedding + head + launch). Usage:
+"""Time the fused one-kernel decode steps alone (no sampler) on the audio6m shape: graph-replayed launches, CUDA
+events, median of 15 repetitions of a graph of n launches.
+
     python3 scripts/bench_fused_step.py [NAME=DEFINE+DEFINE ...]
+        the `cluster` kernel (cuda/decode_fused.cu): compile-time variants at batch 1 and 8, 1 or 15 layers (the
+        slope is the cost of a layer, the intercept embedding + head + launch); the last line names the fastest
+    python3 scripts/bench_fused_step.py --batches 1 8 16 64 128 256 [--rows-variants NAME=DEFINES ...]
+        per batch: the `cluster` kernel (batch <= --cluster-max), the `rows` kernel (cuda/decode_fused_rows.cu,
+        each variant, 15 and 1 layers) and the model's unfused step (fused off: the tensor-core GEMM path where
+        the model has one, and the cuBLAS path) in the same process; a per-phase clock64 profile of the rows
+        kernel (PROFILE=1) at the largest batch; a table last
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import statistics
@@ -18,7 +25,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from bytemamba.config import ModelConfig  # noqa: E402
 from bytemamba.models.lm import ByteMambaLM  # noqa: E402
-from bytemamba.ops.fused_step import fused_step_fn  # noqa: E402
+from bytemamba.ops.fused_step import fused_step_fn, max_active_clusters, rows_module  # noqa: E402
+
+PHASES = ["N norm", "I in_proj", "C conv", "X mma+send", "X wait+sum", "D1 dt", "D2 state", "O out_proj",
+          "R residual", "head"]
 
 
 def timed(fn, n=200, reps=15):
@@ -45,33 +55,37 @@ def timed(fn, n=200, reps=15):
     return statistics.median(out)
 
 
-def main():
-    """argv: NAME=DEFINES variants (defines joined by '+', e.g. pack2=PACK=2+DBL_ONCE=1); default: the
-    transaction-barrier and the cluster-barrier modes. The last line names the fastest at batch 1, 15 layers."""
-    variants = [a.split("=", 1) for a in sys.argv[1:]] or [["default", ""], ["cbar", "SYNC_MODE=0+DBL_ONCE=0"]]
-    torch.manual_seed(0)
-    m = ByteMambaLM(ModelConfig(d_model=256, n_layer=15)).cuda().eval()
-    W = m._fused_weights(torch.bfloat16)
+def layers_of(W, L):
+    return dataclasses.replace(W, rows=None, **{f.name: getattr(W, f.name)[:L] for f in dataclasses.fields(W)
+                                                if f.name in ("W_in", "conv_w", "conv_b", "W_x", "W_dt", "dt_b",
+                                                              "A", "D", "W_out")})
+
+
+def states(m, batch):
+    cache = m.empty_cache(batch, "cuda")
+    for s in cache.layers:
+        s.conv.normal_()
+        s.ssm.normal_()
+    return cache
+
+
+def cluster_variants(m, W, variants):
     rows = []
     for name, defines in variants:
         os.environ["BYTEMAMBA_FUSED_DEFINES"] = defines
         for batch in (1, 8):
-            cache = m.empty_cache(batch, "cuda")
-            for s in cache.layers:
-                s.conv.normal_()
-                s.ssm.normal_()
+            cache = states(m, batch)
             ids = torch.randint(0, 256, (batch,), device="cuda")
             logits = torch.empty(batch, 256, device="cuda")
             for L in (15, 1):
-                Wl = dataclasses.replace(W, **{f.name: getattr(W, f.name)[:L] for f in dataclasses.fields(W)
-                                               if f.name in ("W_in", "conv_w", "conv_b", "W_x", "W_dt", "dt_b",
-                                                             "A", "D", "W_out")})
+                Wl = layers_of(W, L)
                 conv = [s.conv for s in cache.layers[:L]]
                 ssm = [s.ssm for s in cache.layers[:L]]
-                us = timed(lambda: fused_step_fn(ids, Wl, conv, ssm, logits))
+                us = timed(lambda: fused_step_fn(ids, Wl, conv, ssm, logits, kernel="cluster"))
                 assert torch.isfinite(logits).all()
                 rows.append((name, batch, L, us))
                 print(f"{name} ({defines or 'defaults'}) batch {batch} layers {L:2d}: {us:7.2f} us / step", flush=True)
+    os.environ["BYTEMAMBA_FUSED_DEFINES"] = ""
     print("\n| variant | defines | batch | us / step, 15 layers (kernel only) | 1 layer | per layer (slope) |")
     print("|---|---|---|---|---|---|")
     for name, defines in variants:
@@ -80,6 +94,106 @@ def main():
             print(f"| {name} | {defines or '-'} | {batch} | {t[15]:.2f} | {t[1]:.2f} | {(t[15] - t[1]) / 14:.2f} |")
     best = min((r for r in rows if r[1] == 1 and r[2] == 15), key=lambda r: r[3])
     print(f"BEST {best[0]} {dict(variants)[best[0]]}")
+
+
+def profile_rows(W, cache, ids, logits, steps=20):
+    """Per-phase clock64 deltas of one thread (CTA 0 of cluster 0), us per step, from the PROFILE=1 build."""
+    import cupy
+    os.environ["BYTEMAMBA_FUSED_DEFINES"] = "PROFILE=1"
+    conv, ssm = [s.conv for s in cache.layers], [s.ssm for s in cache.layers]
+    fused_step_fn(ids, W, conv, ssm, logits, kernel="rows")
+    K = rows_module(ids.device, W.dtype)
+    out = cupy.zeros(16, dtype=cupy.int64)
+    K["fused_rows_prof"]((1,), (32,), (out,))                  # zero it
+    for _ in range(steps):
+        fused_step_fn(ids, W, conv, ssm, logits, kernel="rows")
+    torch.cuda.synchronize()
+    K["fused_rows_prof"]((1,), (32,), (out,))
+    cupy.cuda.runtime.deviceSynchronize()
+    os.environ["BYTEMAMBA_FUSED_DEFINES"] = ""
+    ghz = 1.98                                                # the H200's SM clock under load (docs/PERF.md)
+    return [int(v) / steps / (ghz * 1e3) for v in out.get()[:len(PHASES)]], ghz
+
+
+def batches_table(m, W, args):
+    variants = [["rows", ""]] + [v.split("=", 1) for v in args.rows_variants]
+    print(f"max active clusters of the rows kernel: {max_active_clusters(torch.device('cuda'))}", flush=True)
+    res = {}
+    for batch in args.batches:
+        cache = states(m, batch)
+        ids = torch.randint(0, 256, (batch,), device="cuda")
+        logits = torch.empty(batch, 256, device="cuda")
+        conv, ssm = [s.conv for s in cache.layers], [s.ssm for s in cache.layers]
+        if batch <= args.cluster_max:
+            res[batch, "cluster"] = timed(lambda: fused_step_fn(ids, W, conv, ssm, logits, kernel="cluster"))
+        for name, defines in variants:
+            os.environ["BYTEMAMBA_FUSED_DEFINES"] = defines.replace("+", " ")
+            for L in (15, 1):
+                Wl = layers_of(W, L) if L == 1 else W
+                us = timed(lambda: fused_step_fn(ids, Wl, conv[:L], ssm[:L], logits, kernel="rows"))
+                assert torch.isfinite(logits).all()
+                res[batch, name if L == 15 else name + "/1"] = us
+        os.environ["BYTEMAMBA_FUSED_DEFINES"] = ""
+        for label, gemm in (("gemm", True), ("cublas", False)):
+            if label == "gemm" and not hasattr(m, "gemm_max_batch"):
+                continue
+            m.fused_max_batch = 0
+            if hasattr(m, "gemm_max_batch"):
+                m.gemm_max_batch = 1 << 20 if gemm else 0
+            c2 = states(m, batch)
+            try:
+                with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                    res[batch, label] = timed(lambda: m.step(ids, c2), n=50)
+                res[batch, label + ":path"] = m.last_step_path
+            except Exception as e:                              # (another path's work in progress)
+                print(f"unfused {label} batch {batch}: {type(e).__name__}: {e}", flush=True)
+        print(batch, {k[1]: (round(v, 2) if isinstance(v, float) else v) for k, v in res.items() if k[0] == batch},
+              flush=True)
+    prof = None
+    if args.profile:
+        b = max(args.batches)
+        cache = states(m, b)
+        ids = torch.randint(0, 256, (b,), device="cuda")
+        prof, ghz = profile_rows(W, cache, ids, torch.empty(b, 256, device="cuda"))
+        print(f"\nrows kernel, batch {b}, 15 layers: clock64 per phase, thread 0 of CTA 0 (waits included; "
+              f"{ghz:.2f} GHz assumed)")
+        print("| phase | us per step (15 layers) | us per layer |")
+        print("|---|---|---|")
+        for name, us in zip(PHASES, prof):
+            print(f"| {name} | {us:.2f} | {us / 15:.3f} |")
+        print(f"| total | {sum(prof):.2f} | |")
+    cols = [v[0] for v in variants]
+    print("\n| batch | cluster kernel us | " + " | ".join(f"{c} us (15 layers) | {c} 1 layer" for c in cols)
+          + " | unfused gemm us | unfused cuBLAS us | best fused samples/s | vs cuBLAS step |")
+    print("|---" * (4 + 2 * len(cols) + 2) + "|")
+    for batch in args.batches:
+        fused = [res[batch, k] for k in ["cluster"] + cols if (batch, k) in res]
+        best = min(fused)
+        cub = res.get((batch, "cublas"), float("nan"))
+        line = [str(batch), f"{res[batch, 'cluster']:.2f}" if (batch, "cluster") in res else "-"]
+        line += [f"{res[batch, c]:.2f} | {res[batch, c + '/1']:.2f}" for c in cols]
+        line += [f"{res[batch, 'gemm']:.2f} ({res[batch, 'gemm:path']})" if (batch, "gemm") in res else "-",
+                 f"{cub:.2f} ({res.get((batch, 'cublas:path'), '?')})", f"{batch / best * 1e6:,.0f}",
+                 f"{cub / best:.2f}x"]
+        print("| " + " | ".join(line) + " |")
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("variants", nargs="*", help="NAME=DEFINES variants of the cluster kernel")
+    p.add_argument("--batches", nargs="*", type=int, default=None)
+    p.add_argument("--rows-variants", nargs="*", default=[], help="NAME=DEFINE+DEFINE of the rows kernel")
+    p.add_argument("--cluster-max", type=int, default=32)
+    p.add_argument("--profile", action="store_true")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    m = ByteMambaLM(ModelConfig(d_model=256, n_layer=15, scan_backend="cuda")).cuda().eval()
+    W = m._fused_weights(torch.bfloat16)
+    if args.batches:
+        batches_table(m, W, args)
+    else:
+        cluster_variants(m, W, [a.split("=", 1) for a in args.variants]
+                         or [["default", ""], ["cbar", "SYNC_MODE=0+DBL_ONCE=0"]])
 
 
 if __name__ == "__main__":

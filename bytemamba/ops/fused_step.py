@@ -2,13 +2,16 @@
 (RMSNorm, in_proj, conv step + SiLU, x_proj, dt_proj + softplus + state update + D + z gate, out_proj,
 residual add), final norm and head, for the shapes it is compiled for (`SHAPE`: d_model 256, d_inner 512,
 d_state 16, dt_rank 16, d_conv 4, 256 symbols; any number of layers and batch rows; bf16 or fp16 compute).
-A thread-block cluster of 8 CTAs per batch row; see the kernel's opening comment.
+Two kernels: `cluster` (cuda/decode_fused.cu) runs a thread-block cluster of 8 CTAs per batch row, for small
+batches; `rows` (cuda/decode_fused_rows.cu) a cluster per tile of 16 rows, its projections on tensor cores,
+for large batches (`ROWS_FROM`); see the kernels' opening comments.
 
     pack_weights(emb, head, norm_ws, layers, dtype) -> FusedWeights   (stacked once, reused every step)
         layers: one dict per layer with in_proj (2e, d), conv_w (e, k), conv_b (e) or None, x_proj (r+2n, e),
         dt_w (e, r), dt_b (e), A_log (e, n), D (e), out_proj (d, e); norm_ws: every layer's norm weight
         followed by the final norm's; head (V, d); emb (V, d)
-    fused_step_fn(ids, W, conv_states, ssm_states, logits=None) -> logits (b, V) float32   (CUDA)
+    fused_step_fn(ids, W, conv_states, ssm_states, logits=None, kernel=None) -> logits (b, V) float32   (CUDA)
+        kernel: "cluster", "rows" or None (choose_kernel(batch))
     fused_step_ref(ids, W, conv_states, ssm_states) -> the same in PyTorch (the definition)
         conv_states[l] (b, e, k-1) and ssm_states[l] (b, e, n) float32, updated in place
 
@@ -50,6 +53,7 @@ class FusedWeights:
     A: torch.Tensor           # (L, e, n) float32, -exp(A_log)
     D: torch.Tensor           # (L, e) float32
     W_out: torch.Tensor       # (L, d, e) dtype
+    rows: object = None       # RowsWeights, the `rows` kernel's layout, built on first use (pack_rows)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -111,6 +115,54 @@ def pack_weights(emb, head, norm_ws, layers, eps: float, dtype: torch.dtype) -> 
             W_x=stack("x_proj", dtype), W_dt=stack("dt_w", f32), dt_b=stack("dt_b", f32),
             A=stack("A_log", f32, lambda a: -torch.exp(a.float())), D=stack("D", f32),
             W_out=stack("out_proj", dtype))
+
+
+# ---- the `rows` kernel's layout ------------------------------------------------------------------------------
+
+ROWS = 16                         # batch rows per cluster of the `rows` kernel
+K_EL = 2752                       # fp32 constants per (layer, CTA): see cuda/decode_fused_rows.cu
+
+
+@dataclass
+class RowsWeights:
+    """The weights sliced per CTA (CTA c: channels 64c..64c+63) and laid out as mma A fragments."""
+    Wi: torch.Tensor          # (L, 8, 128 * d) dtype: in_proj rows [x channels | z channels] of each CTA
+    Wx: torch.Tensor          # (L, 8, (r + 2n) * 64) dtype: x_proj columns of each CTA
+    Wo: torch.Tensor          # (L, 8, d * 64) dtype: out_proj columns of each CTA
+    K: torch.Tensor           # (L, 8, K_EL) float32: W_dt^T, A, conv_w, conv_b, dt_b, D, norm weight
+    head: torch.Tensor        # (8, 32 * d) dtype: head rows 32c..32c+31
+    normf: torch.Tensor       # (d,) float32: the final norm's weight
+
+
+def mma_fragments(w: torch.Tensor) -> torch.Tensor:
+    """(..., M, K) -> (..., M/16 * K/16 * 32 * 8): the A operand of mma.m16n8k16 in fragment order, tiles (m, k)
+    row-major, 32 lanes x 8 elements each (lane 4g + t: rows g, g+8 x columns 2t, 2t+1, 2t+8, 2t+9 as
+    a0 = (g, 2t..), a1 = (g+8, 2t..), a2 = (g, 2t+8..), a3 = (g+8, 2t+8..))."""
+    *lead, M, K = w.shape
+    v = w.reshape(-1, M // 16, 2, 8, K // 16, 2, 4, 2)            # (B, mt, row hi, g, kt, k hi, t, pair)
+    return v.permute(0, 1, 4, 3, 6, 5, 2, 7).reshape(*lead, M * K)
+
+
+def pack_rows(W: FusedWeights) -> RowsWeights:
+    """W in the `rows` kernel's layout (copies)."""
+    L = W.n_layer
+    e, d = SHAPE["d_inner"], SHAPE["d_model"]
+    ec = e // NCTA
+    with torch.no_grad():
+        def per_cta(t):                                          # (L, e, ...) -> (L, 8, 64, ...)
+            return t.reshape(L, NCTA, ec, *t.shape[2:])
+        xs = W.W_in[:, :e].reshape(L, NCTA, ec, d)
+        zs = W.W_in[:, e:].reshape(L, NCTA, ec, d)
+        Wi = mma_fragments(torch.cat([xs, zs], dim=2))
+        Wx = mma_fragments(W.W_x.reshape(L, -1, NCTA, ec).transpose(1, 2))
+        Wo = mma_fragments(W.W_out.reshape(L, d, NCTA, ec).transpose(1, 2))
+        K = torch.cat([per_cta(W.W_dt).transpose(2, 3).reshape(L, NCTA, -1), per_cta(W.A).reshape(L, NCTA, -1),
+                       per_cta(W.conv_w).reshape(L, NCTA, -1), per_cta(W.conv_b), per_cta(W.dt_b), per_cta(W.D),
+                       W.norm_w[:L, None, :].expand(L, NCTA, d)], dim=2).float()
+        assert K.shape[2] == K_EL
+        head = mma_fragments(W.head.reshape(NCTA, -1, d))
+        return RowsWeights(Wi=Wi.contiguous(), Wx=Wx.contiguous(), Wo=Wo.contiguous(), K=K.contiguous(),
+                           head=head.contiguous(), normf=W.norm_w[L].contiguous())
 
 
 # ---- PyTorch reference (the definition) -------------------------------------------------------------------
@@ -181,7 +233,21 @@ def _state_table(conv_states, ssm_states, device):
     return t
 
 
-def fused_step_fn(ids, W: FusedWeights, conv_states, ssm_states, logits=None):
+def _rows_from() -> int:
+    v = os.environ.get("BYTEMAMBA_FUSED_ROWS_FROM")
+    return ROWS_FROM if v is None else int(v)
+
+
+# Batches above this run the `rows` kernel, the others the `cluster` kernel (BYTEMAMBA_FUSED_ROWS_FROM
+# overrides it).
+ROWS_FROM = 1 << 30
+
+
+def choose_kernel(batch: int) -> str:
+    return "rows" if batch > _rows_from() else "cluster"
+
+
+def fused_step_fn(ids, W: FusedWeights, conv_states, ssm_states, logits=None, kernel=None):
     dev = W.W_in.device
     if W.dtype not in _DTYPE_CODE:
         raise ValueError(f"fused step: weights of dtype {W.dtype} (needs bfloat16 or float16)")
@@ -197,6 +263,11 @@ def fused_step_fn(ids, W: FusedWeights, conv_states, ssm_states, logits=None):
     if logits is None:
         logits = torch.empty(b, SHAPE["vocab"], device=dev, dtype=torch.float32)
     table = _state_table(conv_states, ssm_states, dev)
+    kernel = kernel or choose_kernel(b)
+    if kernel == "rows":
+        return _launch_rows(ids, W, table, b, logits)
+    if kernel != "cluster":
+        raise ValueError(f"fused step: unknown kernel {kernel!r} (cluster or rows)")
     K = compile_module("decode_fused.cu", (f"-DIN_DTYPE={_DTYPE_CODE[W.dtype]}",) + _defines(), dev,
                        ("fused_step",))
     import cupy
@@ -206,3 +277,52 @@ def fused_step_fn(ids, W: FusedWeights, conv_states, ssm_states, logits=None):
                          ptr(W.conv_w), ptr(W.conv_b), ptr(W.W_x), ptr(W.W_dt), ptr(W.dt_b), ptr(W.A),
                          ptr(W.D), ptr(W.W_out), ptr(table), np.int32(L), np.int32(b), ptr(logits)))
     return logits
+
+
+def rows_module(device, dtype):
+    """The compiled `rows` kernel, its dynamic shared memory size set (once per module)."""
+    K = compile_module("decode_fused_rows.cu", (f"-DIN_DTYPE={_DTYPE_CODE[dtype]}",) + _defines(), device,
+                       ("fused_step_rows", "fused_rows_smem", "fused_rows_prof"))
+    if "smem" not in K:
+        import cupy
+        with cupy.cuda.Device(device.index):
+            out = cupy.zeros(1, dtype=cupy.int32)
+            K["fused_rows_smem"]((1,), (1,), (out,))
+            smem = int(out.get()[0])
+            K["fused_step_rows"].max_dynamic_shared_size_bytes = smem
+        K["smem"] = smem
+    return K
+
+
+def _launch_rows(ids, W: FusedWeights, table, b, logits):
+    dev = W.W_in.device
+    if W.rows is None:
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("fused step: first `rows` call inside a graph capture (run one step eagerly first)")
+        W.rows = pack_rows(W)
+    P = W.rows
+    K = rows_module(dev, W.dtype)
+    import cupy
+    with cupy.cuda.Device(dev.index), cupy_stream(dev):
+        K["fused_step_rows"]((NCTA * ((b + ROWS - 1) // ROWS),), (NTHREADS,),
+                             (ptr(ids), ptr(W.emb), ptr(P.head), ptr(P.normf), np.float32(W.eps), ptr(P.Wi),
+                              ptr(P.Wx), ptr(P.Wo), ptr(P.K), ptr(table), np.int32(W.n_layer), np.int32(b),
+                              ptr(logits)), shared_mem=K["smem"])
+    return logits
+
+
+def max_active_clusters(device, dtype=torch.bfloat16) -> int | None:
+    """How many clusters of the `rows` kernel the device runs at once (cuOccupancyMaxActiveClusters), or None."""
+    import ctypes
+
+    from bytemamba.ops.step import _LaunchConfig
+    try:
+        K = rows_module(device, dtype)
+        lib = ctypes.CDLL("libcuda.so.1")
+        n = ctypes.c_int(0)
+        cfg = _LaunchConfig(NCTA * 64, 1, 1, NTHREADS, 1, 1, K["smem"], None, None, 0)
+        rc = lib.cuOccupancyMaxActiveClusters(ctypes.byref(n), ctypes.c_void_p(K["fused_step_rows"].kernel.ptr),
+                                              ctypes.byref(cfg))
+        return n.value if rc == 0 else None
+    except Exception:
+        return None

@@ -1,7 +1,9 @@
-"""The fused one-kernel decode step (bytemamba/ops/fused_step.py, cuda/decode_fused.cu): its PyTorch reference
-is the model's step (CPU, float32); many kernel steps against the reference and a float32 truth on random
-weights and random starting states (never zeros), both synchronisation modes, several batch sizes; the model
-takes the fused path where it applies and agrees with the parallel forward; graphs or not, the same symbols.
+"""The fused one-kernel decode step (bytemamba/ops/fused_step.py; cuda/decode_fused.cu, the `cluster` kernel, and
+cuda/decode_fused_rows.cu, the many-row `rows` kernel): its PyTorch reference is the model's step (CPU,
+float32); many kernel steps against the reference and a float32 truth on random weights and random starting
+states (never zeros), every compile-time variant, several batch sizes (one, several and partial row tiles);
+the model takes the fused path where it applies and agrees with the parallel forward; graphs or not, the same
+symbols.
 """
 
 import shutil
@@ -14,13 +16,15 @@ import torch
 from bytemamba.config import ModelConfig
 from bytemamba.generate import Sampling, generate
 from bytemamba.models.lm import ByteMambaLM
-from bytemamba.ops.fused_step import SHAPE, fused_step_fn, fused_step_ref, pack_weights, unsupported_reason
+from bytemamba.ops.fused_step import (SHAPE, choose_kernel, fused_step_fn, fused_step_ref, mma_fragments,
+                                      pack_weights, unsupported_reason)
 from bytemamba.ops.scan import cuda_available
 
 _needs_gpu = pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU and CuPy")
 _needs_sm90 = pytest.mark.skipif(not (cuda_available() and torch.cuda.get_device_capability() >= (9, 0)),
                                  reason="needs thread-block clusters (compute capability 9.0+)")
 SRC = Path(__file__).resolve().parents[2] / "cuda" / "decode_fused.cu"
+SRC_ROWS = SRC.with_name("decode_fused_rows.cu")
 
 
 def gpu(f):
@@ -78,6 +82,9 @@ VARIANTS = {"default": "", "nodbl": "DBL_ONCE=0", "pack0": "PACK=0 DBL_ONCE=0", 
 KERNEL_CASES = [("default", torch.bfloat16, 1), ("default", torch.bfloat16, 3), ("default", torch.float16, 1),
                 ("default", torch.float16, 3)] + [(v, dt, b) for v in list(VARIANTS)[1:]
                                                   for dt, b in ((torch.bfloat16, 3), (torch.float16, 1))]
+# the `rows` kernel (cuda/decode_fused_rows.cu): 16 rows a cluster; one partial tile, one full, several
+KERNEL_CASES += [("rows", torch.bfloat16, 3), ("rows", torch.bfloat16, 16), ("rows", torch.bfloat16, 37),
+                 ("rows", torch.float16, 20)]
 
 
 # ---- CPU --------------------------------------------------------------------------------------------------
@@ -94,6 +101,24 @@ def test_ref_in_float32_is_the_models_step():
             assert rel(got, want) < 1e-5
     for a, b in zip(c1.layers, c2.layers):
         assert rel(b.conv, a.conv) < 1e-6 and rel(b.ssm, a.ssm) < 1e-5
+
+
+def test_mma_fragments_layout():
+    """Lane 4g + t of tile (m, k) holds A[g][2t..2t+1], A[g+8][2t..], A[g][2t+8..], A[g+8][2t+8..] (PTX m16n8k16)."""
+    w = torch.randn(2, 32, 48)
+    f = mma_fragments(w).reshape(2, 2, 3, 32, 8)
+    for mt, kt, lane in ((0, 0, 0), (1, 2, 13), (0, 1, 31), (1, 0, 6)):
+        g, t = lane >> 2, lane & 3
+        A = w[1, 16 * mt:16 * mt + 16, 16 * kt:16 * kt + 16]
+        want = [A[g, 2 * t], A[g, 2 * t + 1], A[g + 8, 2 * t], A[g + 8, 2 * t + 1], A[g, 2 * t + 8],
+                A[g, 2 * t + 9], A[g + 8, 2 * t + 8], A[g + 8, 2 * t + 9]]
+        assert torch.equal(f[1, mt, kt, lane], torch.stack(want))
+
+
+def test_kernel_choice(monkeypatch):
+    assert choose_kernel(1) == "cluster"
+    monkeypatch.setenv("BYTEMAMBA_FUSED_ROWS_FROM", "8")
+    assert choose_kernel(8) == "cluster" and choose_kernel(9) == "rows"
 
 
 def test_unsupported_reasons():
@@ -118,6 +143,17 @@ def test_kernel_compiles_for_sm90_without_spills(defines, tmp_path):
     assert "0 bytes spill stores" in r.stderr and "0 bytes stack frame" in r.stderr, r.stderr
 
 
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+@pytest.mark.parametrize("dtype_code", [1, 2])
+def test_rows_kernel_compiles_for_sm90_without_spills(dtype_code, tmp_path):
+    r = subprocess.run(["nvcc", "-arch=sm_90", "-std=c++17", "-cubin", "-o", str(tmp_path / "k.cubin"),
+                        "-Xptxas", "-v", "-Werror", "all-warnings", f"-DIN_DTYPE={dtype_code}", str(SRC_ROWS)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    stats = r.stderr.split("fused_step_rows")[-1]
+    assert "0 bytes spill stores" in stats and "0 bytes stack frame" in stats, r.stderr
+
+
 # ---- GPU --------------------------------------------------------------------------------------------------
 
 @gpu
@@ -126,7 +162,8 @@ def test_kernel_compiles_for_sm90_without_spills(defines, tmp_path):
 def test_kernel_many_steps(variant, dtype, batch, monkeypatch):
     """20 steps of the kernel against the reference (same roundings) and a float32 truth (no rounding of the
     activations, the same rounded weights): the kernel's error at most about twice the reference's."""
-    monkeypatch.setenv("BYTEMAMBA_FUSED_DEFINES", VARIANTS[variant])
+    monkeypatch.setenv("BYTEMAMBA_FUSED_DEFINES", VARIANTS.get(variant, ""))
+    kernel = "rows" if variant == "rows" else "cluster"
     m = make_model(n_layer=3, seed=batch, device="cuda")
     W = packed(m, dtype)
     W32 = packed(m, torch.float32, round_to=dtype)
@@ -137,7 +174,7 @@ def test_kernel_many_steps(variant, dtype, batch, monkeypatch):
     with torch.no_grad():
         for t in range(20):
             logits = torch.full((batch, 256), float("nan"), device="cuda")      # poisoned: all written?
-            out["k"].append(fused_step_fn(ids[t], W, *st[0], logits=logits).clone())
+            out["k"].append(fused_step_fn(ids[t], W, *st[0], logits=logits, kernel=kernel).clone())
             out["ref"].append(fused_step_ref(ids[t], W, *st[1]))
             out["f32"].append(fused_step_ref(ids[t], W32, *st[2]))
     k, ref, f32 = (torch.stack(out[n]) for n in ("k", "ref", "f32"))
@@ -167,10 +204,33 @@ def test_kernel_is_deterministic_and_rows_independent():
 
 
 @gpu
-@pytest.mark.parametrize("batch", [1, 2])
-def test_model_takes_the_fused_path_and_equals_the_forward(batch):
+def test_rows_kernel_is_deterministic_rows_independent_and_near_the_cluster_kernel():
+    """Same inputs, bit-identical outputs; rows split over tiles at other positions give the same bits; the
+    cluster kernel (another summation order) agrees to rounding."""
+    m = make_model(n_layer=2, seed=6, device="cuda")
+    W = packed(m, torch.bfloat16)
+    ids = torch.randint(0, 256, (21,), device="cuda", generator=torch.Generator("cuda").manual_seed(8))
+    runs = []
+    for rows, kernel in ((range(21), "rows"), (range(21), "rows"), (range(5), "rows"), (range(5, 21), "rows"),
+                         (range(21), "cluster")):
+        rows = list(rows)
+        c = random_states(m, 21, "cuda", seed=9)
+        conv = [s.conv[rows].contiguous() for s in c.layers]
+        ssm = [s.ssm[rows].contiguous() for s in c.layers]
+        runs.append((fused_step_fn(ids[rows], W, conv, ssm, kernel=kernel).clone(), torch.cat(ssm), torch.cat(conv)))
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))
+    assert torch.equal(runs[0][0], torch.cat([runs[2][0], runs[3][0]]))
+    assert rel(runs[0][0], runs[4][0]) < 1e-2 and rel(runs[0][1], runs[4][1]) < 1e-2
+    assert rel(runs[0][2], runs[4][2]) < 1e-2
+
+
+@gpu
+@pytest.mark.parametrize("batch", [1, 2, 20])
+def test_model_takes_the_fused_path_and_equals_the_forward(batch, monkeypatch):
     """Prefill + teacher-forced steps under bf16 autocast against the float32 parallel forward: the fused
     step's error at most about twice the small-batch GEMV / cuBLAS path's."""
+    monkeypatch.setenv("BYTEMAMBA_FUSED_ROWS_FROM", "8")
+    path = "fused-rows" if batch > 8 else "fused"
     m = make_model(n_layer=3, seed=11, device="cuda", backend="cuda")
     g = torch.Generator("cuda").manual_seed(batch)
     prompt = torch.randint(0, 256, (batch, 33), device="cuda", generator=g)
@@ -178,17 +238,16 @@ def test_model_takes_the_fused_path_and_equals_the_forward(batch):
     with torch.no_grad():
         want = m(torch.cat([prompt, ids], 1))[:, prompt.shape[1] - 1:-1].float()
     outs = {}
-    for name, fmax in (("fused", 8), ("unfused", 0)):
+    for name, fmax in (("fused", 1 << 20), ("unfused", 0)):
         m.fused_max_batch = fmax
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
             logits, cache = m.prefill(prompt)
             steps = [logits]
             for t in range(ids.shape[1] - 1):
                 steps.append(m.step(ids[:, t], cache))
-                assert (m.last_step_path == "fused") == bool(fmax)
+                assert (m.last_step_path == path) == bool(fmax)
         outs[name] = torch.stack(steps, 1).float()
     assert rel(outs["fused"], want) <= 2 * rel(outs["unfused"], want) + 1e-3
-    m.fused_max_batch = 8
 
 
 @gpu
@@ -199,4 +258,17 @@ def test_graphs_give_the_same_symbols_as_no_graphs():
     a, la = generate(m, prompt, 40, s, seed=11, autocast=True, graphs=False)
     assert m.last_step_path == "fused"
     b, lb = generate(m, prompt, 40, s, seed=11, autocast=True, graphs=True)
+    assert torch.equal(a, b) and torch.equal(la, lb)
+
+
+@gpu
+def test_rows_kernel_graphs_give_the_same_symbols_as_no_graphs(monkeypatch):
+    monkeypatch.setenv("BYTEMAMBA_FUSED_ROWS_FROM", "0")
+    m = make_model(n_layer=2, seed=3, device="cuda", backend="cuda")
+    m.fused_max_batch = 1 << 20
+    prompt = torch.randint(0, 256, (18, 17), device="cuda", generator=torch.Generator("cuda").manual_seed(4))
+    s = Sampling(temperature=1.0)
+    a, la = generate(m, prompt, 30, s, seed=11, autocast=True, graphs=False)
+    assert m.last_step_path == "fused-rows"
+    b, lb = generate(m, prompt, 30, s, seed=11, autocast=True, graphs=True)
     assert torch.equal(a, b) and torch.equal(la, lb)

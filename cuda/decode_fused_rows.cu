@@ -1,0 +1,571 @@
+// decode_fused_rows.cu -- one whole decoding step of a small ByteMambaLM for MANY batch rows (embedding, every
+// layer, final norm, head) as ONE kernel launch: a thread-block cluster of 8 CTAs carries a tile of 16 batch
+// rows, the projections run on tensor cores (mma.sync m16n8k16, bf16/fp16 in, fp32 accumulate; the rows are
+// the mma n dimension, so every weight read from shared memory serves 16 rows). For bytemamba.
+//
+// What it computes: the same as cuda/decode_fused.cu (the batch-1 cluster kernel; PyTorch reference
+// fused_step_ref in bytemamba/ops/fused_step.py), with the same roundings to in_t (-DIN_DTYPE: 1 bfloat16,
+// 2 float16) where autocast stores: the normed residual, xz, the conv output, x_proj's output, y, out_proj's
+// output, the logits. Only the summation order differs (tensor-core dot products).
+//
+// Shapes (compile time): d_model DM 256, d_inner EI 512, d_state NS 16, dt_rank RK 16, d_conv 4, vocab NV 256,
+// any number of layers L >= 1, any batch (tiles of ROWS = 16 rows, the last one partial).
+//   Weights pre-packed per layer and per CTA by bytemamba/ops/fused_step.py (pack_rows): the A operands of the
+//   mma in fragment order (16 bytes per lane per 16x16 tile, tiles (m, k) row-major), so one bulk copy brings a
+//   CTA's slice of a layer into shared memory:
+//   Wi_p (L, 8, 128*256) in_t: CTA c's in_proj rows [x channels 64c..64c+63 | z channels 512+64c..]
+//   Wx_p (L, 8, 48*64)   in_t: x_proj's columns 64c..64c+63;  Wo_p (L, 8, 256*64) in_t: out_proj's columns
+//   K_p  (L, 8, K_EL)    f32: W_dt^T (16 x 64), A (64 x 16), conv_w (64 x 4), conv_b, dt_bias, D (64 each),
+//                             the layer's norm weight (256)
+//   head_p (8, 32*256)   in_t: head rows 32c..32c+31;  normf (DM) f32: the final norm weight
+//   state_ptrs (2L) int64: each layer's conv state (B, EI, 3) and SSM state (B, EI, NS), float32, in place.
+//
+// How it is launched: grid 8 * ceil(B / 16) CTAs of 512 threads, cluster dims (8,1,1) compiled in, SMEM_BYTES
+// (~212 KB, fused_rows_smem() reports it) of dynamic shared memory: one CTA per SM. Cluster t computes rows
+// 16t..16t+15. CTA c owns channels [64c, 64c+64) (in_proj x/z rows, conv and SSM state, x_proj and out_proj
+// partial sums over them) and residual columns [32c, 32c+32) (out_proj's output, the residual add). Per layer:
+//   N  RMSNorm of the 16 rows (every CTA holds the full residual), h -> shared memory (bf16)
+//   I  in_proj: 128 x 256 x 16 on tensor cores (a warp per 16-row m-tile and 8-row n-tile)
+//   C  conv step + SiLU (conv state in registers, loaded a layer ahead)
+//   X  x_proj partial sums (48 x 64 x 16), sent to all 8 CTAs (st.async, 16-byte messages, mbarrier)
+//   D  dt = softplus(W_dt dt_low + b) per (row, channel); state update, y = <s, C> + D x, gate by silu(z):
+//      the fp32 SSM states (16 rows x 64 channels x 16 = 64 KB a CTA) sit in registers, loaded from HBM a
+//      whole layer ahead and written back right after the update
+//   O  out_proj partial sums (256 x 64 x 16): the 32 columns CTA j owns go to CTA j (reduce-scatter)
+//   R  the owner sums the 8 partials, adds them to the residual and sends its 32 columns to all 8 CTAs
+// Each CTA's weight slice of layer l+1 (in_proj 64 KB, x_proj 6 KB, out_proj 32 KB, the fp32 constants 11 KB,
+// double-buffered) is brought by bulk copies (cp.async.bulk, copy engine, mbarrier) right after layer l used it.
+// 3 exchanges a layer, no cluster-wide barrier after the start.
+
+#if IN_DTYPE == 2
+#include <cuda_fp16.h>
+typedef __half in_t;
+__device__ __forceinline__ float to_f(in_t v) { return __half2float(v); }
+__device__ __forceinline__ in_t from_f(float v) { return __float2half(v); }
+#define MMA_TYPE "f16"
+#else
+#include <cuda_bf16.h>
+typedef __nv_bfloat16 in_t;
+__device__ __forceinline__ float to_f(in_t v) { return __bfloat162float(v); }
+__device__ __forceinline__ in_t from_f(float v) { return __float2bfloat16(v); }
+#define MMA_TYPE "bf16"
+#endif
+
+#define ROWS 16                 // batch rows per cluster (two mma n-tiles)
+#define NCTA 8
+#define NTHR 512
+#define DM 256
+#define EI 512
+#define EC (EI / NCTA)          // channels per CTA: 64
+#define NS 16
+#define RK 16
+#define NX (RK + 2 * NS)        // x_proj rows: 48
+#define NV 256
+#define KC 4
+#define OC (DM / NCTA)          // residual columns owned per CTA: 32
+#define VC (NV / NCTA)          // head rows per CTA: 32
+
+// packed sizes per (layer, CTA), elements
+#define WI_EL (2 * EC * DM)
+#define WX_EL (NX * EC)
+#define WO_EL (DM * EC)
+#define HD_EL (VC * DM)
+// the fp32 constants of a (layer, CTA), offsets in floats
+#define K_WDT 0                 // [RK][EC] (transposed: lane = channel reads consecutive words)
+#define K_A (K_WDT + RK * EC)   // [EC][NS]
+#define K_CW (K_A + EC * NS)    // [EC][KC]
+#define K_CB (K_CW + EC * KC)
+#define K_DTB (K_CB + EC)
+#define K_D (K_DTB + EC)
+#define K_NW (K_D + EC)         // [DM]
+#define K_EL (K_NW + DM)        // 2752
+
+// dynamic shared memory layout, bytes (all offsets multiples of 16)
+#define HP 264                  // h row pitch (in_t): 528 bytes, conflict-free B-fragment loads
+#define XZP 132                 // xz row pitch (float)
+#define XCP 72                  // xc / y row pitch (in_t)
+#define DBP 52                  // dbl row pitch (float): dt_low 0..15, B 16..31, C 32..47
+#define S_WI 0
+#define S_WO (S_WI + WI_EL * 2)
+#define S_WX (S_WO + WO_EL * 2)
+#define S_K (S_WX + WX_EL * 2)
+#define S_RES (S_K + 2 * K_EL * 4)
+#define S_OR (S_RES + ROWS * DM * 4)
+#define S_XR (S_OR + NCTA * OC * ROWS * 4)
+#define S_H (S_XR + NCTA * NX * ROWS * 4)
+#define S_XZ (S_H + ROWS * HP * 2)
+#define S_XC (S_XZ + ROWS * XZP * 4)
+#define S_Y (S_XC + ROWS * XCP * 2)
+#define S_DT (S_Y + ROWS * XCP * 2)
+#define S_DX (S_DT + ROWS * EC * 4)
+#define S_DBL (S_DX + ROWS * EC * 4)
+#define S_BAR (S_DBL + ROWS * DBP * 4)
+#define SMEM_BYTES (S_BAR + 8 * 8)
+
+// bytes each exchange brings into a CTA
+#define X_BYTES (NCTA * NX * ROWS * 4)
+#define O_BYTES (NCTA * OC * ROWS * 4)
+#define R_BYTES (NCTA * OC * ROWS * 4)
+
+extern "C" __global__ void fused_rows_smem(int* out) { out[0] = SMEM_BYTES; }
+
+// Benchmark knobs (off by default): NO_STATE_IO 1 skips the SSM states' loads and stores (the state starts at
+// zero every layer: wrong results, the HBM traffic's share of the time); PROFILE 1 adds clock64() deltas of
+// thread 0 of CTA 0 of cluster 0 per phase (N I C X-send X-wait D1 D2 O R head) into rows_prof, read and
+// zeroed by fused_rows_prof.
+#ifndef NO_STATE_IO
+#define NO_STATE_IO 0
+#endif
+#ifndef PROFILE
+#define PROFILE 0
+#endif
+__device__ long long rows_prof[16];
+extern "C" __global__ void fused_rows_prof(long long* out) {
+    if (threadIdx.x < 16) {
+        out[threadIdx.x] = rows_prof[threadIdx.x];
+        rows_prof[threadIdx.x] = 0;
+    }
+}
+
+// Thread-block clusters, bulk copies and st.async need sm_90: for older targets the step kernel compiles to
+// nothing (the Python side refuses such devices).
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+
+static_assert(S_BAR % 16 == 0 && S_WO % 16 == 0 && S_K % 16 == 0 && S_H % 16 == 0, "16-byte aligned regions");
+static_assert(SMEM_BYTES <= 227 * 1024, "fits an SM");
+static_assert(NTHR == 8 * EC && NTHR == ROWS * 32, "mappings: 8 threads per channel; one warp per row");
+static_assert(EC == 64 && OC == 32 && VC == 32 && NX == 48, "tile counts below");
+
+__device__ __forceinline__ float rnd(float v) { return to_f(from_f(v)); }
+__device__ __forceinline__ float silu_f(float v) { return v / (1.f + __expf(-v)); }
+
+__device__ __forceinline__ unsigned sm_addr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ unsigned cluster_rank() {
+    unsigned r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+    return r;
+}
+__device__ __forceinline__ unsigned cluster_id() {
+    unsigned r;
+    asm volatile("mov.u32 %0, %%clusterid.x;" : "=r"(r));
+    return r;
+}
+__device__ __forceinline__ unsigned remote(const void* p, unsigned rank) {   // p's address in CTA `rank`
+    unsigned r;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(sm_addr(p)), "r"(rank));
+    return r;
+}
+__device__ __forceinline__ void mbar_init(unsigned long long* bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(sm_addr(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect(unsigned long long* bar, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(sm_addr(bar)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(unsigned long long* bar, unsigned parity) {
+    asm volatile("{\n\t.reg .pred p;\n"
+                 "WAIT_%=:\n\t"
+                 "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n\t"
+                 "@!p bra WAIT_%=;\n}" ::"r"(sm_addr(bar)), "r"(parity) : "memory");
+}
+// 16 bytes into CTA `rank`'s copy of dst, credited to that CTA's copy of bar
+__device__ __forceinline__ void send4(const float* dst, unsigned rank, float4 v, unsigned long long* bar) {
+    asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, [%5];"
+                 ::"r"(remote(dst, rank)), "r"(__float_as_uint(v.x)), "r"(__float_as_uint(v.y)),
+                 "r"(__float_as_uint(v.z)), "r"(__float_as_uint(v.w)), "r"(remote(bar, rank)) : "memory");
+}
+// bulk copy global -> this CTA's shared memory (copy engine), crediting bar; bar armed with the byte count first
+__device__ __forceinline__ void load_bulk(void* dst, const void* src, unsigned bytes, unsigned long long* bar) {
+    mbar_expect(bar, bytes);
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                 ::"r"(sm_addr(dst)), "l"(src), "r"(bytes), "r"(sm_addr(bar)) : "memory");
+}
+// acc += A (16x16, fragment a) * B (16x8, fragment b0 b1)
+__device__ __forceinline__ void mma16816(float* acc, const uint4& a, unsigned b0, unsigned b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." MMA_TYPE "." MMA_TYPE ".f32 "
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+                 : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
+                 : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ unsigned lds32(const in_t* p) { return *reinterpret_cast<const unsigned*>(p); }
+// the C fragment (rows g, g+8; columns 2t, 2t+1) regrouped into one 4-column message per lane: even t lanes
+// get row g, columns 2t..2t+3; odd t lanes row g+8, columns 2t-2..2t+1 (one exchange with lane ^ 1)
+__device__ __forceinline__ float4 regroup(const float* c, int t) {
+    const float p0 = __shfl_xor_sync(0xffffffffu, c[0], 1), p1 = __shfl_xor_sync(0xffffffffu, c[1], 1);
+    const float p2 = __shfl_xor_sync(0xffffffffu, c[2], 1), p3 = __shfl_xor_sync(0xffffffffu, c[3], 1);
+    return (t & 1) ? make_float4(p2, p3, c[2], c[3]) : make_float4(c[0], c[1], p0, p1);
+}
+
+extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 1) fused_step_rows(
+    const long long* __restrict__ ids, const float* __restrict__ emb, const in_t* __restrict__ head_p,
+    const float* __restrict__ normf, float eps, const in_t* __restrict__ Wi_p, const in_t* __restrict__ Wx_p,
+    const in_t* __restrict__ Wo_p, const float* __restrict__ K_p, const long long* __restrict__ state_ptrs,
+    int L, int batch, float* __restrict__ logits)
+{
+    extern __shared__ __align__(16) unsigned char smem[];
+    in_t* wi_s = reinterpret_cast<in_t*>(smem + S_WI);          // in_proj fragments (the head's at l = L)
+    in_t* wo_s = reinterpret_cast<in_t*>(smem + S_WO);
+    in_t* wx_s = reinterpret_cast<in_t*>(smem + S_WX);
+    float* k_s = reinterpret_cast<float*>(smem + S_K);           // [2][K_EL]
+    float* res_s = reinterpret_cast<float*>(smem + S_RES);       // [ROWS][DM] the residual (all CTAs alike)
+    float* or_s = reinterpret_cast<float*>(smem + S_OR);         // [src][OC][ROWS] out_proj partials
+    float* xr_s = reinterpret_cast<float*>(smem + S_XR);         // [src][NX][ROWS] x_proj partials
+    in_t* h_s = reinterpret_cast<in_t*>(smem + S_H);             // [ROWS][HP]
+    float* xz_s = reinterpret_cast<float*>(smem + S_XZ);         // [ROWS][XZP]: x 0..63, z 64..127
+    in_t* xc_s = reinterpret_cast<in_t*>(smem + S_XC);           // [ROWS][XCP]
+    in_t* y_s = reinterpret_cast<in_t*>(smem + S_Y);             // [ROWS][XCP]
+    float* dt_s = reinterpret_cast<float*>(smem + S_DT);         // [ROWS][EC]
+    float* dx_s = reinterpret_cast<float*>(smem + S_DX);         // [ROWS][EC]
+    float* dbl_s = reinterpret_cast<float*>(smem + S_DBL);       // [ROWS][DBP]
+    unsigned long long* bars = reinterpret_cast<unsigned long long*>(smem + S_BAR);
+    unsigned long long* bar_x = bars + 0;   // x_proj partials arrived
+    unsigned long long* bar_o = bars + 1;   // out_proj partials arrived
+    unsigned long long* bar_r = bars + 2;   // residual columns arrived
+    unsigned long long* bar_wi = bars + 3;  // weight slices arrived (bulk copies)
+    unsigned long long* bar_wx = bars + 4;
+    unsigned long long* bar_wo = bars + 5;
+    unsigned long long* bar_k = bars + 6;   // [2]
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    const unsigned c = cluster_rank();
+    const int b0 = (int)cluster_id() * ROWS;
+    if (b0 >= batch) return;                     // (whole clusters)
+    const int nrows = min(ROWS, batch - b0);
+    const int ch0 = (int)c * EC;
+    // mapping T (conv, dt): channel tch, rows tr and tr + 8
+    const int tch = tid & (EC - 1), tr = tid >> 6;
+    // mapping S (state update): rows 8 rh .. 8 rh + 7, channel sch, states 4q .. 4q + 3
+    const int rh = tid >> 8, sch = (tid >> 2) & (EC - 1), q = tid & 3;
+
+    auto wi_src = [&](int l) { return Wi_p + ((long long)l * NCTA + c) * WI_EL; };
+    auto wx_src = [&](int l) { return Wx_p + ((long long)l * NCTA + c) * WX_EL; };
+    auto wo_src = [&](int l) { return Wo_p + ((long long)l * NCTA + c) * WO_EL; };
+    auto k_src = [&](int l) { return K_p + ((long long)l * NCTA + c) * K_EL; };
+
+    if (tid == 0) {
+        for (int i = 0; i < 8; ++i) mbar_init(bars + i, 1);
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        mbar_expect(bar_x, X_BYTES);
+        mbar_expect(bar_o, O_BYTES);
+        mbar_expect(bar_r, R_BYTES);
+        load_bulk(wi_s, wi_src(0), WI_EL * 2, bar_wi);
+        load_bulk(wx_s, wx_src(0), WX_EL * 2, bar_wx);
+        load_bulk(wo_s, wo_src(0), WO_EL * 2, bar_wo);
+        load_bulk(k_s, k_src(0), K_EL * 4, bar_k);
+        if (L > 1) load_bulk(k_s + K_EL, k_src(1), K_EL * 4, bar_k + 1);
+    }
+    __syncthreads();
+    // every CTA of the cluster has set up its barriers before any DSMEM store: the wait is at X of layer 0
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" :::);
+
+    // states of layer 0 (registers), the embedding rows
+    float4 st[8];
+    float cs[2][KC - 1];
+    auto fetch_ssm = [&](int l) {
+        const float* base = reinterpret_cast<const float*>(state_ptrs[L + l]);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const int r = 8 * rh + j;
+            st[j] = r < nrows && !NO_STATE_IO ? *reinterpret_cast<const float4*>(base + ((long long)(b0 + r) * EI + ch0 + sch) * NS + 4 * q)
+                              : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+    };
+    auto fetch_conv = [&](int l) {
+        const float* base = reinterpret_cast<const float*>(state_ptrs[l]);
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const int r = tr + 8 * i;
+#pragma unroll
+            for (int p = 0; p < KC - 1; ++p)
+                cs[i][p] = r < nrows ? base[((long long)(b0 + r) * EI + ch0 + tch) * (KC - 1) + p] : 0.f;
+        }
+    };
+    fetch_ssm(0);
+    fetch_conv(0);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const int idx = tid + NTHR * i, r = idx >> 6, col = (idx & 63) * 4;
+        float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (r < nrows) v = __ldg(reinterpret_cast<const float4*>(emb + ids[b0 + r] * DM + col));
+        *reinterpret_cast<float4*>(&res_s[r * DM + col]) = v;
+    }
+    __syncthreads();
+
+#if PROFILE
+    const bool prof = tid == 0 && c == 0 && b0 == 0;
+    long long plast = clock64();
+#define STAMP(i)                                                    \
+    if (prof) {                                                     \
+        const long long now = clock64();                            \
+        atomicAdd(reinterpret_cast<unsigned long long*>(&rows_prof[i]), (unsigned long long)(now - plast)); \
+        plast = now;                                                \
+    }
+#else
+#define STAMP(i)
+#endif
+    for (int l = 0; l <= L; ++l) {
+        const float* kl = k_s + (l & 1) * K_EL;
+        // (N) RMSNorm: warp w normalises row w; h -> shared memory as in_t
+        if (l > 0) {
+            mbar_wait(bar_r, (l - 1) & 1);
+            if (tid == 0 && l < L) mbar_expect(bar_r, R_BYTES);     // arm the next layer's exchange
+        }
+        if (l < L) mbar_wait(bar_k + (l & 1), (l >> 1) & 1);
+        {
+            const float4 r0 = *reinterpret_cast<const float4*>(&res_s[warp * DM + lane * 8]);
+            const float4 r1 = *reinterpret_cast<const float4*>(&res_s[warp * DM + lane * 8 + 4]);
+            const float rv[8] = {r0.x, r0.y, r0.z, r0.w, r1.x, r1.y, r1.z, r1.w};
+            float ss = 0.f;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) ss = fmaf(rv[i], rv[i], ss);
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+            const float inv = rsqrtf(ss / (float)DM + eps);
+            float4 n0, n1;
+            if (l < L) {
+                n0 = *reinterpret_cast<const float4*>(&kl[K_NW + lane * 8]);
+                n1 = *reinterpret_cast<const float4*>(&kl[K_NW + lane * 8 + 4]);
+            } else {
+                n0 = __ldg(reinterpret_cast<const float4*>(normf + lane * 8));
+                n1 = __ldg(reinterpret_cast<const float4*>(normf + lane * 8 + 4));
+            }
+            const float nw[8] = {n0.x, n0.y, n0.z, n0.w, n1.x, n1.y, n1.z, n1.w};
+            __align__(16) in_t hv[8];
+#pragma unroll
+            for (int i = 0; i < 8; ++i) hv[i] = from_f(rv[i] * inv * nw[i]);
+            *reinterpret_cast<uint4*>(&h_s[warp * HP + lane * 8]) = *reinterpret_cast<const uint4*>(hv);
+        }
+        __syncthreads();
+        STAMP(0);
+
+        if (l == L) {
+            // final norm + head: CTA c's 32 vocabulary rows, 2 m-tiles x 2 n-tiles, one warp each
+            mbar_wait(bar_wi, L & 1);
+            if (warp < 4) {
+                const int mt = warp & 1, nt = warp >> 1;
+                float acc[2][4] = {};
+                const uint4* wf = reinterpret_cast<const uint4*>(wi_s) + mt * 16 * 32 + lane;
+                const in_t* hb = h_s + (nt * 8 + g) * HP + 2 * t;
+#pragma unroll
+                for (int kt = 0; kt < 16; ++kt)
+                    mma16816(acc[kt & 1], wf[kt * 32], lds32(hb + kt * 16), lds32(hb + kt * 16 + 8));
+                const int n = nt * 8 + 2 * t, m = c * VC + mt * 16 + g;
+                const float v[4] = {acc[0][0] + acc[1][0], acc[0][1] + acc[1][1], acc[0][2] + acc[1][2],
+                                    acc[0][3] + acc[1][3]};
+                if (n < nrows) {
+                    logits[(long long)(b0 + n) * NV + m] = rnd(v[0]);
+                    logits[(long long)(b0 + n) * NV + m + 8] = rnd(v[2]);
+                }
+                if (n + 1 < nrows) {
+                    logits[(long long)(b0 + n + 1) * NV + m] = rnd(v[1]);
+                    logits[(long long)(b0 + n + 1) * NV + m + 8] = rnd(v[3]);
+                }
+            }
+            STAMP(9);
+            break;
+        }
+
+        // (I) in_proj: warp (m-tile warp & 7 of the CTA's 128 xz rows, n-tile warp >> 3), K = 256
+        mbar_wait(bar_wi, l & 1);
+        {
+            const int mt = warp & 7, nt = warp >> 3;
+            float acc[2][4] = {};
+            const uint4* wf = reinterpret_cast<const uint4*>(wi_s) + mt * 16 * 32 + lane;
+            const in_t* hb = h_s + (nt * 8 + g) * HP + 2 * t;
+#pragma unroll
+            for (int kt = 0; kt < 16; ++kt)
+                mma16816(acc[kt & 1], wf[kt * 32], lds32(hb + kt * 16), lds32(hb + kt * 16 + 8));
+            const int n = nt * 8 + 2 * t, m = mt * 16 + g;
+            xz_s[n * XZP + m] = rnd(acc[0][0] + acc[1][0]);
+            xz_s[(n + 1) * XZP + m] = rnd(acc[0][1] + acc[1][1]);
+            xz_s[n * XZP + m + 8] = rnd(acc[0][2] + acc[1][2]);
+            xz_s[(n + 1) * XZP + m + 8] = rnd(acc[0][3] + acc[1][3]);
+        }
+        __syncthreads();
+        STAMP(1);
+        if (tid == 0) {                          // the next in_proj slice (or the head's) into the free buffer
+            if (l + 1 < L) load_bulk(wi_s, wi_src(l + 1), WI_EL * 2, bar_wi);
+            else load_bulk(wi_s, head_p + (long long)c * HD_EL, HD_EL * 2, bar_wi);
+        }
+
+        // (C) conv step + SiLU, mapping T; the window shifted into the conv state (global)
+        {
+            const float4 w = *reinterpret_cast<const float4*>(&kl[K_CW + tch * KC]);
+            const float cb = kl[K_CB + tch];
+            float* base = reinterpret_cast<float*>(state_ptrs[l]);
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                const int r = tr + 8 * i;
+                const float x = xz_s[r * XZP + tch];
+                float a = cs[i][0] * w.x;
+                a = fmaf(cs[i][1], w.y, a);
+                a = fmaf(cs[i][2], w.z, a);
+                a = fmaf(x, w.w, a);
+                if (r < nrows) {
+                    float* p = base + ((long long)(b0 + r) * EI + ch0 + tch) * (KC - 1);
+                    p[0] = cs[i][1];
+                    p[1] = cs[i][2];
+                    p[2] = x;
+                }
+                xc_s[r * XCP + tch] = from_f(silu_f(a + cb));
+            }
+            if (l + 1 < L) fetch_conv(l + 1);
+        }
+        __syncthreads();
+        STAMP(2);
+
+        // (X) x_proj partial sums over this CTA's channels (48 x 64 x 16): warps 0..5, sent to all 8 CTAs
+        if (l == 0) asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");   // the start barrier
+        if (warp < 6) {
+            mbar_wait(bar_wx, l & 1);
+            const int mt = warp % 3, nt = warp / 3;
+            float acc[4] = {};
+            const uint4* wf = reinterpret_cast<const uint4*>(wx_s) + mt * 4 * 32 + lane;
+            const in_t* xb = xc_s + (nt * 8 + g) * XCP + 2 * t;
+#pragma unroll
+            for (int kt = 0; kt < 4; ++kt) mma16816(acc, wf[kt * 32], lds32(xb + kt * 16), lds32(xb + kt * 16 + 8));
+            const float4 msg = regroup(acc, t);
+            const int m = mt * 16 + g + ((t & 1) ? 8 : 0), n0 = nt * 8 + 2 * (t & 2);
+            const float* dst = &xr_s[(c * NX + m) * ROWS + n0];
+#pragma unroll
+            for (int d = 0; d < NCTA; ++d) send4(dst, d, msg, bar_x);
+        }
+        STAMP(3);
+        // dbl = the sum of the 8 partials (fixed order), rounded: warps 0..11, 2 values each
+        if (tid < NX * ROWS / 2) {
+            mbar_wait(bar_x, l & 1);
+            if (tid == 0) mbar_expect(bar_x, X_BYTES);               // arm the next layer's exchange
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                const int idx = tid + i * (NX * ROWS / 2), m = idx >> 4, n = idx & 15;
+                float s = 0.f;
+#pragma unroll
+                for (int d = 0; d < NCTA; ++d) s += xr_s[(d * NX + m) * ROWS + n];
+                dbl_s[n * DBP + m] = rnd(s);
+            }
+        }
+        __syncthreads();
+        STAMP(4);
+        if (tid == 0 && l + 1 < L) load_bulk(wx_s, wx_src(l + 1), WX_EL * 2, bar_wx);
+
+        // (D1) dt = softplus(W_dt dt_low + dt_bias), dt * x: mapping T
+        {
+            float wdt[RK];
+#pragma unroll
+            for (int k = 0; k < RK; ++k) wdt[k] = kl[K_WDT + k * EC + tch];
+            const float dtb = kl[K_DTB + tch];
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                const int r = tr + 8 * i;
+                float d = 0.f;
+#pragma unroll
+                for (int k4 = 0; k4 < RK / 4; ++k4) {
+                    const float4 dl = *reinterpret_cast<const float4*>(&dbl_s[r * DBP + 4 * k4]);
+                    d = fmaf(wdt[4 * k4], dl.x, d);
+                    d = fmaf(wdt[4 * k4 + 1], dl.y, d);
+                    d = fmaf(wdt[4 * k4 + 2], dl.z, d);
+                    d = fmaf(wdt[4 * k4 + 3], dl.w, d);
+                }
+                d += dtb;
+                d = d <= 20.f ? log1pf(__expf(d)) : d;       // softplus, PyTorch's threshold
+                dt_s[r * EC + tch] = d;
+                dx_s[r * EC + tch] = d * to_f(xc_s[r * XCP + tch]);
+            }
+        }
+        __syncthreads();
+        STAMP(5);
+
+        // (D2) state update, mapping S: rows 8 rh + j, channel sch, states 4q..4q+3 (registers), then
+        // y = <s, C> + D x (4 lanes reduced transposed: lane q ends with rows 2q, 2q+1), gated by silu(z)
+        {
+            const float4 a4 = *reinterpret_cast<const float4*>(&kl[K_A + sch * NS + 4 * q]);
+            float* base = reinterpret_cast<float*>(state_ptrs[L + l]);
+            float yp[8];
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                const int r = 8 * rh + j;
+                const float d = dt_s[r * EC + sch], dx = dx_s[r * EC + sch];
+                const float4 Bv = *reinterpret_cast<const float4*>(&dbl_s[r * DBP + RK + 4 * q]);
+                const float4 Cv = *reinterpret_cast<const float4*>(&dbl_s[r * DBP + RK + NS + 4 * q]);
+                float4 s = st[j];
+                s.x = fmaf(__expf(d * a4.x), s.x, dx * Bv.x);
+                s.y = fmaf(__expf(d * a4.y), s.y, dx * Bv.y);
+                s.z = fmaf(__expf(d * a4.z), s.z, dx * Bv.z);
+                s.w = fmaf(__expf(d * a4.w), s.w, dx * Bv.w);
+                if (r < nrows && !NO_STATE_IO)
+                    *reinterpret_cast<float4*>(base + ((long long)(b0 + r) * EI + ch0 + sch) * NS + 4 * q) = s;
+                float y = s.x * Cv.x;
+                y = fmaf(s.y, Cv.y, y);
+                y = fmaf(s.z, Cv.z, y);
+                yp[j] = fmaf(s.w, Cv.w, y);
+            }
+            if (l + 1 < L) fetch_ssm(l + 1);         // the next layer's states, a whole layer ahead
+            float v4[4], v2[2];
+            const bool h2 = q & 2, h1 = q & 1;
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+                v4[i] = (h2 ? yp[i + 4] : yp[i]) + __shfl_xor_sync(0xffffffffu, h2 ? yp[i] : yp[i + 4], 2);
+#pragma unroll
+            for (int i = 0; i < 2; ++i)
+                v2[i] = (h1 ? v4[i + 2] : v4[i]) + __shfl_xor_sync(0xffffffffu, h1 ? v4[i] : v4[i + 2], 1);
+            const float Dd = kl[K_D + sch];
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                const int r = 8 * rh + 2 * q + i;
+                const float xv = to_f(xc_s[r * XCP + sch]);
+                y_s[r * XCP + sch] = from_f((v2[i] + Dd * xv) * silu_f(xz_s[r * XZP + EC + sch]));
+            }
+        }
+        __syncthreads();
+        STAMP(6);
+        if (tid == 0 && l + 2 < L) load_bulk(k_s + (l & 1) * K_EL, k_src(l + 2), K_EL * 4, bar_k + (l & 1));
+
+        // (O) out_proj partial sums over this CTA's channels: warp w = m-tile (residual columns 16w..16w+15,
+        // owned by CTA w >> 1), both n-tiles; sent to the owner
+        mbar_wait(bar_wo, l & 1);
+        {
+            const uint4* wf = reinterpret_cast<const uint4*>(wo_s) + warp * 4 * 32 + lane;
+            uint4 a[4];
+#pragma unroll
+            for (int kt = 0; kt < 4; ++kt) a[kt] = wf[kt * 32];
+            const unsigned owner = warp >> 1;
+            const int m = (warp & 1) * 16 + g + ((t & 1) ? 8 : 0);
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt) {
+                float acc[4] = {};
+                const in_t* yb = y_s + (nt * 8 + g) * XCP + 2 * t;
+#pragma unroll
+                for (int kt = 0; kt < 4; ++kt) mma16816(acc, a[kt], lds32(yb + kt * 16), lds32(yb + kt * 16 + 8));
+                const float4 msg = regroup(acc, t);
+                send4(&or_s[(c * OC + m) * ROWS + nt * 8 + 2 * (t & 2)], owner, msg, bar_o);
+            }
+        }
+        __syncthreads();
+        STAMP(7);
+        if (tid == 0 && l + 1 < L) load_bulk(wo_s, wo_src(l + 1), WO_EL * 2, bar_wo);
+
+        // (R) the owner: residual columns 32c + 4mq .. +3 of row n += rounded sum of the 8 partials (fixed
+        // order); the new values to every CTA
+        if (tid < ROWS * OC / 4) {
+            mbar_wait(bar_o, l & 1);
+            if (tid == 0) mbar_expect(bar_o, O_BYTES);               // arm the next layer's exchange
+            const int n = tid & 15, mq = tid >> 4;
+            float o[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                float s = 0.f;
+#pragma unroll
+                for (int d = 0; d < NCTA; ++d) s += or_s[(d * OC + 4 * mq + i) * ROWS + n];
+                o[i] = rnd(s);
+            }
+            float* dst = &res_s[n * DM + c * OC + 4 * mq];
+            float4 v = *reinterpret_cast<const float4*>(dst);
+            v.x += o[0]; v.y += o[1]; v.z += o[2]; v.w += o[3];
+#pragma unroll
+            for (int d = 0; d < NCTA; ++d) send4(dst, d, v, bar_r);
+        }
+        STAMP(8);
+    }
+}
+
+#endif  // sm_90+
