@@ -22,14 +22,16 @@
 //   16) BEFORE griddepcontrol.wait, so with programmatic dependent launch they stream while the previous kernel
 //   drains; (2) the CTA stages its batch tile of the input slice, BN x kK in_t, in shared memory (NORM:
 //   normalised from the float32 residual; else cp.async); (3) mma from registers (A) and shared memory (B);
-//   (4) the warps' float32 tiles meet in shared memory (summed over WK), then each CTA of the cluster sums
-//   MT / S of the tile's rows over the S CTAs (distributed shared memory, fixed order: deterministic) and
-//   runs the epilogue on them.
+//   (4) each CTA of the cluster owns R = MT / S of the tile's output rows: every warp pushes its float32
+//   fragments into the owner's shared memory (remote stores, -DEPI=1, default; EPI 0: the tiles meet in the
+//   CTA's own memory and the owners load them remotely), then the owner sums its rows over the S CTAs and WK
+//   warps in a fixed order (deterministic) and runs the epilogue, EU outputs a thread with their loads in flight.
 //   k order: inside each 32-wide k block, lane (g, t) (g = lane / 4, t = lane % 4) holds the 8 contiguous
 //   elements 8t .. 8t + 7 of its two weight rows; mma k-step s of the block takes elements 8t + 4s .. 8t + 4s + 3
 //   as the fragment's k = 2t, 2t + 1, 2t + 8, 2t + 9. The B fragments (batch row g of the n-tile) take the
 //   same elements of the input row, so the product sums every k once (a permutation of k inside the block).
-//   dynamic shared memory: max(BN x ldx in_t, WM * WK * 16 * (BN + 1) float) (+ MT / S x BN float with RESID),
+//   dynamic shared memory: BN x ldx in_t + WM * WK * 16 * (BN + 1) float (EPI 0: the max of the two, aliased)
+//   (+ MT / S x BN float with RESID),
 //   ldx = kK (+ 32 when kK % 64 == 0: rows 64 bytes apart modulo 128, conflict-free 16-byte fragment loads).
 
 #if IN_DTYPE == 2
@@ -52,6 +54,10 @@ __device__ __forceinline__ in_t from_f(float v) { return __float2bfloat16(v); }
 #define BN (8 * NT)
 #define LDR (BN + 1)            // row stride of the float32 tiles in shared memory (odd: conflict-free reads)
 #define UB 8                    // 32-wide k blocks a lane holds in registers per pass (256 k)
+#define EU 4                    // epilogue outputs a thread handles at a time (their loads in flight together)
+#ifndef EPI
+#define EPI 1                   // cluster exchange: 1 push (remote stores into the owner), 0 pull (remote loads)
+#endif
 
 __device__ __forceinline__ float silu_f(float v) { return v / (1.f + __expf(-v)); }
 
@@ -141,7 +147,7 @@ __device__ __forceinline__ uint4 ldg_stream(const in_t* p) {
     return v;
 }
 
-extern "C" __global__ void __launch_bounds__(256) gemm_step(
+extern "C" __global__ void __launch_bounds__(256, 1) gemm_step(
     const in_t* __restrict__ W, const float* __restrict__ wbias, int N, int K,
     const in_t* __restrict__ x, long long xs,
     const float* __restrict__ res_in, const float* __restrict__ partial_in, int P_in,
@@ -154,7 +160,6 @@ extern "C" __global__ void __launch_bounds__(256) gemm_step(
 {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     in_t* xin = reinterpret_cast<in_t*>(smem_raw);           // (BN, ldx) input tile (k slice of this CTA)
-    float* red = reinterpret_cast<float*>(smem_raw);          // (warps, 16, LDR) after the mma (aliases xin)
     __shared__ float inv_s[BN];
     __shared__ float sq_in[8][BN];                            // RESID: the cluster's partial sums, per rank
     const int nthr = blockDim.x;
@@ -182,11 +187,27 @@ extern "C" __global__ void __launch_bounds__(256) gemm_step(
         }
     };
     load_w(0, min(UB, kw / 32));                               // weights: independent of the previous kernel
+#if EPI == 1
+    if (S > 1) cluster_arrive(false);                          // "started"; waited for before the first push
+#endif
     grid_dep_wait();
     grid_dep_launch();
 
     // ---- the input tile: rows n0 .. n0 + BN - 1, k slice kc0 .. kc0 + kK - 1 -> xin (BN, ldx) ----------
     if (flags & 1) {
+        // the residual rows: the first eight float4 a thread are loaded before the partial sums are read
+        const int q4 = kK / 4, total = BN * q4;
+        float4 v[8];
+        auto load8 = [&](int i0) {
+#pragma unroll
+            for (int u = 0; u < 8; ++u) {
+                const int i = i0 + u * nthr, r = i / q4, k = kc0 + 4 * (i - r * q4);
+                v[u] = (i < total && n0 + r < b)
+                           ? __ldg(reinterpret_cast<const float4*>(res_in + (long long)(n0 + r) * K + k))
+                           : make_float4(0.f, 0.f, 0.f, 0.f);
+            }
+        };
+        load8(threadIdx.x);
         for (int r = warp; r < BN; r += nthr / 32) {             // inv rms of row r from the partial sums
             float s = 0.f;
             if (n0 + r < b)
@@ -196,18 +217,10 @@ extern "C" __global__ void __launch_bounds__(256) gemm_step(
             if (lane == 0) inv_s[r] = rsqrtf(s / (float)K + eps);
         }
         __syncthreads();
-        const int q4 = kK / 4, total = BN * q4;
-        for (int i0 = threadIdx.x; i0 < total; i0 += 4 * nthr) {
-            float4 v[4];
+        for (int i0 = threadIdx.x; i0 < total; i0 += 8 * nthr) {
+            if (i0 != (int)threadIdx.x) load8(i0);
 #pragma unroll
-            for (int u = 0; u < 4; ++u) {                        // four loads in flight
-                const int i = i0 + u * nthr, r = i / q4, k = kc0 + 4 * (i - r * q4);
-                v[u] = (i < total && n0 + r < b)
-                           ? __ldg(reinterpret_cast<const float4*>(res_in + (long long)(n0 + r) * K + k))
-                           : make_float4(0.f, 0.f, 0.f, 0.f);
-            }
-#pragma unroll
-            for (int u = 0; u < 4; ++u) {
+            for (int u = 0; u < 8; ++u) {
                 const int i = i0 + u * nthr, r = i / q4, kl = 4 * (i - r * q4);
                 if (i < total) {
                     const float4 nv = __ldg(reinterpret_cast<const float4*>(nw + kc0 + kl));
@@ -250,7 +263,145 @@ extern "C" __global__ void __launch_bounds__(256) gemm_step(
             }
         }
     }
+#if EPI == 1
+    // ---- push: every warp's float32 fragments go to the CTA of the cluster that owns their rows (R = MT / S
+    // rows each), into its recv (S, WK, R, LDR) at [this rank][wk]: remote stores, no round trips ------------
+    const int R = MT / S;
+    float* recv = reinterpret_cast<float*>(smem_raw + (size_t)BN * ldx * sizeof(in_t));
+    {
+        const int jA = wm * 16 + g, jB = jA + 8;
+        const int oA = jA / R, oB = jB / R;
+        const size_t offA = (((size_t)rank * WK + wk) * R + (jA - oA * R)) * LDR;
+        const size_t offB = (((size_t)rank * WK + wk) * R + (jB - oB * R)) * LDR;
+        if (S > 1) {
+            cluster_wait();                                    // every CTA of the cluster has started
+            const unsigned aA = remote(recv + offA, oA), aB = remote(recv + offB, oB);
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                const unsigned c = 4u * (nt * 8 + 2 * t4);
+                st_remote(aA + c, acc[nt][0]); st_remote(aA + c + 4, acc[nt][1]);
+                st_remote(aB + c, acc[nt][2]); st_remote(aB + c + 4, acc[nt][3]);
+            }
+            cluster_arrive(true);                              // released: the owners may read them
+            cluster_wait();
+        } else {
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                const int c = nt * 8 + 2 * t4;
+                recv[offA + c] = acc[nt][0]; recv[offA + c + 1] = acc[nt][1];
+                recv[offB + c] = acc[nt][2]; recv[offB + c + 1] = acc[nt][3];
+            }
+            __syncthreads();
+        }
+    }
+
+    // ---- epilogue: this CTA's R rows x BN batch rows, EU outputs a thread at a time (loads batched) -------
+    const int cnt = R * BN, jbase = (int)rank * R;
+    float* vres = recv + (size_t)S * WK * R * LDR;            // RESID: the new residual values (cnt)
+    const bool resid = flags & 4;
+    for (int i0 = threadIdx.x; i0 < cnt; i0 += EU * nthr) {
+        float y[EU];
+        int jj[EU], nn[EU];
+        bool ok[EU];
+#pragma unroll
+        for (int u = 0; u < EU; ++u) {
+            const int i = i0 + u * nthr, jl = i % R, n = i / R;   // consecutive threads: consecutive outputs
+            float sum = 0.f;
+            if (i < cnt) {
+                const float* p = recv + (size_t)jl * LDR + n;
+                for (int q = 0; q < S * WK; ++q) sum += p[(size_t)q * R * LDR];   // ranks, then warps: fixed
+            }
+            jj[u] = blockIdx.x * MT + jbase + jl;
+            nn[u] = n0 + n;
+            ok[u] = i < cnt && jj[u] < N && nn[u] < b;
+            y[u] = sum + ((ok[u] && wbias) ? wbias[jj[u]] : 0.f);
+        }
+        if (resid) {
+            float old[EU];
+#pragma unroll
+            for (int u = 0; u < EU; ++u) old[u] = ok[u] ? res_out[(long long)nn[u] * N + jj[u]] : 0.f;
+#pragma unroll
+            for (int u = 0; u < EU; ++u)
+                if (i0 + u * nthr < cnt) vres[i0 + u * nthr] = ok[u] ? old[u] + y[u] : 0.f;
+            continue;
+        }
+        if (flags & 8) {
+#pragma unroll
+            for (int u = 0; u < EU; ++u)
+                if (ok[u]) reinterpret_cast<float*>(out)[nn[u] * os + jj[u]] = y[u];
+            continue;
+        }
+        in_t* o = reinterpret_cast<in_t*>(out);
+        if ((flags & 2) && kc <= 4) {                          // conv step, d_conv <= 4: loads batched
+            float st[EU][3], wc[EU][4], cbv[EU];
+#pragma unroll
+            for (int u = 0; u < EU; ++u) {
+                const bool cv = ok[u] && jj[u] < e;
+                const float* sp = conv_state + ((long long)nn[u] * e + jj[u]) * (kc - 1);
+#pragma unroll
+                for (int q = 0; q < 3; ++q) st[u][q] = (cv && q < kc - 1) ? sp[q] : 0.f;
+#pragma unroll
+                for (int q = 0; q < 4; ++q) wc[u][q] = (cv && q < kc) ? conv_w[(long long)jj[u] * kc + q] : 0.f;
+                cbv[u] = (cv && conv_b) ? conv_b[jj[u]] : 0.f;
+            }
+#pragma unroll
+            for (int u = 0; u < EU; ++u) {
+                if (!ok[u]) continue;
+                if (jj[u] >= e) { o[nn[u] * os + jj[u]] = from_f(y[u]); continue; }
+                const float xi = to_f(from_f(y[u]));          // the conv input as stored in the unfused path
+                float a = cbv[u];                             // conv_update's arithmetic and order
+#pragma unroll
+                for (int q = 0; q < 4; ++q) {
+                    if (q < kc - 1) a = fmaf(wc[u][q], st[u][q], a);
+                    else if (q == kc - 1) a = fmaf(wc[u][q], xi, a);
+                }
+                float* sp = conv_state + ((long long)nn[u] * e + jj[u]) * (kc - 1);
+#pragma unroll
+                for (int q = 0; q < 3; ++q)
+                    if (q < kc - 1) sp[q] = q + 1 < kc - 1 ? st[u][q + 1] : xi;
+                o[nn[u] * os + jj[u]] = from_f(silu_f(a));
+            }
+            continue;
+        }
+#pragma unroll
+        for (int u = 0; u < EU; ++u) {
+            if (!ok[u]) continue;
+            if ((flags & 2) && jj[u] < e) {
+                const float xi = to_f(from_f(y[u]));
+                const float c = conv_update(conv_state + ((long long)nn[u] * e + jj[u]) * (kc - 1),
+                                            conv_w + (long long)jj[u] * kc, conv_b ? conv_b[jj[u]] : 0.f, xi, kc);
+                o[nn[u] * os + jj[u]] = from_f(silu_f(c));
+            } else {
+                o[nn[u] * os + jj[u]] = from_f(y[u]);
+            }
+        }
+    }
+    if (!resid) return;                                        // nobody reads this CTA's memory any more
+    // RESID: per batch row, this CTA's sum of squares (its R rows, in order) -> rank 0's sq_in[rank]
+    __syncthreads();
+    for (int n = threadIdx.x; n < BN; n += nthr) {
+        float sum = 0.f;
+        for (int q = 0; q < R; ++q) { const float v = vres[n * R + q]; sum = fmaf(v, v, sum); }
+        if (S > 1) st_remote(remote(&sq_in[rank][n], 0), sum);
+        else sq_in[0][n] = sum;
+    }
+    if (S > 1) cluster_arrive(true);                          // the pushes are released; stores overlap the wait
+    for (int i = threadIdx.x; i < cnt; i += nthr) {
+        const int j = blockIdx.x * MT + jbase + i % R, nn_ = n0 + i / R;
+        if (j < N && nn_ < b) res_out[(long long)nn_ * N + j] = vres[i];
+    }
+    if (S > 1) cluster_wait();
+    else __syncthreads();
+    if (rank == 0) {
+        for (int n = threadIdx.x; n < BN; n += nthr) {
+            float sum = 0.f;
+            for (int r = 0; r < S; ++r) sum += sq_in[r][n];
+            if (n0 + n < b) partial_out[(long long)(n0 + n) * P_out + blockIdx.x] = sum;
+        }
+    }
+#else
     __syncthreads();                                           // xin is read by every warp: then reuse it
+    float* red = reinterpret_cast<float*>(smem_raw);          // (warps, 16, LDR) after the mma (aliases xin)
 
     // ---- the warps' tiles -> shared memory, summed over the WK warps of a row group (into wk = 0) -------
     {
@@ -341,4 +492,5 @@ extern "C" __global__ void __launch_bounds__(256) gemm_step(
             if (n0 + n < b) partial_out[(long long)(n0 + n) * P_out + blockIdx.x] = s;
         }
     }
+#endif
 }

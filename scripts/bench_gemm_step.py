@@ -24,26 +24,30 @@ from bytemamba.ops.step import add_rmsnorm_fn, conv_state_update_fn
 
 # name, N, K, batch, kind (norm+conv | plain | resid | head), forced plans to try beside the default
 SHAPES = [
-    ("byte353m in_proj", 4096, 1024, 64, "normconv", ["wm=8,wk=1,s=8", "wm=8,wk=1,s=2", "wm=4,wk=2,s=4",
-                                                       "wm=4,wk=1,s=8", "wm=8,wk=1,s=1"]),
-    ("byte353m x_proj", 96, 2048, 64, "plain", ["wm=2,wk=4,s=8", "wm=6,wk=1,s=8", "wm=3,wk=2,s=8",
+    ("byte353m in_proj", 4096, 1024, 64, "normconv", ["epi=0", "wm=8,wk=1,s=8", "wm=8,wk=1,s=2", "wm=4,wk=2,s=4",
+                                                       "wm=4,wk=1,s=8", "wm=4,wk=2,s=8"]),
+    ("byte353m x_proj", 96, 2048, 64, "plain", ["epi=0", "wm=2,wk=4,s=8", "wm=6,wk=1,s=8", "wm=3,wk=2,s=8",
                                                  "wm=1,wk=8,s=8", "wm=2,wk=2,s=8"]),
-    ("byte353m out_proj", 1024, 2048, 64, "resid", ["wm=8,wk=1,s=8", "wm=4,wk=2,s=8", "wm=2,wk=2,s=8",
+    ("byte353m out_proj", 1024, 2048, 64, "resid", ["epi=0", "wm=8,wk=1,s=8", "wm=4,wk=2,s=8", "wm=2,wk=2,s=8",
                                                      "wm=4,wk=2,s=4", "wm=2,wk=4,s=8"]),
-    ("byte353m head", 256, 1024, 64, "head", []),
-    ("byte353m in_proj", 4096, 1024, 8, "normconv", ["wm=8,wk=1,s=4"]),
-    ("byte353m x_proj", 96, 2048, 8, "plain", []),
-    ("byte353m out_proj", 1024, 2048, 8, "resid", ["wm=4,wk=1,s=8"]),
-    ("byte353m in_proj", 4096, 1024, 256, "normconv", ["wm=8,wk=1,s=8", "wm=4,wk=2,s=4"]),
-    ("byte353m x_proj", 96, 2048, 256, "plain", []),
-    ("byte353m out_proj", 1024, 2048, 256, "resid", ["wm=4,wk=2,s=8"]),
+    ("byte353m head", 256, 1024, 64, "head", ["wm=4,wk=2,s=4", "wm=2,wk=4,s=4"]),
+    ("byte353m in_proj", 4096, 1024, 8, "normconv", ["wm=8,wk=1,s=4", "wm=4,wk=2,s=4", "wm=2,wk=4,s=2"]),
+    ("byte353m x_proj", 96, 2048, 8, "plain", ["wm=2,wk=4,s=8"]),
+    ("byte353m out_proj", 1024, 2048, 8, "resid", ["wm=4,wk=1,s=8", "wm=2,wk=4,s=8", "wm=4,wk=2,s=4"]),
+    ("byte353m head", 256, 1024, 8, "head", ["wm=2,wk=4,s=4"]),
+    ("byte353m in_proj", 4096, 1024, 256, "normconv", ["wm=8,wk=1,s=8", "wm=4,wk=2,s=4", "wm=4,wk=1,s=4"]),
+    ("byte353m x_proj", 96, 2048, 256, "plain", ["wm=2,wk=4,s=8", "wm=6,wk=1,s=8"]),
+    ("byte353m out_proj", 1024, 2048, 256, "resid", ["wm=4,wk=2,s=8", "wm=4,wk=1,s=8"]),
+    ("byte353m head", 256, 1024, 256, "head", ["wm=4,wk=2,s=4"]),
     ("audio6m in_proj", 1024, 256, 256, "normconv", ["wm=4,wk=1,s=8", "wm=8,wk=1,s=8", "wm=4,wk=2,s=4",
                                                       "wm=8,wk=1,s=2"]),
     ("audio6m x_proj", 48, 512, 256, "plain", ["wm=3,wk=2,s=8", "wm=1,wk=2,s=8", "wm=3,wk=1,s=4"]),
     ("audio6m out_proj", 256, 512, 256, "resid", ["wm=2,wk=2,s=8", "wm=4,wk=2,s=4", "wm=8,wk=1,s=8"]),
-    ("audio6m in_proj", 1024, 256, 64, "normconv", []),
-    ("audio6m x_proj", 48, 512, 64, "plain", []),
-    ("audio6m out_proj", 256, 512, 64, "resid", []),
+    ("audio6m head", 256, 256, 256, "head", ["wm=4,wk=1,s=4", "wm=2,wk=2,s=4"]),
+    ("audio6m in_proj", 1024, 256, 64, "normconv", ["wm=4,wk=1,s=8", "wm=4,wk=2,s=4"]),
+    ("audio6m x_proj", 48, 512, 64, "plain", ["wm=3,wk=2,s=8", "wm=3,wk=1,s=4"]),
+    ("audio6m out_proj", 256, 512, 64, "resid", ["wm=2,wk=2,s=8", "wm=4,wk=2,s=4"]),
+    ("audio6m head", 256, 256, 64, "head", ["wm=4,wk=1,s=4", "wm=2,wk=2,s=4"]),
 ]
 
 
@@ -112,7 +116,7 @@ def bench_shape(name, N, K, b, kind, tunes, reps, dt=torch.bfloat16):
             continue
         finally:
             os.environ.pop("BYTEMAMBA_GEMM_TUNE", None)
-        pl = f"wm{p['wm']} wk{p['wk']} s{p['s']} nt{p['nt']} z{p['zb']} ({p['ctas']} CTAs)"
+        pl = f"wm{p['wm']} wk{p['wk']} s{p['s']} nt{p['nt']} z{p['zb']} ({p['ctas']} CTAs) epi{p['epi']}"
         rows.append((name, f"{N}x{K}", b, kind, tune or "default", pl, us, cublas, unfused, cublas / us))
     return rows
 
@@ -122,15 +126,27 @@ def main():
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--out", default=None)
     ap.add_argument("--only", default="", help="substring of the shape names to run")
+    ap.add_argument("--plans-out", default=None,
+                    help="write the fastest plan per shape as a BYTEMAMBA_GEMM_PLANS file (JSON)")
     a = ap.parse_args()
     print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, PDL env "
           f"{os.environ.get('BYTEMAMBA_STEP_PDL', '(default: off above batch 1)')}", flush=True)
     lines = ["| shape | N x K | batch | kind | forced | plan | us | cuBLAS F.linear us | unfused cuBLAS-path us | "
              "cuBLAS / gemm |", "|---|---|---|---|---|---|---|---|---|---|"]
+    best = {}
     for name, N, K, b, kind, tunes in SHAPES:
         if a.only and a.only not in name:
             continue
-        for row in bench_shape(name, N, K, b, kind, tunes, a.reps):
+        rows = bench_shape(name, N, K, b, kind, tunes, a.reps)
+        timed = [r for r in rows if isinstance(r[6], float)]
+        if timed:
+            win = min(timed, key=lambda r: r[6])
+            p = win[5].split()                           # "wm8 wk1 s4 nt8 ..." -> the plan items
+            key = f"{N},{K},{b},{int(kind in ('normconv', 'head'))},{int(kind == 'resid')}"
+            epi = "0" if "epi=0" in win[4] else "1"
+            best[key] = f"wm={p[0][2:]},wk={p[1][2:]},s={p[2][1:]},epi={epi}"
+            rows.append((name, f"{N}x{K}", b, kind, "fastest", best[key], win[6], win[7], win[8], win[9]))
+        for row in rows:
             name_, shape, bb, kd, tune, pl, us, cub, unf, ratio = row
             f = lambda v: "-" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))  # noqa: E731
             line = f"| {name_} | {shape} | {bb} | {kd} | {tune} | {pl} | {f(us)} | {f(cub)} | {f(unf)} | {f(ratio)} |"
@@ -139,6 +155,10 @@ def main():
     if a.out:
         with open(a.out, "w") as fh:
             fh.write("\n".join(lines) + "\n")
+    if a.plans_out:
+        import json
+        with open(a.plans_out, "w") as fh:
+            json.dump(best, fh, indent=1)
     return 0
 
 

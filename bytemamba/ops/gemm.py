@@ -61,20 +61,42 @@ def _ldx(kK: int) -> int:
     return kK + 32 if kK % 64 == 0 else kK             # rows 64 bytes apart modulo 128 (see the kernel)
 
 
-def smem_bytes(bn: int, kK: int, wm: int, wk: int, s: int, resid: bool, size: int = 2) -> int:
-    base = max(bn * _ldx(kK) * size, wm * wk * 16 * (bn + 1) * 4)
-    return base + (16 * wm // s * bn * 4 if resid else 0)
+def smem_bytes(bn: int, kK: int, wm: int, wk: int, s: int, resid: bool, size: int = 2, epi: int = 1) -> int:
+    """Dynamic shared memory of a launch: the input tile and the float32 tiles of the warps (epi 1: beside it,
+    the cluster pushes into it while this CTA may still read its input; epi 0: aliasing it), + RESID's
+    new residual values."""
+    xin, tiles = bn * _ldx(kK) * size, wm * wk * 16 * (bn + 1) * 4
+    return (xin + tiles if epi else max(xin, tiles)) + (16 * wm // s * bn * 4 if resid else 0)
 
 
-def _tune() -> dict:
-    """BYTEMAMBA_GEMM_TUNE="wm=4,wk=2,s=8" forces a plan for every gemm_fn launch (benchmarks); read at every
-    launch (for a graph: when it is captured)."""
+_PLAN_FILE: dict = {}
+
+
+def _parse(text: str, what: str) -> dict:
     t = {}
-    for item in filter(None, os.environ.get("BYTEMAMBA_GEMM_TUNE", "").split(",")):
+    for item in filter(None, text.split(",")):
         k, _, v = (p.strip() for p in item.partition("="))
-        if k not in ("wm", "wk", "s") or not v.isdigit() or int(v) < 1:
-            raise ValueError(f"BYTEMAMBA_GEMM_TUNE: bad item {item!r} (keys wm, wk, s; positive integers)")
+        if k not in ("wm", "wk", "s", "epi") or not v.isdigit() or (int(v) < 1 and k != "epi"):
+            raise ValueError(f"{what}: bad item {item!r} (keys wm, wk, s, epi; positive integers, epi 0 / 1)")
         t[k] = int(v)
+    return t
+
+
+def _tune(N: int, K: int, b: int, norm: bool, resid: bool) -> dict:
+    """Forced plan items for benchmarks, read at every launch (for a graph: when it is captured):
+    BYTEMAMBA_GEMM_TUNE="wm=4,wk=2,s=8,epi=1" for every gemm_fn launch; BYTEMAMBA_GEMM_PLANS=FILE, a JSON
+    object {"N,K,batch,norm,resid": "wm=..,wk=..,s=.."} (norm, resid 0 / 1), per shape (the tune env wins)."""
+    t = {}
+    path = os.environ.get("BYTEMAMBA_GEMM_PLANS", "")
+    if path:
+        stamp = (path, os.stat(path).st_mtime_ns)
+        if _PLAN_FILE.get("stamp") != stamp:
+            import json
+            with open(path) as fh:
+                _PLAN_FILE.update(stamp=stamp, table=json.load(fh))
+        t = _parse(_PLAN_FILE["table"].get(f"{N},{K},{b},{int(norm)},{int(resid)}", ""),
+                   f"BYTEMAMBA_GEMM_PLANS ({path})")
+    t.update(_parse(os.environ.get("BYTEMAMBA_GEMM_TUNE", ""), "BYTEMAMBA_GEMM_TUNE"))
     return t
 
 
@@ -86,17 +108,18 @@ def plan(N: int, K: int, b: int, norm: bool, resid: bool, sms: int = 132) -> dic
     zb, nt = batch_tiles(b)
     bn = 8 * nt
     m16 = -(-N // 16)
-    forced = _tune()
+    forced = _tune(N, K, b, norm, resid)
+    epi = forced.get("epi", 1)
     best = None
     for s in (1, 2, 4, 8):
-        for wm in range(1, min(8, m16) + 1):
+        for wm in range(1, (8 if "wm" in forced else min(8, m16)) + 1):
             for wk in (1, 2, 4, 8):
                 if wm * wk > 8 or K % (32 * s * wk):
                     continue
                 if any(k in forced and forced[k] != v for k, v in (("wm", wm), ("wk", wk), ("s", s))):
                     continue
                 kK = K // s
-                if smem_bytes(bn, kK, wm, wk, s, resid) > SMEM_MAX:
+                if smem_bytes(bn, kK, wm, wk, s, resid, epi=epi) > SMEM_MAX:
                     continue
                 ctas = -(-m16 // wm) * s * zb
                 waves = -(-ctas // sms)
@@ -105,7 +128,7 @@ def plan(N: int, K: int, b: int, norm: bool, resid: bool, sms: int = 132) -> dic
                 t += waves * wm * (kK // 16) * nt * max(1.0, 4 / (wm * wk))
                 t += (300 if s > 1 else 0) + 800 * (-(-(kK // wk) // 256) - 1)
                 if best is None or t < best[0]:
-                    best = (t, dict(wm=wm, wk=wk, s=s, nt=nt, zb=zb, ctas=ctas, est_ns=round(t)))
+                    best = (t, dict(wm=wm, wk=wk, s=s, epi=epi, nt=nt, zb=zb, ctas=ctas, est_ns=round(t)))
     if best is None:
         raise ValueError(f"gemm (cuda): no launch plan for N {N}, K {K}, batch {b}"
                          + (f" under BYTEMAMBA_GEMM_TUNE {forced}" if forced else ""))
@@ -118,8 +141,8 @@ _libcuda = None
 _SMEM_SET: set = set()
 
 
-def _kernel(dtype: torch.dtype, nt: int, device: torch.device):
-    fn = compile_module("decode_gemm.cu", (f"-DIN_DTYPE={_DTYPE_CODE[dtype]}", f"-DNT={nt}"), device,
+def _kernel(dtype: torch.dtype, nt: int, epi: int, device: torch.device):
+    fn = compile_module("decode_gemm.cu", (f"-DIN_DTYPE={_DTYPE_CODE[dtype]}", f"-DNT={nt}", f"-DEPI={epi}"), device,
                         ("gemm_step",))["gemm_step"]
     if id(fn) not in _SMEM_SET:                   # once per compiled module: allow up to SMEM_MAX bytes
         fn.max_dynamic_shared_size_bytes = SMEM_MAX
@@ -203,7 +226,7 @@ def gemm_fn(W, x=None, *, bias=None, norm=None, conv=None, resid=None, out_f32=F
         raise ValueError("gemm (cuda): input rows must start on 16-byte boundaries")
     p = plan(N, K, b, norm is not None, resid is not None,
              torch.cuda.get_device_properties(dev).multi_processor_count)
-    wm, wk, s, nt, zb = p["wm"], p["wk"], p["s"], p["nt"], p["zb"]
+    wm, wk, s, nt, zb, epi = p["wm"], p["wk"], p["s"], p["nt"], p["zb"], p["epi"]
     mb = -(-N // (16 * wm))
     out = partial_out = res_out = None
     cstate = cw = cb = None
@@ -232,8 +255,8 @@ def gemm_fn(W, x=None, *, bias=None, norm=None, conv=None, resid=None, out_f32=F
             _check_state("conv_state", cstate, (b, e, kc - 1))
             flags |= 2
     kK = K // s
-    smem = smem_bytes(8 * nt, kK, wm, wk, s, resid is not None, W.element_size())
-    _launch(dev, _kernel(io, nt, dev), (mb, s, zb), 32 * wm * wk, s,
+    smem = smem_bytes(8 * nt, kK, wm, wk, s, resid is not None, W.element_size(), epi)
+    _launch(dev, _kernel(io, nt, epi, dev), (mb, s, zb), 32 * wm * wk, s,
             (ptr(W), ptr(_f32(bias)), np.int32(N), np.int32(K), ptr(x), xs, ptr(res_in), ptr(partial_in),
              np.int32(P_in), ptr(nw), np.float32(eps), ptr(out), os_, ptr(cstate), ptr(cw), ptr(_f32(cb)),
              np.int32(e), np.int32(kc), ptr(res_out), ptr(partial_out), np.int32(P_out), np.int32(b),

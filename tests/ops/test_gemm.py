@@ -82,11 +82,12 @@ def test_gemm_kernel(dtype, batch, N, K):
 
 @gpu
 @pytest.mark.parametrize("tune", ["wm=1,wk=1,s=1", "wm=2,wk=4,s=1", "wm=4,wk=2,s=2", "wm=8,wk=1,s=8",
-                                  "wm=3,wk=1,s=4"])
+                                  "wm=3,wk=1,s=4", "wm=1,wk=1,s=1,epi=0", "wm=4,wk=2,s=2,epi=0",
+                                  "wm=1,wk=2,s=8,epi=0"])
 @pytest.mark.parametrize("batch", [5, 72])
 def test_gemm_every_plan(tune, batch, monkeypatch):
     """Forced launch plans: no cluster, warps splitting K, several 256-k register passes (wm=1,wk=1,s=1: 4),
-    clusters of 2..8, a row block that overhangs N."""
+    clusters of 2..8, a row block that overhangs N; both cluster exchanges (epi 1 push, epi 0 pull)."""
     monkeypatch.setenv("BYTEMAMBA_GEMM_TUNE", tune)
     _check_all(torch.bfloat16, batch, 256, 1024, seed=1)
 
@@ -159,6 +160,17 @@ def test_plans_are_valid(N, K, b, norm, resid):
     assert p["zb"] * 8 * p["nt"] >= b > (p["zb"] - 1) * 8 * p["nt"]
 
 
+def test_plan_file(monkeypatch, tmp_path):
+    f = tmp_path / "plans.json"
+    f.write_text('{"1024,2048,64,0,1": "wm=2,wk=4,s=8"}')
+    model_choice = plan(1024, 2048, 64, False, False)
+    monkeypatch.setenv("BYTEMAMBA_GEMM_PLANS", str(f))
+    assert {k: plan(1024, 2048, 64, False, True)[k] for k in ("wm", "wk", "s")} == dict(wm=2, wk=4, s=8)
+    assert plan(1024, 2048, 64, False, False) == model_choice          # shapes not in the file: the cost model
+    monkeypatch.setenv("BYTEMAMBA_GEMM_TUNE", "s=4")
+    assert plan(1024, 2048, 64, False, True)["s"] == 4
+
+
 def test_batch_tiles_balanced():
     assert batch_tiles(3) == (1, 1) and batch_tiles(20) == (1, 3) and batch_tiles(64) == (1, 8)
     assert batch_tiles(65) == (2, 5) and batch_tiles(256) == (4, 8) and batch_tiles(129) == (3, 6)
@@ -166,7 +178,9 @@ def test_batch_tiles_balanced():
 
 def test_tune_env(monkeypatch):
     monkeypatch.setenv("BYTEMAMBA_GEMM_TUNE", "wm=2,wk=2,s=4")
-    assert {k: plan(1024, 2048, 64, False, False)[k] for k in ("wm", "wk", "s")} == dict(wm=2, wk=2, s=4)
+    assert {k: plan(1024, 2048, 64, False, False)[k] for k in ("wm", "wk", "s", "epi")} == dict(wm=2, wk=2, s=4, epi=1)
+    monkeypatch.setenv("BYTEMAMBA_GEMM_TUNE", "epi=0")
+    assert plan(1024, 2048, 64, False, False)["epi"] == 0
     monkeypatch.setenv("BYTEMAMBA_GEMM_TUNE", "wm=x")
     with pytest.raises(ValueError, match="BYTEMAMBA_GEMM_TUNE: bad item"):
         plan(1024, 2048, 64, False, False)
