@@ -169,7 +169,21 @@ __device__ __forceinline__ void reduce_scatter(float* v, int q) {
     }
 }
 
-template <int ROWS>
+// cp.async (sm_80+): 16 bytes global -> shared without holding registers while in flight; src_bytes 0 fills zeros
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(s), "l"(gmem), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+// wait until at most n (0..3, a constant once unrolled) of this thread's newest commit groups are pending
+__device__ __forceinline__ void cp_wait(int n) {
+    if (n <= 0) asm volatile("cp.async.wait_group 0;" ::: "memory");
+    else if (n == 1) asm volatile("cp.async.wait_group 1;" ::: "memory");
+    else if (n == 2) asm volatile("cp.async.wait_group 2;" ::: "memory");
+    else asm volatile("cp.async.wait_group 3;" ::: "memory");
+}
+
+template <int ROWS, bool STREAM>
 __device__ __forceinline__ void ssm_rows(
     float* __restrict__ state, const in_t* __restrict__ x, long long xs,
     const in_t* __restrict__ dt, long long dts, const float* __restrict__ wdt, int r,
@@ -178,8 +192,13 @@ __device__ __forceinline__ void ssm_rows(
     const float* __restrict__ D, const in_t* __restrict__ z, long long zs,
     in_t* __restrict__ y, int b, int e, int flags)
 {
-    constexpr int M = ROWS >= LPC ? ROWS / LPC : 1;      // rows a lane owns after a reduce-scatter
+    constexpr int M = ROWS >= LPC ? ROWS / LPC : 1;      // rows a lane owns after the dt reduce-scatter
     constexpr int G = ROWS >= LPC ? 1 : LPC / ROWS;      // lanes that hold the same row
+    constexpr int RG0 = ROWS < LPC ? ROWS : LPC;
+    constexpr int RG = RG0 > ROWS / 4 ? RG0 : ROWS / 4;  // rows per update group (at most 4 groups)
+    constexpr int NG = ROWS / RG;
+    constexpr int M2 = RG >= LPC ? RG / LPC : 1;         // the same for <s, C> over a group
+    constexpr int G2 = RG >= LPC ? 1 : LPC / RG;
     constexpr int CH = 4 * LPC;                          // ranks per chunk (4 a lane)
     constexpr int NX = (ROWS * CPB + SSM_T - 1) / SSM_T; // staging trips: x / z / dt rows
     constexpr int NBC = (ROWS * NPADS + SSM_T - 1) / SSM_T;
@@ -197,6 +216,7 @@ __device__ __forceinline__ void ssm_rows(
     const int rp = wdt ? (r + CH - 1) / CH * CH : 0;
     const int nch = rp / CH;
     const float* wrow = wdt + (wdt ? (size_t)c * r : 0);
+    float4* st_s = ssm_dyn_s + ROWS * rp / 4;           // STREAM: ROWS x SSM_T float4, [row][thread]
 
     // 1. parameters (not written by the previous kernels)
     float4 w[WCH];
@@ -209,12 +229,21 @@ __device__ __forceinline__ void ssm_rows(
     grid_dep_wait();
     grid_dep_launch();
 
-    // 2. every row's states, then the block's inputs: all loads issued before the first shared store
+    // 2. every row's states (registers, or STREAM: shared memory by cp.async, one commit group per update group),
+    //    then the block's inputs: all loads issued before the first shared store
     const size_t rstride = (size_t)e * NSTATE;
     float* sp = state + ((size_t)row0 * e + c) * NSTATE + 4 * q;
-    float4 s[ROWS];
+    float4 s[STREAM ? 1 : ROWS];
 #pragma unroll
-    for (int rr = 0; rr < ROWS; ++rr) s[rr] = state4_load(sp + rr * rstride, 4 * q, valid && rr < nrows);
+    for (int rr = 0; rr < ROWS; ++rr) {
+        const bool ok = valid && rr < nrows;
+        if constexpr (STREAM) {
+            cp_async16(&st_s[rr * SSM_T + threadIdx.x], ok ? sp + rr * rstride : state, ok && 4 * q < NSTATE ? 16 : 0);
+            if ((rr + 1) % RG == 0) cp_commit();
+        } else {
+            s[rr] = state4_load(sp + rr * rstride, 4 * q, ok);
+        }
+    }
     float tx[NX], tz[NX], td[NX], tb[NBC], tc[NBC], tl[NDT];
 #pragma unroll
     for (int t = 0; t < NX; ++t) {
@@ -266,7 +295,8 @@ __device__ __forceinline__ void ssm_rows(
     }
     __syncthreads();
 
-    // 3. dt of every row: the lane's part of the dot, reduce-scattered, bias + softplus once, gathered back
+    // 3. dt of every row (while STREAM's states are still arriving): the lane's part of the dot,
+    //    reduce-scattered, + dt_bias and softplus once per (row, channel)
     float v[ROWS];
 #pragma unroll
     for (int rr = 0; rr < ROWS; ++rr) v[rr] = 0.f;
@@ -307,38 +337,44 @@ __device__ __forceinline__ void ssm_rows(
         if (flags & 1) dv = dv <= 20.f ? log1pf(__expf(dv)) : dv;   // softplus, PyTorch's threshold
         v[i] = dv;
     }
-    float d[ROWS];
-#pragma unroll
-    for (int rr = 0; rr < ROWS; ++rr) d[rr] = __shfl_sync(0xffffffffu, v[rr % M], (rr / M) * G, LPC);
 
-    // 4. the update, row by row; <s, C> reduce-scattered; the owning lane writes y
-    float acc[ROWS];
+    // 4. the update in groups of RG rows (STREAM: once the group's states have landed); dt gathered from its
+    //    owning lane; <s, C> reduce-scattered over the group, the owning lane adds D x, gates by z, writes y
 #pragma unroll
-    for (int rr = 0; rr < ROWS; ++rr) {
-        const float dx = d[rr] * x_s[rr][cl];
-        const float4 Bv = *reinterpret_cast<const float4*>(&B_s[rr][4 * q]);
-        const float4 Cv = *reinterpret_cast<const float4*>(&C_s[rr][4 * q]);
-        float4 u = s[rr];
-        u.x = fmaf(ex2_approx(d[rr] * a.x), u.x, dx * Bv.x);
-        u.y = fmaf(ex2_approx(d[rr] * a.y), u.y, dx * Bv.y);
-        u.z = fmaf(ex2_approx(d[rr] * a.z), u.z, dx * Bv.z);
-        u.w = fmaf(ex2_approx(d[rr] * a.w), u.w, dx * Bv.w);
-        state4_store(sp + rr * rstride, 4 * q, valid && rr < nrows, u);
-        float t = u.x * Cv.x;
-        t = fmaf(u.y, Cv.y, t);
-        t = fmaf(u.z, Cv.z, t);
-        acc[rr] = fmaf(u.w, Cv.w, t);
-    }
-    reduce_scatter<ROWS, LPC / 2>(acc, q);
-    if (valid && q % G == 0) {
+    for (int g = 0; g < NG; ++g) {
+        if constexpr (STREAM) cp_wait(NG - 1 - g);
+        float acc[RG];
 #pragma unroll
-        for (int i = 0; i < M; ++i) {
-            const int rr = (q / G) * M + i;
-            if (rr < nrows) {
-                const float xv = x_s[rr][cl];
-                float out = acc[i] + (D ? Dc * xv : 0.f);
-                if (z) out *= silu_f(z_s[rr][cl]);
-                y[(size_t)(row0 + rr) * e + c] = from_f(out);
+        for (int i = 0; i < RG; ++i) {
+            const int rr = g * RG + i;
+            const float d = __shfl_sync(0xffffffffu, v[rr % M], (rr / M) * G, LPC);
+            const float dx = d * x_s[rr][cl];
+            const float4 Bv = *reinterpret_cast<const float4*>(&B_s[rr][4 * q]);
+            const float4 Cv = *reinterpret_cast<const float4*>(&C_s[rr][4 * q]);
+            float4 u;
+            if constexpr (STREAM) u = st_s[rr * SSM_T + threadIdx.x];
+            else u = s[rr];
+            u.x = fmaf(ex2_approx(d * a.x), u.x, dx * Bv.x);
+            u.y = fmaf(ex2_approx(d * a.y), u.y, dx * Bv.y);
+            u.z = fmaf(ex2_approx(d * a.z), u.z, dx * Bv.z);
+            u.w = fmaf(ex2_approx(d * a.w), u.w, dx * Bv.w);
+            state4_store(sp + rr * rstride, 4 * q, valid && rr < nrows, u);
+            float t = u.x * Cv.x;
+            t = fmaf(u.y, Cv.y, t);
+            t = fmaf(u.z, Cv.z, t);
+            acc[i] = fmaf(u.w, Cv.w, t);
+        }
+        reduce_scatter<RG, LPC / 2>(acc, q);
+        if (valid && q % G2 == 0) {
+#pragma unroll
+            for (int i = 0; i < M2; ++i) {
+                const int rr = g * RG + (q / G2) * M2 + i;
+                if (rr < nrows) {
+                    const float xv = x_s[rr][cl];
+                    float out = acc[i] + (D ? Dc * xv : 0.f);
+                    if (z) out *= silu_f(z_s[rr][cl]);
+                    y[(size_t)(row0 + rr) * e + c] = from_f(out);
+                }
             }
         }
     }
@@ -350,11 +386,14 @@ __device__ __forceinline__ void ssm_rows(
     const in_t* __restrict__ B, long long bs, const in_t* __restrict__ C, long long cs, \
     const float* __restrict__ D, const in_t* __restrict__ z, long long zs, in_t* __restrict__ y, int b, int e, int flags
 #define SSM_ARGS state, x, xs, dt, dts, wdt, r, dt_bias, A, B, bs, C, cs, D, z, zs, y, b, e, flags
-extern "C" __global__ void __launch_bounds__(SSM_T) ssm_step_r1(SSM_PARAMS) { ssm_rows<1>(SSM_ARGS); }
-extern "C" __global__ void __launch_bounds__(SSM_T) ssm_step_r2(SSM_PARAMS) { ssm_rows<2>(SSM_ARGS); }
-extern "C" __global__ void __launch_bounds__(SSM_T) ssm_step_r4(SSM_PARAMS) { ssm_rows<4>(SSM_ARGS); }
-extern "C" __global__ void __launch_bounds__(SSM_T) ssm_step_r8(SSM_PARAMS) { ssm_rows<8>(SSM_ARGS); }
-extern "C" __global__ void __launch_bounds__(SSM_T) ssm_step_r16(SSM_PARAMS) { ssm_rows<16>(SSM_ARGS); }
+extern "C" __global__ void __launch_bounds__(SSM_T) ssm_step_r1(SSM_PARAMS) { ssm_rows<1, false>(SSM_ARGS); }
+extern "C" __global__ void __launch_bounds__(SSM_T) ssm_step_r2(SSM_PARAMS) { ssm_rows<2, false>(SSM_ARGS); }
+extern "C" __global__ void __launch_bounds__(SSM_T) ssm_step_r4(SSM_PARAMS) { ssm_rows<4, false>(SSM_ARGS); }
+extern "C" __global__ void __launch_bounds__(SSM_T) ssm_step_r8(SSM_PARAMS) { ssm_rows<8, false>(SSM_ARGS); }
+extern "C" __global__ void __launch_bounds__(SSM_T) ssm_step_r16(SSM_PARAMS) { ssm_rows<16, false>(SSM_ARGS); }
+// the states through shared memory (cp.async, 16 bytes a lane and row): NSTATE % 4 == 0 only (the launcher's rule)
+extern "C" __global__ void __launch_bounds__(SSM_T) ssm_stream_r8(SSM_PARAMS) { ssm_rows<8, true>(SSM_ARGS); }
+extern "C" __global__ void __launch_bounds__(SSM_T) ssm_stream_r16(SSM_PARAMS) { ssm_rows<16, true>(SSM_ARGS); }
 
 // ------------------------------------------------------------------------------------------------
 extern "C" __global__ void __launch_bounds__(256) add_rmsnorm(
