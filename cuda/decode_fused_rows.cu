@@ -100,7 +100,9 @@ __device__ __forceinline__ in_t from_f(float v) { return __float2bfloat16(v); }
 #define S_DX (S_DT + ROWS * EC * 4)
 #define S_DBL (S_DX + ROWS * EC * 4)
 #define S_BAR (S_DBL + ROWS * DBP * 4)
-#define SMEM_BYTES (S_BAR + 8 * 8)
+#define S_PTR (S_BAR + 8 * 8)           // the state pointers (2L int64; L <= MAX_L)
+#define MAX_L 64
+#define SMEM_BYTES (S_PTR + 2 * MAX_L * 8)
 
 // bytes each exchange brings into a CTA
 #define X_BYTES (NCTA * NX * ROWS * 4)
@@ -113,8 +115,23 @@ extern "C" __global__ void fused_rows_smem(int* out) { out[0] = SMEM_BYTES; }
 // zero every layer: wrong results, the HBM traffic's share of the time); PROFILE 1 adds clock64() deltas of
 // thread 0 of CTA 0 of cluster 0 per phase (N I C X-send X-wait D1 D2 O R head) into rows_prof, read and
 // zeroed by fused_rows_prof.
+// STATE_HINT 1: the SSM states loaded and stored with the streaming (evict-first) cache hint, so that they
+// push the weights out of L2 less. FETCH_AT: where the next layer's states are loaded: 0 right after this
+// layer's update (D2), 1 after the out_proj sends (O), 2 at the end of the layer (after R).
 #ifndef NO_STATE_IO
 #define NO_STATE_IO 0
+#endif
+#ifndef STATE_HINT
+#define STATE_HINT 0
+#endif
+#ifndef FETCH_AT
+#define FETCH_AT 0
+#endif
+// WAITERS 1: fewer warps spin on the exchanges' mbarriers (the others wait in a CTA barrier, which takes no
+// issue slots): the x_proj partials are summed by the 6 sending warps (4 values a thread), and one warp waits
+// for the residual columns before a CTA barrier. 0: 12 warps wait for x_proj's, all 16 for the residual.
+#ifndef WAITERS
+#define WAITERS 0
 #endif
 #ifndef PROFILE
 #define PROFILE 0
@@ -217,6 +234,7 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
     float* dx_s = reinterpret_cast<float*>(smem + S_DX);         // [ROWS][EC]
     float* dbl_s = reinterpret_cast<float*>(smem + S_DBL);       // [ROWS][DBP]
     unsigned long long* bars = reinterpret_cast<unsigned long long*>(smem + S_BAR);
+    long long* ptr_s = reinterpret_cast<long long*>(smem + S_PTR);   // state_ptrs, read once
     unsigned long long* bar_x = bars + 0;   // x_proj partials arrived
     unsigned long long* bar_o = bars + 1;   // out_proj partials arrived
     unsigned long long* bar_r = bars + 2;   // residual columns arrived
@@ -241,6 +259,7 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
     auto wo_src = [&](int l) { return Wo_p + ((long long)l * NCTA + c) * WO_EL; };
     auto k_src = [&](int l) { return K_p + ((long long)l * NCTA + c) * K_EL; };
 
+    if (tid < 2 * L) ptr_s[tid] = state_ptrs[tid];      // (L <= MAX_L, checked by the launcher)
     if (tid == 0) {
         for (int i = 0; i < 8; ++i) mbar_init(bars + i, 1);
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
@@ -262,16 +281,16 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
     float4 st[8];
     float cs[2][KC - 1];
     auto fetch_ssm = [&](int l) {
-        const float* base = reinterpret_cast<const float*>(state_ptrs[L + l]);
+        const float* base = reinterpret_cast<const float*>(ptr_s[L + l]);
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
             const int r = 8 * rh + j;
-            st[j] = r < nrows && !NO_STATE_IO ? *reinterpret_cast<const float4*>(base + ((long long)(b0 + r) * EI + ch0 + sch) * NS + 4 * q)
-                              : make_float4(0.f, 0.f, 0.f, 0.f);
+            const float4* p = reinterpret_cast<const float4*>(base + ((long long)(b0 + r) * EI + ch0 + sch) * NS + 4 * q);
+            st[j] = r < nrows && !NO_STATE_IO ? (STATE_HINT ? __ldcs(p) : *p) : make_float4(0.f, 0.f, 0.f, 0.f);
         }
     };
     auto fetch_conv = [&](int l) {
-        const float* base = reinterpret_cast<const float*>(state_ptrs[l]);
+        const float* base = reinterpret_cast<const float*>(ptr_s[l]);
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
             const int r = tr + 8 * i;
@@ -307,8 +326,16 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
         const float* kl = k_s + (l & 1) * K_EL;
         // (N) RMSNorm: warp w normalises row w; h -> shared memory as in_t
         if (l > 0) {
+#if WAITERS
+            if (warp == NTHR / 32 - 1) {            // (not one of R's warps)
+                mbar_wait(bar_r, (l - 1) & 1);
+                if (lane == 0 && l < L) mbar_expect(bar_r, R_BYTES);
+            }
+            __syncthreads();
+#else
             mbar_wait(bar_r, (l - 1) & 1);
             if (tid == 0 && l < L) mbar_expect(bar_r, R_BYTES);     // arm the next layer's exchange
+#endif
         }
         if (l < L) mbar_wait(bar_k + (l & 1), (l >> 1) & 1);
         {
@@ -392,7 +419,7 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
         {
             const float4 w = *reinterpret_cast<const float4*>(&kl[K_CW + tch * KC]);
             const float cb = kl[K_CB + tch];
-            float* base = reinterpret_cast<float*>(state_ptrs[l]);
+            float* base = reinterpret_cast<float*>(ptr_s[l]);
 #pragma unroll
             for (int i = 0; i < 2; ++i) {
                 const int r = tr + 8 * i;
@@ -431,6 +458,20 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
             for (int d = 0; d < NCTA; ++d) send4(dst, d, msg, bar_x);
         }
         STAMP(3);
+#if WAITERS
+        if (warp < 6) {
+            mbar_wait(bar_x, l & 1);
+            if (tid == 0) mbar_expect(bar_x, X_BYTES);               // arm the next layer's exchange
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int idx = tid + i * 192, m = idx >> 4, n = idx & 15;
+                float s = 0.f;
+#pragma unroll
+                for (int d = 0; d < NCTA; ++d) s += xr_s[(d * NX + m) * ROWS + n];
+                dbl_s[n * DBP + m] = rnd(s);
+            }
+        }
+#else
         // dbl = the sum of the 8 partials (fixed order), rounded: warps 0..11, 2 values each
         if (tid < NX * ROWS / 2) {
             mbar_wait(bar_x, l & 1);
@@ -444,6 +485,7 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
                 dbl_s[n * DBP + m] = rnd(s);
             }
         }
+#endif
         __syncthreads();
         STAMP(4);
         if (tid == 0 && l + 1 < L) load_bulk(wx_s, wx_src(l + 1), WX_EL * 2, bar_wx);
@@ -479,7 +521,7 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
         // y = <s, C> + D x (4 lanes reduced transposed: lane q ends with rows 2q, 2q+1), gated by silu(z)
         {
             const float4 a4 = *reinterpret_cast<const float4*>(&kl[K_A + sch * NS + 4 * q]);
-            float* base = reinterpret_cast<float*>(state_ptrs[L + l]);
+            float* base = reinterpret_cast<float*>(ptr_s[L + l]);
             float yp[8];
 #pragma unroll
             for (int j = 0; j < 8; ++j) {
@@ -492,14 +534,17 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
                 s.y = fmaf(__expf(d * a4.y), s.y, dx * Bv.y);
                 s.z = fmaf(__expf(d * a4.z), s.z, dx * Bv.z);
                 s.w = fmaf(__expf(d * a4.w), s.w, dx * Bv.w);
-                if (r < nrows && !NO_STATE_IO)
-                    *reinterpret_cast<float4*>(base + ((long long)(b0 + r) * EI + ch0 + sch) * NS + 4 * q) = s;
+                if (r < nrows && !NO_STATE_IO) {
+                    float4* p = reinterpret_cast<float4*>(base + ((long long)(b0 + r) * EI + ch0 + sch) * NS + 4 * q);
+                    if (STATE_HINT) __stcs(p, s);
+                    else *p = s;
+                }
                 float y = s.x * Cv.x;
                 y = fmaf(s.y, Cv.y, y);
                 y = fmaf(s.z, Cv.z, y);
                 yp[j] = fmaf(s.w, Cv.w, y);
             }
-            if (l + 1 < L) fetch_ssm(l + 1);         // the next layer's states, a whole layer ahead
+            if (FETCH_AT == 0 && l + 1 < L) fetch_ssm(l + 1);   // the next layer's states, a whole layer ahead
             float v4[4], v2[2];
             const bool h2 = q & 2, h1 = q & 1;
 #pragma unroll
@@ -540,6 +585,7 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
                 send4(&or_s[(c * OC + m) * ROWS + nt * 8 + 2 * (t & 2)], owner, msg, bar_o);
             }
         }
+        if (FETCH_AT == 1 && l + 1 < L) fetch_ssm(l + 1);
         __syncthreads();
         STAMP(7);
         if (tid == 0 && l + 1 < L) load_bulk(wo_s, wo_src(l + 1), WO_EL * 2, bar_wo);
@@ -564,6 +610,7 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
 #pragma unroll
             for (int d = 0; d < NCTA; ++d) send4(dst, d, v, bar_r);
         }
+        if (FETCH_AT == 2 && l + 1 < L) fetch_ssm(l + 1);
         STAMP(8);
     }
 }

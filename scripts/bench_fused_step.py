@@ -8,7 +8,7 @@ events, median of 15 repetitions of a graph of n launches.
         per batch: the `cluster` kernel (batch <= --cluster-max), the `rows` kernel (cuda/decode_fused_rows.cu,
         each variant, 15 and 1 layers) and the model's unfused step (fused off: the tensor-core GEMM path where
         the model has one, and the cuBLAS path) in the same process; a per-phase clock64 profile of the rows
-        kernel (PROFILE=1) at the largest batch; a table last
+        kernel (PROFILE=1, --profile BATCH ...); a table last
 """
 
 from __future__ import annotations
@@ -96,10 +96,10 @@ def cluster_variants(m, W, variants):
     print(f"BEST {best[0]} {dict(variants)[best[0]]}")
 
 
-def profile_rows(W, cache, ids, logits, steps=20):
+def profile_rows(W, cache, ids, logits, defines="", steps=20):
     """Per-phase clock64 deltas of one thread (CTA 0 of cluster 0), us per step, from the PROFILE=1 build."""
     import cupy
-    os.environ["BYTEMAMBA_FUSED_DEFINES"] = "PROFILE=1"
+    os.environ["BYTEMAMBA_FUSED_DEFINES"] = f"PROFILE=1 {defines}"
     conv, ssm = [s.conv for s in cache.layers], [s.ssm for s in cache.layers]
     fused_step_fn(ids, W, conv, ssm, logits, kernel="rows")
     K = rows_module(ids.device, W.dtype)
@@ -128,7 +128,7 @@ def batches_table(m, W, args):
             res[batch, "cluster"] = timed(lambda: fused_step_fn(ids, W, conv, ssm, logits, kernel="cluster"))
         for name, defines in variants:
             os.environ["BYTEMAMBA_FUSED_DEFINES"] = defines.replace("+", " ")
-            for L in (15, 1):
+            for L in (15, 1) if name == "rows" else (15,):
                 Wl = layers_of(W, L) if L == 1 else W
                 us = timed(lambda: fused_step_fn(ids, Wl, conv[:L], ssm[:L], logits, kernel="rows"))
                 assert torch.isfinite(logits).all()
@@ -149,29 +149,32 @@ def batches_table(m, W, args):
                 print(f"unfused {label} batch {batch}: {type(e).__name__}: {e}", flush=True)
         print(batch, {k[1]: (round(v, 2) if isinstance(v, float) else v) for k, v in res.items() if k[0] == batch},
               flush=True)
-    prof = None
-    if args.profile:
-        b = max(args.batches)
-        cache = states(m, b)
-        ids = torch.randint(0, 256, (b,), device="cuda")
-        prof, ghz = profile_rows(W, cache, ids, torch.empty(b, 256, device="cuda"))
-        print(f"\nrows kernel, batch {b}, 15 layers: clock64 per phase, thread 0 of CTA 0 (waits included; "
-              f"{ghz:.2f} GHz assumed)")
-        print("| phase | us per step (15 layers) | us per layer |")
-        print("|---|---|---|")
-        for name, us in zip(PHASES, prof):
-            print(f"| {name} | {us:.2f} | {us / 15:.3f} |")
-        print(f"| total | {sum(prof):.2f} | |")
+    profs = []
+    for b in args.profile:
+        for pd in [""] + args.profile_defines:
+            cache = states(m, b)
+            ids = torch.randint(0, 256, (b,), device="cuda")
+            prof, ghz = profile_rows(W, cache, ids, torch.empty(b, 256, device="cuda"), pd.replace("+", " "))
+            profs.append((f"b {b}" + (f" {pd}" if pd else ""), prof))
+    if profs:
+        print(f"\nrows kernel, 15 layers: clock64 per phase, thread 0 of CTA 0 of cluster 0 (waits included; "
+              f"{ghz:.2f} GHz assumed), us per layer")
+        print("| phase | " + " | ".join(p[0] for p in profs) + " |")
+        print("|---" * (1 + len(profs)) + "|")
+        for i, name in enumerate(PHASES):
+            print(f"| {name} | " + " | ".join(f"{p[1][i] / 15:.3f}" for p in profs) + " |")
+        print("| total per step (us) | " + " | ".join(f"{sum(p[1]):.2f}" for p in profs) + " |")
     cols = [v[0] for v in variants]
-    print("\n| batch | cluster kernel us | " + " | ".join(f"{c} us (15 layers) | {c} 1 layer" for c in cols)
+    print("\n| batch | cluster kernel us | rows us (15 layers) | rows 1 layer | "
+          + " | ".join(f"{c} us" for c in cols[1:])
           + " | unfused gemm us | unfused cuBLAS us | best fused samples/s | vs cuBLAS step |")
-    print("|---" * (4 + 2 * len(cols) + 2) + "|")
+    print("|---" * (7 + len(cols)) + "|")
     for batch in args.batches:
         fused = [res[batch, k] for k in ["cluster"] + cols if (batch, k) in res]
         best = min(fused)
         cub = res.get((batch, "cublas"), float("nan"))
         line = [str(batch), f"{res[batch, 'cluster']:.2f}" if (batch, "cluster") in res else "-"]
-        line += [f"{res[batch, c]:.2f} | {res[batch, c + '/1']:.2f}" for c in cols]
+        line += [f"{res[batch, 'rows']:.2f} | {res[batch, 'rows/1']:.2f}"] + [f"{res[batch, c]:.2f}" for c in cols[1:]]
         line += [f"{res[batch, 'gemm']:.2f} ({res[batch, 'gemm:path']})" if (batch, "gemm") in res else "-",
                  f"{cub:.2f} ({res.get((batch, 'cublas:path'), '?')})", f"{batch / best * 1e6:,.0f}",
                  f"{cub / best:.2f}x"]
@@ -184,7 +187,8 @@ def main():
     p.add_argument("--batches", nargs="*", type=int, default=None)
     p.add_argument("--rows-variants", nargs="*", default=[], help="NAME=DEFINE+DEFINE of the rows kernel")
     p.add_argument("--cluster-max", type=int, default=32)
-    p.add_argument("--profile", action="store_true")
+    p.add_argument("--profile", nargs="*", type=int, default=[], help="batches to profile the rows kernel at")
+    p.add_argument("--profile-defines", nargs="*", default=[], help="more rows variants to profile (DEF+DEF)")
     args = p.parse_args()
     torch.manual_seed(0)
     m = ByteMambaLM(ModelConfig(d_model=256, n_layer=15, scan_backend="cuda")).cuda().eval()

@@ -9,37 +9,29 @@
 #     dependent launch (BYTEMAMBA_STEP_PDL=1), then fused step + PyTorch sampler (BYTEMAMBA_STEP_V2=0).
 # Logs under $OUT (smoke.log, tests.log, kernel.log, bench*.log); the tables print last.
 #
-# MODE=rows: the many-row kernel (cuda/decode_fused_rows.cu) instead: a smoke step (timeout), the GPU tests of
+# MODE=rows: the many-row kernel (cuda/decode_fused_rows.cu) instead: the GPU tests of
 # tests/ops/test_fused_step.py, the kernels alone per batch against the unfused step (bench_fused_step.py
-# --batches, with the NO_STATE_IO variant and a per-phase profile), `bench generate` at audio6m batches
-# 64 / 256 with the rows kernel, then tests/test_decode.py -x. Each stage under its own timeout (~230 s).
+# --batches, rows variants, per-phase profiles at batch 16 and 256), `bench generate` for audio6m with the
+# defaults and with the cuBLAS step, the rows tests again with the variant $VARIANT (BYTEMAMBA_FUSED_DEFINES
+# form, '+' for spaces), then tests/test_decode.py -x. Each stage under its own timeout (~235 s in all).
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/bytemamba_out}
 mkdir -p "$OUT"
 if [ "${MODE:-}" = rows ]; then
   nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/smoke.log"
-  timeout 60 python3 -c '
-import torch
-from tests.ops.test_fused_step import make_model, packed, random_states, rel
-from bytemamba.ops.fused_step import fused_step_fn, fused_step_ref
-m = make_model(n_layer=2, device="cuda"); W = packed(m, torch.bfloat16)
-c1, c2 = random_states(m, 19, "cuda"), random_states(m, 19, "cuda")
-ids = torch.randint(0, 256, (19,), device="cuda")
-for t in range(3):
-    k = fused_step_fn(ids, W, [s.conv for s in c1.layers], [s.ssm for s in c1.layers], kernel="rows")
-    r = fused_step_ref(ids, W, [s.conv for s in c2.layers], [s.ssm for s in c2.layers])
-torch.cuda.synchronize(); e = rel(k, r); print("rows smoke rel err", e, "ssm", rel(c1.layers[1].ssm, c2.layers[1].ssm))
-assert e < 3e-2
-' 2>&1 | tee -a "$OUT/smoke.log" | tail -4
-  [ "${PIPESTATUS[0]}" = 0 ] || { echo "rows smoke FAILED"; exit 1; }
-  timeout 50 python3 scripts/bench_fused_step.py --batches ${BATCHES:-1 8 16 64 128 256} --profile \
-    --rows-variants nostate=NO_STATE_IO=1 2>&1 | tee "$OUT/kernel.log" | tail -30
-  timeout 60 python3 -m pytest -q -m gpu --tb=short -p no:cacheprovider tests/ops/test_fused_step.py 2>&1 \
+  timeout 50 python3 -m pytest -q -m gpu --tb=short -p no:cacheprovider tests/ops/test_fused_step.py 2>&1 \
     | tee "$OUT/tests.log" | tail -8
-  BYTEMAMBA_FUSED_ROWS_FROM=16 timeout 45 python3 -m bytemamba.bench generate --models audio6m --batches 64 256 \
-    --no-transformer --no-profile --fused-max-batch 100000 2>&1 | tee "$OUT/bench.log" | grep -E "^\||audio" | tail -6
-  timeout 60 python3 -m pytest -q -m gpu -x --tb=short -p no:cacheprovider tests/test_decode.py 2>&1 \
-    | tee "$OUT/decode_tests.log" | tail -4
+  timeout 85 python3 scripts/bench_fused_step.py --batches ${BATCHES:-1 8 16 32 64 128 256} --profile 16 256 \
+    --profile-defines ${VARIANT:-WAITERS=1+FETCH_AT=1} --rows-variants nostate=NO_STATE_IO=1 waiters=WAITERS=1 \
+    fetch1=FETCH_AT=1 wf=WAITERS=1+FETCH_AT=1 2>&1 | tee "$OUT/kernel.log" | tail -34
+  G="python3 -m bytemamba.bench generate --models audio6m --no-transformer --no-profile --new 512"
+  timeout 35 $G --batches 1 8 16 64 128 256 2>&1 | tee "$OUT/bench.log" | grep -E "^\|" | tail -8
+  timeout 25 $G --batches 64 256 --fused-max-batch 0 --gemm-max-batch 0 2>&1 | tee "$OUT/bench_cublas.log" \
+    | grep -E "^\|" | tail -3
+  BYTEMAMBA_FUSED_DEFINES="${VARIANT:-WAITERS=1+FETCH_AT=1}" timeout 25 python3 -m pytest -q -m gpu --tb=short \
+    -p no:cacheprovider tests/ops/test_fused_step.py -k rows 2>&1 | tee "$OUT/tests_variant.log" | tail -3
+  [ $SECONDS -lt 215 ] && timeout $((234 - SECONDS)) python3 -m pytest -q -m gpu -x --tb=short -p no:cacheprovider \
+    tests/test_decode.py 2>&1 | tee "$OUT/decode_tests.log" | tail -3
   exit 0
 fi
 VARIANTS=${VARIANTS:-"default= nodbl=DBL_ONCE=0 pack0=PACK=0+DBL_ONCE=0 pack2=PACK=2+DBL_ONCE=0 pack2dbl=PACK=2 cbar=SYNC_MODE=0+DBL_ONCE=0"}
