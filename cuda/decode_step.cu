@@ -19,11 +19,13 @@
 //
 // How it is launched (grids from bytemamba/ops/step.py, on PyTorch's current stream, so graph-capturable):
 //   conv_step    one thread per (row, channel), 256 per block.
-//   ssm_step_r<ROWS> (ROWS = 1, 2, 4, 8, 16 batch rows a block, chosen by the launcher per shape): LPC = NPADS/4
+//   ssm_step_r<ROWS> (ROWS = 1, 2, 4, 8, 16 batch rows a block) and ssm_stream_r<ROWS> (4, 8, 16; the states
+//                through shared memory), chosen by the launcher per shape: LPC = NPADS/4
 //                adjacent lanes per (row, channel), each owning 4 of its NSTATE states (-DNSTATE, padded to
 //                NPADS, a power of two >= 4); the low-rank dt dot and <s, C> are reduce-scattered across the LPC
 //                lanes with shuffles; 128 threads per block = 128 / LPC channels x ROWS batch rows (grid
-//                ceil(e / (128 / LPC)) x ceil(b / ROWS)), ROWS x rp floats of dynamic shared memory.
+//                ceil(e / (128 / LPC)) x ceil(b / ROWS)); dynamic shared memory ROWS x rp floats (+ ROWS x 128
+//                float4 for ssm_stream).
 //   add_rmsnorm  one block of 256 threads per row.
 //   gemv_step, embed_rows, sample_rows: see their sections below.
 // Every kernel calls grid_dep_wait() before it reads activations or writes anything, so the launcher may use
@@ -102,14 +104,20 @@ extern "C" __global__ void __launch_bounds__(256) conv_step(
 // ROWS x rp floats, rp = the rank r rounded up to chunks of 4 * LPC ranks (0 without the low-rank form).
 // The order of work puts one memory latency, not a chain of them, before the arithmetic:
 //   1. before the grid dependency wait: the lane's W_dt slice (ranks 4 LPC k + 4q .. +3 of chunks k < WCH:
-//      16 floats), its 4 entries of A pre-scaled by log2(e) (so exp is one ex2.approx), dt_bias and D;
+//      16 floats), its 4 entries of A, dt_bias and D (none used before the states are loaded, so their
+//      latency overlaps the states'; exp(dt A) is one ex2.approx of (dt log2 e) A);
 //   2. after it: every row's 16-byte state slice (ROWS loads in flight a lane), then the block's rows of x, z
 //      (or the full-rank dt), B, C and the low-rank dt, all loaded before any is stored into shared memory;
 //   3. the dt dot of every row (W_dt from registers, dt_low as 16-byte shared loads), summed across the LPC
 //      lanes by a reduce-scatter (each lane ends with the sums of ROWS / LPC rows), so + dt_bias and the
 //      softplus run once per (row, channel), not once per lane; the results are gathered back by shuffles;
-//   4. per row the update s = ex2(dt A log2 e) s + dt x B, the state stored back (16 bytes a lane), <s, C>
-//      reduce-scattered the same way: the lane owning a row adds D x, applies the z gate and writes y.
+//   4. the update s = ex2(dt A log2 e) s + dt x B row by row, in groups of RG rows (at most 4 groups), the state
+//      stored back (16 bytes a lane); <s, C> reduce-scattered over the group the same way: the lane owning a
+//      row adds D x, applies the z gate and writes y.
+// ssm_stream_r<ROWS> (NSTATE % 4 == 0) is the same with step 2's state loads as cp.async copies into shared memory
+// (ROWS x 128 float4 after the dt rows), one commit group per update group of RG rows: no registers are held
+// while they are in flight, so a block can have ROWS x 2 KB (n = 16) of states in flight, and step 3 runs while
+// they land; each thread reads back only the 16-byte slots it copied itself (no barrier needed).
 // Ranks beyond WCH chunks (r > 16 LPC) read their W_dt from global memory inside the dot (general, slower).
 #define SSM_T 128
 #define CPB (SSM_T / LPC)
@@ -222,8 +230,7 @@ __device__ __forceinline__ void ssm_rows(
     float4 w[WCH];
 #pragma unroll
     for (int k = 0; k < WCH; ++k) w[k] = wdt4(wrow, k * CH + 4 * q, r, wdt != nullptr && valid);
-    float4 a = state4_load(A + (size_t)c * NSTATE + 4 * q, 4 * q, valid);
-    a.x *= LOG2E_F; a.y *= LOG2E_F; a.z *= LOG2E_F; a.w *= LOG2E_F;
+    const float4 a = state4_load(A + (size_t)c * NSTATE + 4 * q, 4 * q, valid);   // used only after the states
     const float bias = (dt_bias && valid) ? dt_bias[c] : 0.f;
     const float Dc = (D && valid) ? D[c] : 0.f;
     grid_dep_wait();
@@ -348,16 +355,16 @@ __device__ __forceinline__ void ssm_rows(
         for (int i = 0; i < RG; ++i) {
             const int rr = g * RG + i;
             const float d = __shfl_sync(0xffffffffu, v[rr % M], (rr / M) * G, LPC);
-            const float dx = d * x_s[rr][cl];
+            const float dx = d * x_s[rr][cl], d2 = d * LOG2E_F;      // exp(d A) = ex2(d log2(e) A)
             const float4 Bv = *reinterpret_cast<const float4*>(&B_s[rr][4 * q]);
             const float4 Cv = *reinterpret_cast<const float4*>(&C_s[rr][4 * q]);
             float4 u;
             if constexpr (STREAM) u = st_s[rr * SSM_T + threadIdx.x];
             else u = s[rr];
-            u.x = fmaf(ex2_approx(d * a.x), u.x, dx * Bv.x);
-            u.y = fmaf(ex2_approx(d * a.y), u.y, dx * Bv.y);
-            u.z = fmaf(ex2_approx(d * a.z), u.z, dx * Bv.z);
-            u.w = fmaf(ex2_approx(d * a.w), u.w, dx * Bv.w);
+            u.x = fmaf(ex2_approx(d2 * a.x), u.x, dx * Bv.x);
+            u.y = fmaf(ex2_approx(d2 * a.y), u.y, dx * Bv.y);
+            u.z = fmaf(ex2_approx(d2 * a.z), u.z, dx * Bv.z);
+            u.w = fmaf(ex2_approx(d2 * a.w), u.w, dx * Bv.w);
             state4_store(sp + rr * rstride, 4 * q, valid && rr < nrows, u);
             float t = u.x * Cv.x;
             t = fmaf(u.y, Cv.y, t);
@@ -392,6 +399,7 @@ extern "C" __global__ void __launch_bounds__(SSM_T) ssm_step_r4(SSM_PARAMS) { ss
 extern "C" __global__ void __launch_bounds__(SSM_T) ssm_step_r8(SSM_PARAMS) { ssm_rows<8, false>(SSM_ARGS); }
 extern "C" __global__ void __launch_bounds__(SSM_T) ssm_step_r16(SSM_PARAMS) { ssm_rows<16, false>(SSM_ARGS); }
 // the states through shared memory (cp.async, 16 bytes a lane and row): NSTATE % 4 == 0 only (the launcher's rule)
+extern "C" __global__ void __launch_bounds__(SSM_T) ssm_stream_r4(SSM_PARAMS) { ssm_rows<4, true>(SSM_ARGS); }
 extern "C" __global__ void __launch_bounds__(SSM_T) ssm_stream_r8(SSM_PARAMS) { ssm_rows<8, true>(SSM_ARGS); }
 extern "C" __global__ void __launch_bounds__(SSM_T) ssm_stream_r16(SSM_PARAMS) { ssm_rows<16, true>(SSM_ARGS); }
 

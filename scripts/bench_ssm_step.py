@@ -35,7 +35,7 @@ def main() -> int:
     p.add_argument("--shapes", nargs="+", metavar="MODEL:BATCH",
                    default=[f"byte353m:{b}" for b in (1, 2, 4, 8, 16, 32, 64, 128, 256)]
                    + [f"audio6m:{b}" for b in (1, 8, 64, 128, 256)])
-    p.add_argument("--variants", nargs="+", default=["auto", "r1", "r2", "r4", "r8", "r16", "s8", "s16"],
+    p.add_argument("--variants", nargs="+", default=["auto", "r1", "r2", "r4", "s4", "s8", "s16"],
                    help="auto: the launcher's choice; rR: ssm_step_rR (states in registers); sR: ssm_stream_rR")
     p.add_argument("--old", default=None, help="a copy of the previous decode_step.cu (kernel `ssm_step`, "
                    "4 rows a block), timed as variant v3")

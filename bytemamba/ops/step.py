@@ -33,7 +33,7 @@ from bytemamba.ops._cupy import compile_module, cupy_stream, ptr
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # ssm_step_r<ROWS> (states in registers) and ssm_stream_r<ROWS> (states through shared memory): batch rows per
 # block, template instances in the .cu
-_SSM_ROWS = {1: (1, 2, 4, 8, 16), 2: (8, 16)}
+_SSM_ROWS = {1: (1, 2, 4, 8, 16), 2: (4, 8, 16)}
 _KERNELS = ("conv_step", "add_rmsnorm", "gemv_step", "embed_rows", "sample_rows",
             *(f"ssm_step_r{k}" for k in _SSM_ROWS[1]), *(f"ssm_stream_r{k}" for k in _SSM_ROWS[2]))
 MAXB = 8                      # the fused GEMVs take batch rows in tiles of up to this (GB in cuda/decode_step.cu)
@@ -104,7 +104,7 @@ _TUNING = dict(ssm_rows=None, ssm_kernel=None, rpw=2, uk=4, gemv_blocks=132)
 
 def tuning() -> dict:
     """Launch shapes of the step kernels: ssm_kernel (1: ssm_step_r*, states in registers; 2: ssm_stream_r*,
-    states through shared memory) and ssm_rows (batch rows per block: 1, 2, 4, 8, 16 / 8, 16), None: ssm_plan()
+    states through shared memory) and ssm_rows (batch rows per block: 1, 2, 4, 8, 16 / 4, 8, 16), None: ssm_plan()
     picks them per shape; rpw / uk (gemv_step: output
     rows per warp, 16-byte weight chunks per lane per row in flight), gemv_blocks (gemv_step splits K over
     more warps until it has this many blocks). BYTEMAMBA_STEP_TUNE="ssm_rows=8,uk=8" overrides them (for

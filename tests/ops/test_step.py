@@ -165,7 +165,9 @@ def test_ssm_plan_by_shape(monkeypatch):
     assert plan(64, 2048) == (2, 8) and plan(256, 512, r=16) == (2, 8)
     assert plan(256, 512, n=5, r=16)[0] == 1                 # states not whole float4s: registers
     monkeypatch.setenv("BYTEMAMBA_STEP_TUNE", "ssm_rows=4")
-    assert plan(64, 2048) == (1, 4)
+    assert plan(64, 2048) == (2, 4) and plan(8, 2048) == (1, 4)
+    monkeypatch.setenv("BYTEMAMBA_STEP_TUNE", "ssm_rows=2")          # no streaming tile of 2 rows: registers
+    assert plan(64, 2048) == (1, 2)
     monkeypatch.setenv("BYTEMAMBA_STEP_TUNE", "ssm_kernel=2,ssm_rows=16")
     assert plan(8, 2048) == (2, 16)
     for bad in ("ssm_kernel=2,ssm_rows=2", "ssm_kernel=3", "ssm_rows=3"):
@@ -226,7 +228,7 @@ def test_ssm_kernel_many_steps(dtype, n, lowrank, z, D, batch):
 @gpu
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("n,lowrank", [(16, 64), (16, 16), (5, 3), (64, 0), (16, 80), (1, 0), (128, 8)])
-@pytest.mark.parametrize("kernel", ["r1", "r2", "r4", "r8", "r16", "s8", "s16"])
+@pytest.mark.parametrize("kernel", ["r1", "r2", "r4", "r8", "r16", "s4", "s8", "s16"])
 def test_ssm_kernel_every_tile(dtype, n, lowrank, kernel, monkeypatch):
     """Every ssm_step_r<rows> (r) and ssm_stream_r<rows> (s) instance, forced through BYTEMAMBA_STEP_TUNE, on 19
     rows (partial row tiles but for 1 row a block) and 70 channels (a partial channel tile), against the parallel
