@@ -39,7 +39,8 @@ def add_arguments(p):
     p.add_argument("--gemv-max-batch", type=int, default=None,
                    help="override ByteMambaLM.gemv_max_batch (fused GEMV path up to this batch; 0 = cuBLAS always)")
     p.add_argument("--gemm-max-batch", type=int, default=None,
-                   help="override ByteMambaLM.gemm_max_batch (tensor-core step GEMMs up to this batch; 0 = off)")
+                   help="override ByteMambaLM.gemm_max_batch (tensor-core step GEMMs up to this batch; "
+                        "default 0 = off)")
     p.add_argument("--fused-max-batch", type=int, default=None,
                    help="override ByteMambaLM.fused_max_batch (one-kernel step up to this batch where the model's "
                         "shape allows; 0 = off)")

@@ -128,13 +128,17 @@ class ByteMambaLM(nn.Module):
 
     # Batches above gemv_max_batch and up to this run the same four launches a layer with the projections as
     # tensor-core GEMMs (bytemamba.ops.gemm: bf16 / fp16, compute capability 9.0+, widths multiples of 32;
-    # elsewhere the cuBLAS path); 0 turns them off. Measured on an H200: docs/PERF.md, "Tensor-core step GEMM".
-    gemm_max_batch: int = 256
+    # elsewhere the cuBLAS path). Off (0) by default: measured on an H200 the gemm step kernels are slower than
+    # cuBLAS + add_rmsnorm + conv_step (byte353m b 64: 3.29 vs 1.88 ms a step; docs/PERF.md, "Tensor-core step
+    # GEMM"); `bench generate --gemm-max-batch 256` turns them on.
+    gemm_max_batch: int = 0
 
-    # Batches up to this run the whole step as one kernel (cuda/decode_fused.cu) where the model has its
-    # shape (d_model 256, d_state 16, ...: bytemamba.ops.fused_step.SHAPE) and the step computes in bf16/fp16;
-    # 0 (or BYTEMAMBA_FUSED_STEP=0) turns it off. `last_step_path` says which path the last step took.
-    fused_max_batch: int = 8
+    # Batches up to this run the whole step as one kernel where the model has its shape (d_model 256,
+    # d_state 16, ...: bytemamba.ops.fused_step.SHAPE) and the step computes in bf16/fp16: cuda/decode_fused.cu
+    # (a cluster per row, `last_step_path` "fused") up to fused_step.ROWS_FROM rows, cuda/decode_fused_rows.cu
+    # (a cluster per 16 rows, "fused-rows") above; measured faster than the unfused paths at every batch
+    # (docs/PERF.md). 0 (or BYTEMAMBA_FUSED_STEP=0) turns it off.
+    fused_max_batch: int = 1 << 16
     last_step_path: str = ""
 
     def fused_step_reason(self, batch: int, device) -> str | None:
@@ -179,7 +183,7 @@ class ByteMambaLM(nn.Module):
             if not s.ssm.is_contiguous():
                 s.ssm = s.ssm.contiguous()
         W = self._fused_weights(self.backbone.layers[0].mixer.step_dtype())
-        kernel = choose_kernel(ids.shape[0])
+        kernel = choose_kernel(ids.shape[0], len(cache.layers))
         logits = fused_step_fn(ids, W, [s.conv for s in cache.layers], [s.ssm for s in cache.layers], kernel=kernel)
         cache.seqlen_offset += 1
         self.last_step_path = "fused" if kernel == "cluster" else "fused-rows"

@@ -3,6 +3,8 @@ same rounded inputs (plain, bias, float32 out, the RMSNorm prologue, the conv ep
 residual epilogue with its partial sums), odd batches and widths, bf16 and fp16, every kind of launch plan;
 the model's gemm path against its cuBLAS path. CPU tests of the argument checks and the launch plans."""
 
+import os
+
 import pytest
 import torch
 
@@ -63,8 +65,8 @@ def _check_all(dt, batch, N, K, seed=0):
     want_res = res0.double() + want
     assert rel(res1, want_res) < TOL
     assert p.shape[0] == batch and abs(p.double().sum(1) / want_res.pow(2).sum(1) - 1).max().item() < 1e-5
-    # and they feed the next norm prologue
-    if N % 32 == 0:
+    # and they feed the next norm prologue (a (128, N) projection: not under a forced plan made for K)
+    if N % 32 == 0 and not os.environ.get("BYTEMAMBA_GEMM_TUNE"):
         nw2 = r(N)
         h2 = add_rmsnorm_ref(res1.clone(), None, nw2, 1e-5, dt)
         W2 = (r(128, N) * N ** -0.5).to(dt)
