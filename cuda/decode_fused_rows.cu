@@ -116,8 +116,12 @@ extern "C" __global__ void fused_rows_smem(int* out) { out[0] = SMEM_BYTES; }
 // thread 0 of CTA 0 of cluster 0 per phase (N I C X-send X-wait D1 D2 O R head) into rows_prof, read and
 // zeroed by fused_rows_prof.
 // STATE_HINT 1: the SSM states loaded and stored with the streaming (evict-first) cache hint, so that they
-// push the weights out of L2 less. FETCH_AT: where the next layer's states are loaded: 0 right after this
-// layer's update (D2), 1 after the out_proj sends (O), 2 at the end of the layer (after R).
+// push the weights out of L2 less (spills 8 bytes with nvcc 13.0; not timed). FETCH_AT: where the next layer's
+// states are loaded: 0 right after this layer's update (D2), 1 (default) after the out_proj sends (O), 2 at
+// the end of the layer (after R). Measured on an H200 (docs/PERF.md, audio6m, kernel alone, us a step at
+// batch 16 / 128 / 256): FETCH_AT 0 WAITERS 0 145.6 / 161.7 / 320.3; WAITERS 1 146.2 / 162.4 / 320.4;
+// FETCH_AT 1 142.1 / 155.6 / 308.2; both (the default) 142.9 / 157.2 / 312.0; no state traffic at all
+// (NO_STATE_IO) 117.6 / 117.9 / 234.7.
 #ifndef NO_STATE_IO
 #define NO_STATE_IO 0
 #endif
@@ -125,13 +129,14 @@ extern "C" __global__ void fused_rows_smem(int* out) { out[0] = SMEM_BYTES; }
 #define STATE_HINT 0
 #endif
 #ifndef FETCH_AT
-#define FETCH_AT 0
+#define FETCH_AT 1
 #endif
 // WAITERS 1: fewer warps spin on the exchanges' mbarriers (the others wait in a CTA barrier, which takes no
 // issue slots): the x_proj partials are summed by the 6 sending warps (4 values a thread), and one warp waits
-// for the residual columns before a CTA barrier. 0: 12 warps wait for x_proj's, all 16 for the residual.
+// for the residual columns before a CTA barrier (default). 0: 12 warps wait for x_proj's, all 16 for the
+// residual.
 #ifndef WAITERS
-#define WAITERS 0
+#define WAITERS 1
 #endif
 #ifndef PROFILE
 #define PROFILE 0

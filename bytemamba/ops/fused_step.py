@@ -239,12 +239,15 @@ def _rows_from() -> int:
 
 
 # Batches above this run the `rows` kernel, the others the `cluster` kernel (BYTEMAMBA_FUSED_ROWS_FROM
-# overrides it).
-ROWS_FROM = 1 << 30
+# overrides it). Both run one CTA per SM in clusters of 8, and an H200 holds 15 such clusters at once: the
+# cluster kernel takes ~55 us a wave of 15 rows, the rows kernel ~150-165 us a wave of 15 x 16 rows (measured,
+# docs/PERF.md "audio6m large batches"), so the rows kernel pays from 31 rows on.
+ROWS_FROM = 30
+ROWS_MAX_LAYERS = 64              # the rows kernel keeps the state pointers in shared memory (MAX_L)
 
 
-def choose_kernel(batch: int) -> str:
-    return "rows" if batch > _rows_from() else "cluster"
+def choose_kernel(batch: int, n_layer: int = 1) -> str:
+    return "rows" if batch > _rows_from() and n_layer <= ROWS_MAX_LAYERS else "cluster"
 
 
 def fused_step_fn(ids, W: FusedWeights, conv_states, ssm_states, logits=None, kernel=None):
@@ -263,8 +266,10 @@ def fused_step_fn(ids, W: FusedWeights, conv_states, ssm_states, logits=None, ke
     if logits is None:
         logits = torch.empty(b, SHAPE["vocab"], device=dev, dtype=torch.float32)
     table = _state_table(conv_states, ssm_states, dev)
-    kernel = kernel or choose_kernel(b)
+    kernel = kernel or choose_kernel(b, L)
     if kernel == "rows":
+        if L > ROWS_MAX_LAYERS:
+            raise ValueError(f"fused step: the rows kernel takes at most {ROWS_MAX_LAYERS} layers, got {L}")
         return _launch_rows(ids, W, table, b, logits)
     if kernel != "cluster":
         raise ValueError(f"fused step: unknown kernel {kernel!r} (cluster or rows)")
