@@ -192,6 +192,17 @@ extern "C" __global__ void __launch_bounds__(256, 1) gemm_step(
 #endif
     grid_dep_wait();
     grid_dep_launch();
+#if EPI == 1
+    // RESID: the old residual of this thread's first EU epilogue outputs (see the epilogue's mapping), loaded now
+    // with the input: it does not depend on the product, so the epilogue does not wait a round trip for it
+    float res_pre[EU];
+#pragma unroll
+    for (int u = 0; u < EU; ++u) {
+        const int Rp = MT / S, i = threadIdx.x + u * nthr;
+        const int j = blockIdx.x * MT + (int)rank * Rp + i % Rp, nn = n0 + i / Rp;
+        res_pre[u] = ((flags & 4) && i < Rp * BN && j < N && nn < b) ? res_out[(long long)nn * N + j] : 0.f;
+    }
+#endif
 
     // ---- the input tile: rows n0 .. n0 + BN - 1, k slice kc0 .. kc0 + kK - 1 -> xin (BN, ldx) ----------
     if (flags & 1) {
@@ -208,13 +219,16 @@ extern "C" __global__ void __launch_bounds__(256, 1) gemm_step(
             }
         };
         load8(threadIdx.x);
-        for (int r = warp; r < BN; r += nthr / 32) {             // inv rms of row r from the partial sums
+        // inv rms of every row from its partial sums: a thread a row, all rows' loads in flight together (v2 had a
+        // warp walk its rows one after another: a serial chain of loads behind the weights, ~8-30 us measured)
+        for (int r = threadIdx.x; r < BN; r += nthr) {
             float s = 0.f;
-            if (n0 + r < b)
-                for (int p = lane; p < P_in; p += 32) s += partial_in[(long long)(n0 + r) * P_in + p];
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-            if (lane == 0) inv_s[r] = rsqrtf(s / (float)K + eps);
+            if (n0 + r < b) {
+                const float* pp = partial_in + (long long)(n0 + r) * P_in;
+#pragma unroll 8
+                for (int p = 0; p < P_in; ++p) s += pp[p];
+            }
+            inv_s[r] = rsqrtf(s / (float)K + eps);
         }
         __syncthreads();
         for (int i0 = threadIdx.x; i0 < total; i0 += 8 * nthr) {
@@ -319,7 +333,8 @@ extern "C" __global__ void __launch_bounds__(256, 1) gemm_step(
         if (resid) {
             float old[EU];
 #pragma unroll
-            for (int u = 0; u < EU; ++u) old[u] = ok[u] ? res_out[(long long)nn[u] * N + jj[u]] : 0.f;
+            for (int u = 0; u < EU; ++u)
+                old[u] = i0 == (int)threadIdx.x ? res_pre[u] : ok[u] ? res_out[(long long)nn[u] * N + jj[u]] : 0.f;
 #pragma unroll
             for (int u = 0; u < EU; ++u)
                 if (i0 + u * nthr < cnt) vres[i0 + u * nthr] = ok[u] ? old[u] + y[u] : 0.f;
