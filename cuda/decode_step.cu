@@ -19,13 +19,11 @@
 //
 // How it is launched (grids from bytemamba/ops/step.py, on PyTorch's current stream, so graph-capturable):
 //   conv_step    one thread per (row, channel), 256 per block.
-//   ssm_step_r<ROWS> (ROWS = 1, 2, 4, 8, 16 batch rows a block) and ssm_stream_r<ROWS> (4, 8, 16; the states
-//                through shared memory), chosen by the launcher per shape: LPC = NPADS/4
+//   ssm_step_r<ROWS> (ROWS = 1, 2, 4 batch rows a block, chosen by the launcher per shape): LPC = NPADS/4
 //                adjacent lanes per (row, channel), each owning 4 of its NSTATE states (-DNSTATE, padded to
 //                NPADS, a power of two >= 4); the low-rank dt dot and <s, C> are reduce-scattered across the LPC
 //                lanes with shuffles; 128 threads per block = 128 / LPC channels x ROWS batch rows (grid
-//                ceil(e / (128 / LPC)) x ceil(b / ROWS)); dynamic shared memory ROWS x rp floats (+ ROWS x 128
-//                float4 for ssm_stream).
+//                ceil(e / (128 / LPC)) x ceil(b / ROWS)); dynamic shared memory ROWS x rp floats.
 //   add_rmsnorm  one block of 256 threads per row.
 //   gemv_step, embed_rows, sample_rows: see their sections below.
 // Every kernel calls grid_dep_wait() before it reads activations or writes anything, so the launcher may use
@@ -99,7 +97,7 @@ extern "C" __global__ void __launch_bounds__(256) conv_step(
 
 // ------------------------------------------------------------------------------------------------
 // ssm_step (v4): a block of SSM_T = 128 threads owns CPB = 128 / LPC adjacent channels (LPC lanes each, lane q
-// holding states 4q .. 4q+3) and ROWS batch rows, ROWS a template parameter: kernels ssm_step_r1 .. ssm_step_r16
+// holding states 4q .. 4q+3) and ROWS batch rows, ROWS a template parameter: kernels ssm_step_r1, _r2, _r4
 // (the launcher picks one per (batch, channels)); grid ceil(e / CPB) x ceil(b / ROWS); dynamic shared memory
 // ROWS x rp floats, rp = the rank r rounded up to chunks of 4 * LPC ranks (0 without the low-rank form).
 // The order of work puts one memory latency, not a chain of them, before the arithmetic:
@@ -111,13 +109,11 @@ extern "C" __global__ void __launch_bounds__(256) conv_step(
 //   3. the dt dot of every row (W_dt from registers, dt_low as 16-byte shared loads), summed across the LPC
 //      lanes by a reduce-scatter (each lane ends with the sums of ROWS / LPC rows), so + dt_bias and the
 //      softplus run once per (row, channel), not once per lane; the results are gathered back by shuffles;
-//   4. the update s = ex2(dt A log2 e) s + dt x B row by row, in groups of RG rows (at most 4 groups), the state
-//      stored back (16 bytes a lane); <s, C> reduce-scattered over the group the same way: the lane owning a
-//      row adds D x, applies the z gate and writes y.
-// ssm_stream_r<ROWS> (NSTATE % 4 == 0) is the same with step 2's state loads as cp.async copies into shared memory
-// (ROWS x 128 float4 after the dt rows), one commit group per update group of RG rows: no registers are held
-// while they are in flight, so a block can have ROWS x 2 KB (n = 16) of states in flight, and step 3 runs while
-// they land; each thread reads back only the 16-byte slots it copied itself (no barrier needed).
+//   4. per row the update s = ex2(dt log2(e) A) s + dt x B, the state stored back (16 bytes a lane); <s, C>
+//      reduce-scattered the same way: the lane owning a row adds D x, applies the z gate and writes y.
+// Measured on the H200 (docs/PERF.md, "ssm_step v4"): 1 row a block is fastest while that gives <= 4 blocks an
+// SM, 2 rows beyond (more rows: more registers, fewer warps, slower; states through shared memory by cp.async
+// with up to 16 rows in flight a block: no faster).
 // Ranks beyond WCH chunks (r > 16 LPC) read their W_dt from global memory inside the dot (general, slower).
 #define SSM_T 128
 #define CPB (SSM_T / LPC)
@@ -177,21 +173,7 @@ __device__ __forceinline__ void reduce_scatter(float* v, int q) {
     }
 }
 
-// cp.async (sm_80+): 16 bytes global -> shared without holding registers while in flight; src_bytes 0 fills zeros
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
-    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(s), "l"(gmem), "r"(src_bytes) : "memory");
-}
-__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-// wait until at most n (0..3, a constant once unrolled) of this thread's newest commit groups are pending
-__device__ __forceinline__ void cp_wait(int n) {
-    if (n <= 0) asm volatile("cp.async.wait_group 0;" ::: "memory");
-    else if (n == 1) asm volatile("cp.async.wait_group 1;" ::: "memory");
-    else if (n == 2) asm volatile("cp.async.wait_group 2;" ::: "memory");
-    else asm volatile("cp.async.wait_group 3;" ::: "memory");
-}
-
-template <int ROWS, bool STREAM>
+template <int ROWS>
 __device__ __forceinline__ void ssm_rows(
     float* __restrict__ state, const in_t* __restrict__ x, long long xs,
     const in_t* __restrict__ dt, long long dts, const float* __restrict__ wdt, int r,
@@ -202,11 +184,6 @@ __device__ __forceinline__ void ssm_rows(
 {
     constexpr int M = ROWS >= LPC ? ROWS / LPC : 1;      // rows a lane owns after the dt reduce-scatter
     constexpr int G = ROWS >= LPC ? 1 : LPC / ROWS;      // lanes that hold the same row
-    constexpr int RG0 = ROWS < LPC ? ROWS : LPC;
-    constexpr int RG = RG0 > ROWS / 4 ? RG0 : ROWS / 4;  // rows per update group (at most 4 groups)
-    constexpr int NG = ROWS / RG;
-    constexpr int M2 = RG >= LPC ? RG / LPC : 1;         // the same for <s, C> over a group
-    constexpr int G2 = RG >= LPC ? 1 : LPC / RG;
     constexpr int CH = 4 * LPC;                          // ranks per chunk (4 a lane)
     constexpr int NX = (ROWS * CPB + SSM_T - 1) / SSM_T; // staging trips: x / z / dt rows
     constexpr int NBC = (ROWS * NPADS + SSM_T - 1) / SSM_T;
@@ -224,7 +201,6 @@ __device__ __forceinline__ void ssm_rows(
     const int rp = wdt ? (r + CH - 1) / CH * CH : 0;
     const int nch = rp / CH;
     const float* wrow = wdt + (wdt ? (size_t)c * r : 0);
-    float4* st_s = ssm_dyn_s + ROWS * rp / 4;           // STREAM: ROWS x SSM_T float4, [row][thread]
 
     // 1. parameters (not written by the previous kernels)
     float4 w[WCH];
@@ -236,21 +212,12 @@ __device__ __forceinline__ void ssm_rows(
     grid_dep_wait();
     grid_dep_launch();
 
-    // 2. every row's states (registers, or STREAM: shared memory by cp.async, one commit group per update group),
-    //    then the block's inputs: all loads issued before the first shared store
+    // 2. every row's states, then the block's inputs: all loads issued before the first shared store
     const size_t rstride = (size_t)e * NSTATE;
     float* sp = state + ((size_t)row0 * e + c) * NSTATE + 4 * q;
-    float4 s[STREAM ? 1 : ROWS];
+    float4 s[ROWS];
 #pragma unroll
-    for (int rr = 0; rr < ROWS; ++rr) {
-        const bool ok = valid && rr < nrows;
-        if constexpr (STREAM) {
-            cp_async16(&st_s[rr * SSM_T + threadIdx.x], ok ? sp + rr * rstride : state, ok && 4 * q < NSTATE ? 16 : 0);
-            if ((rr + 1) % RG == 0) cp_commit();
-        } else {
-            s[rr] = state4_load(sp + rr * rstride, 4 * q, ok);
-        }
-    }
+    for (int rr = 0; rr < ROWS; ++rr) s[rr] = state4_load(sp + rr * rstride, 4 * q, valid && rr < nrows);
     float tx[NX], tz[NX], td[NX], tb[NBC], tc[NBC], tl[NDT];
 #pragma unroll
     for (int t = 0; t < NX; ++t) {
@@ -302,8 +269,8 @@ __device__ __forceinline__ void ssm_rows(
     }
     __syncthreads();
 
-    // 3. dt of every row (while STREAM's states are still arriving): the lane's part of the dot,
-    //    reduce-scattered, + dt_bias and softplus once per (row, channel)
+    // 3. dt of every row: the lane's part of the dot, reduce-scattered, + dt_bias and softplus once per
+    //    (row, channel)
     float v[ROWS];
 #pragma unroll
     for (int rr = 0; rr < ROWS; ++rr) v[rr] = 0.f;
@@ -345,43 +312,36 @@ __device__ __forceinline__ void ssm_rows(
         v[i] = dv;
     }
 
-    // 4. the update in groups of RG rows (STREAM: once the group's states have landed); dt gathered from its
-    //    owning lane; <s, C> reduce-scattered over the group, the owning lane adds D x, gates by z, writes y
+    // 4. the update row by row, dt gathered from its owning lane; <s, C> reduce-scattered the same way, the
+    //    owning lane adds D x, gates by z, writes y
+    float acc[ROWS];
 #pragma unroll
-    for (int g = 0; g < NG; ++g) {
-        if constexpr (STREAM) cp_wait(NG - 1 - g);
-        float acc[RG];
+    for (int rr = 0; rr < ROWS; ++rr) {
+        const float d = __shfl_sync(0xffffffffu, v[rr % M], (rr / M) * G, LPC);
+        const float dx = d * x_s[rr][cl], d2 = d * LOG2E_F;      // exp(d A) = ex2(d log2(e) A)
+        const float4 Bv = *reinterpret_cast<const float4*>(&B_s[rr][4 * q]);
+        const float4 Cv = *reinterpret_cast<const float4*>(&C_s[rr][4 * q]);
+        float4 u = s[rr];
+        u.x = fmaf(ex2_approx(d2 * a.x), u.x, dx * Bv.x);
+        u.y = fmaf(ex2_approx(d2 * a.y), u.y, dx * Bv.y);
+        u.z = fmaf(ex2_approx(d2 * a.z), u.z, dx * Bv.z);
+        u.w = fmaf(ex2_approx(d2 * a.w), u.w, dx * Bv.w);
+        state4_store(sp + rr * rstride, 4 * q, valid && rr < nrows, u);
+        float t = u.x * Cv.x;
+        t = fmaf(u.y, Cv.y, t);
+        t = fmaf(u.z, Cv.z, t);
+        acc[rr] = fmaf(u.w, Cv.w, t);
+    }
+    reduce_scatter<ROWS, LPC / 2>(acc, q);
+    if (valid && q % G == 0) {
 #pragma unroll
-        for (int i = 0; i < RG; ++i) {
-            const int rr = g * RG + i;
-            const float d = __shfl_sync(0xffffffffu, v[rr % M], (rr / M) * G, LPC);
-            const float dx = d * x_s[rr][cl], d2 = d * LOG2E_F;      // exp(d A) = ex2(d log2(e) A)
-            const float4 Bv = *reinterpret_cast<const float4*>(&B_s[rr][4 * q]);
-            const float4 Cv = *reinterpret_cast<const float4*>(&C_s[rr][4 * q]);
-            float4 u;
-            if constexpr (STREAM) u = st_s[rr * SSM_T + threadIdx.x];
-            else u = s[rr];
-            u.x = fmaf(ex2_approx(d2 * a.x), u.x, dx * Bv.x);
-            u.y = fmaf(ex2_approx(d2 * a.y), u.y, dx * Bv.y);
-            u.z = fmaf(ex2_approx(d2 * a.z), u.z, dx * Bv.z);
-            u.w = fmaf(ex2_approx(d2 * a.w), u.w, dx * Bv.w);
-            state4_store(sp + rr * rstride, 4 * q, valid && rr < nrows, u);
-            float t = u.x * Cv.x;
-            t = fmaf(u.y, Cv.y, t);
-            t = fmaf(u.z, Cv.z, t);
-            acc[i] = fmaf(u.w, Cv.w, t);
-        }
-        reduce_scatter<RG, LPC / 2>(acc, q);
-        if (valid && q % G2 == 0) {
-#pragma unroll
-            for (int i = 0; i < M2; ++i) {
-                const int rr = g * RG + (q / G2) * M2 + i;
-                if (rr < nrows) {
-                    const float xv = x_s[rr][cl];
-                    float out = acc[i] + (D ? Dc * xv : 0.f);
-                    if (z) out *= silu_f(z_s[rr][cl]);
-                    y[(size_t)(row0 + rr) * e + c] = from_f(out);
-                }
+        for (int i = 0; i < M; ++i) {
+            const int rr = (q / G) * M + i;
+            if (rr < nrows) {
+                const float xv = x_s[rr][cl];
+                float out = acc[i] + (D ? Dc * xv : 0.f);
+                if (z) out *= silu_f(z_s[rr][cl]);
+                y[(size_t)(row0 + rr) * e + c] = from_f(out);
             }
         }
     }
@@ -393,15 +353,9 @@ __device__ __forceinline__ void ssm_rows(
     const in_t* __restrict__ B, long long bs, const in_t* __restrict__ C, long long cs, \
     const float* __restrict__ D, const in_t* __restrict__ z, long long zs, in_t* __restrict__ y, int b, int e, int flags
 #define SSM_ARGS state, x, xs, dt, dts, wdt, r, dt_bias, A, B, bs, C, cs, D, z, zs, y, b, e, flags
-extern "C" __global__ void __launch_bounds__(SSM_T) ssm_step_r1(SSM_PARAMS) { ssm_rows<1, false>(SSM_ARGS); }
-extern "C" __global__ void __launch_bounds__(SSM_T) ssm_step_r2(SSM_PARAMS) { ssm_rows<2, false>(SSM_ARGS); }
-extern "C" __global__ void __launch_bounds__(SSM_T) ssm_step_r4(SSM_PARAMS) { ssm_rows<4, false>(SSM_ARGS); }
-extern "C" __global__ void __launch_bounds__(SSM_T) ssm_step_r8(SSM_PARAMS) { ssm_rows<8, false>(SSM_ARGS); }
-extern "C" __global__ void __launch_bounds__(SSM_T) ssm_step_r16(SSM_PARAMS) { ssm_rows<16, false>(SSM_ARGS); }
-// the states through shared memory (cp.async, 16 bytes a lane and row): NSTATE % 4 == 0 only (the launcher's rule)
-extern "C" __global__ void __launch_bounds__(SSM_T) ssm_stream_r4(SSM_PARAMS) { ssm_rows<4, true>(SSM_ARGS); }
-extern "C" __global__ void __launch_bounds__(SSM_T) ssm_stream_r8(SSM_PARAMS) { ssm_rows<8, true>(SSM_ARGS); }
-extern "C" __global__ void __launch_bounds__(SSM_T) ssm_stream_r16(SSM_PARAMS) { ssm_rows<16, true>(SSM_ARGS); }
+extern "C" __global__ void __launch_bounds__(SSM_T) ssm_step_r1(SSM_PARAMS) { ssm_rows<1>(SSM_ARGS); }
+extern "C" __global__ void __launch_bounds__(SSM_T) ssm_step_r2(SSM_PARAMS) { ssm_rows<2>(SSM_ARGS); }
+extern "C" __global__ void __launch_bounds__(SSM_T) ssm_step_r4(SSM_PARAMS) { ssm_rows<4>(SSM_ARGS); }
 
 // ------------------------------------------------------------------------------------------------
 extern "C" __global__ void __launch_bounds__(256) add_rmsnorm(

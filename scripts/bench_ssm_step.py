@@ -1,5 +1,5 @@
 """Micro-benchmark of the decode state update `ssm_step` (cuda/decode_step.cu) at the shapes of the bench models:
-each variant (rR: ssm_step_rR, sR: ssm_stream_rR through BYTEMAMBA_STEP_TUNE, or the launcher's choice "auto"; the
+each variant (rR: ssm_step_rR, R rows a block, through BYTEMAMBA_STEP_TUNE, or the launcher's choice "auto"; the
 previous kernel compiled from a saved copy of the old source, --old) replayed in a CUDA graph, microseconds per
 launch (CUDA events around one replay of `count` launches, median of --reps replays).
 
@@ -35,8 +35,8 @@ def main() -> int:
     p.add_argument("--shapes", nargs="+", metavar="MODEL:BATCH",
                    default=[f"byte353m:{b}" for b in (1, 2, 4, 8, 16, 32, 64, 128, 256)]
                    + [f"audio6m:{b}" for b in (1, 8, 64, 128, 256)])
-    p.add_argument("--variants", nargs="+", default=["auto", "r1", "r2", "r4", "s4", "s8", "s16"],
-                   help="auto: the launcher's choice; rR: ssm_step_rR (states in registers); sR: ssm_stream_rR")
+    p.add_argument("--variants", nargs="+", default=["auto", "r1", "r2", "r4"],
+                   help="auto: the launcher's choice; rR: ssm_step_rR (R rows a block)")
     p.add_argument("--old", default=None, help="a copy of the previous decode_step.cu (kernel `ssm_step`, "
                    "4 rows a block), timed as variant v3")
     p.add_argument("--reps", type=int, default=9)
@@ -88,8 +88,8 @@ def main() -> int:
 
         def env(v):
             os.environ.pop("BYTEMAMBA_STEP_TUNE", None)
-            if v[0] in "rs":
-                os.environ["BYTEMAMBA_STEP_TUNE"] = f"ssm_kernel={1 if v[0] == 'r' else 2},ssm_rows={v[1:]}"
+            if v.startswith("r"):
+                os.environ["BYTEMAMBA_STEP_TUNE"] = f"ssm_rows={v[1:]}"
 
         # one step of every variant from the same state: against the first variant
         ref = None
@@ -135,8 +135,7 @@ def main() -> int:
             except Exception as exc:                     # a variant that cannot run here: reported, not fatal
                 print(f"{shape} {v}: {type(exc).__name__}: {exc}")
         env("auto")
-        kernel, rows = step.ssm_plan(b, e, n, r, dev)
-        auto_rows = f"{'rs'[kernel - 1]}{rows}"
+        auto_rows = f"r{step.ssm_rows(b, e, n, r, dev)}"
         os.environ.pop("BYTEMAMBA_STEP_TUNE", None)
         traffic = 2 * b * e * n * 4 / 1e3                  # state read + written, KB -> GB/s with us
         print(f"{shape:>13}: L {L}, count {count}, auto rows {auto_rows}: "

@@ -31,11 +31,9 @@ from bytemamba.ops.scan import BackendError
 from bytemamba.ops._cupy import compile_module, cupy_stream, ptr
 
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-# ssm_step_r<ROWS> (states in registers) and ssm_stream_r<ROWS> (states through shared memory): batch rows per
-# block, template instances in the .cu
-_SSM_ROWS = {1: (1, 2, 4, 8, 16), 2: (4, 8, 16)}
+_SSM_ROWS = (1, 2, 4)            # ssm_step_r<ROWS>: batch rows per block (template instances in the .cu)
 _KERNELS = ("conv_step", "add_rmsnorm", "gemv_step", "embed_rows", "sample_rows",
-            *(f"ssm_step_r{k}" for k in _SSM_ROWS[1]), *(f"ssm_stream_r{k}" for k in _SSM_ROWS[2]))
+            *(f"ssm_step_r{k}" for k in _SSM_ROWS))
 MAXB = 8                      # the fused GEMVs take batch rows in tiles of up to this (GB in cuda/decode_step.cu)
 MAX_STATE = 128
 
@@ -99,15 +97,14 @@ def _kernels(dtype: torch.dtype, n: int, device: torch.device, gb: int = 0):
 
 # measured on the H200 (docs/PERF.md, decoding): gemv_blocks 132 beat 264 (byte353m b 1); ssm_rows None: chosen
 # per (batch, channels) by ssm_rows() (docs/PERF.md, "ssm_step v4")
-_TUNING = dict(ssm_rows=None, ssm_kernel=None, rpw=2, uk=4, gemv_blocks=132)
+_TUNING = dict(ssm_rows=None, rpw=2, uk=4, gemv_blocks=132)
 
 
 def tuning() -> dict:
-    """Launch shapes of the step kernels: ssm_kernel (1: ssm_step_r*, states in registers; 2: ssm_stream_r*,
-    states through shared memory) and ssm_rows (batch rows per block: 1, 2, 4, 8, 16 / 4, 8, 16), None: ssm_plan()
-    picks them per shape; rpw / uk (gemv_step: output
+    """Launch shapes of the step kernels: ssm_rows (batch rows per ssm_step block: 1, 2 or 4; None: ssm_rows()
+    picks it per shape), rpw / uk (gemv_step: output
     rows per warp, 16-byte weight chunks per lane per row in flight), gemv_blocks (gemv_step splits K over
-    more warps until it has this many blocks). BYTEMAMBA_STEP_TUNE="ssm_rows=8,uk=8" overrides them (for
+    more warps until it has this many blocks). BYTEMAMBA_STEP_TUNE="ssm_rows=2,uk=8" overrides them (for
     benchmarks); read at every launch (for a graph: when it is captured)."""
     t = dict(_TUNING)
     for item in filter(None, os.environ.get("BYTEMAMBA_STEP_TUNE", "").split(",")):
@@ -235,47 +232,32 @@ _SM_COUNT: dict = {}
 _SSM_SMEM = 48 * 1024            # ssm_step's shared memory (static + dynamic) within the default limit
 
 
-def _ssm_smem(kernel: int, rows: int, n: int, rp: int) -> tuple[int, int]:
-    """(dynamic, total) shared memory bytes of ssm_step_r<rows> (kernel 1) / ssm_stream_r<rows> (kernel 2)."""
+def _ssm_smem(rows: int, n: int, rp: int) -> tuple[int, int]:
+    """(dynamic, total) shared memory bytes of ssm_step_r<rows>: the dt rows; B, C; x, z, dt per channel."""
     lpc = _ssm_lanes(n)
-    dyn = rows * rp * 4 + (rows * 128 * 16 if kernel == 2 else 0)
+    dyn = rows * rp * 4
     return dyn, dyn + rows * lpc * 4 * 4 * 2 + rows * (128 // lpc) * 4 * 3
 
 
-def ssm_plan(b: int, e: int, n: int, r: int, device) -> tuple[int, int]:
-    """(kernel, rows per block) of ssm_step for a batch b, e channels, d_state n, dt rank r (0: full-rank dt):
-    tuning()'s ssm_kernel / ssm_rows where set, else (measured on the H200, docs/PERF.md "ssm_step v4") the
-    register kernel with 1 row a block while that gives at most 8 blocks per SM, 2 rows beyond; the streaming
-    kernel (8 rows) where it has at least one block per SM and the states are whole float4s."""
+def ssm_rows(b: int, e: int, n: int, r: int, device) -> int:
+    """Batch rows per ssm_step block (kernel ssm_step_r<rows>) for a batch b, e channels, d_state n, dt rank r
+    (0: full-rank dt): tuning()["ssm_rows"] where set, else 1 row a block while that gives at most 4 blocks of
+    128 threads per SM, 2 rows beyond (measured on the H200 at every batch 1..256 of byte353m / audio6m,
+    docs/PERF.md "ssm_step v4": more rows per block cost registers and warps, and were slower)."""
     lpc = _ssm_lanes(n)
     rp = -(-r // (4 * lpc)) * 4 * lpc
-    if _ssm_smem(1, 1, n, rp)[1] > _SSM_SMEM:
+    if _ssm_smem(1, n, rp)[1] > _SSM_SMEM:
         raise BackendError(f"decode step (cuda): dt_rank {r} is too large for ssm_step")
-    t = tuning()
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    sms = _SM_COUNT[idx]
-    chan_blocks = -(-e // (128 // lpc))
-    if t["ssm_kernel"] is not None:
-        kernel = t["ssm_kernel"]
-    else:
-        stream_ok = n % 4 == 0 and _ssm_smem(2, 8, n, rp)[1] <= _SSM_SMEM
-        kernel = 2 if stream_ok and chan_blocks * -(-b // 8) >= sms else 1
-        if t["ssm_rows"] is not None and t["ssm_rows"] not in _SSM_ROWS[kernel]:
-            kernel = 1
-    if t["ssm_rows"] is not None:
-        rows = t["ssm_rows"]
-    elif kernel == 2:
-        rows = 8
-    else:
-        rows = 1 if chan_blocks * b <= 8 * sms else 2
-    if (kernel not in _SSM_ROWS or rows not in _SSM_ROWS[kernel] or _ssm_smem(kernel, rows, n, rp)[1] > _SSM_SMEM
-            or (kernel == 2 and n % 4)):
-        raise ValueError(f"BYTEMAMBA_STEP_TUNE: ssm_kernel={kernel} ssm_rows={rows} does not run d_state {n}, "
-                         f"dt_rank {r} (kernels {dict(_SSM_ROWS)}; the streaming kernel needs d_state % 4 == 0; "
-                         f"at most {_SSM_SMEM} bytes of shared memory)")
-    return kernel, rows
+    rows = tuning()["ssm_rows"]
+    if rows is None:
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        if idx not in _SM_COUNT:
+            _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+        rows = 1 if -(-e // (128 // lpc)) * b <= 4 * _SM_COUNT[idx] else 2
+    if rows not in _SSM_ROWS or _ssm_smem(rows, n, rp)[1] > _SSM_SMEM:
+        raise ValueError(f"BYTEMAMBA_STEP_TUNE: ssm_rows={rows} is not one of {_SSM_ROWS} or needs more than "
+                         f"{_SSM_SMEM} bytes of shared memory at d_state {n}, dt_rank {r}")
+    return rows
 
 
 def ssm_state_update_fn(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
@@ -301,13 +283,12 @@ def ssm_state_update_fn(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_
     z, zs = _rows("z", z, b, e) if z is not None else (None, np.int64(0))
     lpc = _ssm_lanes(n)
     rp = -(-r // (4 * lpc)) * 4 * lpc                  # ranks padded to whole chunks (dynamic shared memory)
-    kernel, rows = ssm_plan(b, e, n, r, x.device)
-    name = f"ssm_step_r{rows}" if kernel == 1 else f"ssm_stream_r{rows}"
+    rows = ssm_rows(b, e, n, r, x.device)
     y = torch.empty(b, e, device=x.device, dtype=io)
-    _launch(x.device, _kernels(io, n, x.device)[name], (-(-e // (128 // lpc)), -(-b // rows)), 128,
+    _launch(x.device, _kernels(io, n, x.device)[f"ssm_step_r{rows}"], (-(-e // (128 // lpc)), -(-b // rows)), 128,
             (ptr(state), ptr(x), xs, ptr(dt), dts, ptr(wdt), np.int32(r), ptr(_f32(dt_bias)), ptr(_aligned(_f32(A))),
              ptr(B), bs, ptr(C), cs, ptr(_f32(D)), ptr(z), zs, ptr(y), np.int32(b), np.int32(e),
-             np.int32(1 if dt_softplus else 0)), smem=_ssm_smem(kernel, rows, n, rp)[0], batch=b)
+             np.int32(1 if dt_softplus else 0)), smem=_ssm_smem(rows, n, rp)[0], batch=b)
     return y
 
 

@@ -153,30 +153,21 @@ def test_launch_settings_from_the_environment(monkeypatch):
             tuning()
 
 
-def test_ssm_plan_by_shape(monkeypatch):
-    """ssm_step's kernel and rows per block by shape on a 132-SM GPU (the H200's measured choices), and the
-    tuning overrides: honoured where the kernel runs the shape, one clear line where it does not."""
+def test_ssm_rows_by_shape(monkeypatch):
+    """ssm_step's rows per block by shape on a 132-SM GPU (the H200's measured choice: 1 row while that gives at
+    most 4 blocks an SM, else 2), and the tuning override: honoured, or one clear line where it cannot run."""
     from bytemamba.ops import step
     monkeypatch.delenv("BYTEMAMBA_STEP_TUNE", raising=False)
     monkeypatch.setitem(step._SM_COUNT, 0, 132)
-    dev = torch.device("cuda", 0)
-    plan = lambda b, e, n=16, r=64: step.ssm_plan(b, e, n, r, dev)  # noqa: E731
-    assert plan(1, 2048) == (1, 1) and plan(8, 2048) == (1, 1) and plan(1, 512, r=16) == (1, 1)
-    assert plan(64, 2048) == (2, 8) and plan(256, 512, r=16) == (2, 8)
-    assert plan(256, 512, n=5, r=16)[0] == 1                 # states not whole float4s: registers
+    rows = lambda b, e, n=16, r=64: step.ssm_rows(b, e, n, r, torch.device("cuda", 0))  # noqa: E731
+    assert [rows(b, 2048) for b in (1, 8, 16, 64, 256)] == [1, 1, 2, 2, 2]             # byte353m: 64 blocks a row
+    assert [rows(b, 512, r=16) for b in (1, 8, 32, 64, 256)] == [1, 1, 1, 2, 2]        # audio6m: 16 blocks a row
     monkeypatch.setenv("BYTEMAMBA_STEP_TUNE", "ssm_rows=4")
-    assert plan(64, 2048) == (2, 4) and plan(8, 2048) == (1, 4)
-    monkeypatch.setenv("BYTEMAMBA_STEP_TUNE", "ssm_rows=2")          # no streaming tile of 2 rows: registers
-    assert plan(64, 2048) == (1, 2)
-    monkeypatch.setenv("BYTEMAMBA_STEP_TUNE", "ssm_kernel=2,ssm_rows=16")
-    assert plan(8, 2048) == (2, 16)
-    for bad in ("ssm_kernel=2,ssm_rows=2", "ssm_kernel=3", "ssm_rows=3"):
+    assert rows(1, 2048) == 4
+    for bad in ("ssm_rows=8", "ssm_rows=3"):
         monkeypatch.setenv("BYTEMAMBA_STEP_TUNE", bad)
-        with pytest.raises(ValueError, match="BYTEMAMBA_STEP_TUNE"):
-            plan(64, 2048)
-    monkeypatch.setenv("BYTEMAMBA_STEP_TUNE", "ssm_kernel=2")
-    with pytest.raises(ValueError, match="d_state % 4"):
-        plan(64, 2048, n=5)
+        with pytest.raises(ValueError, match="BYTEMAMBA_STEP_TUNE: ssm_rows="):
+            rows(64, 2048)
 
 
 # ---- GPU: kernels against the parallel forward and the PyTorch step -----------------------------
@@ -228,22 +219,15 @@ def test_ssm_kernel_many_steps(dtype, n, lowrank, z, D, batch):
 @gpu
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("n,lowrank", [(16, 64), (16, 16), (5, 3), (64, 0), (16, 80), (1, 0), (128, 8)])
-@pytest.mark.parametrize("kernel", ["r1", "r2", "r4", "r8", "r16", "s4", "s8", "s16"])
-def test_ssm_kernel_every_tile(dtype, n, lowrank, kernel, monkeypatch):
-    """Every ssm_step_r<rows> (r) and ssm_stream_r<rows> (s) instance, forced through BYTEMAMBA_STEP_TUNE, on 19
-    rows (partial row tiles but for 1 row a block) and 70 channels (a partial channel tile), against the parallel
-    forward and the PyTorch step: the reduce-scatters of the dt dot and of <s, C> for rows below and above the
-    lanes per channel, the cp.async groups. Where a streaming tile cannot run the shape, one clear refusal."""
-    from bytemamba.ops.step import _ssm_lanes, _ssm_smem
-    monkeypatch.setenv("BYTEMAMBA_STEP_TUNE", f"ssm_kernel={1 if kernel[0] == 'r' else 2},ssm_rows={kernel[1:]}")
+@pytest.mark.parametrize("rows", [1, 2, 4])
+def test_ssm_kernel_every_tile(dtype, n, lowrank, rows, monkeypatch):
+    """Every ssm_step_r<rows> instance, forced through BYTEMAMBA_STEP_TUNE, on 19 rows (partial row tiles but for
+    1 row a block) and 70 channels (a partial channel tile), against the parallel forward and the PyTorch step:
+    the reduce-scatters of the dt dot and of <s, C> for rows below, at and above the lanes per channel."""
+    monkeypatch.setenv("BYTEMAMBA_STEP_TUNE", f"ssm_rows={rows}")
     dt = DTYPES[dtype]
     L = 12
-    ins = make_ssm(19, 70, n, L, lowrank, dt, "cuda", True, True, seed=int(kernel[1:]) + n + lowrank)
-    rp = -(-lowrank // (4 * _ssm_lanes(n))) * 4 * _ssm_lanes(n)
-    if kernel[0] == "s" and (n % 4 or _ssm_smem(2, int(kernel[1:]), n, rp)[1] > 48 * 1024):
-        with pytest.raises(ValueError, match="BYTEMAMBA_STEP_TUNE: ssm_kernel=2"):
-            ssm_steps(ssm_state_update_fn, ins, 1)
-        return
+    ins = make_ssm(19, 70, n, L, lowrank, dt, "cuda", True, True, seed=rows + n + lowrank)
     y_k, st_k = ssm_steps(ssm_state_update_fn, ins, L)
     y_t, st_t = ssm_steps(ssm_state_update_ref, ins, L)
     y64, st64 = ssm_parallel(ins)
