@@ -38,9 +38,6 @@ def add_arguments(p):
     p.add_argument("--no-profile", action="store_true", help="skip counting GPU operations per step")
     p.add_argument("--gemv-max-batch", type=int, default=None,
                    help="override ByteMambaLM.gemv_max_batch (fused GEMV path up to this batch; 0 = cuBLAS always)")
-    p.add_argument("--gemm-max-batch", type=int, default=None,
-                   help="override ByteMambaLM.gemm_max_batch (tensor-core step GEMMs up to this batch; "
-                        "default 0 = off)")
     p.add_argument("--fused-max-batch", type=int, default=None,
                    help="override ByteMambaLM.fused_max_batch (one-kernel step up to this batch where the model's "
                         "shape allows; 0 = off)")
@@ -169,8 +166,6 @@ def _bench_mamba(cfg_kw, batch, args, backend):
     model = _model("mamba", cfg_kw, backend)
     if args.gemv_max_batch is not None:
         model.gemv_max_batch = args.gemv_max_batch
-    if getattr(args, "gemm_max_batch", None) is not None:
-        model.gemm_max_batch = args.gemm_max_batch
     if getattr(args, "fused_max_batch", None) is not None:
         model.fused_max_batch = args.fused_max_batch
     params = model.num_parameters()

@@ -26,7 +26,7 @@ if [ "${MODE:-}" = rows ]; then
     fetch1=FETCH_AT=1 wf=WAITERS=1+FETCH_AT=1 2>&1 | tee "$OUT/kernel.log" | tail -34
   G="python3 -m bytemamba.bench generate --models audio6m --no-transformer --no-profile --new 512"
   timeout 35 $G --batches 1 8 16 64 128 256 2>&1 | tee "$OUT/bench.log" | grep -E "^\|" | tail -8
-  timeout 25 $G --batches 64 256 --fused-max-batch 0 --gemm-max-batch 0 2>&1 | tee "$OUT/bench_cublas.log" \
+  timeout 25 $G --batches 64 256 --fused-max-batch 0 2>&1 | tee "$OUT/bench_cublas.log" \
     | grep -E "^\|" | tail -3
   BYTEMAMBA_FUSED_DEFINES="${VARIANT:-WAITERS=1+FETCH_AT=1}" timeout 25 python3 -m pytest -q -m gpu --tb=short \
     -p no:cacheprovider tests/ops/test_fused_step.py -k rows 2>&1 | tee "$OUT/tests_variant.log" | tail -3

@@ -126,13 +126,6 @@ class ByteMambaLM(nn.Module):
     # cores the GEMV's FMAs, not its weight bytes, bound it from batch 8 on), hence 1.
     gemv_max_batch: int = 1
 
-    # Batches above gemv_max_batch and up to this run the same four launches a layer with the projections as
-    # tensor-core GEMMs (bytemamba.ops.gemm: bf16 / fp16, compute capability 9.0+, widths multiples of 32;
-    # elsewhere the cuBLAS path). Off (0) by default: measured on an H200 the gemm step kernels are slower than
-    # cuBLAS + add_rmsnorm + conv_step (byte353m b 64: 3.29 vs 1.88 ms a step; docs/PERF.md, "Tensor-core step
-    # GEMM"); `bench generate --gemm-max-batch 256` turns them on.
-    gemm_max_batch: int = 0
-
     # Batches up to this run the whole step as one kernel where the model has its shape (d_model 256,
     # d_state 16, ...: bytemamba.ops.fused_step.SHAPE) and the step computes in bf16/fp16: cuda/decode_fused.cu
     # (a cluster per row, `last_step_path` "fused") up to fused_step.ROWS_FROM rows, cuda/decode_fused_rows.cu
@@ -192,7 +185,6 @@ class ByteMambaLM(nn.Module):
     def _step_cuda(self, ids: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
         if self.fused_step_reason(ids.shape[0], ids.device) is None:
             return self._step_fused(ids, cache)
-        from bytemamba.ops.gemm import gemm_fn, gemm_supported
         from bytemamba.ops.step import CastCache, add_rmsnorm_fn, embed_rows_fn, gemv_fn, gemv_supported
         casts = self.__dict__.setdefault("_step_casts", CastCache())
         layers, f32 = self.backbone.layers, torch.float32
@@ -200,24 +192,16 @@ class ByteMambaLM(nn.Module):
         emb = self.backbone.embedding.weight
         residual = torch.empty(ids.shape[0], emb.shape[1], device=emb.device, dtype=f32)
         norms = [layer.norm for layer in layers] + [self.backbone.norm_f]
-        b = ids.shape[0]
-        path = None
-        if b <= self.gemv_max_batch and gemv_supported(b, self.config.d_model, self.config.d_inner, dtype=cdt):
-            path = "gemv"
-        elif b <= self.gemm_max_batch and gemm_supported(b, self.config.d_model, self.config.d_inner, dtype=cdt,
-                                                         device=emb.device):
-            path = "gemm"
-        if path is not None:
-            self.last_step_path = path
-            proj = gemm_fn if path == "gemm" else gemv_fn
+        if ids.shape[0] <= self.gemv_max_batch and gemv_supported(ids.shape[0], self.config.d_model, self.config.d_inner,
+                                                    dtype=cdt):
+            self.last_step_path = "gemv"
             partial = embed_rows_fn(ids, casts.get(emb, f32), residual)
             for layer, s in zip(layers, cache.layers):
-                partial = layer.mixer.step_small(residual, partial, layer.norm.weight, layer.norm.eps, s,
-                                                 gemm=path == "gemm")
+                partial = layer.mixer.step_small(residual, partial, layer.norm.weight, layer.norm.eps, s)
             cache.seqlen_offset += 1
             nf = self.backbone.norm_f
-            return proj(casts.get(self.lm_head.weight, cdt),
-                        norm=(residual, partial, casts.get(nf.weight, f32), nf.eps), out_f32=True)
+            return gemv_fn(casts.get(self.lm_head.weight, cdt),
+                           norm=(residual, partial, casts.get(nf.weight, f32), nf.eps), out_f32=True)
         self.last_step_path = "cublas"
         h = add_rmsnorm_fn(residual, None, casts.get(norms[0].weight, f32), norms[0].eps, cdt, ids=ids,
                            embedding=casts.get(emb, f32))

@@ -167,19 +167,13 @@ class MambaMixer(nn.Module):
             return torch.get_autocast_dtype(dev)
         return self.in_proj.weight.dtype
 
-    def step_small(self, residual, partial, norm_weight, eps, state: MixerState, gemm: bool | None = None):
-        """The fused-projection step (CUDA; ByteMambaLM runs it for batches up to its gemm_max_batch):
-        residual (b, d) float32 += mixer(RMSNorm(residual)), in place, with the norm's mean square taken from
-        `partial` (sums of squares per row, from the previous projection or the embedding). Four launches:
-        in_proj (+norm, +conv/SiLU), x_proj, the state update (+dt_proj), out_proj (+residual add). Returns the
-        new partial sums. The projections run as tensor-core GEMMs (bytemamba.ops.gemm) with `gemm`, as
-        CUDA-core GEMVs (gemv_fn) without; None picks by batch: the GEMM where it applies to batches >= 2."""
-        from bytemamba.ops.gemm import gemm_fn, gemm_supported
+    def step_small(self, residual, partial, norm_weight, eps, state: MixerState):
+        """The fused GEMV step (CUDA; ByteMambaLM runs it for small batches): residual (b, d) float32
+        += mixer(RMSNorm(residual)), in place, with the norm's mean square taken from `partial` (sums of
+        squares per row, from the previous GEMV or the embedding). Four launches: in_proj (+norm,
+        +conv/SiLU), x_proj, the state update (+dt_proj), out_proj (+residual add). Returns the new partial
+        sums."""
         from bytemamba.ops.step import CastCache, gemv_fn, ssm_state_update_fn
-        if gemm is None:
-            gemm = residual.shape[0] >= 2 and gemm_supported(residual.shape[0], self.d_model, self.d_inner,
-                                                             dtype=self.step_dtype(), device=residual.device)
-        proj = gemm_fn if gemm else gemv_fn
         cache = self.__dict__.setdefault("_step_casts", CastCache())
         cdt, f32 = self.step_dtype(), torch.float32
         e, r, n = self.d_inner, self.dt_rank, self.d_state
@@ -187,17 +181,17 @@ class MambaMixer(nn.Module):
             state.conv = state.conv.contiguous()
         if not state.ssm.is_contiguous():
             state.ssm = state.ssm.contiguous()
-        xz = proj(cache.get(self.in_proj.weight, cdt), bias=cache.get(self.in_proj.bias, f32),
-                  norm=(residual, partial, cache.get(norm_weight, f32), eps),
-                  conv=(state.conv, cache.get(self.conv1d.weight, f32), cache.get(self.conv1d.bias, f32)))
+        xz = gemv_fn(cache.get(self.in_proj.weight, cdt), bias=cache.get(self.in_proj.bias, f32),
+                     norm=(residual, partial, cache.get(norm_weight, f32), eps),
+                     conv=(state.conv, cache.get(self.conv1d.weight, f32), cache.get(self.conv1d.bias, f32)))
         x = xz[:, :e]
-        x_dbl = proj(cache.get(self.x_proj.weight, cdt), x)
+        x_dbl = gemv_fn(cache.get(self.x_proj.weight, cdt), x)
         A = cache.get(self.A_log, f32, "A", lambda a: -torch.exp(a.float()))
         y = ssm_state_update_fn(state.ssm, x, x_dbl[:, :r], A, x_dbl[:, r:r + n], x_dbl[:, r + n:],
                                 cache.get(self.D, f32), xz[:, e:], cache.get(self.dt_proj.bias, f32),
                                 dt_softplus=True, dt_proj_weight=cache.get(self.dt_proj.weight, f32))
-        return proj(cache.get(self.out_proj.weight, cdt), y, bias=cache.get(self.out_proj.bias, f32),
-                    resid=residual)
+        return gemv_fn(cache.get(self.out_proj.weight, cdt), y, bias=cache.get(self.out_proj.bias, f32),
+                       resid=residual)
 
     def _step_cuda(self, hidden: torch.Tensor, state: MixerState) -> torch.Tensor:
         from bytemamba.ops.step import CastCache, conv_state_update_fn, ssm_state_update_fn
