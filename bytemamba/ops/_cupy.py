@@ -7,6 +7,7 @@ inside a captured CUDA graph (the pointers are captured by value, so they must b
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from pathlib import Path
@@ -26,6 +27,36 @@ def kernel_source(name: str) -> Path:
             return d / name
     raise RuntimeError(f"kernel source {name} not found in {' or '.join(str(d) for d in SOURCE_DIRS)} "
                        "(a broken install: reinstall bytemamba)")
+
+_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]+"([^"]+)"[ \t]*$', re.M)
+
+
+def read_source(name: str) -> str:
+    """The text of kernel source `name` with its local includes (`#include "x.cuh"`, found like `name`)
+    pasted in place, each file once (as include guards would: a cycle ends), with #line marks so that
+    compiler messages name the right file and line. NVRTC compiles one string, and CuPy's on-disk kernel
+    cache is keyed by that string: pasting the headers in (rather than passing -I) makes a change to a
+    header change the key."""
+    done: set = set()
+
+    def expand(n: str) -> str:
+        lines = kernel_source(n).read_text().split("\n")
+        out = []
+        for i, line in enumerate(lines, 1):
+            m = _INCLUDE.match(line)
+            if m is None:
+                out.append(line)
+                continue
+            h = m.group(1)
+            if h not in done:
+                done.add(h)
+                out += [f'#line 1 "{h}"', expand(h)]
+            out.append(f'#line {i + 1} "{n}"')
+        return "\n".join(out)
+
+    done.add(name)
+    return expand(name)
+
 
 _streams: dict = {}
 _modules: dict = {}
@@ -68,10 +99,9 @@ def compile_module(source: str, options: tuple, device: torch.device, names: tup
         mod = _modules.get(key)
         if mod is not None:
             return mod
-        path = kernel_source(source)
         t0 = time.perf_counter()
         with cupy.cuda.Device(device.index):
-            m = cupy.RawModule(code=path.read_text(), backend="nvrtc",
+            m = cupy.RawModule(code=read_source(source), backend="nvrtc",
                                options=("--std=c++17", f"-arch=sm_{major}{minor}", *options))
             mod = {n: m.get_function(n) for n in names}
         compile_times[key] = time.perf_counter() - t0

@@ -39,7 +39,8 @@ def test_cu_compiles(src, arch, tmp_path):
     nvrtc = _nvrtc()
     if nvrtc is None:
         pytest.skip("neither nvcc nor NVRTC (cuda-bindings) is available to compile CUDA sources")
-    code = src.read_bytes()
+    from bytemamba.ops._cupy import read_source
+    code = read_source(src.name).encode()              # what the launchers hand NVRTC: headers pasted in
     for v in VARIANTS:
         err, prog = nvrtc.nvrtcCreateProgram(code, src.name.encode(), 0, [], [])
         assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS
@@ -65,7 +66,8 @@ def test_pyproject_ships_every_kernel_source_and_package():
     assert found <= listed, f"packages missing from pyproject.toml: {sorted(found - listed)}"
     assert st["package-dir"]["bytemamba.cuda"] == "cuda"
     patterns = st["package-data"]["bytemamba.cuda"]
-    assert SOURCES and all(any(p.match(g) for g in patterns) for p in SOURCES)
+    shipped = SOURCES + sorted(CUDA_DIR.glob("*.cuh"))
+    assert SOURCES and all(any(p.match(g) for g in patterns) for p in shipped)
 
 
 def test_kernel_source_checkout_then_installed_layout(tmp_path, monkeypatch):
@@ -79,3 +81,19 @@ def test_kernel_source_checkout_then_installed_layout(tmp_path, monkeypatch):
     assert _cupy.kernel_source("k.cu").read_text() == "// k"
     with pytest.raises(RuntimeError, match=r"kernel source missing\.cu not found in .*reinstall"):
         _cupy.kernel_source("missing.cu")
+
+
+def test_read_source_pastes_local_headers_once_with_line_marks(tmp_path, monkeypatch):
+    from bytemamba.ops import _cupy
+    (tmp_path / "k.cu").write_text('#include <cuda_bf16.h>\n#include "h.cuh"\nint a;\n  # include "h.cuh"\nint b;')
+    (tmp_path / "h.cuh").write_text('#include "g.cuh"\nint h;')
+    (tmp_path / "g.cuh").write_text("int g;")
+    monkeypatch.setattr(_cupy, "SOURCE_DIRS", (tmp_path,))
+    text = _cupy.read_source("k.cu")
+    assert text.split("\n") == ['#include <cuda_bf16.h>', '#line 1 "h.cuh"', '#line 1 "g.cuh"', 'int g;',
+                                 '#line 2 "h.cuh"', 'int h;', '#line 3 "k.cu"', 'int a;', '#line 5 "k.cu"', 'int b;']
+    (tmp_path / "g.cuh").write_text('#include "h.cuh"\n#include "k.cu"\nint g;')     # a cycle: pasted once, ends
+    assert _cupy.read_source("k.cu").count("int g;") == 1 and _cupy.read_source("k.cu").count("int a;") == 1
+    (tmp_path / "k.cu").write_text('#include "missing.cuh"')
+    with pytest.raises(RuntimeError, match=r"kernel source missing\.cuh not found"):
+        _cupy.read_source("k.cu")
