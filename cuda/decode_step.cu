@@ -357,6 +357,236 @@ extern "C" __global__ void __launch_bounds__(SSM_T) ssm_step_r1(SSM_PARAMS) { ss
 extern "C" __global__ void __launch_bounds__(SSM_T) ssm_step_r2(SSM_PARAMS) { ssm_rows<2>(SSM_ARGS); }
 extern "C" __global__ void __launch_bounds__(SSM_T) ssm_step_r4(SSM_PARAMS) { ssm_rows<4>(SSM_ARGS); }
 
+// ssm_loop_r<R> (R = 2, 4; opt-in: BYTEMAMBA_STEP_TUNE=ssm_loop=R, not yet run on a GPU): the same lanes, channels
+// and per-(row, channel) arithmetic as ssm_step_r<R> (steps 3 and 4 above, in the same order), but a block walks
+// a run of work items, an item being (channel group of CPB channels, R consecutive batch rows), items ordered
+// channel group first, so consecutive items share their channels. The grid is 1-D: the launcher picks its size
+// (a whole number of blocks per SM), block i takes items [i W / grid, (i+1) W / grid) of the W = ceil(e / CPB) x
+// ceil(b / R) items, so every block has the same work to within one item. Per block, once: the channels'
+// W_dt / A / dt_bias / D (again only where a run crosses into the next channel group), the grid dependency wait,
+// the staging slots' index arithmetic. Per item, software-pipelined one item deep: the item's loads (already in
+// registers) are stored into one of two shared buffers, a barrier, then the NEXT item's states, x, z, dt, B, C
+// and low-rank dt loads are issued, and only then is this item updated, so its arithmetic covers their latency.
+// Two buffers: buffer it & 1 is written at item it after the barrier of item it - 1, which every thread passes
+// only once done with item it - 2, the last reader of that buffer. Dynamic shared memory 2 x R x rp floats.
+template <int R>
+__device__ __forceinline__ void ssm_loop(
+    float* __restrict__ state, const in_t* __restrict__ x, long long xs,
+    const in_t* __restrict__ dt, long long dts, const float* __restrict__ wdt, int r,
+    const float* __restrict__ dt_bias, const float* __restrict__ A,
+    const in_t* __restrict__ B, long long bs, const in_t* __restrict__ C, long long cs,
+    const float* __restrict__ D, const in_t* __restrict__ z, long long zs,
+    in_t* __restrict__ y, int b, int e, int flags)
+{
+    constexpr int M = R >= LPC ? R / LPC : 1;            // rows a lane owns after the dt reduce-scatter
+    constexpr int G = R >= LPC ? 1 : LPC / R;            // lanes that hold the same row
+    constexpr int CH = 4 * LPC;                          // ranks per chunk (4 a lane)
+    constexpr int NX = (R * CPB + SSM_T - 1) / SSM_T;    // staging slots a thread: x / z / dt rows
+    constexpr int NBC = (R * NPADS + SSM_T - 1) / SSM_T;
+    constexpr int NDT = (R * WCH * CH + SSM_T - 1) / SSM_T;
+    extern __shared__ float4 ssm_dyn_s[];
+    float* const dtl_all = reinterpret_cast<float*>(ssm_dyn_s);   // 2 buffers x R x rp: the rows' low-rank dt
+    __shared__ __align__(16) float B_s[2][R][NPADS];
+    __shared__ __align__(16) float C_s[2][R][NPADS];
+    __shared__ float x_s[2][R][CPB], z_s[2][R][CPB], d_s[2][R][CPB];
+    const int cl = threadIdx.x / LPC, q = threadIdx.x % LPC;
+    const int rp = wdt ? (r + CH - 1) / CH * CH : 0;
+    const int nch = rp / CH;
+    const int ndl = R * rp;
+    const int ngr = (b + R - 1) / R;                     // row groups
+    const long long nitems = (long long)ngr * ((e + CPB - 1) / CPB);
+    const int first = (int)(blockIdx.x * nitems / gridDim.x);
+    const int last = (int)((blockIdx.x + 1) * nitems / gridDim.x);
+    if (first >= last) return;
+    const size_t rstride = (size_t)e * NSTATE;
+    // the low-rank dt staging slots of this thread (row, rank), the same for every item
+    int lrow[NDT], lrank[NDT];
+#pragma unroll
+    for (int t = 0; t < NDT; ++t) {
+        const int i = threadIdx.x + t * SSM_T;
+        lrow[t] = rp ? i / rp : 0;
+        lrank[t] = i - lrow[t] * rp;
+    }
+
+    // 1. the first channel group's parameters (not written by the previous kernels), then the wait
+    int cb = first / ngr, g = first - cb * ngr;          // the current item: channel group, row group
+    float4 w[WCH], a;
+    float bias, Dc;
+    auto load_params = [&](int cbi) {
+        const int cc = cbi * CPB + cl;
+        const bool ok = cc < e;
+        const float* wrow = wdt + (wdt ? (size_t)cc * r : 0);
+#pragma unroll
+        for (int k = 0; k < WCH; ++k) w[k] = wdt4(wrow, k * CH + 4 * q, r, wdt != nullptr && ok);
+        a = state4_load(A + (size_t)cc * NSTATE + 4 * q, 4 * q, ok);
+        bias = (dt_bias && ok) ? dt_bias[cc] : 0.f;
+        Dc = (D && ok) ? D[cc] : 0.f;
+    };
+    load_params(cb);
+    int pcb = cb;
+    grid_dep_wait();
+    grid_dep_launch();
+
+    // 2. an item's loads into registers (states, then x, z / dt, B, C, the low-rank dt); no shared stores
+    float4 sn[R];
+    float tx[NX], tz[NX], td[NX], tb[NBC], tc[NBC], tl[NDT];
+    auto fetch = [&](int cbi, int gi) {
+        const int c0 = cbi * CPB, row0 = gi * R, nrows = min(R, b - row0);
+        const bool ok = c0 + cl < e;
+        const float* sp = state + ((size_t)row0 * e + c0 + cl) * NSTATE + 4 * q;
+#pragma unroll
+        for (int rr = 0; rr < R; ++rr) sn[rr] = state4_load(sp + rr * rstride, 4 * q, ok && rr < nrows);
+#pragma unroll
+        for (int t = 0; t < NX; ++t) {
+            const int i = threadIdx.x + t * SSM_T, rr = i / CPB, cc = c0 + i % CPB;
+            const bool okx = i < R * CPB && rr < nrows && cc < e;
+            const size_t row = row0 + rr;
+            tx[t] = okx ? to_f(x[row * xs + cc]) : 0.f;
+            tz[t] = (okx && z) ? to_f(z[row * zs + cc]) : 0.f;
+            td[t] = (okx && !wdt) ? to_f(dt[row * dts + cc]) : 0.f;
+        }
+#pragma unroll
+        for (int t = 0; t < NBC; ++t) {
+            const int i = threadIdx.x + t * SSM_T, rr = i / NPADS, j = i % NPADS;
+            const bool okb = i < R * NPADS && rr < nrows && j < NSTATE;
+            tb[t] = okb ? to_f(B[(row0 + rr) * bs + j]) : 0.f;
+            tc[t] = okb ? to_f(C[(row0 + rr) * cs + j]) : 0.f;
+        }
+#pragma unroll
+        for (int t = 0; t < NDT; ++t) {
+            const int i = threadIdx.x + t * SSM_T;
+            tl[t] = (i < ndl && lrow[t] < nrows && lrank[t] < r) ? to_f(dt[(row0 + lrow[t]) * dts + lrank[t]]) : 0.f;
+        }
+    };
+    fetch(cb, g);
+
+    for (int it = first, buf = 0; it < last; ++it, buf ^= 1) {
+        const int c = cb * CPB + cl, row0 = g * R, nrows = min(R, b - row0);
+        const bool valid = c < e;
+        float* const dtl_s = dtl_all + buf * ndl;
+        float4 s[R];
+#pragma unroll
+        for (int rr = 0; rr < R; ++rr) s[rr] = sn[rr];
+        // this item's inputs into shared buffer `buf`
+#pragma unroll
+        for (int t = 0; t < NX; ++t) {
+            const int i = threadIdx.x + t * SSM_T;
+            if (i < R * CPB) {
+                x_s[buf][i / CPB][i % CPB] = tx[t];
+                z_s[buf][i / CPB][i % CPB] = tz[t];
+                d_s[buf][i / CPB][i % CPB] = td[t];
+            }
+        }
+#pragma unroll
+        for (int t = 0; t < NBC; ++t) {
+            const int i = threadIdx.x + t * SSM_T;
+            if (i < R * NPADS) {
+                B_s[buf][i / NPADS][i % NPADS] = tb[t];
+                C_s[buf][i / NPADS][i % NPADS] = tc[t];
+            }
+        }
+#pragma unroll
+        for (int t = 0; t < NDT; ++t) {
+            const int i = threadIdx.x + t * SSM_T;
+            if (i < ndl) dtl_s[i] = tl[t];
+        }
+        for (int i = threadIdx.x + NDT * SSM_T; i < ndl; i += SSM_T) {   // ranks past the register chunks
+            const int rr = i / rp, j = i - rr * rp;
+            dtl_s[i] = (rr < nrows && j < r) ? to_f(dt[(row0 + rr) * dts + j]) : 0.f;
+        }
+        if (cb != pcb) {                                 // the run crossed into the next channel group
+            load_params(cb);
+            pcb = cb;
+        }
+        __syncthreads();
+        // the next item's loads, in flight during this item's arithmetic
+        int ncb = cb, ng = g + 1;
+        if (ng == ngr) { ng = 0; ++ncb; }
+        if (it + 1 < last) fetch(ncb, ng);
+
+        // 3. dt of every row (as ssm_rows step 3)
+        float v[R];
+#pragma unroll
+        for (int rr = 0; rr < R; ++rr) v[rr] = 0.f;
+        if (wdt) {
+            const float* dr = dtl_s + 4 * q;
+#pragma unroll
+            for (int k = 0; k < WCH; ++k) {
+                if (k < nch) {
+#pragma unroll
+                    for (int rr = 0; rr < R; ++rr) {
+                        const float4 u = *reinterpret_cast<const float4*>(dr + rr * rp + k * CH);
+                        v[rr] = fmaf(w[k].x, u.x, v[rr]);
+                        v[rr] = fmaf(w[k].y, u.y, v[rr]);
+                        v[rr] = fmaf(w[k].z, u.z, v[rr]);
+                        v[rr] = fmaf(w[k].w, u.w, v[rr]);
+                    }
+                }
+            }
+            const float* wrow = wdt + (size_t)c * r;
+            for (int k = WCH; k < nch; ++k) {
+                const float4 wk = wdt4(wrow, k * CH + 4 * q, r, valid);
+#pragma unroll
+                for (int rr = 0; rr < R; ++rr) {
+                    const float4 u = *reinterpret_cast<const float4*>(dr + rr * rp + k * CH);
+                    v[rr] = fmaf(wk.x, u.x, v[rr]);
+                    v[rr] = fmaf(wk.y, u.y, v[rr]);
+                    v[rr] = fmaf(wk.z, u.z, v[rr]);
+                    v[rr] = fmaf(wk.w, u.w, v[rr]);
+                }
+            }
+        } else if (q == 0) {
+#pragma unroll
+            for (int rr = 0; rr < R; ++rr) v[rr] = d_s[buf][rr][cl];
+        }
+        reduce_scatter<R, LPC / 2>(v, q);
+#pragma unroll
+        for (int i = 0; i < M; ++i) {
+            float dv = v[i] + bias;
+            if (flags & 1) dv = dv <= 20.f ? log1pf(__expf(dv)) : dv;   // softplus, PyTorch's threshold
+            v[i] = dv;
+        }
+
+        // 4. the update row by row (as ssm_rows step 4)
+        float* sp = state + ((size_t)row0 * e + c) * NSTATE + 4 * q;
+        float acc[R];
+#pragma unroll
+        for (int rr = 0; rr < R; ++rr) {
+            const float d = __shfl_sync(0xffffffffu, v[rr % M], (rr / M) * G, LPC);
+            const float dx = d * x_s[buf][rr][cl], d2 = d * LOG2E_F;  // exp(d A) = ex2(d log2(e) A)
+            const float4 Bv = *reinterpret_cast<const float4*>(&B_s[buf][rr][4 * q]);
+            const float4 Cv = *reinterpret_cast<const float4*>(&C_s[buf][rr][4 * q]);
+            float4 u = s[rr];
+            u.x = fmaf(ex2_approx(d2 * a.x), u.x, dx * Bv.x);
+            u.y = fmaf(ex2_approx(d2 * a.y), u.y, dx * Bv.y);
+            u.z = fmaf(ex2_approx(d2 * a.z), u.z, dx * Bv.z);
+            u.w = fmaf(ex2_approx(d2 * a.w), u.w, dx * Bv.w);
+            state4_store(sp + rr * rstride, 4 * q, valid && rr < nrows, u);
+            float t = u.x * Cv.x;
+            t = fmaf(u.y, Cv.y, t);
+            t = fmaf(u.z, Cv.z, t);
+            acc[rr] = fmaf(u.w, Cv.w, t);
+        }
+        reduce_scatter<R, LPC / 2>(acc, q);
+        if (valid && q % G == 0) {
+#pragma unroll
+            for (int i = 0; i < M; ++i) {
+                const int rr = (q / G) * M + i;
+                if (rr < nrows) {
+                    const float xv = x_s[buf][rr][cl];
+                    float out = acc[i] + (D ? Dc * xv : 0.f);
+                    if (z) out *= silu_f(z_s[buf][rr][cl]);
+                    y[(size_t)(row0 + rr) * e + c] = from_f(out);
+                }
+            }
+        }
+        cb = ncb;
+        g = ng;
+    }
+}
+extern "C" __global__ void __launch_bounds__(SSM_T) ssm_loop_r2(SSM_PARAMS) { ssm_loop<2>(SSM_ARGS); }
+extern "C" __global__ void __launch_bounds__(SSM_T) ssm_loop_r4(SSM_PARAMS) { ssm_loop<4>(SSM_ARGS); }
+
 // ------------------------------------------------------------------------------------------------
 extern "C" __global__ void __launch_bounds__(256) add_rmsnorm(
     float* __restrict__ residual, const in_t* __restrict__ delta, const long long* __restrict__ ids,
