@@ -24,6 +24,9 @@
 //                NPADS, a power of two >= 4); the low-rank dt dot and <s, C> are reduce-scattered across the LPC
 //                lanes with shuffles; 128 threads per block = 128 / LPC channels x ROWS batch rows (grid
 //                ceil(e / (128 / LPC)) x ceil(b / ROWS)); dynamic shared memory ROWS x rp floats.
+//   ssm_loop_r<R> (R = 2, 4; opt-in, BYTEMAMBA_STEP_TUNE=ssm_loop=R): the same lanes and 128-thread blocks on a
+//                1-D grid (by default 4 blocks per SM), each block walking a run of (channel group, R rows) items
+//                with the next item's loads in flight; dynamic shared memory 2 x R x rp floats.
 //   add_rmsnorm  one block of 256 threads per row.
 //   gemv_step, embed_rows, sample_rows: see their sections below.
 // Every kernel calls grid_dep_wait() before it reads activations or writes anything, so the launcher may use
