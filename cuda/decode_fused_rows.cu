@@ -39,6 +39,18 @@
 // Measured on an H200 (docs/PERF.md, "audio6m large batches"): 15 layers, kernel alone, 145 us at 32 rows,
 // 157 us at 128 (one wave: the GPU holds 15 such clusters at once), 312 us at 256 (two waves); without any
 // state traffic 118 us: the per-layer chain of barriers and exchanges (~7.6 us), not bytes, bounds it.
+//
+// Variant ROWS24 (-DROWS24=1; bytemamba/ops/fused_step.py ROWS_VARIANTS "r24", BYTEMAMBA_FUSED_ROWS_VARIANT=r24;
+// not yet run on a GPU): tiles of 24 rows (three mma n-tiles), so that 256 rows take 11 clusters, one wave of
+// the 15 that fit (360 rows a wave). Same arithmetic and roundings as above. What makes it fit (~227 KB of
+// shared memory, 128 registers, no spills): xz kept as in_t (its values are rounded to in_t anyway); h inside
+// the out_proj partials' buffer (free from R's reads to the next x_proj exchange); no dt / dx buffers: the
+// D1 phase is folded into the state phase (lane q of a channel computes the dt of 3 of its 12 rows, shared
+// by shuffles), one CTA barrier less a layer; the SSM states no longer sit in registers a whole layer ahead
+// (96 KB a CTA would not fit): each row's 4 KB of SSM state and 768 bytes of conv state are bulk-prefetched
+// into L2 a layer ahead (cp.async.bulk.prefetch.L2), the conv states loaded into registers at I, the SSM states
+// at C, both consumed one phase or more later. Mappings: in_proj warps 0..7 two n-tiles, 8..15 one; x_proj 9
+// warps; the state update 12 rows a thread; the norm 1-2 rows a warp; the head 6 warps.
 
 #if IN_DTYPE == 2
 #include <cuda_fp16.h>
@@ -54,7 +66,14 @@ __device__ __forceinline__ in_t from_f(float v) { return __float2bfloat16(v); }
 #define MMA_TYPE "bf16"
 #endif
 
+#ifndef ROWS24
+#define ROWS24 0                // 1: the variant of 24 rows a cluster (see "Variant ROWS24" above)
+#endif
+#if ROWS24
+#define ROWS 24                 // batch rows per cluster (three mma n-tiles)
+#else
 #define ROWS 16                 // batch rows per cluster (two mma n-tiles)
+#endif
 #define NCTA 8
 #define NTHR 512
 #define DM 256
@@ -83,6 +102,7 @@ __device__ __forceinline__ in_t from_f(float v) { return __float2bfloat16(v); }
 #define K_NW (K_D + EC)         // [DM]
 #define K_EL (K_NW + DM)        // 2752
 
+#if !ROWS24
 // dynamic shared memory layout, bytes (all offsets multiples of 16)
 #define HP 264                  // h row pitch (in_t): 528 bytes, conflict-free B-fragment loads
 #define XZP 132                 // xz row pitch (float)
@@ -106,13 +126,42 @@ __device__ __forceinline__ in_t from_f(float v) { return __float2bfloat16(v); }
 #define S_PTR (S_BAR + 8 * 8)           // the state pointers (2L int64; L <= MAX_L)
 #define MAX_L 64
 #define SMEM_BYTES (S_PTR + 2 * MAX_L * 8)
+#else
+// ROWS24: xz stored as in_t (its values are rounded to in_t anyway), h inside the out_proj partials' buffer,
+// no dt / dx buffers (dt is computed in the state phase)
+#define HP 264                  // h row pitch (in_t): 528 bytes, conflict-free B-fragment loads
+#define XZP 136                 // xz row pitch (in_t)
+#define XCP 72                  // xc / y row pitch (in_t)
+#define DBP 52                  // dbl row pitch (float): dt_low 0..15, B 16..31, C 32..47
+#define S_WI 0
+#define S_WO (S_WI + WI_EL * 2)
+#define S_WX (S_WO + WO_EL * 2)
+#define S_K (S_WX + WX_EL * 2)
+#define S_RES (S_K + 2 * K_EL * 4)
+#define S_OR (S_RES + ROWS * DM * 4)
+#define S_H S_OR                // (h shares the out_proj partials' buffer: see the kernel)
+#define S_XR (S_OR + NCTA * OC * ROWS * 4)
+#define S_XZ (S_XR + NCTA * NX * ROWS * 4)
+#define S_XC (S_XZ + ROWS * XZP * 2)
+#define S_Y (S_XC + ROWS * XCP * 2)
+#define S_DBL (S_Y + ROWS * XCP * 2)
+#define S_BAR (S_DBL + ROWS * DBP * 4)
+#define S_PTR (S_BAR + 8 * 8)           // the state pointers (2L int64; L <= MAX_L)
+#define MAX_L 64
+#define SMEM_BYTES (S_PTR + 2 * MAX_L * 8)
+#endif
 
 // bytes each exchange brings into a CTA
 #define X_BYTES (NCTA * NX * ROWS * 4)
 #define O_BYTES (NCTA * OC * ROWS * 4)
 #define R_BYTES (NCTA * OC * ROWS * 4)
 
+#if ROWS24
+// out[0] the dynamic shared memory, out[1] the rows a cluster (the launcher's grid; 0 or absent: 16)
+extern "C" __global__ void fused_rows_smem(int* out) { out[0] = SMEM_BYTES; out[1] = ROWS; }
+#else
 extern "C" __global__ void fused_rows_smem(int* out) { out[0] = SMEM_BYTES; }
+#endif
 
 // Benchmark knobs (off by default): NO_STATE_IO 1 skips the SSM states' loads and stores (the state starts at
 // zero every layer: wrong results, the HBM traffic's share of the time); PROFILE 1 adds clock64() deltas of
@@ -158,7 +207,9 @@ extern "C" __global__ void fused_rows_prof(long long* out) {
 
 static_assert(S_BAR % 16 == 0 && S_WO % 16 == 0 && S_K % 16 == 0 && S_H % 16 == 0, "16-byte aligned regions");
 static_assert(SMEM_BYTES <= 227 * 1024, "fits an SM");
+#if !ROWS24
 static_assert(NTHR == 8 * EC && NTHR == ROWS * 32, "mappings: 8 threads per channel; one warp per row");
+#endif
 static_assert(EC == 64 && OC == 32 && VC == 32 && NX == 48, "tile counts below");
 
 __device__ __forceinline__ float rnd(float v) { return to_f(from_f(v)); }
@@ -220,6 +271,7 @@ __device__ __forceinline__ float4 regroup(const float* c, int t) {
     return (t & 1) ? make_float4(p2, p3, c[2], c[3]) : make_float4(c[0], c[1], p0, p1);
 }
 
+#if !ROWS24
 extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 1) fused_step_rows(
     const long long* __restrict__ ids, const float* __restrict__ emb, const in_t* __restrict__ head_p,
     const float* __restrict__ normf, float eps, const in_t* __restrict__ Wi_p, const in_t* __restrict__ Wx_p,
@@ -622,5 +674,432 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
         STAMP(8);
     }
 }
+
+#else  // ROWS24
+
+// ---- variant ROWS24: tiles of 24 rows (three mma n-tiles); see "Variant ROWS24" in the opening comment -------
+static_assert(ROWS == 24 && NTHR == 8 * EC, "mappings below: 8 threads per channel, 12 rows a state thread");
+static_assert(ROWS * HP * 2 <= NCTA * OC * ROWS * 4, "h fits in the out_proj partials' buffer");
+static_assert(WAITERS == 1, "ROWS24: h shares the out_proj partials' buffer, safe only with the barrier in N");
+
+// the bulk prefetch of global memory into L2 (copy engine; address and size multiples of 16: a state tensor
+// not 16-byte aligned, possible for a view, is simply not prefetched)
+__device__ __forceinline__ void prefetch_l2(const void* src, unsigned bytes) {
+    if ((reinterpret_cast<unsigned long long>(src) & 15) == 0)
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(src), "r"(bytes) : "memory");
+}
+
+// in_proj for NT n-tiles (rows 8 nt0 .. 8 (nt0 + NT) - 1) of m-tile mt: each A fragment read once serves NT
+// mma; xz stored rounded to in_t
+template <int NT>
+__device__ __forceinline__ void in_proj_tiles(const uint4* wf, const in_t* h_s, int nt0, int mt, int g, int t,
+                                              in_t* xz_s) {
+    float acc[NT][2][4] = {};
+    const in_t* hb = h_s + (nt0 * 8 + g) * HP + 2 * t;
+#pragma unroll
+    for (int kt = 0; kt < 16; ++kt) {
+        const uint4 a = wf[kt * 32];
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+            mma16816(acc[j][kt & 1], a, lds32(hb + j * 8 * HP + kt * 16), lds32(hb + j * 8 * HP + kt * 16 + 8));
+    }
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+        const int n = (nt0 + j) * 8 + 2 * t, m = mt * 16 + g;
+        xz_s[n * XZP + m] = from_f(acc[j][0][0] + acc[j][1][0]);
+        xz_s[(n + 1) * XZP + m] = from_f(acc[j][0][1] + acc[j][1][1]);
+        xz_s[n * XZP + m + 8] = from_f(acc[j][0][2] + acc[j][1][2]);
+        xz_s[(n + 1) * XZP + m + 8] = from_f(acc[j][0][3] + acc[j][1][3]);
+    }
+}
+
+extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 1) fused_step_rows(
+    const long long* __restrict__ ids, const float* __restrict__ emb, const in_t* __restrict__ head_p,
+    const float* __restrict__ normf, float eps, const in_t* __restrict__ Wi_p, const in_t* __restrict__ Wx_p,
+    const in_t* __restrict__ Wo_p, const float* __restrict__ K_p, const long long* __restrict__ state_ptrs,
+    int L, int batch, float* __restrict__ logits)
+{
+    constexpr int NTL = ROWS / 8;            // mma n-tiles: 3
+    constexpr int RH = ROWS / 2;             // rows a thread of the state update: 12
+    constexpr int RQ = RH / 4;               // of which the thread computes dt and y: 3
+    constexpr int XW = 3 * NTL;              // x_proj warps (3 m-tiles x NTL n-tiles): 9
+    extern __shared__ __align__(16) unsigned char smem[];
+    in_t* wi_s = reinterpret_cast<in_t*>(smem + S_WI);          // in_proj fragments (the head's at l = L)
+    in_t* wo_s = reinterpret_cast<in_t*>(smem + S_WO);
+    in_t* wx_s = reinterpret_cast<in_t*>(smem + S_WX);
+    float* k_s = reinterpret_cast<float*>(smem + S_K);           // [2][K_EL]
+    float* res_s = reinterpret_cast<float*>(smem + S_RES);       // [ROWS][DM] the residual (all CTAs alike)
+    float* or_s = reinterpret_cast<float*>(smem + S_OR);         // [src][OC][ROWS] out_proj partials
+    float* xr_s = reinterpret_cast<float*>(smem + S_XR);         // [src][NX][ROWS] x_proj partials
+    // h shares or_s: h is written in N (after R's reads of or_s and a CTA barrier) and read in I; another CTA
+    // writes or_s only after its x_proj sums, which need this CTA's x_proj partials, sent after I
+    in_t* h_s = reinterpret_cast<in_t*>(smem + S_H);             // [ROWS][HP]
+    in_t* xz_s = reinterpret_cast<in_t*>(smem + S_XZ);           // [ROWS][XZP]: x 0..63, z 64..127 (rounded)
+    in_t* xc_s = reinterpret_cast<in_t*>(smem + S_XC);           // [ROWS][XCP]
+    in_t* y_s = reinterpret_cast<in_t*>(smem + S_Y);             // [ROWS][XCP]
+    float* dbl_s = reinterpret_cast<float*>(smem + S_DBL);       // [ROWS][DBP]
+    unsigned long long* bars = reinterpret_cast<unsigned long long*>(smem + S_BAR);
+    long long* ptr_s = reinterpret_cast<long long*>(smem + S_PTR);   // state_ptrs, read once
+    unsigned long long* bar_x = bars + 0;   // x_proj partials arrived
+    unsigned long long* bar_o = bars + 1;   // out_proj partials arrived
+    unsigned long long* bar_r = bars + 2;   // residual columns arrived
+    unsigned long long* bar_wi = bars + 3;  // weight slices arrived (bulk copies)
+    unsigned long long* bar_wx = bars + 4;
+    unsigned long long* bar_wo = bars + 5;
+    unsigned long long* bar_k = bars + 6;   // [2]
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    const unsigned c = cluster_rank();
+    const int b0 = (int)cluster_id() * ROWS;
+    if (b0 >= batch) return;                     // (whole clusters)
+    const int nrows = min(ROWS, batch - b0);
+    const int ch0 = (int)c * EC;
+    // mapping T (conv): channel tch, rows tr, tr + 8, tr + 16
+    const int tch = tid & (EC - 1), tr = tid >> 6;
+    // mapping S (dt, state update): rows RH rh .. RH rh + RH - 1, channel sch, states 4q .. 4q + 3; dt and y of
+    // rows RH rh + RQ q .. + RQ - 1
+    const int rh = tid >> 8, sch = (tid >> 2) & (EC - 1), q = tid & 3;
+
+    auto wi_src = [&](int l) { return Wi_p + ((long long)l * NCTA + c) * WI_EL; };
+    auto wx_src = [&](int l) { return Wx_p + ((long long)l * NCTA + c) * WX_EL; };
+    auto wo_src = [&](int l) { return Wo_p + ((long long)l * NCTA + c) * WO_EL; };
+    auto k_src = [&](int l) { return K_p + ((long long)l * NCTA + c) * K_EL; };
+
+    if (tid < 2 * L) ptr_s[tid] = state_ptrs[tid];      // (L <= MAX_L, checked by the launcher)
+    if (tid == 0) {
+        for (int i = 0; i < 8; ++i) mbar_init(bars + i, 1);
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        mbar_expect(bar_x, X_BYTES);
+        mbar_expect(bar_o, O_BYTES);
+        mbar_expect(bar_r, R_BYTES);
+        load_bulk(wi_s, wi_src(0), WI_EL * 2, bar_wi);
+        load_bulk(wx_s, wx_src(0), WX_EL * 2, bar_wx);
+        load_bulk(wo_s, wo_src(0), WO_EL * 2, bar_wo);
+        load_bulk(k_s, k_src(0), K_EL * 4, bar_k);
+        if (L > 1) load_bulk(k_s + K_EL, k_src(1), K_EL * 4, bar_k + 1);
+    }
+    __syncthreads();
+    // every CTA of the cluster has set up its barriers before any DSMEM store: the wait is at X of layer 0
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" :::);
+
+    // a layer's states of this CTA's channels into L2, a layer before the registers load them: each row's SSM
+    // state (4 KB) and conv state (768 bytes) are contiguous, one bulk prefetch each (threads 0..23, 32..55)
+    auto prefetch_states = [&](int l) {
+        if (tid < nrows) {
+            if (!NO_STATE_IO)
+                prefetch_l2(reinterpret_cast<const float*>(ptr_s[L + l]) + ((long long)(b0 + tid) * EI + ch0) * NS,
+                            EC * NS * 4);
+        } else if (tid >= 32 && tid - 32 < nrows) {
+            prefetch_l2(reinterpret_cast<const float*>(ptr_s[l]) + ((long long)(b0 + tid - 32) * EI + ch0) * (KC - 1),
+                        EC * (KC - 1) * 4);
+        }
+    };
+    float4 st[RH];
+    float cs[NTL][KC - 1];
+    auto fetch_ssm = [&](int l) {
+        const float* base = reinterpret_cast<const float*>(ptr_s[L + l]);
+#pragma unroll
+        for (int j = 0; j < RH; ++j) {
+            const int r = RH * rh + j;
+            const float4* p = reinterpret_cast<const float4*>(base + ((long long)(b0 + r) * EI + ch0 + sch) * NS + 4 * q);
+            st[j] = r < nrows && !NO_STATE_IO ? (STATE_HINT ? __ldcs(p) : *p) : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+    };
+    auto fetch_conv = [&](int l) {
+        const float* base = reinterpret_cast<const float*>(ptr_s[l]);
+#pragma unroll
+        for (int i = 0; i < NTL; ++i) {
+            const int r = tr + 8 * i;
+#pragma unroll
+            for (int p = 0; p < KC - 1; ++p)
+                cs[i][p] = r < nrows ? base[((long long)(b0 + r) * EI + ch0 + tch) * (KC - 1) + p] : 0.f;
+        }
+    };
+    prefetch_states(0);
+#pragma unroll
+    for (int i = 0; i < ROWS * DM / 4 / NTHR; ++i) {
+        const int idx = tid + NTHR * i, r = idx >> 6, col = (idx & 63) * 4;
+        float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (r < nrows) v = __ldg(reinterpret_cast<const float4*>(emb + ids[b0 + r] * DM + col));
+        *reinterpret_cast<float4*>(&res_s[r * DM + col]) = v;
+    }
+    __syncthreads();
+
+#if PROFILE
+    const bool prof = tid == 0 && c == 0 && b0 == 0;
+    long long plast = clock64();
+#define STAMP(i)                                                    \
+    if (prof) {                                                     \
+        const long long now = clock64();                            \
+        atomicAdd(reinterpret_cast<unsigned long long*>(&rows_prof[i]), (unsigned long long)(now - plast)); \
+        plast = now;                                                \
+    }
+#else
+#define STAMP(i)
+#endif
+    for (int l = 0; l <= L; ++l) {
+        const float* kl = k_s + (l & 1) * K_EL;
+        // (N) RMSNorm: warp w normalises rows w and w + 16; h -> shared memory as in_t
+        if (l > 0) {
+            if (warp == NTHR / 32 - 1) {            // (not one of R's warps)
+                mbar_wait(bar_r, (l - 1) & 1);
+                if (lane == 0 && l < L) mbar_expect(bar_r, R_BYTES);
+            }
+            __syncthreads();
+        }
+        if (l + 1 < L) prefetch_states(l + 1);
+        if (l < L) mbar_wait(bar_k + (l & 1), (l >> 1) & 1);
+        for (int r = warp; r < ROWS; r += NTHR / 32) {
+            const float4 r0 = *reinterpret_cast<const float4*>(&res_s[r * DM + lane * 8]);
+            const float4 r1 = *reinterpret_cast<const float4*>(&res_s[r * DM + lane * 8 + 4]);
+            const float rv[8] = {r0.x, r0.y, r0.z, r0.w, r1.x, r1.y, r1.z, r1.w};
+            float ss = 0.f;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) ss = fmaf(rv[i], rv[i], ss);
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+            const float inv = rsqrtf(ss / (float)DM + eps);
+            float4 n0, n1;
+            if (l < L) {
+                n0 = *reinterpret_cast<const float4*>(&kl[K_NW + lane * 8]);
+                n1 = *reinterpret_cast<const float4*>(&kl[K_NW + lane * 8 + 4]);
+            } else {
+                n0 = __ldg(reinterpret_cast<const float4*>(normf + lane * 8));
+                n1 = __ldg(reinterpret_cast<const float4*>(normf + lane * 8 + 4));
+            }
+            const float nw[8] = {n0.x, n0.y, n0.z, n0.w, n1.x, n1.y, n1.z, n1.w};
+            __align__(16) in_t hv[8];
+#pragma unroll
+            for (int i = 0; i < 8; ++i) hv[i] = from_f(rv[i] * inv * nw[i]);
+            *reinterpret_cast<uint4*>(&h_s[r * HP + lane * 8]) = *reinterpret_cast<const uint4*>(hv);
+        }
+        __syncthreads();
+        STAMP(0);
+
+        if (l == L) {
+            // final norm + head: CTA c's 32 vocabulary rows, 2 m-tiles x 3 n-tiles, one warp each
+            mbar_wait(bar_wi, L & 1);
+            if (warp < 2 * NTL) {
+                const int mt = warp & 1, nt = warp >> 1;
+                float acc[2][4] = {};
+                const uint4* wf = reinterpret_cast<const uint4*>(wi_s) + mt * 16 * 32 + lane;
+                const in_t* hb = h_s + (nt * 8 + g) * HP + 2 * t;
+#pragma unroll
+                for (int kt = 0; kt < 16; ++kt)
+                    mma16816(acc[kt & 1], wf[kt * 32], lds32(hb + kt * 16), lds32(hb + kt * 16 + 8));
+                const int n = nt * 8 + 2 * t, m = c * VC + mt * 16 + g;
+                const float v[4] = {acc[0][0] + acc[1][0], acc[0][1] + acc[1][1], acc[0][2] + acc[1][2],
+                                    acc[0][3] + acc[1][3]};
+                if (n < nrows) {
+                    logits[(long long)(b0 + n) * NV + m] = rnd(v[0]);
+                    logits[(long long)(b0 + n) * NV + m + 8] = rnd(v[2]);
+                }
+                if (n + 1 < nrows) {
+                    logits[(long long)(b0 + n + 1) * NV + m] = rnd(v[1]);
+                    logits[(long long)(b0 + n + 1) * NV + m + 8] = rnd(v[3]);
+                }
+            }
+            STAMP(9);
+            break;
+        }
+
+        // (I) in_proj: warp w = m-tile w & 7 of the CTA's 128 xz rows, n-tiles 0 and 1 (w < 8) or 2, K = 256;
+        // the conv states (prefetched into L2 a layer ago) load meanwhile
+        fetch_conv(l);
+        mbar_wait(bar_wi, l & 1);
+        {
+            const uint4* wf = reinterpret_cast<const uint4*>(wi_s) + (warp & 7) * 16 * 32 + lane;
+            if (warp < 8) in_proj_tiles<NTL - 1>(wf, h_s, 0, warp & 7, g, t, xz_s);
+            else in_proj_tiles<1>(wf, h_s, NTL - 1, warp & 7, g, t, xz_s);
+        }
+        __syncthreads();
+        STAMP(1);
+        if (tid == 0) {                          // the next in_proj slice (or the head's) into the free buffer
+            if (l + 1 < L) load_bulk(wi_s, wi_src(l + 1), WI_EL * 2, bar_wi);
+            else load_bulk(wi_s, head_p + (long long)c * HD_EL, HD_EL * 2, bar_wi);
+        }
+
+        // (C) the SSM states of this layer into registers (from L2; used in D); conv step + SiLU, mapping T;
+        // the window shifted into the conv state (global)
+        fetch_ssm(l);
+        {
+            const float4 w = *reinterpret_cast<const float4*>(&kl[K_CW + tch * KC]);
+            const float cb = kl[K_CB + tch];
+            float* base = reinterpret_cast<float*>(ptr_s[l]);
+#pragma unroll
+            for (int i = 0; i < NTL; ++i) {
+                const int r = tr + 8 * i;
+                const float x = to_f(xz_s[r * XZP + tch]);
+                float a = cs[i][0] * w.x;
+                a = fmaf(cs[i][1], w.y, a);
+                a = fmaf(cs[i][2], w.z, a);
+                a = fmaf(x, w.w, a);
+                if (r < nrows) {
+                    float* p = base + ((long long)(b0 + r) * EI + ch0 + tch) * (KC - 1);
+                    p[0] = cs[i][1];
+                    p[1] = cs[i][2];
+                    p[2] = x;
+                }
+                xc_s[r * XCP + tch] = from_f(silu_f(a + cb));
+            }
+        }
+        __syncthreads();
+        STAMP(2);
+
+        // (X) x_proj partial sums over this CTA's channels (48 x 64 x 24): warps 0..8, sent to all 8 CTAs
+        if (l == 0) asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");   // the start barrier
+        if (warp < XW) {
+            mbar_wait(bar_wx, l & 1);
+            const int mt = warp % 3, nt = warp / 3;
+            float acc[4] = {};
+            const uint4* wf = reinterpret_cast<const uint4*>(wx_s) + mt * 4 * 32 + lane;
+            const in_t* xb = xc_s + (nt * 8 + g) * XCP + 2 * t;
+#pragma unroll
+            for (int kt = 0; kt < 4; ++kt) mma16816(acc, wf[kt * 32], lds32(xb + kt * 16), lds32(xb + kt * 16 + 8));
+            const float4 msg = regroup(acc, t);
+            const int m = mt * 16 + g + ((t & 1) ? 8 : 0), n0 = nt * 8 + 2 * (t & 2);
+            const float* dst = &xr_s[(c * NX + m) * ROWS + n0];
+#pragma unroll
+            for (int d = 0; d < NCTA; ++d) send4(dst, d, msg, bar_x);
+        }
+        STAMP(3);
+        // dbl = the sum of the 8 partials (fixed order), rounded: the sending warps, 4 values a thread
+        if (warp < XW) {
+            mbar_wait(bar_x, l & 1);
+            if (tid == 0) mbar_expect(bar_x, X_BYTES);               // arm the next layer's exchange
+#pragma unroll
+            for (int i = 0; i < NX * ROWS / (32 * XW); ++i) {
+                const int idx = tid + i * 32 * XW, m = idx / ROWS, n = idx % ROWS;
+                float s = 0.f;
+#pragma unroll
+                for (int d = 0; d < NCTA; ++d) s += xr_s[(d * NX + m) * ROWS + n];
+                dbl_s[n * DBP + m] = rnd(s);
+            }
+        }
+        __syncthreads();
+        STAMP(4);
+        if (tid == 0 && l + 1 < L) load_bulk(wx_s, wx_src(l + 1), WX_EL * 2, bar_wx);
+        STAMP(5);
+
+        // (D) mapping S. dt = softplus(W_dt dt_low + dt_bias) of rows RH rh + RQ q + i (the 4 lanes of a channel
+        // share the rows' dt by shuffles); state update; y = <s, C> + D x (4 lanes reduced transposed: lane q
+        // ends with rows RH rh + RQ q + i), gated by silu(z)
+        {
+            float dts[RQ];
+            {
+                float wdt[RK];
+#pragma unroll
+                for (int k = 0; k < RK; ++k) wdt[k] = kl[K_WDT + k * EC + sch];
+                const float dtb = kl[K_DTB + sch];
+#pragma unroll
+                for (int i = 0; i < RQ; ++i) {
+                    const int r = RH * rh + RQ * q + i;
+                    float d = 0.f;
+#pragma unroll
+                    for (int k4 = 0; k4 < RK / 4; ++k4) {
+                        const float4 dl = *reinterpret_cast<const float4*>(&dbl_s[r * DBP + 4 * k4]);
+                        d = fmaf(wdt[4 * k4], dl.x, d);
+                        d = fmaf(wdt[4 * k4 + 1], dl.y, d);
+                        d = fmaf(wdt[4 * k4 + 2], dl.z, d);
+                        d = fmaf(wdt[4 * k4 + 3], dl.w, d);
+                    }
+                    d += dtb;
+                    dts[i] = d <= 20.f ? log1pf(__expf(d)) : d;       // softplus, PyTorch's threshold
+                }
+            }
+            const float4 a4 = *reinterpret_cast<const float4*>(&kl[K_A + sch * NS + 4 * q]);
+            float* base = reinterpret_cast<float*>(ptr_s[L + l]);
+            float yp[RH];
+#pragma unroll
+            for (int j = 0; j < RH; ++j) {
+                const int r = RH * rh + j;
+                const float d = __shfl_sync(0xffffffffu, dts[j % RQ], (lane & ~3) | (j / RQ));
+                const float dx = d * to_f(xc_s[r * XCP + sch]);
+                const float4 Bv = *reinterpret_cast<const float4*>(&dbl_s[r * DBP + RK + 4 * q]);
+                const float4 Cv = *reinterpret_cast<const float4*>(&dbl_s[r * DBP + RK + NS + 4 * q]);
+                float4 s = st[j];
+                s.x = fmaf(__expf(d * a4.x), s.x, dx * Bv.x);
+                s.y = fmaf(__expf(d * a4.y), s.y, dx * Bv.y);
+                s.z = fmaf(__expf(d * a4.z), s.z, dx * Bv.z);
+                s.w = fmaf(__expf(d * a4.w), s.w, dx * Bv.w);
+                if (r < nrows && !NO_STATE_IO) {
+                    float4* p = reinterpret_cast<float4*>(base + ((long long)(b0 + r) * EI + ch0 + sch) * NS + 4 * q);
+                    if (STATE_HINT) __stcs(p, s);
+                    else *p = s;
+                }
+                float y = s.x * Cv.x;
+                y = fmaf(s.y, Cv.y, y);
+                y = fmaf(s.z, Cv.z, y);
+                yp[j] = fmaf(s.w, Cv.w, y);
+            }
+            float v2[RH / 2], v1[RQ];
+            const bool h2 = q & 2, h1 = q & 1;
+#pragma unroll
+            for (int i = 0; i < RH / 2; ++i)
+                v2[i] = (h2 ? yp[i + RH / 2] : yp[i]) + __shfl_xor_sync(0xffffffffu, h2 ? yp[i] : yp[i + RH / 2], 2);
+#pragma unroll
+            for (int i = 0; i < RQ; ++i)
+                v1[i] = (h1 ? v2[i + RQ] : v2[i]) + __shfl_xor_sync(0xffffffffu, h1 ? v2[i] : v2[i + RQ], 1);
+            const float Dd = kl[K_D + sch];
+#pragma unroll
+            for (int i = 0; i < RQ; ++i) {
+                const int r = RH * rh + RQ * q + i;
+                const float xv = to_f(xc_s[r * XCP + sch]);
+                y_s[r * XCP + sch] = from_f((v1[i] + Dd * xv) * silu_f(to_f(xz_s[r * XZP + EC + sch])));
+            }
+        }
+        __syncthreads();
+        STAMP(6);
+        if (tid == 0 && l + 2 < L) load_bulk(k_s + (l & 1) * K_EL, k_src(l + 2), K_EL * 4, bar_k + (l & 1));
+
+        // (O) out_proj partial sums over this CTA's channels: warp w = m-tile (residual columns 16w..16w+15,
+        // owned by CTA w >> 1), all n-tiles; sent to the owner
+        mbar_wait(bar_wo, l & 1);
+        {
+            const uint4* wf = reinterpret_cast<const uint4*>(wo_s) + warp * 4 * 32 + lane;
+            uint4 a[4];
+#pragma unroll
+            for (int kt = 0; kt < 4; ++kt) a[kt] = wf[kt * 32];
+            const unsigned owner = warp >> 1;
+            const int m = (warp & 1) * 16 + g + ((t & 1) ? 8 : 0);
+#pragma unroll
+            for (int nt = 0; nt < NTL; ++nt) {
+                float acc[4] = {};
+                const in_t* yb = y_s + (nt * 8 + g) * XCP + 2 * t;
+#pragma unroll
+                for (int kt = 0; kt < 4; ++kt) mma16816(acc, a[kt], lds32(yb + kt * 16), lds32(yb + kt * 16 + 8));
+                const float4 msg = regroup(acc, t);
+                send4(&or_s[(c * OC + m) * ROWS + nt * 8 + 2 * (t & 2)], owner, msg, bar_o);
+            }
+        }
+        __syncthreads();
+        STAMP(7);
+        if (tid == 0 && l + 1 < L) load_bulk(wo_s, wo_src(l + 1), WO_EL * 2, bar_wo);
+
+        // (R) the owner: residual columns 32c + 4mq .. +3 of row n += rounded sum of the 8 partials (fixed
+        // order); the new values to every CTA
+        if (tid < ROWS * OC / 4) {
+            mbar_wait(bar_o, l & 1);
+            if (tid == 0) mbar_expect(bar_o, O_BYTES);               // arm the next layer's exchange
+            const int n = tid % ROWS, mq = tid / ROWS;
+            float o[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                float s = 0.f;
+#pragma unroll
+                for (int d = 0; d < NCTA; ++d) s += or_s[(d * OC + 4 * mq + i) * ROWS + n];
+                o[i] = rnd(s);
+            }
+            float* dst = &res_s[n * DM + c * OC + 4 * mq];
+            float4 v = *reinterpret_cast<const float4*>(dst);
+            v.x += o[0]; v.y += o[1]; v.z += o[2]; v.w += o[3];
+#pragma unroll
+            for (int d = 0; d < NCTA; ++d) send4(dst, d, v, bar_r);
+        }
+        STAMP(8);
+    }
+}
+#endif  // ROWS24
 
 #endif  // sm_90+

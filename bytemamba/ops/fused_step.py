@@ -3,8 +3,8 @@
 residual add), final norm and head, for the shapes it is compiled for (`SHAPE`: d_model 256, d_inner 512,
 d_state 16, dt_rank 16, d_conv 4, 256 symbols; any number of layers and batch rows; bf16 or fp16 compute).
 Two kernels: `cluster` (cuda/decode_fused.cu) runs a thread-block cluster of 8 CTAs per batch row, for small
-batches; `rows` (cuda/decode_fused_rows.cu) a cluster per tile of 16 rows, its projections on tensor cores,
-for large batches (`ROWS_FROM`); see the kernels' opening comments.
+batches; `rows` (cuda/decode_fused_rows.cu) a cluster per tile of 16 rows (24 in the build "r24", `ROWS_VARIANTS`), its
+projections on tensor cores, for large batches (`ROWS_FROM`); see the kernels' opening comments.
 
     pack_weights(emb, head, norm_ws, layers, dtype) -> FusedWeights   (stacked once, reused every step)
         layers: one dict per layer with in_proj (2e, d), conv_w (e, k), conv_b (e) or None, x_proj (r+2n, e),
@@ -119,7 +119,7 @@ def pack_weights(emb, head, norm_ws, layers, eps: float, dtype: torch.dtype) -> 
 
 # ---- the `rows` kernel's layout ------------------------------------------------------------------------------
 
-ROWS = 16                         # batch rows per cluster of the `rows` kernel
+ROWS = 16                         # batch rows per cluster of the `rows` kernel (the r24 build: 24, ROWS_VARIANTS)
 K_EL = 2752                       # fp32 constants per (layer, CTA): see cuda/decode_fused_rows.cu
 
 
@@ -245,6 +245,21 @@ def _rows_from() -> int:
 ROWS_FROM = 30
 ROWS_MAX_LAYERS = 64              # the rows kernel keeps the state pointers in shared memory (MAX_L)
 
+# Builds of the `rows` kernel (name: compile-time defines; the rows a cluster come from the compiled module):
+# "r16" 16 rows a cluster (measured, docs/PERF.md "audio6m large batches"); "r24" 24 rows a cluster
+# (-DROWS24=1: batch 256 in one wave of 11 clusters; dt folded into the state phase; see the kernel's
+# opening comment; not yet run on a GPU). ROWS_VARIANT is the build used; BYTEMAMBA_FUSED_ROWS_VARIANT
+# overrides it.
+ROWS_VARIANTS = {"r16": (), "r24": ("-DROWS24=1",)}
+ROWS_VARIANT = "r16"
+
+
+def rows_variant() -> str:
+    v = os.environ.get("BYTEMAMBA_FUSED_ROWS_VARIANT") or ROWS_VARIANT
+    if v not in ROWS_VARIANTS:
+        raise ValueError(f"fused step: BYTEMAMBA_FUSED_ROWS_VARIANT={v!r} (one of {', '.join(ROWS_VARIANTS)})")
+    return v
+
 
 def choose_kernel(batch: int, n_layer: int = 1) -> str:
     return "rows" if batch > _rows_from() and n_layer <= ROWS_MAX_LAYERS else "cluster"
@@ -285,16 +300,19 @@ def fused_step_fn(ids, W: FusedWeights, conv_states, ssm_states, logits=None, ke
 
 
 def rows_module(device, dtype):
-    """The compiled `rows` kernel, its dynamic shared memory size set (once per module)."""
-    K = compile_module("decode_fused_rows.cu", (f"-DIN_DTYPE={_DTYPE_CODE[dtype]}",) + _defines(), device,
+    """The compiled `rows` kernel (build rows_variant(), plus BYTEMAMBA_FUSED_DEFINES), its dynamic shared memory
+    size set and its rows a cluster (K["rows"]) read from the module (once per module)."""
+    K = compile_module("decode_fused_rows.cu", (f"-DIN_DTYPE={_DTYPE_CODE[dtype]}",)
+                       + ROWS_VARIANTS[rows_variant()] + _defines(), device,
                        ("fused_step_rows", "fused_rows_smem", "fused_rows_prof"))
     if "smem" not in K:
         import cupy
         with cupy.cuda.Device(device.index):
-            out = cupy.zeros(1, dtype=cupy.int32)
+            out = cupy.zeros(2, dtype=cupy.int32)
             K["fused_rows_smem"]((1,), (1,), (out,))
-            smem = int(out.get()[0])
+            smem, rows = (int(v) for v in out.get())
             K["fused_step_rows"].max_dynamic_shared_size_bytes = smem
+        K["rows"] = rows or ROWS                 # (the 16-row build does not write it)
         K["smem"] = smem
     return K
 
@@ -309,7 +327,7 @@ def _launch_rows(ids, W: FusedWeights, table, b, logits):
     K = rows_module(dev, W.dtype)
     import cupy
     with cupy.cuda.Device(dev.index), cupy_stream(dev):
-        K["fused_step_rows"]((NCTA * ((b + ROWS - 1) // ROWS),), (NTHREADS,),
+        K["fused_step_rows"]((NCTA * ((b + K["rows"] - 1) // K["rows"]),), (NTHREADS,),
                              (ptr(ids), ptr(W.emb), ptr(P.head), ptr(P.normf), np.float32(W.eps), ptr(P.Wi),
                               ptr(P.Wx), ptr(P.Wo), ptr(P.K), ptr(table), np.int32(W.n_layer), np.int32(b),
                               ptr(logits)), shared_mem=K["smem"])

@@ -16,8 +16,8 @@ import torch
 from bytemamba.config import ModelConfig
 from bytemamba.generate import Sampling, generate
 from bytemamba.models.lm import ByteMambaLM
-from bytemamba.ops.fused_step import (SHAPE, choose_kernel, fused_step_fn, fused_step_ref, mma_fragments,
-                                      pack_weights, unsupported_reason)
+from bytemamba.ops.fused_step import (ROWS_VARIANTS, SHAPE, choose_kernel, fused_step_fn, fused_step_ref,
+                                      mma_fragments, pack_weights, rows_variant, unsupported_reason)
 from bytemamba.ops.scan import cuda_available
 
 _needs_gpu = pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU and CuPy")
@@ -85,6 +85,9 @@ KERNEL_CASES = [("default", torch.bfloat16, 1), ("default", torch.bfloat16, 3), 
 # the `rows` kernel (cuda/decode_fused_rows.cu): 16 rows a cluster; one partial tile, one full, several
 KERNEL_CASES += [("rows", torch.bfloat16, 3), ("rows", torch.bfloat16, 16), ("rows", torch.bfloat16, 37),
                  ("rows", torch.float16, 20)]
+# its 24-row build (ROWS_VARIANTS "r24"): one partial tile, one full, a full and a partial; fp16
+KERNEL_CASES += [("rows-r24", torch.bfloat16, 3), ("rows-r24", torch.bfloat16, 24), ("rows-r24", torch.bfloat16, 37),
+                 ("rows-r24", torch.float16, 20)]
 
 
 # ---- CPU --------------------------------------------------------------------------------------------------
@@ -121,6 +124,16 @@ def test_kernel_choice(monkeypatch):
     assert choose_kernel(8) == "cluster" and choose_kernel(9) == "rows"
 
 
+def test_rows_variant_choice(monkeypatch):
+    monkeypatch.delenv("BYTEMAMBA_FUSED_ROWS_VARIANT", raising=False)
+    assert rows_variant() in ROWS_VARIANTS
+    monkeypatch.setenv("BYTEMAMBA_FUSED_ROWS_VARIANT", "r24")
+    assert rows_variant() == "r24"
+    monkeypatch.setenv("BYTEMAMBA_FUSED_ROWS_VARIANT", "r17")
+    with pytest.raises(ValueError, match="r17"):
+        rows_variant()
+
+
 def test_unsupported_reasons():
     ok = dict(SHAPE, dtype=torch.bfloat16)
     assert unsupported_reason(**ok) is None
@@ -144,10 +157,12 @@ def test_kernel_compiles_for_sm90_without_spills(defines, tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+@pytest.mark.parametrize("build", list(ROWS_VARIANTS))
 @pytest.mark.parametrize("dtype_code", [1, 2])
-def test_rows_kernel_compiles_for_sm90_without_spills(dtype_code, tmp_path):
+def test_rows_kernel_compiles_for_sm90_without_spills(dtype_code, build, tmp_path):
     r = subprocess.run(["nvcc", "-arch=sm_90", "-std=c++17", "-cubin", "-o", str(tmp_path / "k.cubin"),
-                        "-Xptxas", "-v", "-Werror", "all-warnings", f"-DIN_DTYPE={dtype_code}", str(SRC_ROWS)],
+                        "-Xptxas", "-v", "-Werror", "all-warnings", f"-DIN_DTYPE={dtype_code}",
+                        *ROWS_VARIANTS[build], str(SRC_ROWS)],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     stats = r.stderr.split("fused_step_rows")[-1]
@@ -162,9 +177,11 @@ def test_rows_kernel_compiles_for_sm90_without_spills(dtype_code, tmp_path):
 def test_kernel_many_steps(variant, dtype, batch, monkeypatch):
     """20 steps of the kernel against the reference (same roundings) and a float32 truth (no rounding of the
     activations, the same rounded weights): the kernel's error at most about twice the reference's."""
-    kernel = "rows" if variant == "rows" else "cluster"
+    kernel = "rows" if variant.startswith("rows") else "cluster"
     if kernel == "cluster":                  # (the rows kernel: BYTEMAMBA_FUSED_DEFINES as the caller set it)
         monkeypatch.setenv("BYTEMAMBA_FUSED_DEFINES", VARIANTS[variant])
+    if variant == "rows-r24":                # ("rows": BYTEMAMBA_FUSED_ROWS_VARIANT as the caller set it)
+        monkeypatch.setenv("BYTEMAMBA_FUSED_ROWS_VARIANT", "r24")
     m = make_model(n_layer=3, seed=batch, device="cuda")
     W = packed(m, dtype)
     W32 = packed(m, torch.float32, round_to=dtype)
@@ -205,9 +222,13 @@ def test_kernel_is_deterministic_and_rows_independent():
 
 
 @gpu
-def test_rows_kernel_is_deterministic_rows_independent_and_near_the_cluster_kernel():
+@pytest.mark.parametrize("build", ["env", "r24"])
+def test_rows_kernel_is_deterministic_rows_independent_and_near_the_cluster_kernel(build, monkeypatch):
     """Same inputs, bit-identical outputs; rows split over tiles at other positions give the same bits; the
-    cluster kernel (another summation order) agrees to rounding."""
+    cluster kernel (another summation order) agrees to rounding. build: "env" BYTEMAMBA_FUSED_ROWS_VARIANT as
+    the caller set it, or a named build."""
+    if build != "env":
+        monkeypatch.setenv("BYTEMAMBA_FUSED_ROWS_VARIANT", build)
     m = make_model(n_layer=2, seed=6, device="cuda")
     W = packed(m, torch.bfloat16)
     ids = torch.randint(0, 256, (21,), device="cuda", generator=torch.Generator("cuda").manual_seed(8))
@@ -226,11 +247,14 @@ def test_rows_kernel_is_deterministic_rows_independent_and_near_the_cluster_kern
 
 
 @gpu
-@pytest.mark.parametrize("batch", [1, 2, 20])
-def test_model_takes_the_fused_path_and_equals_the_forward(batch, monkeypatch):
+@pytest.mark.parametrize("batch,build", [(1, "env"), (2, "env"), (20, "env"), (20, "r24")])
+def test_model_takes_the_fused_path_and_equals_the_forward(batch, build, monkeypatch):
     """Prefill + teacher-forced steps under bf16 autocast against the float32 parallel forward: the fused
-    step's error at most about twice the small-batch GEMV / cuBLAS path's."""
+    step's error at most about twice the small-batch GEMV / cuBLAS path's. build: the rows kernel's build
+    (BYTEMAMBA_FUSED_ROWS_VARIANT as the caller set it, or named)."""
     monkeypatch.setenv("BYTEMAMBA_FUSED_ROWS_FROM", "8")
+    if build != "env":
+        monkeypatch.setenv("BYTEMAMBA_FUSED_ROWS_VARIANT", build)
     path = "fused-rows" if batch > 8 else "fused"
     m = make_model(n_layer=3, seed=11, device="cuda", backend="cuda")
     g = torch.Generator("cuda").manual_seed(batch)
@@ -263,8 +287,11 @@ def test_graphs_give_the_same_symbols_as_no_graphs():
 
 
 @gpu
-def test_rows_kernel_graphs_give_the_same_symbols_as_no_graphs(monkeypatch):
+@pytest.mark.parametrize("build", ["env", "r24"])
+def test_rows_kernel_graphs_give_the_same_symbols_as_no_graphs(build, monkeypatch):
     monkeypatch.setenv("BYTEMAMBA_FUSED_ROWS_FROM", "0")
+    if build != "env":
+        monkeypatch.setenv("BYTEMAMBA_FUSED_ROWS_VARIANT", build)
     m = make_model(n_layer=2, seed=3, device="cuda", backend="cuda")
     m.fused_max_batch = 1 << 20
     prompt = torch.randint(0, 256, (18, 17), device="cuda", generator=torch.Generator("cuda").manual_seed(4))
