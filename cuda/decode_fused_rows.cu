@@ -40,17 +40,19 @@
 // 157 us at 128 (one wave: the GPU holds 15 such clusters at once), 312 us at 256 (two waves); without any
 // state traffic 118 us: the per-layer chain of barriers and exchanges (~7.6 us), not bytes, bounds it.
 //
-// Variant ROWS24 (-DROWS24=1; bytemamba/ops/fused_step.py ROWS_VARIANTS "r24", BYTEMAMBA_FUSED_ROWS_VARIANT=r24;
-// not yet run on a GPU): tiles of 24 rows (three mma n-tiles), so that 256 rows take 11 clusters, one wave of
-// the 15 that fit (360 rows a wave). Same arithmetic and roundings as above. What makes it fit (~227 KB of
-// shared memory, 128 registers, no spills): xz kept as in_t (its values are rounded to in_t anyway); h inside
-// the out_proj partials' buffer (free from R's reads to the next x_proj exchange); no dt / dx buffers: the
-// D1 phase is folded into the state phase (lane q of a channel computes the dt of 3 of its 12 rows, shared
-// by shuffles), one CTA barrier less a layer; the SSM states no longer sit in registers a whole layer ahead
-// (96 KB a CTA would not fit): each row's 4 KB of SSM state and 768 bytes of conv state are bulk-prefetched
-// into L2 a layer ahead (cp.async.bulk.prefetch.L2), the conv states loaded into registers at I, the SSM states
-// at C, both consumed one phase or more later. Mappings: in_proj warps 0..7 two n-tiles, 8..15 one; x_proj 9
-// warps; the state update 12 rows a thread; the norm 1-2 rows a warp; the head 6 warps.
+// Variant ROWSV (-DROWSV=24 or 16; bytemamba/ops/fused_step.py ROWS_VARIANTS "r24" / "r16f", chosen by
+// BYTEMAMBA_FUSED_ROWS_VARIANT; not yet run on a GPU): its own kernel body below. ROWSV=24: tiles of 24 rows
+// (three mma n-tiles), so that 256 rows take 11 clusters, one wave of the 15 that fit (360 rows a wave);
+// ROWSV=16: the same code for 16 rows (the shorter chain alone). Same arithmetic and roundings as above. What
+// makes 24 rows fit (232,000 bytes of shared memory, 128 registers, no spills): xz kept as in_t (its values
+// are rounded to in_t anyway); h inside the out_proj partials' buffer (free from R's reads to the next x_proj
+// exchange); no dt / dx buffers: the D1 phase is folded into the state phase (lane q of a channel computes the
+// dt of ROWS/8 of its ROWS/2 rows, shared by shuffles), one CTA barrier less a layer; the SSM states no longer
+// sit in registers a whole layer ahead (96 KB a CTA would not fit): each row's 4 KB of SSM state and 768 bytes
+// of conv state are bulk-prefetched into L2 a layer ahead (cp.async.bulk.prefetch.L2), the conv states loaded
+// into registers at I, the SSM states at C, both consumed one phase or more later. Mappings (24 rows):
+// in_proj warps 0..7 two n-tiles, 8..15 one; x_proj 9 warps; the state update 12 rows a thread; the norm 1-2
+// rows a warp; the head 6 warps.
 
 #if IN_DTYPE == 2
 #include <cuda_fp16.h>
@@ -66,11 +68,11 @@ __device__ __forceinline__ in_t from_f(float v) { return __float2bfloat16(v); }
 #define MMA_TYPE "bf16"
 #endif
 
-#ifndef ROWS24
-#define ROWS24 0                // 1: the variant of 24 rows a cluster (see "Variant ROWS24" above)
+#ifndef ROWSV
+#define ROWSV 0                 // 24 or 16: the variant kernel, ROWSV rows a cluster (see "Variant ROWSV" above)
 #endif
-#if ROWS24
-#define ROWS 24                 // batch rows per cluster (three mma n-tiles)
+#if ROWSV
+#define ROWS ROWSV              // batch rows per cluster (ROWSV / 8 mma n-tiles)
 #else
 #define ROWS 16                 // batch rows per cluster (two mma n-tiles)
 #endif
@@ -102,7 +104,7 @@ __device__ __forceinline__ in_t from_f(float v) { return __float2bfloat16(v); }
 #define K_NW (K_D + EC)         // [DM]
 #define K_EL (K_NW + DM)        // 2752
 
-#if !ROWS24
+#if !ROWSV
 // dynamic shared memory layout, bytes (all offsets multiples of 16)
 #define HP 264                  // h row pitch (in_t): 528 bytes, conflict-free B-fragment loads
 #define XZP 132                 // xz row pitch (float)
@@ -127,7 +129,7 @@ __device__ __forceinline__ in_t from_f(float v) { return __float2bfloat16(v); }
 #define MAX_L 64
 #define SMEM_BYTES (S_PTR + 2 * MAX_L * 8)
 #else
-// ROWS24: xz stored as in_t (its values are rounded to in_t anyway), h inside the out_proj partials' buffer,
+// ROWSV: xz stored as in_t (its values are rounded to in_t anyway), h inside the out_proj partials' buffer,
 // no dt / dx buffers (dt is computed in the state phase)
 #define HP 264                  // h row pitch (in_t): 528 bytes, conflict-free B-fragment loads
 #define XZP 136                 // xz row pitch (in_t)
@@ -156,7 +158,7 @@ __device__ __forceinline__ in_t from_f(float v) { return __float2bfloat16(v); }
 #define O_BYTES (NCTA * OC * ROWS * 4)
 #define R_BYTES (NCTA * OC * ROWS * 4)
 
-#if ROWS24
+#if ROWSV
 // out[0] the dynamic shared memory, out[1] the rows a cluster (the launcher's grid; 0 or absent: 16)
 extern "C" __global__ void fused_rows_smem(int* out) { out[0] = SMEM_BYTES; out[1] = ROWS; }
 #else
@@ -207,7 +209,7 @@ extern "C" __global__ void fused_rows_prof(long long* out) {
 
 static_assert(S_BAR % 16 == 0 && S_WO % 16 == 0 && S_K % 16 == 0 && S_H % 16 == 0, "16-byte aligned regions");
 static_assert(SMEM_BYTES <= 227 * 1024, "fits an SM");
-#if !ROWS24
+#if !ROWSV
 static_assert(NTHR == 8 * EC && NTHR == ROWS * 32, "mappings: 8 threads per channel; one warp per row");
 #endif
 static_assert(EC == 64 && OC == 32 && VC == 32 && NX == 48, "tile counts below");
@@ -271,7 +273,7 @@ __device__ __forceinline__ float4 regroup(const float* c, int t) {
     return (t & 1) ? make_float4(p2, p3, c[2], c[3]) : make_float4(c[0], c[1], p0, p1);
 }
 
-#if !ROWS24
+#if !ROWSV
 extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 1) fused_step_rows(
     const long long* __restrict__ ids, const float* __restrict__ emb, const in_t* __restrict__ head_p,
     const float* __restrict__ normf, float eps, const in_t* __restrict__ Wi_p, const in_t* __restrict__ Wx_p,
@@ -675,12 +677,13 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
     }
 }
 
-#else  // ROWS24
+#else  // ROWSV
 
-// ---- variant ROWS24: tiles of 24 rows (three mma n-tiles); see "Variant ROWS24" in the opening comment -------
-static_assert(ROWS == 24 && NTHR == 8 * EC, "mappings below: 8 threads per channel, 12 rows a state thread");
+// ---- variant ROWSV: tiles of ROWSV rows (ROWSV / 8 mma n-tiles); see "Variant ROWSV" in the opening comment --
+static_assert((ROWS == 16 || ROWS == 24) && NTHR == 8 * EC, "mappings below: 8 threads per channel; in_proj "
+              "warps 0..7 take n-tiles 0..ROWS/8-2, warps 8..15 the last; ROWS/2 rows a state thread");
 static_assert(ROWS * HP * 2 <= NCTA * OC * ROWS * 4, "h fits in the out_proj partials' buffer");
-static_assert(WAITERS == 1, "ROWS24: h shares the out_proj partials' buffer, safe only with the barrier in N");
+static_assert(WAITERS == 1, "ROWSV: h shares the out_proj partials' buffer, safe only with the barrier in N");
 
 // the bulk prefetch of global memory into L2 (copy engine; address and size multiples of 16: a state tensor
 // not 16-byte aligned, possible for a view, is simply not prefetched)
@@ -1100,6 +1103,6 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
         STAMP(8);
     }
 }
-#endif  // ROWS24
+#endif  // ROWSV
 
 #endif  // sm_90+

@@ -4,11 +4,12 @@ events, median of 15 repetitions of a graph of n launches.
     python3 scripts/bench_fused_step.py [NAME=DEFINE+DEFINE ...]
         the `cluster` kernel (cuda/decode_fused.cu): compile-time variants at batch 1 and 8, 1 or 15 layers (the
         slope is the cost of a layer, the intercept embedding + head + launch); the last line names the fastest
-    python3 scripts/bench_fused_step.py --batches 1 8 16 64 128 256 [--rows-variants NAME=DEFINES ...]
+    python3 scripts/bench_fused_step.py --batches 1 8 16 64 128 256 [--rows-variants NAME=DEFINES|BUILD ...]
         per batch: the `cluster` kernel (batch <= --cluster-max), the `rows` kernel (cuda/decode_fused_rows.cu,
         each variant, 15 and 1 layers) and the model's unfused step (fused off: the tensor-core GEMM path where
-        the model has one, and the cuBLAS path) in the same process; a per-phase clock64 profile of the rows
-        kernel (PROFILE=1, --profile BATCH ...); a table last
+        the model has one, and the cuBLAS path; --no-unfused skips it) in the same process; a per-phase clock64
+        profile of the rows kernel (PROFILE=1, --profile BATCH ...); a table last. A rows variant is
+        NAME=DEFINE+DEFINE or the name of a build in fused_step.ROWS_VARIANTS (e.g. r24: its defines)
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from bytemamba.config import ModelConfig  # noqa: E402
 from bytemamba.models.lm import ByteMambaLM  # noqa: E402
-from bytemamba.ops.fused_step import fused_step_fn, max_active_clusters, rows_module  # noqa: E402
+from bytemamba.ops.fused_step import ROWS_VARIANTS, fused_step_fn, max_active_clusters, rows_module  # noqa: E402
 
 PHASES = ["N norm", "I in_proj", "C conv", "X mma+send", "X wait+sum", "D1 dt", "D2 state", "O out_proj",
           "R residual", "head"]
@@ -115,9 +116,23 @@ def profile_rows(W, cache, ids, logits, defines="", steps=20):
     return [int(v) / steps / (ghz * 1e3) for v in out.get()[:len(PHASES)]], ghz
 
 
+def rows_variant_arg(v):
+    """NAME=DEFINE+DEFINE, or a build name of ROWS_VARIANTS -> [name, defines]."""
+    if "=" in v:
+        return v.split("=", 1)
+    if v not in ROWS_VARIANTS:
+        raise SystemExit(f"--rows-variants: {v!r} is neither NAME=DEFINES nor a build ({', '.join(ROWS_VARIANTS)})")
+    return [v, "+".join(d[2:] for d in ROWS_VARIANTS[v])]
+
+
 def batches_table(m, W, args):
-    variants = [["rows", ""]] + [v.split("=", 1) for v in args.rows_variants]
-    print(f"max active clusters of the rows kernel: {max_active_clusters(torch.device('cuda'))}", flush=True)
+    variants = [["rows", ""]] + [rows_variant_arg(v) for v in args.rows_variants]
+    for name, defines in variants:
+        os.environ["BYTEMAMBA_FUSED_DEFINES"] = defines.replace("+", " ")
+        rows = rows_module(torch.device("cuda"), W.dtype)["rows"]
+        print(f"rows kernel {name} ({defines or 'defaults'}): {rows} rows a cluster, max active clusters "
+              f"{max_active_clusters(torch.device('cuda'))}", flush=True)
+    os.environ["BYTEMAMBA_FUSED_DEFINES"] = ""
     res = {}
     for batch in args.batches:
         cache = states(m, batch)
@@ -134,7 +149,7 @@ def batches_table(m, W, args):
                 assert torch.isfinite(logits).all()
                 res[batch, name if L == 15 else name + "/1"] = us
         os.environ["BYTEMAMBA_FUSED_DEFINES"] = ""
-        for label, gemm in (("gemm", True), ("cublas", False)):
+        for label, gemm in (("gemm", True), ("cublas", False)) if args.unfused else ():
             if label == "gemm" and not hasattr(m, "gemm_max_batch"):
                 continue
             m.fused_max_batch = 0
@@ -185,10 +200,12 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("variants", nargs="*", help="NAME=DEFINES variants of the cluster kernel")
     p.add_argument("--batches", nargs="*", type=int, default=None)
-    p.add_argument("--rows-variants", nargs="*", default=[], help="NAME=DEFINE+DEFINE of the rows kernel")
+    p.add_argument("--rows-variants", nargs="*", default=[],
+                   help="NAME=DEFINE+DEFINE of the rows kernel, or a build name (fused_step.ROWS_VARIANTS)")
     p.add_argument("--cluster-max", type=int, default=32)
     p.add_argument("--profile", nargs="*", type=int, default=[], help="batches to profile the rows kernel at")
     p.add_argument("--profile-defines", nargs="*", default=[], help="more rows variants to profile (DEF+DEF)")
+    p.add_argument("--no-unfused", dest="unfused", action="store_false", help="skip the model's unfused step")
     args = p.parse_args()
     torch.manual_seed(0)
     m = ByteMambaLM(ModelConfig(d_model=256, n_layer=15, scan_backend="cuda")).cuda().eval()

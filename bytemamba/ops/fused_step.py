@@ -246,11 +246,11 @@ ROWS_FROM = 30
 ROWS_MAX_LAYERS = 64              # the rows kernel keeps the state pointers in shared memory (MAX_L)
 
 # Builds of the `rows` kernel (name: compile-time defines; the rows a cluster come from the compiled module):
-# "r16" 16 rows a cluster (measured, docs/PERF.md "audio6m large batches"); "r24" 24 rows a cluster
-# (-DROWS24=1: batch 256 in one wave of 11 clusters; dt folded into the state phase; see the kernel's
-# opening comment; not yet run on a GPU). ROWS_VARIANT is the build used; BYTEMAMBA_FUSED_ROWS_VARIANT
-# overrides it.
-ROWS_VARIANTS = {"r16": (), "r24": ("-DROWS24=1",)}
+# "r16" 16 rows a cluster (measured, docs/PERF.md "audio6m large batches"); "r24" the variant kernel with 24
+# rows a cluster (-DROWSV=24: batch 256 in one wave of 11 clusters; dt folded into the state phase, states
+# prefetched into L2; see the kernel's opening comment), "r16f" the same variant kernel with 16 rows; both not
+# yet run on a GPU. ROWS_VARIANT is the build used; BYTEMAMBA_FUSED_ROWS_VARIANT overrides it.
+ROWS_VARIANTS = {"r16": (), "r24": ("-DROWSV=24",), "r16f": ("-DROWSV=16",)}
 ROWS_VARIANT = "r16"
 
 

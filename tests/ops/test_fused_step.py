@@ -85,9 +85,11 @@ KERNEL_CASES = [("default", torch.bfloat16, 1), ("default", torch.bfloat16, 3), 
 # the `rows` kernel (cuda/decode_fused_rows.cu): 16 rows a cluster; one partial tile, one full, several
 KERNEL_CASES += [("rows", torch.bfloat16, 3), ("rows", torch.bfloat16, 16), ("rows", torch.bfloat16, 37),
                  ("rows", torch.float16, 20)]
-# its 24-row build (ROWS_VARIANTS "r24"): one partial tile, one full, a full and a partial; fp16
+# its other builds (ROWS_VARIANTS; "r24": 24 rows a cluster, "r16f": the same kernel at 16): one partial tile,
+# one full, a full and a partial; fp16
+BUILDS = [b for b in ROWS_VARIANTS if b != "r16"]
 KERNEL_CASES += [("rows-r24", torch.bfloat16, 3), ("rows-r24", torch.bfloat16, 24), ("rows-r24", torch.bfloat16, 37),
-                 ("rows-r24", torch.float16, 20)]
+                 ("rows-r24", torch.float16, 20), ("rows-r16f", torch.bfloat16, 37), ("rows-r16f", torch.float16, 20)]
 
 
 # ---- CPU --------------------------------------------------------------------------------------------------
@@ -180,8 +182,8 @@ def test_kernel_many_steps(variant, dtype, batch, monkeypatch):
     kernel = "rows" if variant.startswith("rows") else "cluster"
     if kernel == "cluster":                  # (the rows kernel: BYTEMAMBA_FUSED_DEFINES as the caller set it)
         monkeypatch.setenv("BYTEMAMBA_FUSED_DEFINES", VARIANTS[variant])
-    if variant == "rows-r24":                # ("rows": BYTEMAMBA_FUSED_ROWS_VARIANT as the caller set it)
-        monkeypatch.setenv("BYTEMAMBA_FUSED_ROWS_VARIANT", "r24")
+    if variant.startswith("rows-"):          # ("rows": BYTEMAMBA_FUSED_ROWS_VARIANT as the caller set it)
+        monkeypatch.setenv("BYTEMAMBA_FUSED_ROWS_VARIANT", variant[5:])
     m = make_model(n_layer=3, seed=batch, device="cuda")
     W = packed(m, dtype)
     W32 = packed(m, torch.float32, round_to=dtype)
@@ -222,7 +224,7 @@ def test_kernel_is_deterministic_and_rows_independent():
 
 
 @gpu
-@pytest.mark.parametrize("build", ["env", "r24"])
+@pytest.mark.parametrize("build", ["env"] + BUILDS)
 def test_rows_kernel_is_deterministic_rows_independent_and_near_the_cluster_kernel(build, monkeypatch):
     """Same inputs, bit-identical outputs; rows split over tiles at other positions give the same bits; the
     cluster kernel (another summation order) agrees to rounding. build: "env" BYTEMAMBA_FUSED_ROWS_VARIANT as
@@ -247,7 +249,7 @@ def test_rows_kernel_is_deterministic_rows_independent_and_near_the_cluster_kern
 
 
 @gpu
-@pytest.mark.parametrize("batch,build", [(1, "env"), (2, "env"), (20, "env"), (20, "r24")])
+@pytest.mark.parametrize("batch,build", [(1, "env"), (2, "env"), (20, "env")] + [(20, b) for b in BUILDS])
 def test_model_takes_the_fused_path_and_equals_the_forward(batch, build, monkeypatch):
     """Prefill + teacher-forced steps under bf16 autocast against the float32 parallel forward: the fused
     step's error at most about twice the small-batch GEMV / cuBLAS path's. build: the rows kernel's build
@@ -287,7 +289,7 @@ def test_graphs_give_the_same_symbols_as_no_graphs():
 
 
 @gpu
-@pytest.mark.parametrize("build", ["env", "r24"])
+@pytest.mark.parametrize("build", ["env"] + BUILDS)
 def test_rows_kernel_graphs_give_the_same_symbols_as_no_graphs(build, monkeypatch):
     monkeypatch.setenv("BYTEMAMBA_FUSED_ROWS_FROM", "0")
     if build != "env":
