@@ -365,7 +365,7 @@ extern "C" __global__ void __launch_bounds__(SSM_T) ssm_step_r4(SSM_PARAMS) { ss
 // a run of work items, an item being (channel group of CPB channels, R consecutive batch rows), items ordered
 // channel group first, so consecutive items share their channels. The grid is 1-D: the launcher picks its size
 // (a whole number of blocks per SM), block i takes items [i W / grid, (i+1) W / grid) of the W = ceil(e / CPB) x
-// ceil(b / R) items, so every block has the same work to within one item. Per block, once: the channels'
+// ceil(b / R) items (the first W % grid blocks one more), so every block has the same work to within one item. Per block, once: the channels'
 // W_dt / A / dt_bias / D (again only where a run crosses into the next channel group), the grid dependency wait,
 // the staging slots' index arithmetic. Per item, software-pipelined one item deep: the item's loads (already in
 // registers) are stored into one of two shared buffers, a barrier, then the NEXT item's states, x, z, dt, B, C
@@ -397,9 +397,10 @@ __device__ __forceinline__ void ssm_loop(
     const int nch = rp / CH;
     const int ndl = R * rp;
     const int ngr = (b + R - 1) / R;                     // row groups
-    const long long nitems = (long long)ngr * ((e + CPB - 1) / CPB);
-    const int first = (int)(blockIdx.x * nitems / gridDim.x);
-    const int last = (int)((blockIdx.x + 1) * nitems / gridDim.x);
+    const unsigned nitems = (unsigned)ngr * (unsigned)((e + CPB - 1) / CPB);   // < 2^31 (the launcher's int)
+    const unsigned per = nitems / gridDim.x, extra = nitems - per * gridDim.x;  // runs of per or per + 1 items
+    const int first = (int)(blockIdx.x * per + min(blockIdx.x, extra));
+    const int last = first + (int)per + (blockIdx.x < extra ? 1 : 0);
     if (first >= last) return;
     const size_t rstride = (size_t)e * NSTATE;
     // the low-rank dt staging slots of this thread (row, rank), the same for every item

@@ -192,6 +192,11 @@ def test_ssm_loop_plan(monkeypatch):
         monkeypatch.setenv("BYTEMAMBA_STEP_TUNE", bad)
         with pytest.raises(ValueError, match="^BYTEMAMBA_STEP_TUNE: (ssm_|bad item)[^\n]*$"):
             plan(64, 2048)
+    monkeypatch.delenv("BYTEMAMBA_STEP_TUNE")                              # the default switch, where set
+    monkeypatch.setattr(step, "_SSM_LOOP_AUTO", 8)
+    assert plan(64, 2048) == (2, 528) and plan(16, 2048) is None and plan(256, 512, r=16) == (2, 528)
+    monkeypatch.setenv("BYTEMAMBA_STEP_TUNE", "ssm_rows=2")
+    assert plan(64, 2048) is None
     monkeypatch.setenv("BYTEMAMBA_STEP_TUNE", "ssm_loop=4")                # 2 x 4 rows of rank 2048: > 48 KB
     with pytest.raises(ValueError, match="ssm_loop=4 .* d_state 128, dt_rank 2000"):
         plan(8, 256, n=128, r=2000)
