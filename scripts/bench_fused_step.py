@@ -26,7 +26,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from bytemamba.config import ModelConfig  # noqa: E402
 from bytemamba.models.lm import ByteMambaLM  # noqa: E402
-from bytemamba.ops.fused_step import ROWS_VARIANTS, fused_step_fn, max_active_clusters, rows_module  # noqa: E402
+from bytemamba.ops.fused_step import (ROWS_VARIANTS, fused_step_fn, max_active_clusters, rows_module,  # noqa: E402
+                                      rows_variant)
 
 PHASES = ["N norm", "I in_proj", "C conv", "X mma+send", "X wait+sum", "D1 dt", "D2 state", "O out_proj",
           "R residual", "head"]
@@ -103,7 +104,7 @@ def profile_rows(W, cache, ids, logits, defines="", steps=20):
     os.environ["BYTEMAMBA_FUSED_DEFINES"] = f"PROFILE=1 {defines}"
     conv, ssm = [s.conv for s in cache.layers], [s.ssm for s in cache.layers]
     fused_step_fn(ids, W, conv, ssm, logits, kernel="rows")
-    K = rows_module(ids.device, W.dtype)
+    K = rows_module(ids.device, W.dtype, rows_variant(ids.shape[0]))
     out = cupy.zeros(16, dtype=cupy.int64)
     K["fused_rows_prof"]((1,), (32,), (out,))                  # zero it
     for _ in range(steps):

@@ -249,13 +249,18 @@ ROWS_MAX_LAYERS = 64              # the rows kernel keeps the state pointers in 
 # "r16" 16 rows a cluster (measured, docs/PERF.md "audio6m large batches"); "r24" the variant kernel with 24
 # rows a cluster (-DROWSV=24: batch 256 in one wave of 11 clusters; dt folded into the state phase, states
 # prefetched into L2; see the kernel's opening comment), "r16f" the same variant kernel with 16 rows; both not
-# yet run on a GPU. ROWS_VARIANT is the build used; BYTEMAMBA_FUSED_ROWS_VARIANT overrides it.
+# yet run on a GPU. ROWS_VARIANT is the build used, except that batches above ROWS24_FROM (never by default;
+# BYTEMAMBA_FUSED_ROWS24_FROM overrides it) run "r24"; BYTEMAMBA_FUSED_ROWS_VARIANT overrides both.
 ROWS_VARIANTS = {"r16": (), "r24": ("-DROWSV=24",), "r16f": ("-DROWSV=16",)}
 ROWS_VARIANT = "r16"
+ROWS24_FROM = 1 << 30
 
 
-def rows_variant() -> str:
-    v = os.environ.get("BYTEMAMBA_FUSED_ROWS_VARIANT") or ROWS_VARIANT
+def rows_variant(batch: int | None = None) -> str:
+    v = os.environ.get("BYTEMAMBA_FUSED_ROWS_VARIANT")
+    if not v:
+        r24_from = int(os.environ.get("BYTEMAMBA_FUSED_ROWS24_FROM") or ROWS24_FROM)
+        v = "r24" if batch is not None and batch > r24_from else ROWS_VARIANT
     if v not in ROWS_VARIANTS:
         raise ValueError(f"fused step: BYTEMAMBA_FUSED_ROWS_VARIANT={v!r} (one of {', '.join(ROWS_VARIANTS)})")
     return v
@@ -299,11 +304,12 @@ def fused_step_fn(ids, W: FusedWeights, conv_states, ssm_states, logits=None, ke
     return logits
 
 
-def rows_module(device, dtype):
-    """The compiled `rows` kernel (build rows_variant(), plus BYTEMAMBA_FUSED_DEFINES), its dynamic shared memory
-    size set and its rows a cluster (K["rows"]) read from the module (once per module)."""
+def rows_module(device, dtype, build=None):
+    """The compiled `rows` kernel (build: a name of ROWS_VARIANTS, default rows_variant(); plus
+    BYTEMAMBA_FUSED_DEFINES), its dynamic shared memory size set and its rows a cluster (K["rows"]) read from
+    the module (once per module)."""
     K = compile_module("decode_fused_rows.cu", (f"-DIN_DTYPE={_DTYPE_CODE[dtype]}",)
-                       + ROWS_VARIANTS[rows_variant()] + _defines(), device,
+                       + ROWS_VARIANTS[build or rows_variant()] + _defines(), device,
                        ("fused_step_rows", "fused_rows_smem", "fused_rows_prof"))
     if "smem" not in K:
         import cupy
@@ -324,7 +330,7 @@ def _launch_rows(ids, W: FusedWeights, table, b, logits):
             raise RuntimeError("fused step: first `rows` call inside a graph capture (run one step eagerly first)")
         W.rows = pack_rows(W)
     P = W.rows
-    K = rows_module(dev, W.dtype)
+    K = rows_module(dev, W.dtype, rows_variant(b))
     import cupy
     with cupy.cuda.Device(dev.index), cupy_stream(dev):
         K["fused_step_rows"]((NCTA * ((b + K["rows"] - 1) // K["rows"]),), (NTHREADS,),

@@ -134,6 +134,9 @@ def test_rows_variant_choice(monkeypatch):
     monkeypatch.setenv("BYTEMAMBA_FUSED_ROWS_VARIANT", "r17")
     with pytest.raises(ValueError, match="r17"):
         rows_variant()
+    monkeypatch.delenv("BYTEMAMBA_FUSED_ROWS_VARIANT")
+    monkeypatch.setenv("BYTEMAMBA_FUSED_ROWS24_FROM", "240")
+    assert rows_variant(241) == "r24" and rows_variant(240) == rows_variant() != "r24"
 
 
 def test_unsupported_reasons():
