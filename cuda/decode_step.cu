@@ -372,6 +372,16 @@ extern "C" __global__ void __launch_bounds__(SSM_T) ssm_step_r4(SSM_PARAMS) { ss
 // and low-rank dt loads are issued, and only then is this item updated, so its arithmetic covers their latency.
 // Two buffers: buffer it & 1 is written at item it after the barrier of item it - 1, which every thread passes
 // only once done with item it - 2, the last reader of that buffer. Dynamic shared memory 2 x R x rp floats.
+// state4_store with the 16-byte store made explicit (st.global.wb.v4): NVVM splits state4_store's float4 store into
+// four 4-byte stores for every row past the first (ssm_step_r2 / _r4 as well: their SASS is left as measured)
+__device__ __forceinline__ void state4_store_v4(float* p, int j, bool ok, float4 v) {
+    if (VEC4) {
+        if (ok && j < NSTATE) __stwb(reinterpret_cast<float4*>(p), v);
+        return;
+    }
+    state4_store(p, j, ok, v);
+}
+
 template <int R>
 __device__ __forceinline__ void ssm_loop(
     float* __restrict__ state, const in_t* __restrict__ x, long long xs,
@@ -565,7 +575,7 @@ __device__ __forceinline__ void ssm_loop(
             u.y = fmaf(ex2_approx(d2 * a.y), u.y, dx * Bv.y);
             u.z = fmaf(ex2_approx(d2 * a.z), u.z, dx * Bv.z);
             u.w = fmaf(ex2_approx(d2 * a.w), u.w, dx * Bv.w);
-            state4_store(sp + rr * rstride, 4 * q, valid && rr < nrows, u);
+            state4_store_v4(sp + rr * rstride, 4 * q, valid && rr < nrows, u);
             float t = u.x * Cv.x;
             t = fmaf(u.y, Cv.y, t);
             t = fmaf(u.z, Cv.z, t);
