@@ -683,6 +683,13 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
 static_assert((ROWS == 16 || ROWS == 24) && NTHR == 8 * EC, "mappings below: 8 threads per channel; in_proj "
               "warps 0..7 take n-tiles 0..ROWS/8-2, warps 8..15 the last; ROWS/2 rows a state thread");
 static_assert(ROWS * HP * 2 <= NCTA * OC * ROWS * 4, "h fits in the out_proj partials' buffer");
+// SSM_AT: where a layer's SSM states are loaded into registers (from L2): 0 (default) at the start of C, 1 at
+// the start of I (a phase earlier: more latency hidden, more registers held through in_proj), 2 a whole layer
+// ahead, after the previous layer's out_proj sends (as FETCH_AT 1 of the 16-row kernel; registers held
+// throughout)
+#ifndef SSM_AT
+#define SSM_AT 0
+#endif
 static_assert(WAITERS == 1, "ROWSV: h shares the out_proj partials' buffer, safe only with the barrier in N");
 
 // the bulk prefetch of global memory into L2 (copy engine; address and size multiples of 16: a state tensor
@@ -820,6 +827,7 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
         }
     };
     prefetch_states(0);
+    if (SSM_AT == 2) fetch_ssm(0);
 #pragma unroll
     for (int i = 0; i < ROWS * DM / 4 / NTHR; ++i) {
         const int idx = tid + NTHR * i, r = idx >> 6, col = (idx & 63) * 4;
@@ -910,6 +918,7 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
         // (I) in_proj: warp w = m-tile w & 7 of the CTA's 128 xz rows, n-tiles 0 and 1 (w < 8) or 2, K = 256;
         // the conv states (prefetched into L2 a layer ago) load meanwhile
         fetch_conv(l);
+        if (SSM_AT == 1) fetch_ssm(l);
         mbar_wait(bar_wi, l & 1);
         {
             const uint4* wf = reinterpret_cast<const uint4*>(wi_s) + (warp & 7) * 16 * 32 + lane;
@@ -925,7 +934,7 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
 
         // (C) the SSM states of this layer into registers (from L2; used in D); conv step + SiLU, mapping T;
         // the window shifted into the conv state (global)
-        fetch_ssm(l);
+        if (SSM_AT == 0) fetch_ssm(l);
         {
             const float4 w = *reinterpret_cast<const float4*>(&kl[K_CW + tch * KC]);
             const float cb = kl[K_CB + tch];
@@ -1076,6 +1085,7 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
                 send4(&or_s[(c * OC + m) * ROWS + nt * 8 + 2 * (t & 2)], owner, msg, bar_o);
             }
         }
+        if (SSM_AT == 2 && l + 1 < L) fetch_ssm(l + 1);
         __syncthreads();
         STAMP(7);
         if (tid == 0 && l + 1 < L) load_bulk(wo_s, wo_src(l + 1), WO_EL * 2, bar_wo);

@@ -248,10 +248,13 @@ ROWS_MAX_LAYERS = 64              # the rows kernel keeps the state pointers in 
 # Builds of the `rows` kernel (name: compile-time defines; the rows a cluster come from the compiled module):
 # "r16" 16 rows a cluster (measured, docs/PERF.md "audio6m large batches"); "r24" the variant kernel with 24
 # rows a cluster (-DROWSV=24: batch 256 in one wave of 11 clusters; dt folded into the state phase, states
-# prefetched into L2; see the kernel's opening comment), "r16f" the same variant kernel with 16 rows; both not
-# yet run on a GPU. ROWS_VARIANT is the build used, except that batches above ROWS24_FROM (never by default;
-# BYTEMAMBA_FUSED_ROWS24_FROM overrides it) run "r24"; BYTEMAMBA_FUSED_ROWS_VARIANT overrides both.
-ROWS_VARIANTS = {"r16": (), "r24": ("-DROWSV=24",), "r16f": ("-DROWSV=16",)}
+# prefetched into L2; see the kernel's opening comment), "r16f" the same variant kernel with 16 rows; "r24i" /
+# "r24a" r24 with its SSM states loaded into registers a phase earlier (SSM_AT 1) / a whole layer ahead
+# (SSM_AT 2); none yet run on a GPU. ROWS_VARIANT is the build used, except that batches above ROWS24_FROM
+# (never by default; BYTEMAMBA_FUSED_ROWS24_FROM overrides it) run "r24"; BYTEMAMBA_FUSED_ROWS_VARIANT
+# overrides both.
+ROWS_VARIANTS = {"r16": (), "r24": ("-DROWSV=24",), "r16f": ("-DROWSV=16",), "r24i": ("-DROWSV=24", "-DSSM_AT=1"),
+                 "r24a": ("-DROWSV=24", "-DSSM_AT=2")}
 ROWS_VARIANT = "r16"
 ROWS24_FROM = 1 << 30
 
