@@ -150,19 +150,12 @@ def batches_table(m, W, args):
                 assert torch.isfinite(logits).all()
                 res[batch, name if L == 15 else name + "/1"] = us
         os.environ["BYTEMAMBA_FUSED_DEFINES"] = ""
-        for label, gemm in (("gemm", True), ("cublas", False)) if args.unfused else ():
-            if label == "gemm" and not hasattr(m, "gemm_max_batch"):
-                continue
+        if args.unfused:                                        # the multi-launch step (cuBLAS path) it replaces
             m.fused_max_batch = 0
-            if hasattr(m, "gemm_max_batch"):
-                m.gemm_max_batch = 1 << 20 if gemm else 0
             c2 = states(m, batch)
-            try:
-                with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-                    res[batch, label] = timed(lambda: m.step(ids, c2), n=50)
-                res[batch, label + ":path"] = m.last_step_path
-            except Exception as e:                              # (another path's work in progress)
-                print(f"unfused {label} batch {batch}: {type(e).__name__}: {e}", flush=True)
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                res[batch, "cublas"] = timed(lambda: m.step(ids, c2), n=50)
+            res[batch, "cublas:path"] = m.last_step_path
         print(batch, {k[1]: (round(v, 2) if isinstance(v, float) else v) for k, v in res.items() if k[0] == batch},
               flush=True)
     profs = []
@@ -183,16 +176,15 @@ def batches_table(m, W, args):
     cols = [v[0] for v in variants]
     print("\n| batch | cluster kernel us | rows us (15 layers) | rows 1 layer | "
           + " | ".join(f"{c} us" for c in cols[1:])
-          + " | unfused gemm us | unfused cuBLAS us | best fused samples/s | vs cuBLAS step |")
-    print("|---" * (7 + len(cols)) + "|")
+          + " | unfused cuBLAS us | best fused samples/s | vs cuBLAS step |")
+    print("|---" * (6 + len(cols)) + "|")
     for batch in args.batches:
         fused = [res[batch, k] for k in ["cluster"] + cols if (batch, k) in res]
         best = min(fused)
         cub = res.get((batch, "cublas"), float("nan"))
         line = [str(batch), f"{res[batch, 'cluster']:.2f}" if (batch, "cluster") in res else "-"]
         line += [f"{res[batch, 'rows']:.2f} | {res[batch, 'rows/1']:.2f}"] + [f"{res[batch, c]:.2f}" for c in cols[1:]]
-        line += [f"{res[batch, 'gemm']:.2f} ({res[batch, 'gemm:path']})" if (batch, "gemm") in res else "-",
-                 f"{cub:.2f} ({res.get((batch, 'cublas:path'), '?')})", f"{batch / best * 1e6:,.0f}",
+        line += [f"{cub:.2f} ({res.get((batch, 'cublas:path'), '?')})", f"{batch / best * 1e6:,.0f}",
                  f"{cub / best:.2f}x"]
         print("| " + " | ".join(line) + " |")
 
