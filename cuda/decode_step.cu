@@ -360,20 +360,8 @@ extern "C" __global__ void __launch_bounds__(SSM_T) ssm_step_r1(SSM_PARAMS) { ss
 extern "C" __global__ void __launch_bounds__(SSM_T) ssm_step_r2(SSM_PARAMS) { ssm_rows<2>(SSM_ARGS); }
 extern "C" __global__ void __launch_bounds__(SSM_T) ssm_step_r4(SSM_PARAMS) { ssm_rows<4>(SSM_ARGS); }
 
-// ssm_loop_r<R> (R = 2, 4; opt-in: BYTEMAMBA_STEP_TUNE=ssm_loop=R, not yet run on a GPU): the same lanes, channels
-// and per-(row, channel) arithmetic as ssm_step_r<R> (steps 3 and 4 above, in the same order), but a block walks
-// a run of work items, an item being (channel group of CPB channels, R consecutive batch rows), items ordered
-// channel group first, so consecutive items share their channels. The grid is 1-D: the launcher picks its size
-// (a whole number of blocks per SM), block i takes items [i W / grid, (i+1) W / grid) of the W = ceil(e / CPB) x
-// ceil(b / R) items (the first W % grid blocks one more), so every block has the same work to within one item. Per block, once: the channels'
-// W_dt / A / dt_bias / D (again only where a run crosses into the next channel group), the grid dependency wait,
-// the staging slots' index arithmetic. Per item, software-pipelined one item deep: the item's loads (already in
-// registers) are stored into one of two shared buffers, a barrier, then the NEXT item's states, x, z, dt, B, C
-// and low-rank dt loads are issued, and only then is this item updated, so its arithmetic covers their latency.
-// Two buffers: buffer it & 1 is written at item it after the barrier of item it - 1, which every thread passes
-// only once done with item it - 2, the last reader of that buffer. Dynamic shared memory 2 x R x rp floats.
-// state4_store with the 16-byte store made explicit (st.global.wb.v4): NVVM splits state4_store's float4 store into
-// four 4-byte stores for every row past the first (ssm_step_r2 / _r4 as well: their SASS is left as measured)
+// state4_store with the 16-byte store made explicit (st.global.wb.v4): NVVM splits state4_store's float4 store
+// into four 4-byte stores for every row past the first (in ssm_step_r2 / _r4 as well: their SASS is left as measured)
 __device__ __forceinline__ void state4_store_v4(float* p, int j, bool ok, float4 v) {
     if (VEC4) {
         if (ok && j < NSTATE) __stwb(reinterpret_cast<float4*>(p), v);
@@ -382,6 +370,19 @@ __device__ __forceinline__ void state4_store_v4(float* p, int j, bool ok, float4
     state4_store(p, j, ok, v);
 }
 
+// ssm_loop_r<R> (R = 2, 4; opt-in: BYTEMAMBA_STEP_TUNE=ssm_loop=R, not yet run on a GPU): the same lanes, channels
+// and per-(row, channel) arithmetic as ssm_step_r<R> (steps 3 and 4 above, in the same order), but a block walks
+// a run of work items, an item being (channel group of CPB channels, R consecutive batch rows), items ordered
+// channel group first, so consecutive items share their channels. The grid is 1-D: the launcher picks its size
+// (a whole number of blocks per SM), block i takes items [i W / grid, (i+1) W / grid) of the W = ceil(e / CPB) x
+// ceil(b / R) items (the first W % grid blocks one more), so every block has the same work to within one item.
+// Per block, once: the channels' W_dt / A / dt_bias / D (again only where a run crosses into the next channel
+// group), the grid dependency wait, the staging slots' index arithmetic. Per item, software-pipelined one item
+// deep: the item's loads (already in registers) are stored into one of two shared buffers, a barrier, then the
+// NEXT item's states, x, z, dt, B, C and low-rank dt loads are issued, and only then is this item updated, so its
+// arithmetic covers their latency. Two buffers: buffer it & 1 is written at item it after the barrier of item
+// it - 1, which every thread passes only once done with item it - 2, the last reader of that buffer. Dynamic
+// shared memory 2 x R x rp floats.
 template <int R>
 __device__ __forceinline__ void ssm_loop(
     float* __restrict__ state, const in_t* __restrict__ x, long long xs,

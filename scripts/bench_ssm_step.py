@@ -149,7 +149,8 @@ def main() -> int:
         table.append((shape, auto_rows, row, traffic))
         del layers
         torch.cuda.empty_cache()
-    print("\n| shape | " + " | ".join(variants) + " | auto = | auto vs v3 | auto state GB/s | best loop | auto / best loop |")
+    print("\n| shape | " + " | ".join(variants)
+          + " | auto = | auto vs v3 | auto state GB/s | best loop | auto / best loop |")
     print("|---|" + "---|" * (len(variants) + 5))
     for shape, auto_rows, row, traffic in table:
         cells = [f"{row[v]:.2f}" if v in row else "-" for v in variants]
