@@ -263,9 +263,10 @@ def ssm_rows(b: int, e: int, n: int, r: int, device) -> int:
 
 
 _SSM_LOOP_BPS = 4                # the row-looping ssm_step's grid by default: blocks per SM (not yet measured)
-# The default switches to ssm_loop_r2 where its (channel group, 2 rows) items number at least this many per SM
-# (None: never; ssm_rows()' kernels at every shape, as measured in docs/PERF.md "ssm_step v4").
+# The default switches to ssm_loop_r<_SSM_LOOP_AUTO_R> where its (channel group, R rows) items number at least
+# _SSM_LOOP_AUTO per SM (None: never; ssm_rows()' kernels at every shape, as measured in docs/PERF.md "ssm_step v4").
 _SSM_LOOP_AUTO: int | None = None
+_SSM_LOOP_AUTO_R = 2
 
 
 def _sm_count(device) -> int:
@@ -281,17 +282,17 @@ def ssm_loop_plan(b: int, e: int, n: int, r: int, device) -> tuple[int, int] | N
     update), or None where it is not selected: the default, ssm_rows()' kernels. Opt-in (not yet run on a GPU)
     through BYTEMAMBA_STEP_TUNE: ssm_loop=R (2 or 4 rows an item), ssm_bps=K (K blocks per SM, default
     4), or ssm_blocks=N (exactly N blocks, for tests); never more blocks than items, ceil(e / (128 / lanes)) x
-    ceil(b / R). By default also R = 2 where _SSM_LOOP_AUTO is set and there are at least _SSM_LOOP_AUTO items
-    per SM (unless ssm_rows is forced). Bad or contradictory settings raise one ValueError line."""
+    ceil(b / R). By default also R = _SSM_LOOP_AUTO_R where _SSM_LOOP_AUTO is set and there are at least that
+    many items per SM (unless ssm_rows is forced). Bad or contradictory settings raise one ValueError line."""
     t = tuning()
     R, bps, blocks = t["ssm_loop"], t["ssm_bps"], t["ssm_blocks"]
     if R is None:
         if bps is not None or blocks is not None:
             raise ValueError(f"BYTEMAMBA_STEP_TUNE: ssm_bps / ssm_blocks need ssm_loop={'|'.join(map(str, _SSM_LOOP))}")
+        R = _SSM_LOOP_AUTO_R
         if (_SSM_LOOP_AUTO is None or t["ssm_rows"] is not None
-                or -(-e // (128 // _ssm_lanes(n))) * -(-b // 2) < _SSM_LOOP_AUTO * _sm_count(device)):
+                or -(-e // (128 // _ssm_lanes(n))) * -(-b // R) < _SSM_LOOP_AUTO * _sm_count(device)):
             return None
-        R = 2
     if t["ssm_rows"] is not None:
         raise ValueError("BYTEMAMBA_STEP_TUNE: ssm_rows and ssm_loop exclude each other (set one of them)")
     if bps is not None and blocks is not None:
