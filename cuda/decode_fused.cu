@@ -33,17 +33,7 @@
 //   prefetch), so the L2 latency is hidden. The head's 256 rows are split 32 per CTA. 128 registers, no
 //   spills (nvcc 13.0), ~12 KB static shared memory; state buffers must not alias.
 
-#if IN_DTYPE == 2
-#include <cuda_fp16.h>
-typedef __half in_t;
-__device__ __forceinline__ float to_f(in_t v) { return __half2float(v); }
-__device__ __forceinline__ in_t from_f(float v) { return __float2half(v); }
-#else
-#include <cuda_bf16.h>
-typedef __nv_bfloat16 in_t;
-__device__ __forceinline__ float to_f(in_t v) { return __bfloat162float(v); }
-__device__ __forceinline__ in_t from_f(float v) { return __float2bfloat16(v); }
-#endif
+#include "fused_common.cuh"
 
 // Thread-block clusters and DSMEM need sm_90: for older targets this file compiles to nothing (the Python
 // side refuses such devices).
@@ -68,9 +58,6 @@ static_assert(NX * 8 <= NTHR && EC == 64, "x_proj partials: 8 lanes per row over
 static_assert(DM * 8 == 4 * NTHR, "out_proj: 4 rows per thread");
 static_assert(NV == NCTA * 2 * (NTHR / 32), "head: 2 rows per warp");
 
-__device__ __forceinline__ float rnd(float v) { return to_f(from_f(v)); }
-__device__ __forceinline__ float silu_f(float v) { return v / (1.f + __expf(-v)); }
-
 __device__ __forceinline__ void unpack8(const uint4& raw, float* w) {
     const in_t* e = reinterpret_cast<const in_t*>(&raw);
 #pragma unroll
@@ -87,23 +74,6 @@ __device__ __forceinline__ float dot8(const uint4& raw, const float* x) {
 __device__ __forceinline__ uint4 ldg16(const in_t* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
 
 // ---- cluster helpers (PTX, sm_90) ----------------------------------------------------------------------
-__device__ __forceinline__ unsigned cluster_rank() {
-    unsigned r;
-    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
-    return r;
-}
-__device__ __forceinline__ unsigned cluster_id() {
-    unsigned r;
-    asm volatile("mov.u32 %0, %%clusterid.x;" : "=r"(r));
-    return r;
-}
-// the address of `p` (this CTA's shared memory) in CTA `rank`'s shared memory window
-__device__ __forceinline__ unsigned remote(const void* p, unsigned rank) {
-    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
-    unsigned r;
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(rank));
-    return r;
-}
 __device__ __forceinline__ void st_remote(unsigned addr, float v) {
     asm volatile("st.shared::cluster.f32 [%0], %1;" ::"r"(addr), "f"(v) : "memory");
 }
@@ -127,19 +97,6 @@ __device__ __forceinline__ void cluster_sync() { cluster_arrive(); cluster_wait(
 #ifndef SYNC_MODE
 #define SYNC_MODE 1
 #endif
-__device__ __forceinline__ unsigned sm_addr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
-__device__ __forceinline__ void mbar_init(unsigned long long* bar, unsigned count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(sm_addr(bar)), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_expect(unsigned long long* bar, unsigned bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(sm_addr(bar)), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(unsigned long long* bar, unsigned parity) {
-    asm volatile("{\n\t.reg .pred p;\n"
-                 "WAIT_%=:\n\t"
-                 "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n\t"
-                 "@!p bra WAIT_%=;\n}" ::"r"(sm_addr(bar)), "r"(parity) : "memory");
-}
 // v into the remote address raddr (shared::cluster), crediting 4 bytes to the remote mbarrier rbar
 __device__ __forceinline__ void st_async(unsigned raddr, float v, unsigned rbar) {
     asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];"

@@ -54,19 +54,7 @@
 // in_proj warps 0..7 two n-tiles, 8..15 one; x_proj 9 warps; the state update 12 rows a thread; the norm 1-2
 // rows a warp; the head 6 warps.
 
-#if IN_DTYPE == 2
-#include <cuda_fp16.h>
-typedef __half in_t;
-__device__ __forceinline__ float to_f(in_t v) { return __half2float(v); }
-__device__ __forceinline__ in_t from_f(float v) { return __float2half(v); }
-#define MMA_TYPE "f16"
-#else
-#include <cuda_bf16.h>
-typedef __nv_bfloat16 in_t;
-__device__ __forceinline__ float to_f(in_t v) { return __bfloat162float(v); }
-__device__ __forceinline__ in_t from_f(float v) { return __float2bfloat16(v); }
-#define MMA_TYPE "bf16"
-#endif
+#include "fused_common.cuh"
 
 #ifndef ROWSV
 #define ROWSV 0                 // 24 or 16: the variant kernel, ROWSV rows a cluster (see "Variant ROWSV" above)
@@ -214,37 +202,7 @@ static_assert(NTHR == 8 * EC && NTHR == ROWS * 32, "mappings: 8 threads per chan
 #endif
 static_assert(EC == 64 && OC == 32 && VC == 32 && NX == 48, "tile counts below");
 
-__device__ __forceinline__ float rnd(float v) { return to_f(from_f(v)); }
-__device__ __forceinline__ float silu_f(float v) { return v / (1.f + __expf(-v)); }
 
-__device__ __forceinline__ unsigned sm_addr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
-__device__ __forceinline__ unsigned cluster_rank() {
-    unsigned r;
-    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
-    return r;
-}
-__device__ __forceinline__ unsigned cluster_id() {
-    unsigned r;
-    asm volatile("mov.u32 %0, %%clusterid.x;" : "=r"(r));
-    return r;
-}
-__device__ __forceinline__ unsigned remote(const void* p, unsigned rank) {   // p's address in CTA `rank`
-    unsigned r;
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(sm_addr(p)), "r"(rank));
-    return r;
-}
-__device__ __forceinline__ void mbar_init(unsigned long long* bar, unsigned count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(sm_addr(bar)), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_expect(unsigned long long* bar, unsigned bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(sm_addr(bar)), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(unsigned long long* bar, unsigned parity) {
-    asm volatile("{\n\t.reg .pred p;\n"
-                 "WAIT_%=:\n\t"
-                 "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n\t"
-                 "@!p bra WAIT_%=;\n}" ::"r"(sm_addr(bar)), "r"(parity) : "memory");
-}
 // 16 bytes into CTA `rank`'s copy of dst, credited to that CTA's copy of bar
 __device__ __forceinline__ void send4(const float* dst, unsigned rank, float4 v, unsigned long long* bar) {
     asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, [%5];"
