@@ -1,8 +1,7 @@
 """Micro-benchmark of the decode state update `ssm_step` (cuda/decode_step.cu) at the shapes of the bench models:
-each variant (rR: ssm_step_rR, R rows a block, through BYTEMAMBA_STEP_TUNE, or the launcher's choice "auto";
-lR / lRbK: the row-looping ssm_loop_rR, R rows an item, K blocks per SM (default 4); the previous kernel compiled
-from a saved copy of the old source, --old) replayed in a CUDA graph, microseconds per launch (CUDA events around
-one replay of `count` launches, median of --reps replays).
+each variant (rR: ssm_step_rR, R rows a block, through BYTEMAMBA_STEP_TUNE, or the launcher's choice "auto"; the
+previous kernel compiled from a saved copy of the old source, --old) replayed in a CUDA graph, microseconds per
+launch (CUDA events around one replay of `count` launches, median of --reps replays).
 
 As in decoding, each launch works on the state, W_dt, A, D and dt_bias of another "layer" (rotated through enough
 layers that they total >= 200 MB, 4x the L2, so they come from DRAM), while x, z and x_dbl (dt_low | B | C) are
@@ -11,7 +10,6 @@ Before timing, one step of every variant is compared with the first variant (sam
 
     git show ede42c1:cuda/decode_step.cu > /tmp/v3.cu
     python3 scripts/bench_ssm_step.py --old /tmp/v3.cu --shapes byte353m:1 byte353m:64 audio6m:256
-    python3 scripts/bench_ssm_step.py --shapes byte353m:64 audio6m:256 --variants auto r2 l2 l2b2 l4
 """
 
 from __future__ import annotations
@@ -38,8 +36,7 @@ def main() -> int:
                    default=[f"byte353m:{b}" for b in (1, 2, 4, 8, 16, 32, 64, 128, 256)]
                    + [f"audio6m:{b}" for b in (1, 8, 64, 128, 256)])
     p.add_argument("--variants", nargs="+", default=["auto", "r1", "r2", "r4"],
-                   help="auto: the launcher's choice; rR: ssm_step_rR (R rows a block); lR, lRbK: ssm_loop_rR "
-                        "(R rows an item), K blocks per SM")
+                   help="auto: the launcher's choice; rR: ssm_step_rR (R rows a block)")
     p.add_argument("--old", default=None, help="a copy of the previous decode_step.cu (kernel `ssm_step`, "
                    "4 rows a block), timed as variant v3")
     p.add_argument("--reps", type=int, default=9)
@@ -93,9 +90,6 @@ def main() -> int:
             os.environ.pop("BYTEMAMBA_STEP_TUNE", None)
             if v.startswith("r"):
                 os.environ["BYTEMAMBA_STEP_TUNE"] = f"ssm_rows={v[1:]}"
-            elif v.startswith("l"):
-                rows, _, bps = v[1:].partition("b")
-                os.environ["BYTEMAMBA_STEP_TUNE"] = f"ssm_loop={rows}" + (f",ssm_bps={bps}" if bps else "")
 
         # one step of every variant from the same state: against the first variant
         ref = None
@@ -149,17 +143,13 @@ def main() -> int:
         table.append((shape, auto_rows, row, traffic))
         del layers
         torch.cuda.empty_cache()
-    print("\n| shape | " + " | ".join(variants)
-          + " | auto = | auto vs v3 | auto state GB/s | best loop | auto / best loop |")
-    print("|---|" + "---|" * (len(variants) + 5))
+    print("\n| shape | " + " | ".join(variants) + " | auto = | auto vs v3 | auto state GB/s |")
+    print("|---|" + "---|" * (len(variants) + 3))
     for shape, auto_rows, row, traffic in table:
         cells = [f"{row[v]:.2f}" if v in row else "-" for v in variants]
         ratio = f"{row['v3'] / row['auto']:.2f}x" if "v3" in row and "auto" in row else "-"
         bw = f"{traffic / row['auto']:.0f}" if "auto" in row else "-"
-        loops = [v for v in row if v.startswith("l")]
-        best = min(loops, key=row.get) if loops else None
-        gain = f"{row['auto'] / row[best]:.2f}x" if best and "auto" in row else "-"
-        print(f"| {shape} | " + " | ".join(cells) + f" | {auto_rows} | {ratio} | {bw} | {best or '-'} | {gain} |")
+        print(f"| {shape} | " + " | ".join(cells) + f" | {auto_rows} | {ratio} | {bw} |")
     return 0
 
 

@@ -32,9 +32,8 @@ from bytemamba.ops._cupy import compile_module, cupy_stream, ptr
 
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _SSM_ROWS = (1, 2, 4)            # ssm_step_r<ROWS>: batch rows per block (template instances in the .cu)
-_SSM_LOOP = (2, 4)             # ssm_loop_r<R>: the row-looping variant, R batch rows per item (opt-in)
 _KERNELS = ("conv_step", "add_rmsnorm", "gemv_step", "embed_rows", "sample_rows",
-            *(f"ssm_step_r{k}" for k in _SSM_ROWS), *(f"ssm_loop_r{k}" for k in _SSM_LOOP))
+            *(f"ssm_step_r{k}" for k in _SSM_ROWS))
 MAXB = 8                      # the fused GEMVs take batch rows in tiles of up to this (GB in cuda/decode_step.cu)
 MAX_STATE = 128
 
@@ -98,13 +97,12 @@ def _kernels(dtype: torch.dtype, n: int, device: torch.device, gb: int = 0):
 
 # measured on the H200 (docs/PERF.md, decoding): gemv_blocks 132 beat 264 (byte353m b 1); ssm_rows None: chosen
 # per (batch, channels) by ssm_rows() (docs/PERF.md, "ssm_step v4")
-_TUNING = dict(ssm_rows=None, rpw=2, uk=4, gemv_blocks=132, ssm_loop=None, ssm_bps=None, ssm_blocks=None)
+_TUNING = dict(ssm_rows=None, rpw=2, uk=4, gemv_blocks=132)
 
 
 def tuning() -> dict:
     """Launch shapes of the step kernels: ssm_rows (batch rows per ssm_step block: 1, 2 or 4; None: ssm_rows()
-    picks it per shape), ssm_loop / ssm_bps / ssm_blocks (the opt-in row-looping ssm_step, see ssm_loop_plan()),
-    rpw / uk (gemv_step: output
+    picks it per shape), rpw / uk (gemv_step: output
     rows per warp, 16-byte weight chunks per lane per row in flight), gemv_blocks (gemv_step splits K over
     more warps until it has this many blocks). BYTEMAMBA_STEP_TUNE="ssm_rows=2,uk=8" overrides them (for
     benchmarks); read at every launch (for a graph: when it is captured)."""
@@ -262,54 +260,6 @@ def ssm_rows(b: int, e: int, n: int, r: int, device) -> int:
     return rows
 
 
-_SSM_LOOP_BPS = 4                # the row-looping ssm_step's grid by default: blocks per SM (not yet measured)
-# The default switches to ssm_loop_r<_SSM_LOOP_AUTO_R> where its (channel group, R rows) items number at least
-# _SSM_LOOP_AUTO per SM (None: never; ssm_rows()' kernels at every shape, as measured in docs/PERF.md "ssm_step v4").
-_SSM_LOOP_AUTO: int | None = None
-_SSM_LOOP_AUTO_R = 2
-
-
-def _sm_count(device) -> int:
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
-
-
-def ssm_loop_plan(b: int, e: int, n: int, r: int, device) -> tuple[int, int] | None:
-    """(R, blocks) of the row-looping ssm_step (kernel ssm_loop_r<R>, a 1-D grid of `blocks` blocks that each
-    walk a run of (32-channel group, R rows) items, the next item's loads in flight during the current one's
-    update), or None where it is not selected: the default, ssm_rows()' kernels. Opt-in (not yet run on a GPU)
-    through BYTEMAMBA_STEP_TUNE: ssm_loop=R (2 or 4 rows an item), ssm_bps=K (K blocks per SM, default
-    4), or ssm_blocks=N (exactly N blocks, for tests); never more blocks than items, ceil(e / (128 / lanes)) x
-    ceil(b / R). By default also R = _SSM_LOOP_AUTO_R where _SSM_LOOP_AUTO is set and there are at least that
-    many items per SM (unless ssm_rows is forced). Bad or contradictory settings raise one ValueError line."""
-    t = tuning()
-    R, bps, blocks = t["ssm_loop"], t["ssm_bps"], t["ssm_blocks"]
-    if R is None:
-        if bps is not None or blocks is not None:
-            raise ValueError(f"BYTEMAMBA_STEP_TUNE: ssm_bps / ssm_blocks need ssm_loop={'|'.join(map(str, _SSM_LOOP))}")
-        R = _SSM_LOOP_AUTO_R
-        if (_SSM_LOOP_AUTO is None or t["ssm_rows"] is not None
-                or -(-e // (128 // _ssm_lanes(n))) * -(-b // R) < _SSM_LOOP_AUTO * _sm_count(device)):
-            return None
-    if t["ssm_rows"] is not None:
-        raise ValueError("BYTEMAMBA_STEP_TUNE: ssm_rows and ssm_loop exclude each other (set one of them)")
-    if bps is not None and blocks is not None:
-        raise ValueError("BYTEMAMBA_STEP_TUNE: ssm_bps and ssm_blocks exclude each other (set one of them)")
-    lpc = _ssm_lanes(n)
-    rp = -(-r // (4 * lpc)) * 4 * lpc
-    if R not in _SSM_LOOP or _ssm_smem(2 * R, n, rp)[1] > _SSM_SMEM:     # two buffers of R rows
-        raise ValueError(f"BYTEMAMBA_STEP_TUNE: ssm_loop={R} is not one of {_SSM_LOOP} or needs more than "
-                         f"{_SSM_SMEM} bytes of shared memory at d_state {n}, dt_rank {r}")
-    if bps is not None and bps > 32:
-        raise ValueError(f"BYTEMAMBA_STEP_TUNE: ssm_bps={bps} is more than the 32 blocks an SM can hold")
-    items = -(-e // (128 // lpc)) * -(-b // R)
-    if blocks is None:
-        blocks = (bps or _SSM_LOOP_BPS) * _sm_count(device)
-    return R, min(blocks, items)
-
-
 def ssm_state_update_fn(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
                         dt_proj_weight=None):
     b, e = x.shape
@@ -333,17 +283,12 @@ def ssm_state_update_fn(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_
     z, zs = _rows("z", z, b, e) if z is not None else (None, np.int64(0))
     lpc = _ssm_lanes(n)
     rp = -(-r // (4 * lpc)) * 4 * lpc                  # ranks padded to whole chunks (dynamic shared memory)
-    loop = ssm_loop_plan(b, e, n, r, x.device)
-    if loop is None:
-        rows = ssm_rows(b, e, n, r, x.device)
-        name, grid, smem = f"ssm_step_r{rows}", (-(-e // (128 // lpc)), -(-b // rows)), _ssm_smem(rows, n, rp)[0]
-    else:
-        name, grid, smem = f"ssm_loop_r{loop[0]}", (loop[1],), _ssm_smem(2 * loop[0], n, rp)[0]
+    rows = ssm_rows(b, e, n, r, x.device)
     y = torch.empty(b, e, device=x.device, dtype=io)
-    _launch(x.device, _kernels(io, n, x.device)[name], grid, 128,
+    _launch(x.device, _kernels(io, n, x.device)[f"ssm_step_r{rows}"], (-(-e // (128 // lpc)), -(-b // rows)), 128,
             (ptr(state), ptr(x), xs, ptr(dt), dts, ptr(wdt), np.int32(r), ptr(_f32(dt_bias)), ptr(_aligned(_f32(A))),
              ptr(B), bs, ptr(C), cs, ptr(_f32(D)), ptr(z), zs, ptr(y), np.int32(b), np.int32(e),
-             np.int32(1 if dt_softplus else 0)), smem=smem, batch=b)
+             np.int32(1 if dt_softplus else 0)), smem=_ssm_smem(rows, n, rp)[0], batch=b)
     return y
 
 

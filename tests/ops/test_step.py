@@ -170,45 +170,7 @@ def test_ssm_rows_by_shape(monkeypatch):
             rows(64, 2048)
 
 
-def test_ssm_loop_plan(monkeypatch):
-    """The row-looping ssm_step (opt-in): off by default (ssm_rows()' kernels, unchanged); ssm_loop=R gives a 1-D
-    grid of 4 blocks per SM, ssm_bps / ssm_blocks change it, never more blocks than (channel group, R rows) items;
-    bad or contradictory settings: one clear line."""
-    from bytemamba.ops import step
-    monkeypatch.delenv("BYTEMAMBA_STEP_TUNE", raising=False)
-    monkeypatch.setitem(step._SM_COUNT, 0, 132)
-    plan = lambda b, e, n=16, r=64: step.ssm_loop_plan(b, e, n, r, torch.device("cuda", 0))  # noqa: E731
-    assert plan(64, 2048) is None
-    monkeypatch.setenv("BYTEMAMBA_STEP_TUNE", "ssm_loop=2")
-    assert plan(64, 2048) == (2, 528) and plan(256, 512, r=16) == (2, 528)
-    assert plan(8, 2048) == (2, 256) and plan(1, 2048) == (2, 64)       # 64 channel groups x 4 (1) row pairs
-    assert plan(19, 70, n=128, r=8) == (2, 180)                         # 4 channels a group at d_state 128
-    monkeypatch.setenv("BYTEMAMBA_STEP_TUNE", "ssm_loop=4,ssm_bps=2")
-    assert plan(256, 2048) == (4, 264)
-    monkeypatch.setenv("BYTEMAMBA_STEP_TUNE", "ssm_loop=2,ssm_blocks=7")
-    assert plan(19, 70) == (2, 7) and plan(1, 16) == (2, 1)
-    for bad in ("ssm_loop=3", "ssm_loop=1", "ssm_loop=8", "ssm_bps=4", "ssm_blocks=7", "ssm_loop=2,ssm_bps=33",
-                "ssm_loop=2,ssm_rows=2", "ssm_loop=2,ssm_bps=2,ssm_blocks=9", "ssm_loop=0"):
-        monkeypatch.setenv("BYTEMAMBA_STEP_TUNE", bad)
-        with pytest.raises(ValueError, match="^BYTEMAMBA_STEP_TUNE: (ssm_|bad item)[^\n]*$"):
-            plan(64, 2048)
-    monkeypatch.delenv("BYTEMAMBA_STEP_TUNE")                              # the default switch, where set
-    monkeypatch.setattr(step, "_SSM_LOOP_AUTO", 8)
-    assert plan(64, 2048) == (2, 528) and plan(16, 2048) is None and plan(256, 512, r=16) == (2, 528)
-    monkeypatch.setenv("BYTEMAMBA_STEP_TUNE", "ssm_rows=2")
-    assert plan(64, 2048) is None
-    monkeypatch.setenv("BYTEMAMBA_STEP_TUNE", "ssm_loop=4")                # 2 x 4 rows of rank 2048: > 48 KB
-    with pytest.raises(ValueError, match="ssm_loop=4 .* d_state 128, dt_rank 2000"):
-        plan(8, 256, n=128, r=2000)
-
-
 # ---- GPU: kernels against the parallel forward and the PyTorch step -----------------------------
-
-# ssm_step's kernels as the tests force them (BYTEMAMBA_STEP_TUNE); the loops on a few blocks, so that every
-# block walks several items, across channel groups, with the next item's loads in flight
-SSM_VARIANTS = {"auto": "", "r1": "ssm_rows=1", "r2": "ssm_rows=2", "r4": "ssm_rows=4",
-                "loop2": "ssm_loop=2,ssm_blocks=7", "loop4": "ssm_loop=4,ssm_blocks=5",
-                "loop2x1": "ssm_loop=2,ssm_blocks=1"}
 
 def _check(err_k, err_t, dtype, what):
     if dtype == torch.float32:
@@ -240,11 +202,9 @@ def test_conv_kernel_many_steps(dtype, k, bias, silu, seed):
                                            (64, 0, True, False), (32, 16, False, False), (1, 0, True, True),
                                            (16, 80, True, True)])
 @pytest.mark.parametrize("batch", [3, 9], ids=["b3", "b9"])
-@pytest.mark.parametrize("variant", ["auto", "loop2"])
-def test_ssm_kernel_many_steps(dtype, n, lowrank, z, D, batch, variant, monkeypatch):
-    """ssm_step with the rows per block the launcher picks (e 70: a partial block of channels), and the row-looping
-    variant on 7 blocks; rank 80 > 16 * 4 reads the W_dt chunks past the registers from memory."""
-    monkeypatch.setenv("BYTEMAMBA_STEP_TUNE", SSM_VARIANTS[variant])
+def test_ssm_kernel_many_steps(dtype, n, lowrank, z, D, batch):
+    """ssm_step with the rows per block the launcher picks (e 70: a partial block of channels); rank 80 > 16 * 4
+    reads the W_dt chunks past the registers from memory."""
     dt = DTYPES[dtype]
     L = 48
     ins = make_ssm(batch, 70, n, L, lowrank, dt, "cuda", z, D, seed=n + lowrank)
@@ -259,16 +219,15 @@ def test_ssm_kernel_many_steps(dtype, n, lowrank, z, D, batch, variant, monkeypa
 @gpu
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("n,lowrank", [(16, 64), (16, 16), (5, 3), (64, 0), (16, 80), (1, 0), (128, 8)])
-@pytest.mark.parametrize("variant", ["r1", "r2", "r4", "loop2", "loop4", "loop2x1"])
-def test_ssm_kernel_every_tile(dtype, n, lowrank, variant, monkeypatch):
-    """Every ssm_step_r<rows> and ssm_loop_r<R> instance, forced through BYTEMAMBA_STEP_TUNE, on 19 rows (partial
-    row tiles but for 1 row a block) and 70 channels (a partial channel tile), against the parallel forward and the
-    PyTorch step: the reduce-scatters of the dt dot and of <s, C> for rows below, at and above the lanes per
-    channel; the loops on 7, 5 and 1 blocks (runs of items across channel groups, both shared buffers)."""
-    monkeypatch.setenv("BYTEMAMBA_STEP_TUNE", SSM_VARIANTS[variant])
+@pytest.mark.parametrize("rows", [1, 2, 4])
+def test_ssm_kernel_every_tile(dtype, n, lowrank, rows, monkeypatch):
+    """Every ssm_step_r<rows> instance, forced through BYTEMAMBA_STEP_TUNE, on 19 rows (partial row tiles but for
+    1 row a block) and 70 channels (a partial channel tile), against the parallel forward and the PyTorch step:
+    the reduce-scatters of the dt dot and of <s, C> for rows below, at and above the lanes per channel."""
+    monkeypatch.setenv("BYTEMAMBA_STEP_TUNE", f"ssm_rows={rows}")
     dt = DTYPES[dtype]
     L = 12
-    ins = make_ssm(19, 70, n, L, lowrank, dt, "cuda", True, True, seed=int(variant[-1]) + n + lowrank)
+    ins = make_ssm(19, 70, n, L, lowrank, dt, "cuda", True, True, seed=rows + n + lowrank)
     y_k, st_k = ssm_steps(ssm_state_update_fn, ins, L)
     y_t, st_t = ssm_steps(ssm_state_update_ref, ins, L)
     y64, st64 = ssm_parallel(ins)
