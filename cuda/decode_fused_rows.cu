@@ -41,16 +41,17 @@
 // state traffic 118 us: the per-layer chain of barriers and exchanges (~7.6 us), not bytes, bounds it.
 //
 // Variant ROWSV (-DROWSV=24 or 16; bytemamba/ops/fused_step.py ROWS_VARIANTS "r24" / "r16f", chosen by
-// BYTEMAMBA_FUSED_ROWS_VARIANT; not yet run on a GPU): its own kernel body below. ROWSV=24: tiles of 24 rows
+// batch size (rows_variant) or BYTEMAMBA_FUSED_ROWS_VARIANT; measured in docs/PERF.md): its own kernel body below. ROWSV=24: tiles of 24 rows
 // (three mma n-tiles), so that 256 rows take 11 clusters, one wave of the 15 that fit (360 rows a wave);
 // ROWSV=16: the same code for 16 rows (the shorter chain alone). Same arithmetic and roundings as above. What
 // makes 24 rows fit (232,000 bytes of shared memory, 128 registers, no spills): xz kept as in_t (its values
 // are rounded to in_t anyway); h inside the out_proj partials' buffer (free from R's reads to the next x_proj
 // exchange); no dt / dx buffers: the D1 phase is folded into the state phase (lane q of a channel computes the
 // dt of ROWS/8 of its ROWS/2 rows, shared by shuffles), one CTA barrier less a layer; the SSM states no longer
-// sit in registers a whole layer ahead (96 KB a CTA would not fit): each row's 4 KB of SSM state and 768 bytes
-// of conv state are bulk-prefetched into L2 a layer ahead (cp.async.bulk.prefetch.L2), the conv states loaded
-// into registers at I, the SSM states at C, both consumed one phase or more later. Mappings (24 rows):
+// stay in shared memory (96 KB a CTA would not fit): each row's 4 KB of SSM state and 768 bytes of conv state
+// are bulk-prefetched into L2 a layer ahead (cp.async.bulk.prefetch.L2), the conv states loaded into registers
+// at I, the SSM states where SSM_AT says (the launcher's "r24" build: SSM_AT 2, a whole layer ahead, the
+// fastest of the three on an H200: 224.8 against 238.9 us at batch 256). Mappings (24 rows):
 // in_proj warps 0..7 two n-tiles, 8..15 one; x_proj 9 warps; the state update 12 rows a thread; the norm 1-2
 // rows a warp; the head 6 warps.
 

@@ -104,7 +104,7 @@ def profile_rows(W, cache, ids, logits, defines="", steps=20):
     os.environ["BYTEMAMBA_FUSED_DEFINES"] = f"PROFILE=1 {defines}"
     conv, ssm = [s.conv for s in cache.layers], [s.ssm for s in cache.layers]
     fused_step_fn(ids, W, conv, ssm, logits, kernel="rows")
-    K = rows_module(ids.device, W.dtype, rows_variant(ids.shape[0]))
+    K = rows_module(ids.device, W.dtype, rows_variant(ids.shape[0], max_active_clusters(ids.device, W.dtype)))
     out = cupy.zeros(16, dtype=cupy.int64)
     K["fused_rows_prof"]((1,), (32,), (out,))                  # zero it
     for _ in range(steps):

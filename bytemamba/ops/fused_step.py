@@ -245,28 +245,34 @@ def _rows_from() -> int:
 ROWS_FROM = 30
 ROWS_MAX_LAYERS = 64              # the rows kernel keeps the state pointers in shared memory (MAX_L)
 
-# Builds of the `rows` kernel (name: compile-time defines; the rows a cluster come from the compiled module):
-# "r16" 16 rows a cluster (measured, docs/PERF.md "audio6m large batches"); "r24" the variant kernel with 24
-# rows a cluster (-DROWSV=24: batch 256 in one wave of 11 clusters; dt folded into the state phase, states
-# prefetched into L2; see the kernel's opening comment), "r16f" the same variant kernel with 16 rows; "r24i" /
-# "r24a" r24 with its SSM states loaded into registers a phase earlier (SSM_AT 1) / a whole layer ahead
-# (SSM_AT 2); none yet run on a GPU. ROWS_VARIANT is the build used, except that batches above ROWS24_FROM
-# (never by default; BYTEMAMBA_FUSED_ROWS24_FROM overrides it) run "r24"; BYTEMAMBA_FUSED_ROWS_VARIANT
-# overrides both.
-ROWS_VARIANTS = {"r16": (), "r24": ("-DROWSV=24",), "r16f": ("-DROWSV=16",), "r24i": ("-DROWSV=24", "-DSSM_AT=1"),
-                 "r24a": ("-DROWSV=24", "-DSSM_AT=2")}
-ROWS_VARIANT = "r16"
-ROWS24_FROM = 1 << 30
+# Builds of the `rows` kernel (name: compile-time defines; the rows a cluster also come from the compiled module):
+# "r16" 16 rows a cluster; "r24" the variant kernel (-DROWSV=24, see the kernel's opening comment) with 24 rows a
+# cluster, dt folded into the state phase, states prefetched into L2 and loaded into registers a whole layer
+# ahead (SSM_AT 2, the fastest of its three placements); "r16f" that variant kernel at 16 rows (slower than r16,
+# kept as the tests' second build of the variant code). BYTEMAMBA_FUSED_ROWS_VARIANT forces one.
+ROWS_VARIANTS = {"r16": (), "r24": ("-DROWSV=24", "-DSSM_AT=2"), "r16f": ("-DROWSV=16",)}
+ROWS_OF = {"r16": 16, "r24": 24, "r16f": 16}
+# Time of one wave (every cluster the GPU holds at once, 15 on an H200) of audio6m's 15 layers, us, measured on an
+# H200 (docs/PERF.md, "audio6m large batches", 2026-11-29 10:46 UTC): the 24-row build is slower a wave but
+# carries 1.5x the rows, so it pays where it saves a wave (an H200: 241..360 rows, one wave instead of two).
+ROWS_WAVE_US = {"r16": 157.0, "r24": 225.0}
 
 
-def rows_variant(batch: int | None = None) -> str:
+def rows_variant(batch: int | None = None, clusters: int | None = None) -> str:
+    """The `rows` build for `batch` rows on a device that holds `clusters` clusters at once: the one with
+    the fewer wave-microseconds (ROWS_WAVE_US), r16 on a tie or when either is unknown."""
     v = os.environ.get("BYTEMAMBA_FUSED_ROWS_VARIANT")
-    if not v:
-        r24_from = int(os.environ.get("BYTEMAMBA_FUSED_ROWS24_FROM") or ROWS24_FROM)
-        v = "r24" if batch is not None and batch > r24_from else ROWS_VARIANT
-    if v not in ROWS_VARIANTS:
+    if v and v not in ROWS_VARIANTS:
         raise ValueError(f"fused step: BYTEMAMBA_FUSED_ROWS_VARIANT={v!r} (one of {', '.join(ROWS_VARIANTS)})")
-    return v
+    if v:
+        return v
+    if not batch or not clusters:
+        return "r16"
+
+    def cost(build):
+        waves = -(-(-(-batch // ROWS_OF[build])) // clusters)
+        return waves * ROWS_WAVE_US[build]
+    return "r24" if cost("r24") < cost("r16") else "r16"
 
 
 def choose_kernel(batch: int, n_layer: int = 1) -> str:
@@ -333,7 +339,7 @@ def _launch_rows(ids, W: FusedWeights, table, b, logits):
             raise RuntimeError("fused step: first `rows` call inside a graph capture (run one step eagerly first)")
         W.rows = pack_rows(W)
     P = W.rows
-    K = rows_module(dev, W.dtype, rows_variant(b))
+    K = rows_module(dev, W.dtype, rows_variant(b, _clusters(dev, W.dtype)))
     import cupy
     with cupy.cuda.Device(dev.index), cupy_stream(dev):
         K["fused_step_rows"]((NCTA * ((b + K["rows"] - 1) // K["rows"]),), (NTHREADS,),
@@ -341,6 +347,17 @@ def _launch_rows(ids, W: FusedWeights, table, b, logits):
                               ptr(P.Wx), ptr(P.Wo), ptr(P.K), ptr(table), np.int32(W.n_layer), np.int32(b),
                               ptr(logits)), shared_mem=K["smem"])
     return logits
+
+
+_cluster_counts: dict = {}
+
+
+def _clusters(device, dtype) -> int | None:
+    """max_active_clusters of the default build, once per (device, dtype)."""
+    key = (device.index, dtype)
+    if key not in _cluster_counts:
+        _cluster_counts[key] = max_active_clusters(device, dtype)
+    return _cluster_counts[key]
 
 
 def max_active_clusters(device, dtype=torch.bfloat16) -> int | None:

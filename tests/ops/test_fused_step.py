@@ -135,8 +135,10 @@ def test_rows_variant_choice(monkeypatch):
     with pytest.raises(ValueError, match="r17"):
         rows_variant()
     monkeypatch.delenv("BYTEMAMBA_FUSED_ROWS_VARIANT")
-    monkeypatch.setenv("BYTEMAMBA_FUSED_ROWS24_FROM", "240")
-    assert rows_variant(241) == "r24" and rows_variant(240) == rows_variant() != "r24"
+    # by waves on a device holding 15 clusters: r16 holds 240 rows a wave, r24 360 (one slower wave)
+    assert [rows_variant(b, 15) for b in (1, 240, 241, 360, 361, 480, 481, 720)] == \
+        ["r16", "r16", "r24", "r24", "r16", "r16", "r24", "r24"]
+    assert rows_variant(256) == rows_variant(256, None) == "r16"          # cluster count unknown
 
 
 def test_unsupported_reasons():
