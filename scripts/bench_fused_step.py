@@ -118,22 +118,29 @@ def profile_rows(W, cache, ids, logits, defines="", steps=20):
 
 
 def rows_variant_arg(v):
-    """NAME=DEFINE+DEFINE, or a build name of ROWS_VARIANTS -> [name, defines]."""
+    """A build name of ROWS_VARIANTS (that build at every batch), or NAME=DEFINE+DEFINE (the build the launcher
+    picks for the batch, plus these defines) -> [name, build or "", defines]."""
     if "=" in v:
-        return v.split("=", 1)
+        return [*v.split("=", 1)[:1], "", v.split("=", 1)[1]]
     if v not in ROWS_VARIANTS:
         raise SystemExit(f"--rows-variants: {v!r} is neither NAME=DEFINES nor a build ({', '.join(ROWS_VARIANTS)})")
-    return [v, "+".join(d[2:] for d in ROWS_VARIANTS[v])]
+    return [v, v, ""]
+
+
+def use_variant(build, defines):
+    """Select a rows-kernel variant for the launcher (through its environment knobs)."""
+    os.environ["BYTEMAMBA_FUSED_ROWS_VARIANT"] = build
+    os.environ["BYTEMAMBA_FUSED_DEFINES"] = defines.replace("+", " ")
 
 
 def batches_table(m, W, args):
-    variants = [["rows", ""]] + [rows_variant_arg(v) for v in args.rows_variants]
-    for name, defines in variants:
-        os.environ["BYTEMAMBA_FUSED_DEFINES"] = defines.replace("+", " ")
-        rows = rows_module(torch.device("cuda"), W.dtype)["rows"]
-        print(f"rows kernel {name} ({defines or 'defaults'}): {rows} rows a cluster, max active clusters "
+    variants = [["rows", "", ""]] + [rows_variant_arg(v) for v in args.rows_variants]
+    for name, build, defines in variants:
+        use_variant(build, defines)
+        rows = rows_module(torch.device("cuda"), W.dtype)["rows"] if build else "by batch"
+        print(f"rows kernel {name} ({build or 'auto'} {defines}): {rows} rows a cluster, max active clusters "
               f"{max_active_clusters(torch.device('cuda'))}", flush=True)
-    os.environ["BYTEMAMBA_FUSED_DEFINES"] = ""
+    use_variant("", "")
     res = {}
     for batch in args.batches:
         cache = states(m, batch)
@@ -142,14 +149,14 @@ def batches_table(m, W, args):
         conv, ssm = [s.conv for s in cache.layers], [s.ssm for s in cache.layers]
         if batch <= args.cluster_max:
             res[batch, "cluster"] = timed(lambda: fused_step_fn(ids, W, conv, ssm, logits, kernel="cluster"))
-        for name, defines in variants:
-            os.environ["BYTEMAMBA_FUSED_DEFINES"] = defines.replace("+", " ")
+        for name, build, defines in variants:
+            use_variant(build, defines)
             for L in (15, 1) if name == "rows" else (15,):
                 Wl = layers_of(W, L) if L == 1 else W
                 us = timed(lambda: fused_step_fn(ids, Wl, conv[:L], ssm[:L], logits, kernel="rows"))
                 assert torch.isfinite(logits).all()
                 res[batch, name if L == 15 else name + "/1"] = us
-        os.environ["BYTEMAMBA_FUSED_DEFINES"] = ""
+        use_variant("", "")
         if args.unfused:                                        # the multi-launch step (cuBLAS path) it replaces
             m.fused_max_batch = 0
             c2 = states(m, batch)
