@@ -11,9 +11,10 @@
 #
 # MODE=rows: the many-row kernel (cuda/decode_fused_rows.cu) instead: the GPU tests of
 # tests/ops/test_fused_step.py, the kernels alone per batch against the unfused step (bench_fused_step.py
-# --batches, rows variants, per-phase profiles at batch 16 and 256), `bench generate` for audio6m with the
-# defaults and with the cuBLAS step, the rows tests again with the variant $VARIANT (BYTEMAMBA_FUSED_DEFINES
-# form, '+' for spaces), then tests/test_decode.py -x. Each stage under its own timeout (~235 s in all).
+# --batches: both builds r16 / r24, SSM_AT 0 and 1, no state traffic; per-phase profiles at batch 16 and 256),
+# `bench generate` for audio6m with the defaults and with the cuBLAS step, the rows tests again with the variant
+# $VARIANT (BYTEMAMBA_FUSED_DEFINES form, '+' for spaces), then tests/test_decode.py -x. Each stage under its own
+# timeout (~235 s in all).
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/bytemamba_out}
 mkdir -p "$OUT"
@@ -22,13 +23,13 @@ if [ "${MODE:-}" = rows ]; then
   timeout 50 python3 -m pytest -q -m gpu --tb=short -p no:cacheprovider tests/ops/test_fused_step.py 2>&1 \
     | tee "$OUT/tests.log" | tail -8
   timeout 85 python3 scripts/bench_fused_step.py --batches ${BATCHES:-1 8 16 32 64 128 256} --profile 16 256 \
-    --profile-defines ${VARIANT:-WAITERS=1+FETCH_AT=1} --rows-variants nostate=NO_STATE_IO=1 waiters=WAITERS=1 \
-    fetch1=FETCH_AT=1 wf=WAITERS=1+FETCH_AT=1 2>&1 | tee "$OUT/kernel.log" | tail -34
+    --profile-defines ${VARIANT:-SSM_AT=1} --rows-variants r16 r24 ssm0=SSM_AT=0 ssm1=SSM_AT=1 \
+    nostate=NO_STATE_IO=1 2>&1 | tee "$OUT/kernel.log" | tail -34
   G="python3 -m bytemamba.bench generate --models audio6m --no-transformer --no-profile --new 512"
   timeout 35 $G --batches 1 8 16 64 128 256 2>&1 | tee "$OUT/bench.log" | grep -E "^\|" | tail -8
   timeout 25 $G --batches 64 256 --fused-max-batch 0 2>&1 | tee "$OUT/bench_cublas.log" \
     | grep -E "^\|" | tail -3
-  BYTEMAMBA_FUSED_DEFINES="${VARIANT:-WAITERS=1+FETCH_AT=1}" timeout 25 python3 -m pytest -q -m gpu --tb=short \
+  BYTEMAMBA_FUSED_DEFINES="${VARIANT:-SSM_AT=1}" timeout 25 python3 -m pytest -q -m gpu --tb=short \
     -p no:cacheprovider tests/ops/test_fused_step.py -k rows 2>&1 | tee "$OUT/tests_variant.log" | tail -3
   [ $SECONDS -lt 215 ] && timeout $((234 - SECONDS)) python3 -m pytest -q -m gpu -x --tb=short -p no:cacheprovider \
     tests/test_decode.py 2>&1 | tee "$OUT/decode_tests.log" | tail -3

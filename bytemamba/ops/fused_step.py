@@ -3,8 +3,9 @@
 residual add), final norm and head, for the shapes it is compiled for (`SHAPE`: d_model 256, d_inner 512,
 d_state 16, dt_rank 16, d_conv 4, 256 symbols; any number of layers and batch rows; bf16 or fp16 compute).
 Two kernels: `cluster` (cuda/decode_fused.cu) runs a thread-block cluster of 8 CTAs per batch row, for small
-batches; `rows` (cuda/decode_fused_rows.cu) a cluster per tile of 16 rows (24 in the build "r24", `ROWS_VARIANTS`), its
-projections on tensor cores, for large batches (`ROWS_FROM`); see the kernels' opening comments.
+batches; `rows` (cuda/decode_fused_rows.cu) a cluster per tile of 16 rows (24 in the build "r24",
+`ROWS_VARIANTS`, where that saves a wave: `rows_variant`), its projections on tensor cores, for large batches
+(`ROWS_FROM`); see the kernels' opening comments.
 
     pack_weights(emb, head, norm_ws, layers, dtype) -> FusedWeights   (stacked once, reused every step)
         layers: one dict per layer with in_proj (2e, d), conv_w (e, k), conv_b (e) or None, x_proj (r+2n, e),
@@ -246,16 +247,15 @@ ROWS_FROM = 30
 ROWS_MAX_LAYERS = 64              # the rows kernel keeps the state pointers in shared memory (MAX_L)
 
 # Builds of the `rows` kernel (name: compile-time defines; the rows a cluster also come from the compiled module):
-# "r16" 16 rows a cluster; "r24" the variant kernel (-DROWSV=24, see the kernel's opening comment) with 24 rows a
-# cluster, dt folded into the state phase, states prefetched into L2 and loaded into registers a whole layer
-# ahead (SSM_AT 2, the fastest of its three placements); "r16f" that variant kernel at 16 rows (slower than r16,
-# kept as the tests' second build of the variant code). BYTEMAMBA_FUSED_ROWS_VARIANT forces one.
-ROWS_VARIANTS = {"r16": (), "r24": ("-DROWSV=24", "-DSSM_AT=2"), "r16f": ("-DROWSV=16",)}
-ROWS_OF = {"r16": 16, "r24": 24, "r16f": 16}
+# "r16" 16 rows a cluster, "r24" 24 (three mma n-tiles: 360 rows a wave on an H200 instead of 240).
+# BYTEMAMBA_FUSED_ROWS_VARIANT forces one.
+ROWS_VARIANTS = {"r16": (), "r24": ("-DROWS=24",)}
+ROWS_OF = {"r16": 16, "r24": 24}
 # Time of one wave (every cluster the GPU holds at once, 15 on an H200) of audio6m's 15 layers, us, measured on an
-# H200 (docs/PERF.md, "audio6m large batches", 2026-11-29 10:46 UTC): the 24-row build is slower a wave but
-# carries 1.5x the rows, so it pays where it saves a wave (an H200: 241..360 rows, one wave instead of two).
-ROWS_WAVE_US = {"r16": 157.0, "r24": 225.0}
+# H200 (docs/PERF.md, "audio6m large batches", 2026-11-29 10:53 UTC: 158 us at 240 rows, 225 us at 256): the
+# 24-row build is slower a wave but carries 1.5x the rows, so it pays where it saves a wave (an H200: 241..360
+# rows, one wave instead of two).
+ROWS_WAVE_US = {"r16": 158.0, "r24": 225.0}
 
 
 def rows_variant(batch: int | None = None, clusters: int | None = None) -> str:

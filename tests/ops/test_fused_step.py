@@ -85,11 +85,10 @@ KERNEL_CASES = [("default", torch.bfloat16, 1), ("default", torch.bfloat16, 3), 
 # the `rows` kernel (cuda/decode_fused_rows.cu): 16 rows a cluster; one partial tile, one full, several
 KERNEL_CASES += [("rows", torch.bfloat16, 3), ("rows", torch.bfloat16, 16), ("rows", torch.bfloat16, 37),
                  ("rows", torch.float16, 20)]
-# its other builds (ROWS_VARIANTS; "r24": 24 rows a cluster, "r16f": the same kernel at 16; the others, r24's
-# load points, through BYTEMAMBA_FUSED_ROWS_VARIANT): one partial tile, one full, a full and a partial; fp16
-BUILDS = ["r24", "r16f"]
+# its 24-row build (ROWS_VARIANTS "r24"): one partial tile, one full, a full and a partial; fp16
+BUILDS = ["r24"]
 KERNEL_CASES += [("rows-r24", torch.bfloat16, 3), ("rows-r24", torch.bfloat16, 24), ("rows-r24", torch.bfloat16, 37),
-                 ("rows-r24", torch.float16, 20), ("rows-r16f", torch.bfloat16, 37), ("rows-r16f", torch.float16, 20)]
+                 ("rows-r24", torch.float16, 20)]
 
 
 # ---- CPU --------------------------------------------------------------------------------------------------
