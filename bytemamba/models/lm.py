@@ -129,7 +129,7 @@ class ByteMambaLM(nn.Module):
     # Batches up to this run the whole step as one kernel where the model has its shape (d_model 256,
     # d_state 16, ...: bytemamba.ops.fused_step.SHAPE) and the step computes in bf16/fp16: cuda/decode_fused.cu
     # (a cluster per row, `last_step_path` "fused") up to fused_step.ROWS_FROM rows, cuda/decode_fused_rows.cu
-    # (a cluster per 16 rows, "fused-rows") above; measured faster than the unfused paths at every batch
+    # (a cluster per 16 or 24 rows, "fused-rows") above; measured faster than the unfused paths at every batch
     # (docs/PERF.md). 0 (or BYTEMAMBA_FUSED_STEP=0) turns it off.
     fused_max_batch: int = 1 << 16
     last_step_path: str = ""
