@@ -130,7 +130,7 @@ class ByteMambaLM(nn.Module):
     # d_state 16, ...: bytemamba.ops.fused_step.SHAPE) and the step computes in bf16/fp16: cuda/decode_fused.cu
     # (a cluster per row, `last_step_path` "fused") up to fused_step.ROWS_FROM rows, cuda/decode_fused_rows.cu
     # (a cluster per 16 or 24 rows, "fused-rows") above; measured faster than the unfused paths at every batch
-    # (docs/PERF.md). 0 (or BYTEMAMBA_FUSED_STEP=0) turns it off.
+    # timed, 1 to 256 (docs/PERF.md; not timed above 360). 0 (or BYTEMAMBA_FUSED_STEP=0) turns it off.
     fused_max_batch: int = 1 << 16
     last_step_path: str = ""
 
