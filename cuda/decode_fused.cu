@@ -39,17 +39,6 @@
 // side refuses such devices).
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
 
-#define NCTA 8
-#define NTHR 512
-#define DM 256
-#define EI 512
-#define EC (EI / NCTA)          // channels per CTA: 64
-#define NS 16
-#define RK 16
-#define NX (RK + 2 * NS)        // x_proj rows: 48
-#define NV 256
-#define KC 4                    // conv taps
-
 static_assert(DM == 32 * 8, "in_proj / head: one warp covers a row of 8-element (16-byte) chunks");
 static_assert(2 * EC == 8 * (NTHR / 32), "in_proj: 8 rows per warp");
 static_assert(EC * 8 == NTHR, "SSM: 8 lanes per channel, 2 states and 2 ranks each");

@@ -50,16 +50,6 @@
 #ifndef ROWS
 #define ROWS 16                 // batch rows per cluster: 16 or 24 (ROWS / 8 mma n-tiles)
 #endif
-#define NCTA 8
-#define NTHR 512
-#define DM 256
-#define EI 512
-#define EC (EI / NCTA)          // channels per CTA: 64
-#define NS 16
-#define RK 16
-#define NX (RK + 2 * NS)        // x_proj rows: 48
-#define NV 256
-#define KC 4
 #define OC (DM / NCTA)          // residual columns owned per CTA: 32
 #define VC (NV / NCTA)          // head rows per CTA: 32
 

@@ -1,8 +1,21 @@
 // fused_common.cuh -- what the two fused decode-step kernels (decode_fused.cu: a cluster per batch row;
 // decode_fused_rows.cu: a cluster per tile of rows) share: the storage type in_t (-DIN_DTYPE: 1 bfloat16,
 // 2 float16; anything else compiles as bfloat16, the launchers refuse float32) with its conversions and
-// rounding, SiLU, and the sm_90 PTX wrappers for thread-block clusters and mbarriers.
+// rounding, SiLU, the compiled model shape, and the sm_90 PTX wrappers for thread-block clusters and
+// mbarriers.
 // Included by those files only; bytemamba/ops/_cupy.py read_source pastes it into the source NVRTC compiles.
+
+// The model shape both kernels are compiled for (bytemamba/ops/fused_step.py SHAPE) and the cluster.
+#define NCTA 8                  // CTAs a cluster
+#define NTHR 512                // threads a CTA
+#define DM 256                  // d_model
+#define EI 512                  // d_inner
+#define EC (EI / NCTA)          // channels per CTA: 64
+#define NS 16                   // d_state
+#define RK 16                   // dt_rank
+#define NX (RK + 2 * NS)        // x_proj rows: 48
+#define NV 256                  // vocabulary
+#define KC 4                    // conv taps
 
 #if IN_DTYPE == 2
 #include <cuda_fp16.h>
