@@ -254,6 +254,8 @@ def ssm_rows(b: int, e: int, n: int, r: int, device) -> int:
         if idx not in _SM_COUNT:
             _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
         rows = 1 if -(-e // (128 // lpc)) * b <= 4 * _SM_COUNT[idx] else 2
+        if _ssm_smem(rows, n, rp)[1] > _SSM_SMEM:               # a large dt rank: 1 row a block fits (above)
+            rows = 1
     if rows not in _SSM_ROWS or _ssm_smem(rows, n, rp)[1] > _SSM_SMEM:
         raise ValueError(f"BYTEMAMBA_STEP_TUNE: ssm_rows={rows} is not one of {_SSM_ROWS} or needs more than "
                          f"{_SSM_SMEM} bytes of shared memory at d_state {n}, dt_rank {r}")

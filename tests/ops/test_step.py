@@ -162,6 +162,10 @@ def test_ssm_rows_by_shape(monkeypatch):
     rows = lambda b, e, n=16, r=64: step.ssm_rows(b, e, n, r, torch.device("cuda", 0))  # noqa: E731
     assert [rows(b, 2048) for b in (1, 8, 16, 64, 256)] == [1, 1, 2, 2, 2]             # byte353m: 64 blocks a row
     assert [rows(b, 512, r=16) for b in (1, 8, 32, 64, 256)] == [1, 1, 1, 2, 2]        # audio6m: 16 blocks a row
+    big = next(r for r in range(64, 8192, 64) if step._ssm_smem(2, 16, r)[1] > step._SSM_SMEM)
+    assert step._ssm_smem(1, 16, big)[1] <= step._SSM_SMEM and rows(256, 2048, r=big) == 1   # only 1 row fits
+    with pytest.raises(step.BackendError, match="dt_rank 8192 is too large"):
+        rows(1, 2048, r=8192)
     monkeypatch.setenv("BYTEMAMBA_STEP_TUNE", "ssm_rows=4")
     assert rows(1, 2048) == 4
     for bad in ("ssm_rows=8", "ssm_rows=3"):
