@@ -164,8 +164,8 @@ def test_ssm_rows_by_shape(monkeypatch):
     assert [rows(b, 512, r=16) for b in (1, 8, 32, 64, 256)] == [1, 1, 1, 2, 2]        # audio6m: 16 blocks a row
     big = next(r for r in range(64, 8192, 64) if step._ssm_smem(2, 16, r)[1] > step._SSM_SMEM)
     assert step._ssm_smem(1, 16, big)[1] <= step._SSM_SMEM and rows(256, 2048, r=big) == 1   # only 1 row fits
-    with pytest.raises(step.BackendError, match="dt_rank 8192 is too large"):
-        rows(1, 2048, r=8192)
+    with pytest.raises(step.BackendError, match="dt_rank 16384 is too large"):
+        rows(1, 2048, r=16384)
     monkeypatch.setenv("BYTEMAMBA_STEP_TUNE", "ssm_rows=4")
     assert rows(1, 2048) == 4
     for bad in ("ssm_rows=8", "ssm_rows=3"):
