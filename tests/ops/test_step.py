@@ -200,6 +200,16 @@ def test_conv_kernel_many_steps(dtype, k, bias, silu, seed):
     assert rel(st_k, st64) < 1e-7
 
 
+def _check_ssm_kernel(ins, L, dt):
+    """L steps of ssm_step against the parallel forward (float64) and the PyTorch step: outputs and states."""
+    y_k, st_k = ssm_steps(ssm_state_update_fn, ins, L)
+    y_t, st_t = ssm_steps(ssm_state_update_ref, ins, L)
+    y64, st64 = ssm_parallel(ins)
+    assert y_k.dtype == dt and torch.isfinite(y_k).all() and torch.isfinite(st_k).all()
+    _check(rel(y_k, y64), rel(y_t, y64), dt, "ssm out")
+    _check(rel(st_k, st64), rel(st_t, st64), dt, "ssm state")
+
+
 @gpu
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
 @pytest.mark.parametrize("n,lowrank,z,D", [(16, 0, True, True), (16, 8, True, True), (5, 3, False, True),
@@ -212,12 +222,7 @@ def test_ssm_kernel_many_steps(dtype, n, lowrank, z, D, batch):
     dt = DTYPES[dtype]
     L = 48
     ins = make_ssm(batch, 70, n, L, lowrank, dt, "cuda", z, D, seed=n + lowrank)
-    y_k, st_k = ssm_steps(ssm_state_update_fn, ins, L)
-    y_t, st_t = ssm_steps(ssm_state_update_ref, ins, L)
-    y64, st64 = ssm_parallel(ins)
-    assert y_k.dtype == dt and torch.isfinite(y_k).all() and torch.isfinite(st_k).all()
-    _check(rel(y_k, y64), rel(y_t, y64), dt, "ssm out")
-    _check(rel(st_k, st64), rel(st_t, st64), dt, "ssm state")
+    _check_ssm_kernel(ins, L, dt)
 
 
 @gpu
@@ -232,12 +237,7 @@ def test_ssm_kernel_every_tile(dtype, n, lowrank, rows, monkeypatch):
     dt = DTYPES[dtype]
     L = 12
     ins = make_ssm(19, 70, n, L, lowrank, dt, "cuda", True, True, seed=rows + n + lowrank)
-    y_k, st_k = ssm_steps(ssm_state_update_fn, ins, L)
-    y_t, st_t = ssm_steps(ssm_state_update_ref, ins, L)
-    y64, st64 = ssm_parallel(ins)
-    assert y_k.dtype == dt and torch.isfinite(y_k).all() and torch.isfinite(st_k).all()
-    _check(rel(y_k, y64), rel(y_t, y64), dt, "ssm out")
-    _check(rel(st_k, st64), rel(st_t, st64), dt, "ssm state")
+    _check_ssm_kernel(ins, L, dt)
 
 
 @gpu
