@@ -68,22 +68,29 @@ def _step_ms(replay, total: int, chunk: int, warmup: int = 8) -> float:
     return statistics.median(chunks)
 
 
+def graph_us(launch, count: int, reps: int = 20) -> float:
+    """Microseconds per call of launch(i), i = 0..count-1, captured in one CUDA graph: the median over `reps`
+    replays (CUDA events around each), after one warm-up call outside the capture on a side stream."""
+    import torch
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        launch(0)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(count):
+            launch(i)
+    g.replay()
+    torch.cuda.synchronize()
+    return statistics.median(_events_ms(g.replay, 1) for _ in range(reps)) * 1e3 / count
+
+
 def launch_cost_us(n: int = 512) -> float:
     """One tiny kernel replayed inside a CUDA graph, microseconds."""
     import torch
     x = torch.zeros(1, device="cuda")
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        x.add_(1)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(n):
-            x.add_(1)
-    g.replay()
-    torch.cuda.synchronize()
-    return statistics.median(_events_ms(g.replay, 1) for _ in range(20)) * 1e3 / n
+    return graph_us(lambda i: x.add_(1), n)
 
 
 def count_gpu_ops(fn) -> int | None:

@@ -17,13 +17,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import statistics
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from bytemamba.bench_generate import graph_us  # noqa: E402
 from bytemamba.config import ModelConfig  # noqa: E402
 from bytemamba.models.lm import ByteMambaLM  # noqa: E402
 from bytemamba.ops.fused_step import (ROWS_VARIANTS, fused_step_fn, max_active_clusters, rows_module,  # noqa: E402
@@ -34,27 +34,8 @@ PHASES = ["N norm", "I in_proj", "C conv", "X mma+send", "X wait+sum", "D1 dt", 
 
 
 def timed(fn, n=200, reps=15):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(n):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        out.append(a.elapsed_time(b) * 1e3 / n)
-    return statistics.median(out)
+    """us per call of fn, n calls in one CUDA graph (bench_generate.graph_us)."""
+    return graph_us(lambda i: fn(), n, reps)
 
 
 def layers_of(W, L):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -28,6 +27,7 @@ def main() -> int:
     import numpy as np
     import torch
 
+    from bytemamba.bench_generate import graph_us
     from bytemamba.ops import step
     from bytemamba.ops._cupy import cupy_stream, ptr
 
@@ -113,25 +113,7 @@ def main() -> int:
         for v in variants:
             env(v)
             try:
-                for i in range(L):
-                    launch(v, layers[i])                 # compile, warm up (outside the capture)
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    for i in range(count):
-                        launch(v, layers[i % L])
-                graph.replay()
-                torch.cuda.synchronize()
-                times = []
-                for _ in range(a.reps):
-                    t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    t0.record()
-                    graph.replay()
-                    t1.record()
-                    t1.synchronize()
-                    times.append(t0.elapsed_time(t1) * 1e3 / count)
-                row[v] = statistics.median(times)
-                del graph
+                row[v] = graph_us(lambda i, v=v, ls=layers: launch(v, ls[i % L]), count, a.reps)
             except Exception as exc:                     # a variant that cannot run here: reported, not fatal
                 print(f"{shape} {v}: {type(exc).__name__}: {exc}")
         env("auto")
