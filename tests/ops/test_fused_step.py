@@ -281,15 +281,21 @@ def test_model_takes_the_fused_path_and_equals_the_forward(batch, build, monkeyp
     assert rel(outs["fused"], want) <= 2 * rel(outs["unfused"], want) + 1e-3
 
 
+def _assert_graphs_match(m, prompt, new, path):
+    """generate() with and without CUDA graphs (same seed): the same symbols and log-probabilities, the step
+    having taken `path`."""
+    s = Sampling(temperature=1.0)
+    a, la = generate(m, prompt, new, s, seed=11, autocast=True, graphs=False)
+    assert m.last_step_path == path
+    b, lb = generate(m, prompt, new, s, seed=11, autocast=True, graphs=True)
+    assert torch.equal(a, b) and torch.equal(la, lb)
+
+
 @gpu
 def test_graphs_give_the_same_symbols_as_no_graphs():
     m = make_model(n_layer=2, seed=3, device="cuda", backend="cuda")
     prompt = torch.randint(0, 256, (2, 17), device="cuda", generator=torch.Generator("cuda").manual_seed(4))
-    s = Sampling(temperature=1.0)
-    a, la = generate(m, prompt, 40, s, seed=11, autocast=True, graphs=False)
-    assert m.last_step_path == "fused"
-    b, lb = generate(m, prompt, 40, s, seed=11, autocast=True, graphs=True)
-    assert torch.equal(a, b) and torch.equal(la, lb)
+    _assert_graphs_match(m, prompt, 40, "fused")
 
 
 @gpu
@@ -301,8 +307,4 @@ def test_rows_kernel_graphs_give_the_same_symbols_as_no_graphs(build, monkeypatc
     m = make_model(n_layer=2, seed=3, device="cuda", backend="cuda")
     m.fused_max_batch = 1 << 20
     prompt = torch.randint(0, 256, (18, 17), device="cuda", generator=torch.Generator("cuda").manual_seed(4))
-    s = Sampling(temperature=1.0)
-    a, la = generate(m, prompt, 30, s, seed=11, autocast=True, graphs=False)
-    assert m.last_step_path == "fused-rows"
-    b, lb = generate(m, prompt, 30, s, seed=11, autocast=True, graphs=True)
-    assert torch.equal(a, b) and torch.equal(la, lb)
+    _assert_graphs_match(m, prompt, 30, "fused-rows")
