@@ -120,7 +120,6 @@ def pack_weights(emb, head, norm_ws, layers, eps: float, dtype: torch.dtype) -> 
 
 # ---- the `rows` kernel's layout ------------------------------------------------------------------------------
 
-ROWS = 16                         # batch rows per cluster of the `rows` kernel (the r24 build: 24, ROWS_VARIANTS)
 K_EL = 2752                       # fp32 constants per (layer, CTA): see cuda/decode_fused_rows.cu
 
 
@@ -270,7 +269,8 @@ def rows_variant(batch: int | None = None, clusters: int | None = None) -> str:
         return "r16"
 
     def cost(build):
-        waves = -(-(-(-batch // ROWS_OF[build])) // clusters)
+        tiles = -(-batch // ROWS_OF[build])
+        waves = -(-tiles // clusters)
         return waves * ROWS_WAVE_US[build]
     return "r24" if cost("r24") < cost("r16") else "r16"
 
@@ -327,7 +327,7 @@ def rows_module(device, dtype, build=None):
             K["fused_rows_smem"]((1,), (1,), (out,))
             smem, rows = (int(v) for v in out.get())
             K["fused_step_rows"].max_dynamic_shared_size_bytes = smem
-        K["rows"] = rows or ROWS                 # (the 16-row build does not write it)
+        K["rows"] = rows
         K["smem"] = smem
     return K
 
