@@ -80,6 +80,17 @@ def cupy_stream(device: torch.device):
     return s
 
 
+_sms: dict = {}
+
+
+def num_sms(device: torch.device) -> int:
+    """The device's multiprocessor count (cached per device index)."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _sms:
+        _sms[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _sms[idx]
+
+
 def ptr(t: torch.Tensor | None):
     """A tensor's device pointer as a kernel argument (0 for None)."""
     return np.uint64(0 if t is None else t.data_ptr())

@@ -165,19 +165,10 @@ def _smem_for(bps: int, bps_max: int, need: int, device) -> int:
     return max(need, smem_sm // (bps + 1) - 1024 + 16)
 
 
-# PyTorch's current stream as a CuPy stream, and raw pointers: shared with the decode-step launcher.
+# PyTorch's current stream as a CuPy stream, raw pointers, the SM count: shared with the decode-step launcher.
 from bytemamba.ops._cupy import cupy_stream as _cupy_stream  # noqa: E402
+from bytemamba.ops._cupy import num_sms as _num_sms  # noqa: E402
 from bytemamba.ops._cupy import ptr as _ptr  # noqa: E402
-
-
-_sms: dict = {}
-
-
-def _num_sms(device: torch.device) -> int:
-    v = _sms.get(device.index)
-    if v is None:
-        v = _sms[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
-    return v
 
 
 # ------------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from bytemamba.ops.scan import BackendError
-from bytemamba.ops._cupy import compile_module, cupy_stream, ptr
+from bytemamba.ops._cupy import compile_module, cupy_stream, num_sms, ptr
 
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _SSM_ROWS = (1, 2, 4)            # ssm_step_r<ROWS>: batch rows per block (template instances in the .cu)
@@ -228,8 +228,13 @@ def _ssm_lanes(n: int) -> int:
     return npads // 4
 
 
-_SM_COUNT: dict = {}
 _SSM_SMEM = 48 * 1024            # ssm_step's shared memory (static + dynamic) within the default limit
+
+
+def _ssm_rank_pad(n: int, r: int) -> int:
+    """dt ranks padded to whole chunks of the lanes of a channel (the dt rows' stride in shared memory)."""
+    lpc = _ssm_lanes(n)
+    return -(-r // (4 * lpc)) * 4 * lpc
 
 
 def _ssm_smem(rows: int, n: int, rp: int) -> tuple[int, int]:
@@ -245,15 +250,12 @@ def ssm_rows(b: int, e: int, n: int, r: int, device) -> int:
     128 threads per SM, 2 rows beyond (measured on the H200 at every batch 1..256 of byte353m / audio6m,
     docs/PERF.md "ssm_step v4": more rows per block cost registers and warps, and were slower)."""
     lpc = _ssm_lanes(n)
-    rp = -(-r // (4 * lpc)) * 4 * lpc
+    rp = _ssm_rank_pad(n, r)
     if _ssm_smem(1, n, rp)[1] > _SSM_SMEM:
         raise BackendError(f"decode step (cuda): dt_rank {r} is too large for ssm_step")
     rows = tuning()["ssm_rows"]
     if rows is None:
-        idx = device.index if device.index is not None else torch.cuda.current_device()
-        if idx not in _SM_COUNT:
-            _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-        rows = 1 if -(-e // (128 // lpc)) * b <= 4 * _SM_COUNT[idx] else 2
+        rows = 1 if -(-e // (128 // lpc)) * b <= 4 * num_sms(device) else 2
         if _ssm_smem(rows, n, rp)[1] > _SSM_SMEM:               # a large dt rank: 1 row a block fits (above)
             rows = 1
     if rows not in _SSM_ROWS or _ssm_smem(rows, n, rp)[1] > _SSM_SMEM:
@@ -284,13 +286,12 @@ def ssm_state_update_fn(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_
     C, cs = _rows("C", C, b, n)
     z, zs = _rows("z", z, b, e) if z is not None else (None, np.int64(0))
     lpc = _ssm_lanes(n)
-    rp = -(-r // (4 * lpc)) * 4 * lpc                  # ranks padded to whole chunks (dynamic shared memory)
     rows = ssm_rows(b, e, n, r, x.device)
     y = torch.empty(b, e, device=x.device, dtype=io)
     _launch(x.device, _kernels(io, n, x.device)[f"ssm_step_r{rows}"], (-(-e // (128 // lpc)), -(-b // rows)), 128,
             (ptr(state), ptr(x), xs, ptr(dt), dts, ptr(wdt), np.int32(r), ptr(_f32(dt_bias)), ptr(_aligned(_f32(A))),
              ptr(B), bs, ptr(C), cs, ptr(_f32(D)), ptr(z), zs, ptr(y), np.int32(b), np.int32(e),
-             np.int32(1 if dt_softplus else 0)), smem=_ssm_smem(rows, n, rp)[0], batch=b)
+             np.int32(1 if dt_softplus else 0)), smem=_ssm_smem(rows, n, _ssm_rank_pad(n, r))[0], batch=b)
     return y
 
 

@@ -156,9 +156,9 @@ def test_launch_settings_from_the_environment(monkeypatch):
 def test_ssm_rows_by_shape(monkeypatch):
     """ssm_step's rows per block by shape on a 132-SM GPU (the H200's measured choice: 1 row while that gives at
     most 4 blocks an SM, else 2), and the tuning override: honoured, or one clear line where it cannot run."""
-    from bytemamba.ops import step
+    from bytemamba.ops import _cupy, step
     monkeypatch.delenv("BYTEMAMBA_STEP_TUNE", raising=False)
-    monkeypatch.setitem(step._SM_COUNT, 0, 132)
+    monkeypatch.setitem(_cupy._sms, 0, 132)
     rows = lambda b, e, n=16, r=64: step.ssm_rows(b, e, n, r, torch.device("cuda", 0))  # noqa: E731
     assert [rows(b, 2048) for b in (1, 8, 16, 64, 256)] == [1, 1, 2, 2, 2]             # byte353m: 64 blocks a row
     assert [rows(b, 512, r=16) for b in (1, 8, 32, 64, 256)] == [1, 1, 1, 2, 2]        # audio6m: 16 blocks a row
