@@ -170,11 +170,8 @@ class ByteMambaLM(nn.Module):
 
     def _step_fused(self, ids: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
         from bytemamba.ops.fused_step import choose_kernel, fused_step_fn
-        for s in cache.layers:                                  # prefill may hand over strided views
-            if not s.conv.is_contiguous():
-                s.conv = s.conv.contiguous()
-            if not s.ssm.is_contiguous():
-                s.ssm = s.ssm.contiguous()
+        for s in cache.layers:
+            s.make_contiguous()
         W = self._fused_weights(self.backbone.layers[0].mixer.step_dtype())
         kernel = choose_kernel(ids.shape[0], len(cache.layers))
         logits = fused_step_fn(ids, W, [s.conv for s in cache.layers], [s.ssm for s in cache.layers], kernel=kernel)

@@ -41,6 +41,14 @@ class MixerState:
     conv: torch.Tensor   # (b, e, k-1): the last k-1 conv inputs
     ssm: torch.Tensor    # (b, e, n): the SSM state
 
+    def make_contiguous(self) -> None:
+        """Replace strided views (prefill may hand them over) by contiguous copies: the step kernels update
+        the states in place through raw pointers."""
+        if not self.conv.is_contiguous():
+            self.conv = self.conv.contiguous()
+        if not self.ssm.is_contiguous():
+            self.ssm = self.ssm.contiguous()
+
 
 class MambaMixer(nn.Module):
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
@@ -177,10 +185,7 @@ class MambaMixer(nn.Module):
         cache = self.__dict__.setdefault("_step_casts", CastCache())
         cdt, f32 = self.step_dtype(), torch.float32
         e, r, n = self.d_inner, self.dt_rank, self.d_state
-        if not state.conv.is_contiguous():
-            state.conv = state.conv.contiguous()
-        if not state.ssm.is_contiguous():
-            state.ssm = state.ssm.contiguous()
+        state.make_contiguous()
         xz = gemv_fn(cache.get(self.in_proj.weight, cdt), bias=cache.get(self.in_proj.bias, f32),
                      norm=(residual, partial, cache.get(norm_weight, f32), eps),
                      conv=(state.conv, cache.get(self.conv1d.weight, f32), cache.get(self.conv1d.bias, f32)))
@@ -198,10 +203,7 @@ class MambaMixer(nn.Module):
         cache = self.__dict__.setdefault("_step_casts", CastCache())   # not a submodule, not in state_dict
         cdt, f32 = self.step_dtype(), torch.float32
         e, r, n = self.d_inner, self.dt_rank, self.d_state
-        if not state.conv.is_contiguous():                             # prefill may hand over a strided view
-            state.conv = state.conv.contiguous()
-        if not state.ssm.is_contiguous():
-            state.ssm = state.ssm.contiguous()
+        state.make_contiguous()
         xz = F.linear(hidden.to(cdt), cache.get(self.in_proj.weight, cdt), cache.get(self.in_proj.bias, cdt))
         x = conv_state_update_fn(xz[:, :e], state.conv, cache.get(self.conv1d.weight, f32),
                                  cache.get(self.conv1d.bias, f32), silu=True)

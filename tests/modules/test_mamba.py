@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from bytemamba.modules.mamba import Block, MambaMixer, RMSNorm
+from bytemamba.modules.mamba import Block, MambaMixer, MixerState, RMSNorm
 
 D_MODEL = 8
 
@@ -133,3 +133,11 @@ def test_block_is_prenorm_residual():
     r = hidden(1, 5)
     with torch.no_grad():
         close(blk(r), r + m(blk.norm(r)))
+
+
+def test_state_make_contiguous_keeps_values_and_contiguous_tensors():
+    conv, ssm = torch.randn(3, 2, 8).transpose(1, 2), torch.randn(3, 8, 4)        # a strided view, a plain one
+    s = MixerState(conv=conv, ssm=ssm)
+    s.make_contiguous()
+    assert s.conv.is_contiguous() and torch.equal(s.conv, conv)
+    assert s.ssm is ssm                                                            # already contiguous: kept
