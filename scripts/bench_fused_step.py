@@ -29,7 +29,7 @@ from bytemamba.models.lm import ByteMambaLM  # noqa: E402
 from bytemamba.ops.fused_step import (ROWS_VARIANTS, fused_step_fn, max_active_clusters, rows_module,  # noqa: E402
                                       rows_variant)
 
-PHASES = ["N norm", "I in_proj", "C conv", "X mma+send", "X wait+sum", "D1 dt", "D2 state", "O out_proj",
+PHASES = ["N norm", "I in_proj", "C conv", "X mma+send", "X wait+sum", "(x_proj copy)", "D dt+state", "O out_proj",
           "R residual", "head"]
 
 
@@ -82,7 +82,7 @@ def cluster_variants(m, W, variants):
 def profile_rows(W, cache, ids, logits, defines="", steps=20):
     """Per-phase clock64 deltas of one thread (CTA 0 of cluster 0), us per step, from the PROFILE=1 build."""
     import cupy
-    os.environ["BYTEMAMBA_FUSED_DEFINES"] = f"PROFILE=1 {defines}"
+    use_variant("", f"PROFILE=1+{defines.replace(' ', '+')}")
     conv, ssm = [s.conv for s in cache.layers], [s.ssm for s in cache.layers]
     fused_step_fn(ids, W, conv, ssm, logits, kernel="rows")
     K = rows_module(ids.device, W.dtype, rows_variant(ids.shape[0], max_active_clusters(ids.device, W.dtype)))
@@ -93,7 +93,7 @@ def profile_rows(W, cache, ids, logits, defines="", steps=20):
     torch.cuda.synchronize()
     K["fused_rows_prof"]((1,), (32,), (out,))
     cupy.cuda.runtime.deviceSynchronize()
-    os.environ["BYTEMAMBA_FUSED_DEFINES"] = ""
+    use_variant("", "")
     ghz = 1.98                                                # the H200's SM clock under load (docs/PERF.md)
     return [int(v) / steps / (ghz * 1e3) for v in out.get()[:len(PHASES)]], ghz
 
@@ -109,9 +109,11 @@ def rows_variant_arg(v):
 
 
 def use_variant(build, defines):
-    """Select a rows-kernel variant for the launcher (through its environment knobs)."""
+    """Select a rows-kernel variant for the launcher (through its environment knobs; the token SPREAD=1 among
+    the defines sets BYTEMAMBA_FUSED_SPREAD, the launcher's spread of the rows over every cluster)."""
     os.environ["BYTEMAMBA_FUSED_ROWS_VARIANT"] = build
     os.environ["BYTEMAMBA_FUSED_DEFINES"] = defines.replace("+", " ")
+    os.environ["BYTEMAMBA_FUSED_SPREAD"] = "1" if "SPREAD=1" in defines.split("+") else "0"
 
 
 def batches_table(m, W, args):
