@@ -1,0 +1,595 @@
+// decode_persistent.cu -- every layer of one decoding step of byte353m-shaped ByteMambaLMs (d_model 1024,
+// d_inner 2048, d_state 16, dt_rank 64, d_conv 4; bf16 or fp16 compute: -DIN_DTYPE 1 / 2) for up to 64 batch
+// rows, as ONE persistent kernel: 128 CTAs (one per SM, all resident: cooperative launch), grid-wide barriers
+// between the phases of a layer. For bytemamba.
+//
+// What it computes: the embedding lookup and, for every layer, RMSNorm, in_proj, conv step + SiLU, x_proj,
+// dt_proj + softplus + state update + D skip + z gate, out_proj, residual add; the residual stream (fp32) is
+// left in `residual` (the final norm and the head run after it, in PyTorch / cuBLAS). The PyTorch reference is
+// bytemamba.ops.fused_step.fused_step_ref (the same roundings to in_t where autocast stores: xz, the conv
+// output, x_proj's output, y, out_proj's output). One difference of order: the norm's 1 / rms multiplies
+// in_proj's fp32 output (in_proj(rnd(res * w)) / rms), not its input (in_proj(rnd(res * w / rms))).
+//
+// Ownership (CTA c of 128): channels 16c..16c+15 (in_proj x / z rows, conv and SSM states, dt_proj rows, A, D,
+// x_proj's columns), residual columns 8c..8c+7 (out_proj's rows, the residual, kept in shared memory). Per
+// layer, phases between grid barriers (4 barriers a layer):
+//   P1 in_proj (32 x 1024 x 64 rows, mma.sync m16n8k16; the normed activations G (64 x 1024, in mma B-fragment
+//      order, written by the column owners) stream from L2 through a ring of 16 KB shared-memory slots by bulk
+//      copies; warp w takes k-step w of every 8-k-step chunk, the 8 warps' sums reduced in shared memory),
+//      the rows' 1/rms from the owners' partial sums of squares, conv step + SiLU, x_proj partial sums over
+//      the CTA's 16 channels (96 x 64) -> global partials
+//   P2 reduce-scatter: CTA c sums 48 of the 6144 x_proj outputs over the 128 partials (fixed order)
+//   P3 dt (64-rank dot, softplus), state update (fp32 states in registers, loaded from L2 during P2), y, gate;
+//      y (64 x 16 channels) -> global Y in mma A-fragment order
+//   P4 out_proj rows 8c..8c+7 (8 x 2048 x 64: Y streamed through the ring as in P1), residual add, the next
+//      layer's rnd(res * norm weight) -> G and the rows' partial sums of squares
+// Weights pre-packed per (layer, CTA) by bytemamba/ops/persistent_step.py (pack_persistent) in fragment order,
+// one bulk copy each, issued a phase or more before use (in_proj's a layer ahead at P2, out_proj's at P1, the
+// fp32 constants double-buffered); the states are prefetched into L2 a layer ahead.
+//
+// How it is launched: grid NCTA_P (128) CTAs x 256 threads, PSMEM bytes of dynamic shared memory
+// (persistent_smem() reports it), cooperative (every CTA resident: the grid barriers spin). Scratch (the
+// launcher owns it): G, Y, the x_proj partials and sums, the partial sums of squares, 2 barrier counters that
+// the kernel leaves at zero.
+
+#if IN_DTYPE == 2
+#include <cuda_fp16.h>
+typedef __half in_t;
+__device__ __forceinline__ float to_f(in_t v) { return __half2float(v); }
+__device__ __forceinline__ in_t from_f(float v) { return __float2half(v); }
+#define P_MMA_TYPE "f16"
+#else
+#include <cuda_bf16.h>
+typedef __nv_bfloat16 in_t;
+__device__ __forceinline__ float to_f(in_t v) { return __bfloat162float(v); }
+__device__ __forceinline__ in_t from_f(float v) { return __float2bfloat16(v); }
+#define P_MMA_TYPE "bf16"
+#endif
+
+#define PDM 1024                // d_model
+#define PEI 2048                // d_inner
+#define PNS 16                  // d_state
+#define PRK 64                  // dt_rank
+#define PKC 4                   // conv taps
+#define PNX (PRK + 2 * PNS)     // x_proj outputs: 96
+#define BR 64                   // batch rows (a tile; fewer rows are masked)
+#define PCH 16                  // channels a CTA
+#define NCTA_P (PEI / PCH)      // 128 CTAs
+#define OCOL (PDM / NCTA_P)     // residual columns a CTA: 8
+#define PTHR 256                // threads a CTA (8 warps)
+#define NWARP (PTHR / 32)
+#ifndef NSLOT
+#define NSLOT 5                 // ring slots of 16 KB
+#endif
+#define SLOT_BYTES 16384        // a chunk: 8 k-steps x 64 rows of in_t
+#define G_CHUNKS (PDM / 128)    // 8
+#define Y_CHUNKS (PEI / 128)    // 16
+
+// packed sizes per (layer, CTA), elements
+#define WI_EL (2 * PCH * PDM)   // in_proj A fragments: [m-tile 2][k-step 64][lane][8]
+#define WO_EL (OCOL * PEI)      // out_proj B fragments: [k-step 128][lane][4]
+#define WX_EL (PNX * PCH)       // x_proj A fragments: [m-tile 6][lane][8]
+// the fp32 constants of a (layer, CTA), offsets in floats
+#define C_WDT 0                         // [PCH][PRK]
+#define C_A (C_WDT + PCH * PRK)         // [PCH][PNS]
+#define C_CW (C_A + PCH * PNS)          // [PCH][PKC]
+#define C_CB (C_CW + PCH * PKC)
+#define C_DTB (C_CB + PCH)
+#define C_D (C_DTB + PCH)
+#define C_NW (C_D + PCH)                // the NEXT norm's weight, columns 8c..8c+7
+#define C_EL (C_NW + OCOL + 8)          // 1408 (padded: 16-byte multiple)
+
+#define XZP 33                  // xz row pitch (float): x 0..15, z 16..31
+#define XCP 24                  // xc row pitch (in_t)
+#define DBP 100                 // dbl row pitch (float)
+#define PRP 36                  // in_proj partials' row pitch (float)
+#define S_WI 0
+#define S_WO (S_WI + WI_EL * 2)
+#define S_WX (S_WO + WO_EL * 2)
+#define S_C (S_WX + WX_EL * 2)
+#define S_RING (S_C + 2 * C_EL * 4)
+#define S_RES (S_RING + NSLOT * SLOT_BYTES)
+#define S_XZ (S_RES + BR * OCOL * 4)
+#define S_XC (S_XZ + BR * XZP * 4)
+#define S_Y (S_XC + BR * XCP * 2)
+#define S_INV (S_Y + BR * PCH * 2)
+#define S_RED (S_INV + BR * 4)
+#define S_BAR (S_RED + 4 * BR * 4)
+#define S_PTR (S_BAR + 32 * 8)
+#define P_MAX_L 128
+#define PSMEM (S_PTR + 2 * P_MAX_L * 8)
+
+// out: dynamic shared memory, CTAs, threads, rows, fp32 constants per (layer, CTA)
+extern "C" __global__ void persistent_smem(int* out) {
+    out[0] = PSMEM; out[1] = NCTA_P; out[2] = PTHR; out[3] = BR; out[4] = C_EL;
+}
+
+// PROFILE 1: clock64() deltas of thread 0 of CTA 0 per phase (and barrier) summed into pers_prof, read and
+// zeroed by persistent_prof: [0] P1, [1] B2, [2] P2, [3] B3, [4] P3, [5] B4, [6] P4, [7] B1
+#ifndef PROFILE
+#define PROFILE 0
+#endif
+__device__ long long pers_prof[16];
+extern "C" __global__ void persistent_prof(long long* out) {
+    if (threadIdx.x < 16) {
+        out[threadIdx.x] = pers_prof[threadIdx.x];
+        pers_prof[threadIdx.x] = 0;
+    }
+}
+
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+
+static_assert(PDM == OCOL * NCTA_P && OCOL == 8 && PCH == 16, "mappings below");
+static_assert(PNX == 96 && (BR * PNX) % NCTA_P == 0 && BR * PNX / NCTA_P == 48, "x_proj reduce-scatter mapping");
+static_assert(NWARP * BR * PRP * 4 <= NSLOT * SLOT_BYTES, "in_proj partials fit the ring");
+static_assert(BR * DBP * 4 <= NSLOT * SLOT_BYTES && NWARP * BR * OCOL * 4 <= NSLOT * SLOT_BYTES, "scratch");
+static_assert(S_RING % 128 == 0 && S_C % 16 == 0 && S_BAR % 16 == 0 && C_EL % 4 == 0, "aligned regions");
+static_assert(PSMEM <= 227 * 1024, "fits an SM");
+
+__device__ __forceinline__ float rnd(float v) { return to_f(from_f(v)); }
+__device__ __forceinline__ float silu_f(float v) { return v / (1.f + __expf(-v)); }
+__device__ __forceinline__ unsigned smaddr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void bar_init(unsigned long long* b, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smaddr(b)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void bar_arrive(unsigned long long* b) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smaddr(b)) : "memory");
+}
+// (a wait that cannot end -- a bug -- traps after seconds instead of hanging the GPU)
+__device__ __forceinline__ void bar_wait(unsigned long long* b, unsigned parity) {
+    for (unsigned n = 0;; ++n) {
+        unsigned ok;
+        asm volatile("{\n\t.reg .pred p;\n\t"
+                     "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\t"
+                     "selp.u32 %0, 1, 0, p;\n}" : "=r"(ok) : "r"(smaddr(b)), "r"(parity) : "memory");
+        if (ok) return;
+        if (n == (1u << 24)) __trap();
+    }
+}
+// bulk copy global -> this CTA's shared memory (copy engine), crediting b (armed with the byte count here)
+__device__ __forceinline__ void copy_in(void* dst, const void* src, unsigned bytes, unsigned long long* b) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smaddr(b)), "r"(bytes) : "memory");
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                 ::"r"(smaddr(dst)), "l"(src), "r"(bytes), "r"(smaddr(b)) : "memory");
+}
+__device__ __forceinline__ void prefetch_l2(const void* src, unsigned bytes) {
+    if ((reinterpret_cast<unsigned long long>(src) & 15) == 0)
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(src), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mma16816(float* acc, const uint4& a, unsigned b0, unsigned b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." P_MMA_TYPE "." P_MMA_TYPE ".f32 "
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+                 : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
+                 : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ unsigned pack2(float lo, float hi) {
+    const in_t a = from_f(lo), b = from_f(hi);
+    return (unsigned)*reinterpret_cast<const unsigned short*>(&a) |
+           ((unsigned)*reinterpret_cast<const unsigned short*>(&b) << 16);
+}
+__device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
+    unsigned v;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+
+// Grid-wide barrier number k (0, 1, ... within the launch): every CTA adds 1 to bars[0] and waits until it
+// reaches NCTA_P (k + 1). Writes before it (any thread of any CTA) are visible after it, also to bulk copies.
+__device__ __forceinline__ void grid_sync(unsigned* bars, unsigned k) {
+    asm volatile("fence.proxy.async;" ::: "memory");
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        asm volatile("red.release.gpu.global.add.u32 [%0], %1;" ::"l"(bars), "r"(1u) : "memory");
+        const unsigned target = NCTA_P * (k + 1);
+        for (unsigned n = 0; ld_acquire(bars) < target; ++n)
+            if (n == (1u << 26)) __trap();
+        __threadfence();
+        asm volatile("fence.proxy.async.global;" ::: "memory");
+    }
+    __syncthreads();
+}
+
+extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
+    const long long* __restrict__ ids, const float* __restrict__ emb, const float* __restrict__ norm0,
+    float eps, const in_t* __restrict__ Wi_p, const in_t* __restrict__ Wo_p, const in_t* __restrict__ Wx_p,
+    const float* __restrict__ C_p, const long long* __restrict__ state_ptrs, int L, int batch,
+    float* __restrict__ residual, in_t* __restrict__ Gbuf, in_t* __restrict__ Ybuf, float* __restrict__ xpart,
+    float* __restrict__ dbl, float* __restrict__ sspart, unsigned* __restrict__ bars)
+{
+    extern __shared__ __align__(128) unsigned char smem[];
+    const uint4* wi_s = reinterpret_cast<const uint4*>(smem + S_WI);
+    const uint2* wo_s = reinterpret_cast<const uint2*>(smem + S_WO);
+    const uint4* wx_s = reinterpret_cast<const uint4*>(smem + S_WX);
+    float* c_s = reinterpret_cast<float*>(smem + S_C);             // [2][C_EL]
+    unsigned char* ring = smem + S_RING;
+    float* res_s = reinterpret_cast<float*>(smem + S_RES);         // [BR][OCOL] the owned residual columns
+    float* xz_s = reinterpret_cast<float*>(smem + S_XZ);           // [BR][XZP]
+    in_t* xc_s = reinterpret_cast<in_t*>(smem + S_XC);             // [BR][XCP]
+    in_t* y_s = reinterpret_cast<in_t*>(smem + S_Y);               // [BR][PCH]
+    float* inv_s = reinterpret_cast<float*>(smem + S_INV);         // [BR]
+    float* red_s = reinterpret_cast<float*>(smem + S_RED);         // [4][BR]
+    unsigned long long* full = reinterpret_cast<unsigned long long*>(smem + S_BAR);
+    unsigned long long* empty = full + NSLOT;
+    unsigned long long* bar_wi = full + 2 * NSLOT;
+    unsigned long long* bar_wo = bar_wi + 1;
+    unsigned long long* bar_wx = bar_wi + 2;
+    unsigned long long* bar_c = bar_wi + 3;                        // [2]
+    long long* ptr_s = reinterpret_cast<long long*>(smem + S_PTR);
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    const int c = blockIdx.x, ch0 = c * PCH;
+    unsigned nbar = 0;                                             // grid barriers passed
+    unsigned q = 0;                                                // ring chunks consumed so far (all phases)
+
+    auto wi_src = [&](int l) { return Wi_p + ((long long)l * NCTA_P + c) * WI_EL; };
+    auto wo_src = [&](int l) { return Wo_p + ((long long)l * NCTA_P + c) * WO_EL; };
+    auto wx_src = [&](int l) { return Wx_p + ((long long)l * NCTA_P + c) * WX_EL; };
+    auto c_src = [&](int l) { return C_p + ((long long)l * NCTA_P + c) * C_EL; };
+    auto ssm_ptr = [&](int l) { return reinterpret_cast<float*>(ptr_s[L + l]); };
+    auto conv_ptr = [&](int l) { return reinterpret_cast<float*>(ptr_s[l]); };
+    // this CTA's states of layer l into L2 (one bulk prefetch per row: 1 KB SSM, 192 B conv)
+    auto prefetch_states = [&](int l) {
+        if (tid < batch) prefetch_l2(ssm_ptr(l) + ((long long)tid * PEI + ch0) * PNS, PCH * PNS * 4);
+        else if (tid >= 64 && tid - 64 < batch)
+            prefetch_l2(conv_ptr(l) + ((long long)(tid - 64) * PEI + ch0) * (PKC - 1), PCH * (PKC - 1) * 4);
+    };
+    // the ring: chunk number qq (counted over the whole launch) into slot qq % NSLOT; thread 0 issues
+    auto issue = [&](unsigned qq, const void* src) {
+        const unsigned slot = qq % NSLOT;
+        if (qq >= NSLOT) bar_wait(empty + slot, ((qq / NSLOT) - 1) & 1);
+        copy_in(ring + slot * SLOT_BYTES, src, SLOT_BYTES, full + slot);
+    };
+
+    if (tid < 2 * L) ptr_s[tid] = state_ptrs[tid];
+    if (tid == 0) {
+        for (int i = 0; i < NSLOT; ++i) {
+            bar_init(full + i, 1);
+            bar_init(empty + i, NWARP);
+        }
+        for (int i = 0; i < 5; ++i) bar_init(bar_wi + i, 1);
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+        copy_in(smem + S_WI, wi_src(0), WI_EL * 2, bar_wi);
+        copy_in(smem + S_WO, wo_src(0), WO_EL * 2, bar_wo);
+        copy_in(smem + S_WX, wx_src(0), WX_EL * 2, bar_wx);
+        copy_in(c_s, c_src(0), C_EL * 4, bar_c);
+    }
+    __syncthreads();
+    prefetch_states(0);
+
+#if PROFILE
+    const bool prof = tid == 0 && c == 0;
+    long long plast = clock64();
+#define STAMP(i)                                                    \
+    if (prof) {                                                     \
+        const long long now = clock64();                            \
+        atomicAdd(reinterpret_cast<unsigned long long*>(&pers_prof[i]), (unsigned long long)(now - plast)); \
+        plast = now;                                                \
+    }
+#else
+#define STAMP(i)
+#endif
+
+    // epilogue mapping E: row er, residual columns 8c + 2ep, +1
+    const int er = tid >> 2, ep = tid & 3;
+    // the owned residual columns -> G (times the norm weight nw, rounded) and the row's partial sum of squares
+    auto emit = [&](const float* nw) {
+        const float r0 = res_s[er * OCOL + 2 * ep], r1 = res_s[er * OCOL + 2 * ep + 1];
+        float ss = r0 * r0 + r1 * r1;
+        ss += __shfl_xor_sync(0xffffffffu, ss, 1);
+        ss += __shfl_xor_sync(0xffffffffu, ss, 2);
+        if (ep == 0) sspart[c * BR + er] = ss;
+        // B fragment of k-step c/2, n-tile er/8, lane (er%8)*4+ep, register c%2
+        const int idx = (((c >> 1) * (BR / 8) + (er >> 3)) * 32 + (er & 7) * 4 + ep) * 2 + (c & 1);
+        reinterpret_cast<unsigned*>(Gbuf)[idx] = pack2(r0 * nw[2 * ep], r1 * nw[2 * ep + 1]);
+    };
+    {
+        float2 v = make_float2(0.f, 0.f);
+        if (er < batch) v = *reinterpret_cast<const float2*>(emb + ids[er] * PDM + c * OCOL + 2 * ep);
+        res_s[er * OCOL + 2 * ep] = v.x;
+        res_s[er * OCOL + 2 * ep + 1] = v.y;
+        emit(norm0 + c * OCOL);
+    }
+    grid_sync(bars, nbar++);
+
+    // mapping T (conv, P1): channel tc, rows tr + 16 i; mapping S (P3): channel sc, rows sr + 16 i
+    const int tc = tid & 15, tr = tid >> 4;
+    const int sc = tid >> 4, sr = tid & 15;
+
+    for (int l = 0; l < L; ++l) {
+        const float* cl = c_s + (l & 1) * C_EL;
+        // ======== P1: in_proj, conv, x_proj partials ========
+        if (tid == 0) {
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+            for (int i = 0; i < NSLOT && i < G_CHUNKS; ++i)
+                issue(q + i, reinterpret_cast<const unsigned char*>(Gbuf) + (long long)i * SLOT_BYTES);
+            if (l > 0) copy_in(smem + S_WO, wo_src(l), WO_EL * 2, bar_wo);   // out_proj(l-1) done before B1
+        }
+        float cs[4][PKC - 1];
+        {
+            const float* base = conv_ptr(l);
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int r = tr + 16 * i;
+#pragma unroll
+                for (int p = 0; p < PKC - 1; ++p)
+                    cs[i][p] = r < batch ? base[((long long)r * PEI + ch0 + tc) * (PKC - 1) + p] : 0.f;
+            }
+        }
+        {   // 1 / rms of every row: row tid % 64, partials of CTAs 32 (tid / 64) ..
+            const int row = tid & 63, grp = tid >> 6;
+            float s = 0.f;
+#pragma unroll 8
+            for (int j = 0; j < NCTA_P / 4; ++j) s += sspart[(grp * (NCTA_P / 4) + j) * BR + row];
+            red_s[grp * BR + row] = s;
+        }
+        bar_wait(bar_wi, l & 1);
+        float acc[2][BR / 8][4];
+#pragma unroll
+        for (int m = 0; m < 2; ++m)
+#pragma unroll
+            for (int n = 0; n < BR / 8; ++n)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) acc[m][n][j] = 0.f;
+        for (int i = 0; i < G_CHUNKS; ++i, ++q) {
+            const unsigned slot = q % NSLOT;
+            bar_wait(full + slot, (q / NSLOT) & 1);
+            const int ks = i * 8 + warp;
+            const uint4 a0 = wi_s[(0 * (PDM / 16) + ks) * 32 + lane];
+            const uint4 a1 = wi_s[(1 * (PDM / 16) + ks) * 32 + lane];
+            const uint2* bp = reinterpret_cast<const uint2*>(ring + slot * SLOT_BYTES) + warp * (BR / 8) * 32 + lane;
+#pragma unroll
+            for (int n = 0; n < BR / 8; ++n) {
+                const uint2 b = bp[n * 32];
+                mma16816(acc[0][n], a0, b.x, b.y);
+                mma16816(acc[1][n], a1, b.x, b.y);
+            }
+            __syncwarp();
+            if (lane == 0) bar_arrive(empty + slot);
+            if (tid == 0 && i + NSLOT < G_CHUNKS)
+                issue(q + NSLOT, reinterpret_cast<const unsigned char*>(Gbuf) + (long long)(i + NSLOT) * SLOT_BYTES);
+        }
+        __syncthreads();                                        // the ring is free: the warps' partial sums
+        {
+            float* pr = reinterpret_cast<float*>(ring) + warp * BR * PRP;   // [row][m]
+#pragma unroll
+            for (int m = 0; m < 2; ++m)
+#pragma unroll
+                for (int n = 0; n < BR / 8; ++n) {
+                    const int row = n * 8 + 2 * t, mm = m * 16 + g;
+                    pr[row * PRP + mm] = acc[m][n][0];
+                    pr[(row + 1) * PRP + mm] = acc[m][n][1];
+                    pr[row * PRP + mm + 8] = acc[m][n][2];
+                    pr[(row + 1) * PRP + mm + 8] = acc[m][n][3];
+                }
+        }
+        if (tid < BR) inv_s[tid] = rsqrtf((red_s[tid] + red_s[BR + tid] + red_s[2 * BR + tid] + red_s[3 * BR + tid])
+                                          / (float)PDM + eps);
+        __syncthreads();
+        {   // xz = rnd(inv * sum of the 8 warps' partials): row tid / 4, columns 8 (tid % 4) ..
+            const int row = tid >> 2, m0 = (tid & 3) * 8;
+            const float* pr = reinterpret_cast<const float*>(ring);
+            const float inv = inv_s[row];
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                float s = 0.f;
+#pragma unroll
+                for (int w = 0; w < NWARP; ++w) s += pr[(w * BR + row) * PRP + m0 + j];
+                xz_s[row * XZP + m0 + j] = rnd(s * inv);
+            }
+        }
+        bar_wait(bar_c + (l & 1), (l >> 1) & 1);
+        __syncthreads();
+        {   // conv step + SiLU, mapping T; the window shifted into the conv state
+            const float* w = cl + C_CW + tc * PKC;
+            const float cb = cl[C_CB + tc];
+            float* base = conv_ptr(l);
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int r = tr + 16 * i;
+                const float x = xz_s[r * XZP + tc];
+                float a = cs[i][0] * w[0];
+                a = fmaf(cs[i][1], w[1], a);
+                a = fmaf(cs[i][2], w[2], a);
+                a = fmaf(x, w[3], a);
+                if (r < batch) {
+                    float* p = base + ((long long)r * PEI + ch0 + tc) * (PKC - 1);
+                    p[0] = cs[i][1];
+                    p[1] = cs[i][2];
+                    p[2] = x;
+                }
+                xc_s[r * XCP + tc] = from_f(silu_f(a + cb));
+            }
+        }
+        __syncthreads();
+        {   // x_proj partials over the 16 channels: warp w = rows 8w..8w+7, 6 m-tiles of the 96 outputs
+            bar_wait(bar_wx, l & 1);
+            const in_t* xb = xc_s + (warp * 8 + g) * XCP + 2 * t;
+            const unsigned b0 = *reinterpret_cast<const unsigned*>(xb), b1 = *reinterpret_cast<const unsigned*>(xb + 8);
+            float* dst = xpart + (long long)c * BR * PNX;
+#pragma unroll
+            for (int mt = 0; mt < PNX / 16; ++mt) {
+                float a[4] = {0.f, 0.f, 0.f, 0.f};
+                mma16816(a, wx_s[mt * 32 + lane], b0, b1);
+                const int row = warp * 8 + 2 * t, m = mt * 16 + g;
+                dst[row * PNX + m] = a[0];
+                dst[(row + 1) * PNX + m] = a[1];
+                dst[row * PNX + m + 8] = a[2];
+                dst[(row + 1) * PNX + m + 8] = a[3];
+            }
+        }
+        STAMP(0);
+        grid_sync(bars, nbar++);
+        STAMP(1);
+
+        // ======== P2: x_proj reduce-scatter; the states into registers ========
+        if (tid == 0) {
+            if (l + 1 < L) {
+                copy_in(smem + S_WI, wi_src(l + 1), WI_EL * 2, bar_wi);
+                copy_in(smem + S_WX, wx_src(l + 1), WX_EL * 2, bar_wx);
+                copy_in(c_s + ((l + 1) & 1) * C_EL, c_src(l + 1), C_EL * 4, bar_c + ((l + 1) & 1));
+            }
+        }
+        if (l + 1 < L) prefetch_states(l + 1);
+        float4 st[4][PNS / 4];
+        {
+            const float* base = ssm_ptr(l);
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int r = sr + 16 * i;
+#pragma unroll
+                for (int j = 0; j < PNS / 4; ++j)
+                    st[i][j] = r < batch ? *reinterpret_cast<const float4*>(base + ((long long)r * PEI + ch0 + sc) * PNS + 4 * j)
+                                         : make_float4(0.f, 0.f, 0.f, 0.f);
+            }
+        }
+        if (tid < 4 * 48) {
+            const int el = tid % 48, grp = tid / 48;
+            const float* src = xpart + c * 48 + el;
+            float s = 0.f;
+#pragma unroll 8
+            for (int j = 0; j < NCTA_P / 4; ++j) s += src[(long long)(grp * (NCTA_P / 4) + j) * BR * PNX];
+            red_s[grp * 48 + el] = s;
+        }
+        __syncthreads();
+        if (tid < 48) dbl[c * 48 + tid] = rnd(red_s[tid] + red_s[48 + tid] + red_s[96 + tid] + red_s[144 + tid]);
+        STAMP(2);
+        grid_sync(bars, nbar++);
+        STAMP(3);
+
+        // ======== P3: dt, state update, y ========
+        float* dbl_s = reinterpret_cast<float*>(ring);                 // [BR][DBP]
+        for (int idx = tid; idx < BR * PNX / 4; idx += PTHR) {
+            const int row = idx / (PNX / 4), c4 = idx % (PNX / 4);
+            *reinterpret_cast<float4*>(&dbl_s[row * DBP + 4 * c4]) = reinterpret_cast<const float4*>(dbl)[idx];
+        }
+        __syncthreads();
+        {
+            const float* wdt = cl + C_WDT + sc * PRK;
+            const float dtb = cl[C_DTB + sc], Dd = cl[C_D + sc];
+            float A[PNS];
+#pragma unroll
+            for (int n = 0; n < PNS; ++n) A[n] = cl[C_A + sc * PNS + n];
+            float* base = ssm_ptr(l);
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int r = sr + 16 * i;
+                const float* db = dbl_s + r * DBP;
+                float d = 0.f;
+#pragma unroll
+                for (int k4 = 0; k4 < PRK / 4; ++k4) {
+                    const float4 w = *reinterpret_cast<const float4*>(wdt + 4 * k4);
+                    const float4 v = *reinterpret_cast<const float4*>(db + 4 * k4);
+                    d = fmaf(w.x, v.x, d);
+                    d = fmaf(w.y, v.y, d);
+                    d = fmaf(w.z, v.z, d);
+                    d = fmaf(w.w, v.w, d);
+                }
+                d += dtb;
+                d = d <= 20.f ? log1pf(__expf(d)) : d;                 // softplus, PyTorch's threshold
+                const float x = to_f(xc_s[r * XCP + sc]);
+                const float dx = d * x;
+                float y = 0.f;
+#pragma unroll
+                for (int j = 0; j < PNS / 4; ++j) {
+                    const float4 Bv = *reinterpret_cast<const float4*>(db + PRK + 4 * j);
+                    const float4 Cv = *reinterpret_cast<const float4*>(db + PRK + PNS + 4 * j);
+                    float4 s = st[i][j];
+                    s.x = fmaf(__expf(d * A[4 * j]), s.x, dx * Bv.x);
+                    s.y = fmaf(__expf(d * A[4 * j + 1]), s.y, dx * Bv.y);
+                    s.z = fmaf(__expf(d * A[4 * j + 2]), s.z, dx * Bv.z);
+                    s.w = fmaf(__expf(d * A[4 * j + 3]), s.w, dx * Bv.w);
+                    if (r < batch) *reinterpret_cast<float4*>(base + ((long long)r * PEI + ch0 + sc) * PNS + 4 * j) = s;
+                    y = fmaf(s.x, Cv.x, y);
+                    y = fmaf(s.y, Cv.y, y);
+                    y = fmaf(s.z, Cv.z, y);
+                    y = fmaf(s.w, Cv.w, y);
+                }
+                y = fmaf(Dd, x, y);
+                y_s[r * PCH + sc] = from_f(y * silu_f(xz_s[r * XZP + PCH + sc]));
+            }
+        }
+        __syncthreads();
+        {   // y -> Y in A-fragment order: k-step c, m-tile mt, lane, register j (rows g / g+8, columns 2t / 2t+8)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int idx = tid + h * PTHR, mt = idx >> 7, ln = (idx >> 2) & 31, j = idx & 3;
+                const int row = mt * 16 + (ln >> 2) + (j & 1) * 8, k = 2 * (ln & 3) + (j >> 1) * 8;
+                const unsigned v = *reinterpret_cast<const unsigned*>(&y_s[row * PCH + k]);
+                reinterpret_cast<unsigned*>(Ybuf)[(c * (BR / 16) * 32) * 4 + idx] = v;
+            }
+        }
+        STAMP(4);
+        grid_sync(bars, nbar++);
+        STAMP(5);
+
+        // ======== P4: out_proj rows 8c..8c+7, residual add, the next layer's G ========
+        if (tid == 0) {
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+            for (int i = 0; i < NSLOT && i < Y_CHUNKS; ++i)
+                issue(q + i, reinterpret_cast<const unsigned char*>(Ybuf) + (long long)i * SLOT_BYTES);
+        }
+        bar_wait(bar_wo, l & 1);
+        float oacc[BR / 16][4];
+#pragma unroll
+        for (int m = 0; m < BR / 16; ++m)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) oacc[m][j] = 0.f;
+        for (int i = 0; i < Y_CHUNKS; ++i, ++q) {
+            const unsigned slot = q % NSLOT;
+            bar_wait(full + slot, (q / NSLOT) & 1);
+            const int ks = i * 8 + warp;
+            const uint2 b = wo_s[ks * 32 + lane];
+            const uint4* ap = reinterpret_cast<const uint4*>(ring + slot * SLOT_BYTES) + warp * (BR / 16) * 32 + lane;
+#pragma unroll
+            for (int m = 0; m < BR / 16; ++m) mma16816(oacc[m], ap[m * 32], b.x, b.y);
+            __syncwarp();
+            if (lane == 0) bar_arrive(empty + slot);
+            if (tid == 0 && i + NSLOT < Y_CHUNKS)
+                issue(q + NSLOT, reinterpret_cast<const unsigned char*>(Ybuf) + (long long)(i + NSLOT) * SLOT_BYTES);
+        }
+        __syncthreads();
+        {
+            float* pr = reinterpret_cast<float*>(ring) + warp * BR * OCOL;     // [row][col]
+#pragma unroll
+            for (int m = 0; m < BR / 16; ++m) {
+                const int row = m * 16 + g;
+                *reinterpret_cast<float2*>(&pr[row * OCOL + 2 * t]) = make_float2(oacc[m][0], oacc[m][1]);
+                *reinterpret_cast<float2*>(&pr[(row + 8) * OCOL + 2 * t]) = make_float2(oacc[m][2], oacc[m][3]);
+            }
+        }
+        __syncthreads();
+        {
+            const float* pr = reinterpret_cast<const float*>(ring);
+            float o0 = 0.f, o1 = 0.f;
+#pragma unroll
+            for (int w = 0; w < NWARP; ++w) {
+                const float2 v = *reinterpret_cast<const float2*>(&pr[(w * BR + er) * OCOL + 2 * ep]);
+                o0 += v.x;
+                o1 += v.y;
+            }
+            res_s[er * OCOL + 2 * ep] += rnd(o0);
+            res_s[er * OCOL + 2 * ep + 1] += rnd(o1);
+            if (l + 1 < L) emit(cl + C_NW);
+        }
+        STAMP(6);
+        if (l + 1 < L) grid_sync(bars, nbar++);
+        STAMP(7);
+    }
+    if (er < batch)
+        *reinterpret_cast<float2*>(residual + (long long)er * PDM + c * OCOL + 2 * ep) =
+            make_float2(res_s[er * OCOL + 2 * ep], res_s[er * OCOL + 2 * ep + 1]);
+    // the last CTA out resets the counters for the next launch (every CTA has passed the last barrier)
+    __syncthreads();
+    if (tid == 0) {
+        const unsigned done = atomicAdd(bars + 1, 1u);
+        if (done == NCTA_P - 1) {
+            bars[0] = 0;
+            bars[1] = 0;
+            __threadfence();
+        }
+    }
+}
+
+#endif  // sm_90+
