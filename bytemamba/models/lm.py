@@ -179,9 +179,51 @@ class ByteMambaLM(nn.Module):
         self.last_step_path = "fused" if kernel == "cluster" else "fused-rows"
         return logits
 
+    # Batches in this range (inclusive) run every layer of the step as ONE persistent kernel where the model has
+    # its shape (byte353m's: bytemamba.ops.persistent_step.SHAPE) and the step computes in bf16/fp16,
+    # cuda/decode_persistent.cu (`last_step_path` "persistent"). BYTEMAMBA_PERSISTENT_STEP=1 forces it on at every
+    # batch it supports, =0 off. Off by default until measured faster (docs/PERF.md, "persistent step kernel").
+    persistent_batches: tuple = (0, 0)
+
+    def persistent_step_reason(self, batch: int, device) -> str | None:
+        """None where the persistent one-kernel step applies to this batch, else why not (one line)."""
+        import os
+
+        from bytemamba.ops.persistent_step import unsupported_reason
+        env = os.environ.get("BYTEMAMBA_PERSISTENT_STEP", "")
+        if env in ("0", "false", "False"):
+            return "persistent step: turned off (BYTEMAMBA_PERSISTENT_STEP=0)"
+        lo, hi = self.persistent_batches
+        if env not in ("1", "true", "True") and not lo <= batch <= hi:
+            return f"persistent step: batch {batch} outside persistent_batches {self.persistent_batches}"
+        c, mixer = self.config, self.backbone.layers[0].mixer
+        if len({layer.norm.eps for layer in self.backbone.layers} | {self.backbone.norm_f.eps}) != 1:
+            return "persistent step: the norms' eps differ"
+        return unsupported_reason(d_model=c.d_model, d_inner=c.d_inner, d_state=c.d_state, dt_rank=mixer.dt_rank,
+                                  d_conv=c.d_conv, dtype=mixer.step_dtype(), batch=batch, n_layer=c.n_layer,
+                                  biases=mixer.in_proj.bias is not None or mixer.out_proj.bias is not None,
+                                  device=device)
+
+    def _step_persistent(self, ids: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
+        from bytemamba.ops.fused_step import PackCache
+        from bytemamba.ops.persistent_step import pack_persistent, persistent_step_fn
+        for s in cache.layers:
+            s.make_contiguous()
+        W = self._fused_weights(self.backbone.layers[0].mixer.step_dtype())
+        packs = self.__dict__.setdefault("_persistent_pack", PackCache())   # (W, its persistent layout)
+        if packs.entry is None or packs.entry[0] is not W:
+            packs.entry = (W, pack_persistent(W))
+        logits = persistent_step_fn(ids, W, [s.conv for s in cache.layers], [s.ssm for s in cache.layers],
+                                    P=packs.entry[1])
+        cache.seqlen_offset += 1
+        self.last_step_path = "persistent"
+        return logits
+
     def _step_cuda(self, ids: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
         if self.fused_step_reason(ids.shape[0], ids.device) is None:
             return self._step_fused(ids, cache)
+        if self.persistent_step_reason(ids.shape[0], ids.device) is None:
+            return self._step_persistent(ids, cache)
         from bytemamba.ops.step import CastCache, add_rmsnorm_fn, embed_rows_fn, gemv_fn, gemv_supported
         casts = self.__dict__.setdefault("_step_casts", CastCache())
         layers, f32 = self.backbone.layers, torch.float32
