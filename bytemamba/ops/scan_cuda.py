@@ -253,6 +253,118 @@ def _bwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reset, dout, 
 
 
 # ------------------------------------------------------------------------------------------------
+# Backward v6 (cuda/scan_bwd.cu). Chosen by BYTEMAMBA_SCAN_BWD=6 (or BWD_V6=1 among the extra defines, for
+# `bench scan --variants`) until it is the default; same arguments, outputs and segment logic as v5.
+
+def _bwd_version() -> int:
+    v = os.environ.get("BYTEMAMBA_SCAN_BWD", "").strip()
+    if v:
+        return int(v)
+    return 6 if "BWD_V6=1" in _variant()[1] else 5
+
+
+def _get_bwd6_kernels(dtype_code: int, npad: int, has_z: bool, has_reset: bool, device: torch.device):
+    """scan_bwd / scan_bwd_agg of one specialisation with their launch settings: dynamic shared memory per
+    block (bs) and resident blocks per SM (bps), worked out once per specialisation."""
+    import cupy
+
+    extra = _variant()[1]
+    opts = (f"-DIN_DTYPE={dtype_code}", f"-DNPAD={npad}", f"-DHAS_Z={int(has_z)}", f"-DHAS_RESET={int(has_reset)}",
+            *(f"-D{d}" for d in extra))
+    key = ("bwd6", opts, device.index)
+    mod = _modules.get(key)
+    if mod is not None:
+        return mod
+    with _lock:
+        mod = _modules.get(key)
+        if mod is not None:
+            return mod
+        fns = compile_module("scan_bwd.cu", opts, device, ("scan_bwd", "scan_bwd_agg", "scan_bwd_smem"))
+        with cupy.cuda.Device(device.index):
+            size = cupy.zeros(1, dtype=cupy.int32)
+            fns["scan_bwd_smem"]((1,), (1,), (size,))
+            bs = int(size.get()[0])
+        props = torch.cuda.get_device_properties(device)
+        smem_sm = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
+        smem_blk = getattr(props, "shared_memory_per_block_optin", 227 * 1024)
+        if bs > smem_blk:
+            raise RuntimeError(f"selective_scan (cuda): scan_bwd needs {bs} bytes of shared memory, "
+                               f"the device allows {smem_blk} per block")
+        bps = {}
+        for name in ("scan_bwd", "scan_bwd_agg"):
+            k = fns[name]
+            if name == "scan_bwd":
+                k.max_dynamic_shared_size_bytes = smem_blk      # _smem_for may ask for more, to cap residency
+            elif bs > 48 * 1024:
+                k.max_dynamic_shared_size_bytes = bs
+            regs = max(1, int(k.num_regs))
+            bps[name] = max(1, min(smem_sm // (bs + 1024), 65536 // (regs * NTHREADS), 16))
+        mod = dict(bwd=fns["scan_bwd"], agg=fns["scan_bwd_agg"], bs=bs, bps=bps)
+        _modules[key] = mod
+        return mod
+
+
+def _bwd6_plan(b: int, d: int, L: int, npad: int, bps_max: int, bs: int, sms: int, smem_sm: int):
+    """Grid and residency of the v6 backward (pure arithmetic, testable without a GPU): (channel blocks,
+    nseg, seg_tiles, blocks per SM, dynamic shared memory to ask for)."""
+    cpb = NTHREADS // (npad // 4)
+    dblocks = -(-d // cpb)
+    ntiles = -(-L // TL)
+    forced = int(os.environ.get("BYTEMAMBA_SCAN_NSEG", "0"))
+    nseg = forced if forced > 0 else max(1, bps_max * sms // (b * dblocks))
+    nseg = max(1, min(nseg, ntiles, 65535))
+    seg_tiles = -(-ntiles // nseg)
+    nseg = -(-ntiles // seg_tiles)
+    bps = _resident(b * dblocks * nseg, bps_max, sms)
+    smem = bs if bps >= bps_max else max(bs, smem_sm // (bps + 1) - 1024 + 16)
+    return dblocks, nseg, seg_tiles, bps, smem
+
+
+def _bwd6_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reset, dout, ckpt, dfinal,
+               need_init: bool, deterministic: bool):
+    b, d, L = u.shape
+    n = A.shape[1]
+    npad = _npad(n)
+    dev = u.device
+    K = _get_bwd6_kernels(_DTYPE_CODE[u.dtype], npad, z is not None, reset is not None, dev)
+    props = torch.cuda.get_device_properties(dev)
+    smem_sm = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
+    dblocks, nseg, seg_tiles, _, smem = _bwd6_plan(b, d, L, npad, K["bps"]["scan_bwd"], K["bs"], _num_sms(dev),
+                                                   smem_sm)
+    ntiles = -(-L // TL)
+    du = torch.empty_like(u)
+    ddelta = torch.empty_like(delta)
+    dz = torch.empty_like(z) if z is not None else None
+    if deterministic:
+        dBp = torch.empty(dblocks, b, n, L, device=dev, dtype=torch.float32)
+        dCp = torch.empty(dblocks, b, n, L, device=dev, dtype=torch.float32)
+    else:
+        dBp = torch.zeros(b, n, L, device=dev, dtype=torch.float32)
+        dCp = torch.zeros(b, n, L, device=dev, dtype=torch.float32)
+    dA_p = torch.empty(nseg, b, d, n, device=dev, dtype=torch.float32)
+    dD_p = torch.empty(nseg, b, d, device=dev, dtype=torch.float32)
+    db_p = torch.empty(nseg, b, d, device=dev, dtype=torch.float32)
+    dinit = torch.empty(b, d, n, device=dev, dtype=torch.float32) if need_init else None
+    agg = torch.empty(max(1, b * d * (nseg - 1) * 2 * npad), device=dev, dtype=torch.float32)
+    flags = ((1 if delta_softplus else 0)
+             | (2 if _aligned(L, u.element_size(), u, delta, z, dout, B, C, du, ddelta, dz) else 0)
+             | (0 if deterministic else 4))
+    args = (_ptr(u), _ptr(delta), _ptr(z), _ptr(B), _ptr(C), _ptr(A), _ptr(D), _ptr(delta_bias), _ptr(reset),
+            _ptr(dout), _ptr(ckpt), _ptr(dfinal), _ptr(agg), _ptr(du), _ptr(ddelta), _ptr(dz), _ptr(dBp),
+            _ptr(dCp), _ptr(dA_p), _ptr(dD_p), _ptr(db_p), _ptr(dinit),
+            np.int32(b), np.int32(d), np.int64(L), np.int32(n), np.int32(ntiles), np.int32(seg_tiles),
+            np.int32(nseg), np.int32(flags))
+    import cupy
+    with cupy.cuda.Device(dev.index), _cupy_stream(dev):
+        if nseg > 1:
+            K["agg"]((b * dblocks, nseg - 1), (NTHREADS,), args, shared_mem=K["bs"])
+        K["bwd"]((b * dblocks, nseg), (NTHREADS,), args, shared_mem=smem)
+    dB = dBp.sum(0) if deterministic else dBp
+    dC = dCp.sum(0) if deterministic else dCp
+    return du, ddelta, dz, dB, dC, dA_p.sum((0, 1)), dD_p.sum((0, 1)), db_p.sum((0, 1)), dinit
+
+
+# ------------------------------------------------------------------------------------------------
 # torch.library registration.
 
 @torch.library.custom_op("bytemamba::selective_scan_fwd", mutates_args=(), device_types="cuda")
@@ -277,7 +389,8 @@ def _scan_bwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch
                  D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None,
                  delta_softplus: bool, reset: torch.Tensor | None, dout: torch.Tensor, ckpt: torch.Tensor,
                  dfinal: torch.Tensor | None, need_init: bool, deterministic: bool) -> list[torch.Tensor]:
-    du, ddelta, dz, dB, dC, dA, dD, dbias, dinit = _bwd_impl(
+    impl = _bwd6_impl if _bwd_version() == 6 else _bwd_impl
+    du, ddelta, dz, dB, dC, dA, dD, dbias, dinit = impl(
         u, delta, A, B, C, D, z, delta_bias, delta_softplus, reset, dout, ckpt, dfinal, need_init, deterministic)
     empty = lambda: u.new_empty(0, dtype=torch.float32)  # noqa: E731  (distinct tensors: no aliasing)
     return [du, ddelta, dz if dz is not None else empty(), dB, dC, dA, dD, dbias,
