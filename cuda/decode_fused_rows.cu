@@ -87,12 +87,23 @@
 #define S_Y (S_XC + ROWS * XCP * 2)
 #define S_DBL (S_Y + ROWS * XCP * 2)
 #define S_BAR (S_DBL + ROWS * DBP * 4)
-#define S_PTR (S_BAR + 8 * 8)           // the state pointers (2L int64; L <= MAX_L)
+#define S_PTR (S_BAR + 16 * 8)          // the state pointers (2L int64; L <= MAX_L)
 #define MAX_L 64
 #define SMEM_BYTES (S_PTR + 2 * MAX_L * 8)
 
 // bytes each exchange brings into a CTA
 #define X_BYTES (NCTA * NX * ROWS * 4)
+// XRS 1: x_proj's partials reduce-scattered instead of sent whole to every CTA: CTA c < NXO owns x_proj rows
+// XO c .. XO c + XO - 1, sums their 8 partials and sends the rounded sums to all 8 CTAs (all-gather into dbl):
+// 8x fewer DSMEM bytes and messages for x_proj (at 24 rows 672 messages out of an owner a layer instead of
+// 2304), one more hop
+#ifndef XRS
+#define XRS 0
+#endif
+#define XO 8                    // x_proj rows an owner (XRS)
+#define NXO (NX / XO)           // owners: CTAs 0..5
+#define XRS_BYTES (NCTA * XO * ROWS * 4)    // partials into an owner
+#define D_BYTES (NX * ROWS * 4)             // dbl into every CTA
 #define O_BYTES (NCTA * OC * ROWS * 4)
 #define R_BYTES (NCTA * OC * ROWS * 4)
 
@@ -175,33 +186,12 @@ __device__ __forceinline__ void prefetch_l2(const void* src, unsigned bytes) {
         asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(src), "r"(bytes) : "memory");
 }
 
-// FASTEXP 1: the exponentials of the rows kernel on ex2.approx.ftz (no denormal fix-up around it; dt scaled
-// by log2(e) once a row) and SiLU's division as __fdividef: ~4 instructions less per
-// state element than __expf and IEEE division (nvcc 13.0 SASS). Results differ from FASTEXP 0 by rounding.
-// CONV_IN 1: the conv step in in_proj's epilogue (one phase and one CTA barrier less a layer); bit-identical.
-#ifndef CONV_IN
-#define CONV_IN 0
-#endif
 // ROWSKIP 1: the state-update threads take rows rh, rh + 2, ... (interleaved) and skip the rows past the
 // tile's last (a tile of rpc < ROWS rows: the launcher's spread, BYTEMAMBA_FUSED_SPREAD)
 #ifndef ROWSKIP
 #define ROWSKIP 0
 #endif
 #define SROW(j) (ROWSKIP ? 2 * (j) + rh : RH * rh + (j))
-#ifndef FASTEXP
-#define FASTEXP 0
-#endif
-#ifndef FASTSILU
-#define FASTSILU 1              // (with FASTEXP 1: SiLU's division as __fdividef too; 0 keeps the IEEE division)
-#endif
-#define LOG2E 1.4426950408889634f
-__device__ __forceinline__ float ex2_ftz(float x) {
-    float r;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
-    return r;
-}
-__device__ __forceinline__ float exp_r(float x) { return FASTEXP ? ex2_ftz(x * LOG2E) : __expf(x); }
-__device__ __forceinline__ float silu_r(float v) { return FASTEXP && FASTSILU ? __fdividef(v, 1.f + exp_r(-v)) : silu_f(v); }
 
 // in_proj for NT n-tiles (rows 8 nt0 .. 8 (nt0 + NT) - 1) of m-tile mt: each A fragment read once serves NT
 // mma; xz stored rounded to in_t
@@ -261,6 +251,7 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
     unsigned long long* bar_wx = bars + 4;
     unsigned long long* bar_wo = bars + 5;
     unsigned long long* bar_k = bars + 6;   // [2]
+    unsigned long long* bar_d = bars + 8;   // dbl arrived (XRS)
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
     const unsigned c = cluster_rank();
@@ -281,9 +272,11 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
 
     if (tid < 2 * L) ptr_s[tid] = state_ptrs[tid];      // (L <= MAX_L, checked by the launcher)
     if (tid == 0) {
-        for (int i = 0; i < 8; ++i) mbar_init(bars + i, 1);
+        for (int i = 0; i < 9; ++i) mbar_init(bars + i, 1);
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-        mbar_expect(bar_x, X_BYTES);
+        if (!XRS) mbar_expect(bar_x, X_BYTES);
+        if (XRS && c < NXO) mbar_expect(bar_x, XRS_BYTES);
+        if (XRS) mbar_expect(bar_d, D_BYTES);
         mbar_expect(bar_o, O_BYTES);
         mbar_expect(bar_r, R_BYTES);
         load_bulk(wi_s, wi_src(0), WI_EL * 2, bar_wi);
@@ -310,9 +303,7 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
         }
     };
     float4 st[RH];
-#if !CONV_IN
     float cs[NTL][KC - 1];
-#endif
     auto fetch_ssm = [&](int l) {
         const float* base = reinterpret_cast<const float*>(ptr_s[L + l]);
 #pragma unroll
@@ -322,7 +313,6 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
             st[j] = r < nrows && !NO_STATE_IO ? (STATE_HINT ? __ldcs(p) : *p) : make_float4(0.f, 0.f, 0.f, 0.f);
         }
     };
-#if !CONV_IN
     auto fetch_conv = [&](int l) {
         const float* base = reinterpret_cast<const float*>(ptr_s[l]);
 #pragma unroll
@@ -333,7 +323,6 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
                 cs[i][p] = r < nrows ? base[((long long)(b0 + r) * EI + ch0 + tch) * (KC - 1) + p] : 0.f;
         }
     };
-#endif
     prefetch_states(0);
     if (SSM_AT == 2) fetch_ssm(0);
 #pragma unroll
@@ -425,62 +414,6 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
 
         // (I) in_proj: warp w = m-tile w & 7 of the CTA's 128 xz rows, n-tiles 0 and 1 (w < 8) or 2, K = 256;
         // the conv states (prefetched into L2 a layer ago) load meanwhile
-#if CONV_IN
-        // CONV_IN: warps 0 .. 4 NTL - 1 take one (x m-tile, n-tile) each and do the conv step + SiLU of their
-        // C fragment's (channel, row) pairs in the epilogue (lane (g, t): channels 16 mt + g, + 8 of rows
-        // 8 nt + 2t, + 1; their conv windows loaded from L2 before the mma); the other warps the z m-tiles, ZPER
-        // n-tiles each (1 at 16 rows, 3 at 24: each z A fragment read once)
-        if (SSM_AT == 1) fetch_ssm(l);
-        if (warp < 4 * NTL) {
-            const int mt = warp & 3, nt = warp >> 2;
-            float* cbase = reinterpret_cast<float*>(ptr_s[l]) + ((long long)b0 * EI + ch0) * (KC - 1);
-            float cv[2][2][KC - 1];                  // [channel g, g + 8][row 2t, 2t + 1][tap]
-#pragma unroll
-            for (int ci = 0; ci < 2; ++ci)
-#pragma unroll
-                for (int ri = 0; ri < 2; ++ri) {
-                    const int ch = mt * 16 + g + 8 * ci, r = nt * 8 + 2 * t + ri;
-#pragma unroll
-                    for (int p = 0; p < KC - 1; ++p)
-                        cv[ci][ri][p] = r < nrows ? cbase[((long long)r * EI + ch) * (KC - 1) + p] : 0.f;
-                }
-            mbar_wait(bar_wi, l & 1);
-            float acc[2][4] = {};
-            const uint4* wf = reinterpret_cast<const uint4*>(wi_s) + mt * 16 * 32 + lane;
-            const in_t* hb = h_s + (nt * 8 + g) * HP + 2 * t;
-#pragma unroll
-            for (int kt = 0; kt < 16; ++kt)
-                mma16816(acc[kt & 1], wf[kt * 32], lds32(hb + kt * 16), lds32(hb + kt * 16 + 8));
-#pragma unroll
-            for (int ci = 0; ci < 2; ++ci) {
-                const int ch = mt * 16 + g + 8 * ci;
-                const float4 w = *reinterpret_cast<const float4*>(&kl[K_CW + ch * KC]);
-                const float cb = kl[K_CB + ch];
-#pragma unroll
-                for (int ri = 0; ri < 2; ++ri) {
-                    const int r = nt * 8 + 2 * t + ri;
-                    const float x = rnd(acc[0][2 * ci + ri] + acc[1][2 * ci + ri]);     // xz's rounding
-                    float a = cv[ci][ri][0] * w.x;
-                    a = fmaf(cv[ci][ri][1], w.y, a);
-                    a = fmaf(cv[ci][ri][2], w.z, a);
-                    a = fmaf(x, w.w, a);
-                    if (r < nrows) {
-                        float* p = cbase + ((long long)r * EI + ch) * (KC - 1);
-                        p[0] = cv[ci][ri][1];
-                        p[1] = cv[ci][ri][2];
-                        p[2] = x;
-                    }
-                    xc_s[r * XCP + ch] = from_f(silu_r(a + cb));
-                }
-            }
-        } else {
-            constexpr int ZPER = 4 * NTL / (NTHR / 32 - 4 * NTL);
-            const int zw = warp - 4 * NTL;
-            mbar_wait(bar_wi, l & 1);
-            const uint4* wf = reinterpret_cast<const uint4*>(wi_s) + (4 + (zw & 3)) * 16 * 32 + lane;
-            in_proj_tiles<ZPER>(wf, h_s, (zw >> 2) * ZPER, 4 + (zw & 3), g, t, xz_s);
-        }
-#else
         fetch_conv(l);
         if (SSM_AT == 1) fetch_ssm(l);
         mbar_wait(bar_wi, l & 1);
@@ -489,7 +422,6 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
             if (warp < 8) in_proj_tiles<NTL - 1>(wf, h_s, 0, warp & 7, g, t, xz_s);
             else in_proj_tiles<1>(wf, h_s, NTL - 1, warp & 7, g, t, xz_s);
         }
-#endif
         __syncthreads();
         STAMP(1);
         if (tid == 0) {                          // the next in_proj slice (or the head's) into the free buffer
@@ -500,7 +432,6 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
         // (C) the SSM states of this layer into registers (from L2; used in D); conv step + SiLU, mapping T;
         // the window shifted into the conv state (global)
         if (SSM_AT == 0) fetch_ssm(l);
-#if !CONV_IN
         {
             const float4 w = *reinterpret_cast<const float4*>(&kl[K_CW + tch * KC]);
             const float cb = kl[K_CB + tch];
@@ -519,11 +450,10 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
                     p[1] = cs[i][2];
                     p[2] = x;
                 }
-                xc_s[r * XCP + tch] = from_f(silu_r(a + cb));
+                xc_s[r * XCP + tch] = from_f(silu_f(a + cb));
             }
         }
         __syncthreads();
-#endif
         STAMP(2);
 
         // (X) x_proj partial sums over this CTA's channels (48 x 64 x 24): warps 0..8, sent to all 8 CTAs
@@ -539,10 +469,38 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
             const float4 msg = regroup(acc, t);
             const int m = mt * 16 + g + ((t & 1) ? 8 : 0), n0 = nt * 8 + 2 * (t & 2);
             const float* dst = &xr_s[(c * NX + m) * ROWS + n0];
+#if XRS
+            send4(dst, m / XO, msg, bar_x);          // to the owner of row m
+#else
 #pragma unroll
             for (int d = 0; d < NCTA; ++d) send4(dst, d, msg, bar_x);
+#endif
         }
         STAMP(3);
+#if XRS
+        // the owner: rows XO c + 4 grp .. + 3 of row n = the rounded sums of the 8 partials (fixed order), to
+        // every CTA's dbl; then every CTA waits for its dbl
+        if (c < NXO && tid < XO / 4 * ROWS) {
+            mbar_wait(bar_x, l & 1);
+            if (tid == 0) mbar_expect(bar_x, XRS_BYTES);             // arm the next layer's exchange
+            const int n = tid % ROWS, m0 = XO * c + 4 * (tid / ROWS);
+            float o[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                float sm = 0.f;
+#pragma unroll
+                for (int d = 0; d < NCTA; ++d) sm += xr_s[(d * NX + m0 + i) * ROWS + n];
+                o[i] = rnd(sm);
+            }
+            const float4 v = make_float4(o[0], o[1], o[2], o[3]);
+#pragma unroll
+            for (int d = 0; d < NCTA; ++d) send4(&dbl_s[n * DBP + m0], d, v, bar_d);
+        }
+        if (warp == NTHR / 32 - 1) {
+            mbar_wait(bar_d, l & 1);
+            if (lane == 0) mbar_expect(bar_d, D_BYTES);
+        }
+#else
         // dbl = the sum of the 8 partials (fixed order), rounded: the sending warps, 4 values a thread
         if (warp < XW) {
             mbar_wait(bar_x, l & 1);
@@ -556,6 +514,7 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
                 dbl_s[n * DBP + m] = rnd(s);
             }
         }
+#endif
         __syncthreads();
         STAMP(4);
         if (tid == 0 && l + 1 < L) load_bulk(wx_s, wx_src(l + 1), WX_EL * 2, bar_wx);
@@ -584,7 +543,7 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
                         d = fmaf(wdt[4 * k4 + 3], dl.w, d);
                     }
                     d += dtb;
-                    dts[i] = d <= 20.f ? log1pf(exp_r(d)) : d;       // softplus, PyTorch's threshold
+                    dts[i] = d <= 20.f ? log1pf(__expf(d)) : d;       // softplus, PyTorch's threshold
                 }
             }
             const float4 a4 = *reinterpret_cast<const float4*>(&kl[K_A + sch * NS + 4 * q]);
@@ -598,14 +557,14 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
                     continue;
                 }
                 const float d = __shfl_sync(0xffffffffu, dts[j % RQ], (lane & ~3) | (j / RQ));
-                const float dx = d * to_f(xc_s[r * XCP + sch]), dl = d * LOG2E;
+                const float dx = d * to_f(xc_s[r * XCP + sch]);
                 const float4 Bv = *reinterpret_cast<const float4*>(&dbl_s[r * DBP + RK + 4 * q]);
                 const float4 Cv = *reinterpret_cast<const float4*>(&dbl_s[r * DBP + RK + NS + 4 * q]);
                 float4 s = st[j];
-                s.x = fmaf(FASTEXP ? ex2_ftz(dl * a4.x) : __expf(d * a4.x), s.x, dx * Bv.x);
-                s.y = fmaf(FASTEXP ? ex2_ftz(dl * a4.y) : __expf(d * a4.y), s.y, dx * Bv.y);
-                s.z = fmaf(FASTEXP ? ex2_ftz(dl * a4.z) : __expf(d * a4.z), s.z, dx * Bv.z);
-                s.w = fmaf(FASTEXP ? ex2_ftz(dl * a4.w) : __expf(d * a4.w), s.w, dx * Bv.w);
+                s.x = fmaf(__expf(d * a4.x), s.x, dx * Bv.x);
+                s.y = fmaf(__expf(d * a4.y), s.y, dx * Bv.y);
+                s.z = fmaf(__expf(d * a4.z), s.z, dx * Bv.z);
+                s.w = fmaf(__expf(d * a4.w), s.w, dx * Bv.w);
                 if (r < nrows && !NO_STATE_IO) {
                     float4* p = reinterpret_cast<float4*>(base + ((long long)(b0 + r) * EI + ch0 + sch) * NS + 4 * q);
                     if (STATE_HINT) __stcs(p, s);
@@ -629,7 +588,7 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
             for (int i = 0; i < RQ; ++i) {
                 const int r = SROW(RQ * q + i);
                 const float xv = to_f(xc_s[r * XCP + sch]);
-                y_s[r * XCP + sch] = from_f((v1[i] + Dd * xv) * silu_r(to_f(xz_s[r * XZP + EC + sch])));
+                y_s[r * XCP + sch] = from_f((v1[i] + Dd * xv) * silu_f(to_f(xz_s[r * XZP + EC + sch])));
             }
         }
         __syncthreads();

@@ -17,7 +17,8 @@ from bytemamba.config import ModelConfig
 from bytemamba.generate import Sampling, generate
 from bytemamba.models.lm import ByteMambaLM
 from bytemamba.ops.fused_step import (ROWS_VARIANTS, SHAPE, choose_kernel, fused_step_fn, fused_step_ref,
-                                      mma_fragments, pack_weights, rows_variant, unsupported_reason)
+                                      mma_fragments, pack_weights, rows_per_cluster, rows_variant,
+                                      unsupported_reason)
 from bytemamba.ops.scan import cuda_available
 
 _needs_gpu = pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU and CuPy")
@@ -138,6 +139,22 @@ def test_rows_variant_choice(monkeypatch):
     assert [rows_variant(b, 15) for b in (1, 240, 241, 360, 361, 480, 481, 720)] == \
         ["r16", "r16", "r24", "r24", "r16", "r16", "r24", "r24"]
     assert rows_variant(256) == rows_variant(256, None) == "r16"          # cluster count unknown
+
+
+def test_rows_per_cluster(monkeypatch):
+    """The spread: a batch over every cluster of its waves, never more rows than the build's tile, every row
+    covered in the same number of waves."""
+    monkeypatch.setenv("BYTEMAMBA_FUSED_SPREAD", "1")
+    assert [rows_per_cluster(b, 24, 15) for b in (1, 64, 256, 360)] == [1, 5, 18, 24]
+    assert [rows_per_cluster(b, 16, 15) for b in (64, 240, 241, 480)] == [5, 16, 9, 16]
+    assert rows_per_cluster(256, 24, None) == 24                          # cluster count unknown: full tiles
+    for rows in (16, 24):
+        for b in range(1, 800, 7):
+            rpc = rows_per_cluster(b, rows, 15)
+            waves = -(-(-(-b // rows)) // 15)
+            assert 1 <= rpc <= rows and -(-(-(-b // rpc)) // 15) == waves, (b, rows, rpc)
+    monkeypatch.setenv("BYTEMAMBA_FUSED_SPREAD", "0")
+    assert rows_per_cluster(64, 16, 15) == 16
 
 
 def test_unsupported_reasons():
