@@ -111,9 +111,9 @@ def _get_kernels(dtype_code: int, npad: int, has_z: bool, has_reset: bool, devic
                              ("ss_fwd", "ss_fwd_agg", "ss_bwd", "ss_bwd_agg", "ss_smem_sizes"))
         ks = {name: f for name, f in fns.items() if name != "ss_smem_sizes"}
         with cupy.cuda.Device(device.index):
-            sizes = cupy.zeros(2, dtype=cupy.int32)
+            sizes = cupy.zeros(3, dtype=cupy.int32)
             fns["ss_smem_sizes"]((1,), (1,), (sizes,))
-            fs, bs = (int(v) for v in sizes.get())
+            fs, bs, fcpb = (int(v) for v in sizes.get())
         props = torch.cuda.get_device_properties(device)
         smem_sm = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
         smem_blk = getattr(props, "shared_memory_per_block_optin", 227 * 1024)
@@ -127,7 +127,7 @@ def _get_kernels(dtype_code: int, npad: int, has_z: bool, has_reset: bool, devic
                 k.max_dynamic_shared_size_bytes = smem_blk if name == "ss_bwd" else sm
             regs = max(1, int(k.num_regs))
             bps[name] = max(1, min(smem_sm // (sm + 1024), 65536 // (regs * NTHREADS), 16))
-        mod = dict(ks, fs=fs, bs=bs, bps=bps)
+        mod = dict(ks, fs=fs, bs=bs, bps=bps, fcpb=fcpb)
         _modules[key] = mod
         return mod
 
@@ -184,8 +184,7 @@ def _fwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
     npad = _npad(n)
     dev = u.device
     K = _get_kernels(_DTYPE_CODE[u.dtype], npad, z is not None, reset is not None, dev)
-    cpb = NTHREADS // (npad // 4)
-    dblocks = -(-d // cpb)
+    dblocks = -(-d // K["fcpb"])      # channels per forward block: the build's mapping (FWD_SPT states a thread)
     ntiles = -(-L // TL)
     nseg, seg_tiles = _nseg(K["bps"]["ss_fwd"], b * dblocks, ntiles, dev)
 
