@@ -29,24 +29,24 @@ if [ "${MODE:-}" = cand ]; then
   export BYTEMAMBA_FUSED_SPREAD=1
   nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/smoke.log"
   T="python3 -m pytest -q -m gpu --tb=short -p no:cacheprovider"
-  ( BYTEMAMBA_FUSED_DEFINES="${CAND//+/ }" timeout 80 $T tests/ops/test_fused_step.py tests/test_decode.py \
+  ( BYTEMAMBA_FUSED_DEFINES="${CAND//+/ }" timeout 95 $T tests/ops/test_fused_step.py tests/test_decode.py \
     > "$OUT/tests_cand.log" 2>&1 ) &
   for b in r16 r24; do
-    ( BYTEMAMBA_FUSED_ROWS_VARIANT=$b BYTEMAMBA_FUSED_DEFINES="${ALT//+/ }" timeout 80 $T \
+    ( BYTEMAMBA_FUSED_ROWS_VARIANT=$b BYTEMAMBA_FUSED_DEFINES="${ALT//+/ }" timeout 95 $T \
       tests/ops/test_fused_step.py -k "rows or model or graphs" > "$OUT/tests_alt_$b.log" 2>&1 ) &
   done
   wait
   echo "tests $CAND (spread), test_fused_step + test_decode: $(tail -1 "$OUT/tests_cand.log")"
   for b in r16 r24; do echo "tests $ALT (spread) at $b: $(tail -1 "$OUT/tests_alt_$b.log")"; done
   export BYTEMAMBA_FUSED_SPREAD=0
-  timeout 60 python3 scripts/bench_fused_step.py --batches ${BATCHES:-64 240 256} --no-unfused --cluster-max 0 \
+  timeout 50 python3 scripts/bench_fused_step.py --batches ${BATCHES:-64 240 256} --no-unfused --cluster-max 0 \
     --rows-variants r16 r24 alt=$ALT+SPREAD=1 cand=$CAND+SPREAD=1 nospread=$CAND > "$OUT/kernel.log" 2>&1
   G="python3 -m bytemamba.bench generate --no-profile --models audio6m --batches 64 240 256"
-  [ $SECONDS -lt 140 ] && BYTEMAMBA_FUSED_SPREAD=1 BYTEMAMBA_FUSED_DEFINES="${CAND//+/ }" timeout 25 $G \
+  [ $SECONDS -lt 148 ] && BYTEMAMBA_FUSED_SPREAD=1 BYTEMAMBA_FUSED_DEFINES="${CAND//+/ }" timeout 25 $G \
     > "$OUT/bench_cand.log" 2>&1
-  [ $SECONDS -lt 152 ] && BYTEMAMBA_FUSED_SPREAD=1 BYTEMAMBA_FUSED_DEFINES="${ALT//+/ }" timeout 18 $G \
+  [ $SECONDS -lt 158 ] && BYTEMAMBA_FUSED_SPREAD=1 BYTEMAMBA_FUSED_DEFINES="${ALT//+/ }" timeout 18 $G \
     --no-transformer > "$OUT/bench_alt.log" 2>&1
-  [ $SECONDS -lt 160 ] && BYTEMAMBA_FUSED_SPREAD=1 timeout $((176 - SECONDS)) python3 scripts/bench_fused_step.py \
+  [ $SECONDS -lt 165 ] && BYTEMAMBA_FUSED_SPREAD=1 timeout $((176 - SECONDS)) python3 scripts/bench_fused_step.py \
     --batches 256 --no-unfused --cluster-max 0 --profile 256 --profile-defines $CAND+SPREAD=1 > "$OUT/profile.log" 2>&1
   echo "== profile (spread)"; grep -E "^\|" "$OUT/profile.log" | head -14
   echo "== bench generate: $CAND + spread"; grep -E "^\|" "$OUT/bench_cand.log" | tail -4
