@@ -42,7 +42,7 @@ if [ "${MODE:-}" = cand ]; then
   timeout 50 python3 scripts/bench_fused_step.py --batches ${BATCHES:-64 240 256} --no-unfused --cluster-max 0 \
     --rows-variants r16 r24 alt=$ALT+SPREAD=1 cand=$CAND+SPREAD=1 nospread=$CAND > "$OUT/kernel.log" 2>&1
   G="python3 -m bytemamba.bench generate --no-profile --models audio6m --batches 64 240 256"
-  [ $SECONDS -lt 148 ] && BYTEMAMBA_FUSED_SPREAD=1 BYTEMAMBA_FUSED_DEFINES="${CAND//+/ }" timeout 25 $G \
+  [ $SECONDS -lt 140 ] && BYTEMAMBA_FUSED_SPREAD=1 BYTEMAMBA_FUSED_DEFINES="${CAND//+/ }" timeout 30 $G \
     > "$OUT/bench_cand.log" 2>&1
   [ $SECONDS -lt 158 ] && BYTEMAMBA_FUSED_SPREAD=1 BYTEMAMBA_FUSED_DEFINES="${ALT//+/ }" timeout 18 $G \
     --no-transformer > "$OUT/bench_alt.log" 2>&1
