@@ -59,7 +59,7 @@ __device__ __forceinline__ in_t from_f(float v) { return __float2bfloat16(v); }
 #define PTHR 256                // threads a CTA (8 warps)
 #define NWARP (PTHR / 32)
 #ifndef NSLOT
-#define NSLOT 5                 // ring slots of 16 KB
+#define NSLOT 6                 // ring slots of 16 KB
 #endif
 #define SLOT_BYTES 16384        // a chunk: 8 k-steps x 64 rows of in_t
 #define G_CHUNKS (PDM / 128)    // 8
@@ -83,6 +83,8 @@ __device__ __forceinline__ in_t from_f(float v) { return __float2bfloat16(v); }
 #define XCP 24                  // xc row pitch (in_t)
 #define DBP 100                 // dbl row pitch (float)
 #define PRP 36                  // in_proj partials' row pitch (float)
+#define STP 260                 // SSM state row pitch in the ring (float): 1 KB + 16 B, conflict-free float4 reads
+#define S_DBL (BR * STP * 4)    // dbl's place in the ring (after the states)
 #define S_WI 0
 #define S_WO (S_WI + WI_EL * 2)
 #define S_WX (S_WO + WO_EL * 2)
@@ -94,14 +96,32 @@ __device__ __forceinline__ in_t from_f(float v) { return __float2bfloat16(v); }
 #define S_Y (S_XC + BR * XCP * 2)
 #define S_INV (S_Y + BR * PCH * 2)
 #define S_RED (S_INV + BR * 4)
-#define S_BAR (S_RED + 4 * BR * 4)
+#define S_BAR (S_RED + 16 * 48 * 4)
 #define S_PTR (S_BAR + 32 * 8)
 #define P_MAX_L 128
 #define PSMEM (S_PTR + 2 * P_MAX_L * 8)
 
-// out: dynamic shared memory, CTAs, threads, rows, fp32 constants per (layer, CTA)
+// MCAST 1: clusters of 2 CTAs; each chunk of the G / Y streams is read from L2 once per cluster (each CTA copies
+// half of it to both, cp.async.bulk .multicast::cluster) instead of once per CTA; a ring slot is refilled when
+// both CTAs have consumed it. Launched plainly (compile-time cluster dims), not cooperatively.
+// FENCE 1: the grid barrier adds __threadfence() before its release add and after its acquire spin.
+#ifndef MCAST
+#define MCAST 0
+#endif
+#ifndef FENCE
+#define FENCE 0
+#endif
+#if MCAST
+#define CL 2
+#define P_CLUSTER __cluster_dims__(2, 1, 1)
+#else
+#define CL 1
+#define P_CLUSTER
+#endif
+
+// out: dynamic shared memory, CTAs, threads, rows, fp32 constants per (layer, CTA), CTAs a cluster
 extern "C" __global__ void persistent_smem(int* out) {
-    out[0] = PSMEM; out[1] = NCTA_P; out[2] = PTHR; out[3] = BR; out[4] = C_EL;
+    out[0] = PSMEM; out[1] = NCTA_P; out[2] = PTHR; out[3] = BR; out[4] = C_EL; out[5] = CL;
 }
 
 // PROFILE 1: clock64() deltas of thread 0 of CTA 0 per phase (and barrier) summed into pers_prof, read and
@@ -109,6 +129,7 @@ extern "C" __global__ void persistent_smem(int* out) {
 #ifndef PROFILE
 #define PROFILE 0
 #endif
+
 __device__ long long pers_prof[16];
 extern "C" __global__ void persistent_prof(long long* out) {
     if (threadIdx.x < 16) {
@@ -122,7 +143,7 @@ extern "C" __global__ void persistent_prof(long long* out) {
 static_assert(PDM == OCOL * NCTA_P && OCOL == 8 && PCH == 16, "mappings below");
 static_assert(PNX == 96 && (BR * PNX) % NCTA_P == 0 && BR * PNX / NCTA_P == 48, "x_proj reduce-scatter mapping");
 static_assert(NWARP * BR * PRP * 4 <= NSLOT * SLOT_BYTES, "in_proj partials fit the ring");
-static_assert(BR * DBP * 4 <= NSLOT * SLOT_BYTES && NWARP * BR * OCOL * 4 <= NSLOT * SLOT_BYTES, "scratch");
+static_assert(S_DBL + BR * DBP * 4 <= NSLOT * SLOT_BYTES && NWARP * BR * OCOL * 4 <= NSLOT * SLOT_BYTES, "scratch");
 static_assert(S_RING % 128 == 0 && S_C % 16 == 0 && S_BAR % 16 == 0 && C_EL % 4 == 0, "aligned regions");
 static_assert(PSMEM <= 227 * 1024, "fits an SM");
 
@@ -167,6 +188,20 @@ __device__ __forceinline__ unsigned pack2(float lo, float hi) {
     return (unsigned)*reinterpret_cast<const unsigned short*>(&a) |
            ((unsigned)*reinterpret_cast<const unsigned short*>(&b) << 16);
 }
+__device__ __forceinline__ unsigned cta_rank() {
+    unsigned r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+    return r;
+}
+// arrive on CTA `rank`'s copy of the mbarrier b (cluster scope)
+__device__ __forceinline__ void bar_arrive_remote(unsigned long long* b, unsigned rank) {
+    unsigned a;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(a) : "r"(smaddr(b)), "r"(rank));
+    asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(a) : "memory");
+}
+__device__ __forceinline__ void cluster_sync_all() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
 __device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
     unsigned v;
     asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
@@ -179,18 +214,18 @@ __device__ __forceinline__ void grid_sync(unsigned* bars, unsigned k) {
     asm volatile("fence.proxy.async;" ::: "memory");
     __syncthreads();
     if (threadIdx.x == 0) {
-        __threadfence();
+        if (FENCE) __threadfence();
         asm volatile("red.release.gpu.global.add.u32 [%0], %1;" ::"l"(bars), "r"(1u) : "memory");
         const unsigned target = NCTA_P * (k + 1);
         for (unsigned n = 0; ld_acquire(bars) < target; ++n)
             if (n == (1u << 26)) __trap();
-        __threadfence();
+        if (FENCE) __threadfence();
         asm volatile("fence.proxy.async.global;" ::: "memory");
     }
     __syncthreads();
 }
 
-extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
+extern "C" __global__ void P_CLUSTER __launch_bounds__(PTHR, 1) persistent_step(
     const long long* __restrict__ ids, const float* __restrict__ emb, const float* __restrict__ norm0,
     float eps, const in_t* __restrict__ Wi_p, const in_t* __restrict__ Wo_p, const in_t* __restrict__ Wx_p,
     const float* __restrict__ C_p, const long long* __restrict__ state_ptrs, int L, int batch,
@@ -208,19 +243,21 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
     in_t* xc_s = reinterpret_cast<in_t*>(smem + S_XC);             // [BR][XCP]
     in_t* y_s = reinterpret_cast<in_t*>(smem + S_Y);               // [BR][PCH]
     float* inv_s = reinterpret_cast<float*>(smem + S_INV);         // [BR]
-    float* red_s = reinterpret_cast<float*>(smem + S_RED);         // [4][BR]
+    float* red_s = reinterpret_cast<float*>(smem + S_RED);         // [4][BR] or [16][48]
     unsigned long long* full = reinterpret_cast<unsigned long long*>(smem + S_BAR);
     unsigned long long* empty = full + NSLOT;
     unsigned long long* bar_wi = full + 2 * NSLOT;
     unsigned long long* bar_wo = bar_wi + 1;
     unsigned long long* bar_wx = bar_wi + 2;
     unsigned long long* bar_c = bar_wi + 3;                        // [2]
+    unsigned long long* bar_st = bar_wi + 5;                       // the SSM states in the ring
     long long* ptr_s = reinterpret_cast<long long*>(smem + S_PTR);
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
     const int c = blockIdx.x, ch0 = c * PCH;
     unsigned nbar = 0;                                             // grid barriers passed
     unsigned q = 0;                                                // ring chunks consumed so far (all phases)
+    const unsigned crank = MCAST ? cta_rank() : 0;                 // (MCAST) this CTA's rank in its pair
 
     auto wi_src = [&](int l) { return Wi_p + ((long long)l * NCTA_P + c) * WI_EL; };
     auto wo_src = [&](int l) { return Wo_p + ((long long)l * NCTA_P + c) * WO_EL; };
@@ -228,26 +265,31 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
     auto c_src = [&](int l) { return C_p + ((long long)l * NCTA_P + c) * C_EL; };
     auto ssm_ptr = [&](int l) { return reinterpret_cast<float*>(ptr_s[L + l]); };
     auto conv_ptr = [&](int l) { return reinterpret_cast<float*>(ptr_s[l]); };
-    // this CTA's states of layer l into L2 (one bulk prefetch per row: 1 KB SSM, 192 B conv)
-    auto prefetch_states = [&](int l) {
-        if (tid < batch) prefetch_l2(ssm_ptr(l) + ((long long)tid * PEI + ch0) * PNS, PCH * PNS * 4);
-        else if (tid >= 64 && tid - 64 < batch)
-            prefetch_l2(conv_ptr(l) + ((long long)(tid - 64) * PEI + ch0) * (PKC - 1), PCH * (PKC - 1) * 4);
-    };
     // the ring: chunk number qq (counted over the whole launch) into slot qq % NSLOT; thread 0 issues
     auto issue = [&](unsigned qq, const void* src) {
         const unsigned slot = qq % NSLOT;
         if (qq >= NSLOT) bar_wait(empty + slot, ((qq / NSLOT) - 1) & 1);
+#if MCAST
+        // arm this CTA's barrier for the whole chunk; copy our half into both CTAs (the peer copies the other)
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
+                     ::"r"(smaddr(full + slot)), "r"((unsigned)SLOT_BYTES) : "memory");
+        const unsigned h = crank * (SLOT_BYTES / 2);
+        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster "
+                     "[%0], [%1], %2, [%3], %4;"
+                     ::"r"(smaddr(ring + slot * SLOT_BYTES + h)), "l"(static_cast<const unsigned char*>(src) + h),
+                     "r"((unsigned)(SLOT_BYTES / 2)), "r"(smaddr(full + slot)), "h"((unsigned short)3) : "memory");
+#else
         copy_in(ring + slot * SLOT_BYTES, src, SLOT_BYTES, full + slot);
+#endif
     };
 
     if (tid < 2 * L) ptr_s[tid] = state_ptrs[tid];
     if (tid == 0) {
         for (int i = 0; i < NSLOT; ++i) {
             bar_init(full + i, 1);
-            bar_init(empty + i, NWARP);
+            bar_init(empty + i, NWARP * CL);
         }
-        for (int i = 0; i < 5; ++i) bar_init(bar_wi + i, 1);
+        for (int i = 0; i < 6; ++i) bar_init(bar_wi + i, 1);
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
         copy_in(smem + S_WI, wi_src(0), WI_EL * 2, bar_wi);
@@ -256,7 +298,7 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
         copy_in(c_s, c_src(0), C_EL * 4, bar_c);
     }
     __syncthreads();
-    prefetch_states(0);
+    if (MCAST) cluster_sync_all();              // the peer's barriers are set up before any multicast / remote arrive
 
 #if PROFILE
     const bool prof = tid == 0 && c == 0;
@@ -319,9 +361,12 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
         }
         {   // 1 / rms of every row: row tid % 64, partials of CTAs 32 (tid / 64) ..
             const int row = tid & 63, grp = tid >> 6;
+            float v[NCTA_P / 4];
+#pragma unroll
+            for (int j = 0; j < NCTA_P / 4; ++j) v[j] = sspart[(grp * (NCTA_P / 4) + j) * BR + row];
             float s = 0.f;
-#pragma unroll 8
-            for (int j = 0; j < NCTA_P / 4; ++j) s += sspart[(grp * (NCTA_P / 4) + j) * BR + row];
+#pragma unroll
+            for (int j = 0; j < NCTA_P / 4; ++j) s += v[j];
             red_s[grp * BR + row] = s;
         }
         bar_wait(bar_wi, l & 1);
@@ -346,7 +391,10 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
                 mma16816(acc[1][n], a1, b.x, b.y);
             }
             __syncwarp();
-            if (lane == 0) bar_arrive(empty + slot);
+            if (lane == 0) {
+                bar_arrive(empty + slot);
+                if (MCAST) bar_arrive_remote(empty + slot, crank ^ 1);
+            }
             if (tid == 0 && i + NSLOT < G_CHUNKS)
                 issue(q + NSLOT, reinterpret_cast<const unsigned char*>(Gbuf) + (long long)(i + NSLOT) * SLOT_BYTES);
         }
@@ -379,8 +427,20 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
                 xz_s[row * XZP + m0 + j] = rnd(s * inv);
             }
         }
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");   // (the ring: generic writes, then copies)
         bar_wait(bar_c + (l & 1), (l >> 1) & 1);
         __syncthreads();
+        if (warp == 0) {            // this layer's SSM states of the CTA's channels into the ring (used in P3)
+            const float* base = ssm_ptr(l) + (long long)ch0 * PNS;
+            if (lane == 0)
+                asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
+                             ::"r"(smaddr(bar_st)), "r"((unsigned)(batch * PCH * PNS * 4)) : "memory");
+            __syncwarp();
+            for (int r = lane; r < batch; r += 32)
+                asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                             ::"r"(smaddr(ring + r * STP * 4)), "l"(base + (long long)r * PEI * PNS),
+                             "r"(PCH * PNS * 4), "r"(smaddr(bar_st)) : "memory");
+        }
         {   // conv step + SiLU, mapping T; the window shifted into the conv state
             const float* w = cl + C_CW + tc * PKC;
             const float cb = cl[C_CB + tc];
@@ -423,47 +483,47 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
         grid_sync(bars, nbar++);
         STAMP(1);
 
-        // ======== P2: x_proj reduce-scatter; the states into registers ========
-        if (tid == 0) {
-            if (l + 1 < L) {
-                copy_in(smem + S_WI, wi_src(l + 1), WI_EL * 2, bar_wi);
-                copy_in(smem + S_WX, wx_src(l + 1), WX_EL * 2, bar_wx);
-                copy_in(c_s + ((l + 1) & 1) * C_EL, c_src(l + 1), C_EL * 4, bar_c + ((l + 1) & 1));
-            }
-        }
-        if (l + 1 < L) prefetch_states(l + 1);
-        float4 st[4][PNS / 4];
-        {
-            const float* base = ssm_ptr(l);
+        // ======== P2: x_proj reduce-scatter (one round trip: 16 groups of 8 partials, 12 float4 each) ========
+        if (tid < 16 * 12) {
+            const int c4 = tid % 12, grp = tid / 12;
+            const float4* src = reinterpret_cast<const float4*>(xpart + c * 48) + c4;
+            float4 v[8];
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const int r = sr + 16 * i;
+            for (int j = 0; j < 8; ++j) v[j] = src[(long long)(grp * 8 + j) * (BR * PNX / 4)];
+            float4 a = v[0];
 #pragma unroll
-                for (int j = 0; j < PNS / 4; ++j)
-                    st[i][j] = r < batch ? *reinterpret_cast<const float4*>(base + ((long long)r * PEI + ch0 + sc) * PNS + 4 * j)
-                                         : make_float4(0.f, 0.f, 0.f, 0.f);
+            for (int j = 1; j < 8; ++j) {
+                a.x += v[j].x;
+                a.y += v[j].y;
+                a.z += v[j].z;
+                a.w += v[j].w;
             }
-        }
-        if (tid < 4 * 48) {
-            const int el = tid % 48, grp = tid / 48;
-            const float* src = xpart + c * 48 + el;
-            float s = 0.f;
-#pragma unroll 8
-            for (int j = 0; j < NCTA_P / 4; ++j) s += src[(long long)(grp * (NCTA_P / 4) + j) * BR * PNX];
-            red_s[grp * 48 + el] = s;
+            *reinterpret_cast<float4*>(&red_s[grp * 48 + 4 * c4]) = a;
         }
         __syncthreads();
-        if (tid < 48) dbl[c * 48 + tid] = rnd(red_s[tid] + red_s[48 + tid] + red_s[96 + tid] + red_s[144 + tid]);
+        if (tid < 48) {
+            float a = red_s[tid];
+#pragma unroll
+            for (int grp = 1; grp < 16; ++grp) a += red_s[grp * 48 + tid];
+            dbl[c * 48 + tid] = rnd(a);
+        }
         STAMP(2);
         grid_sync(bars, nbar++);
         STAMP(3);
 
         // ======== P3: dt, state update, y ========
-        float* dbl_s = reinterpret_cast<float*>(ring);                 // [BR][DBP]
+        if (tid == 0 && l + 1 < L) {    // the next layer's in_proj / x_proj / constants (their buffers are free)
+            copy_in(smem + S_WI, wi_src(l + 1), WI_EL * 2, bar_wi);
+            copy_in(smem + S_WX, wx_src(l + 1), WX_EL * 2, bar_wx);
+            copy_in(c_s + ((l + 1) & 1) * C_EL, c_src(l + 1), C_EL * 4, bar_c + ((l + 1) & 1));
+        }
+        float* dbl_s = reinterpret_cast<float*>(ring + S_DBL);         // [BR][DBP]
+        const float* st_s = reinterpret_cast<const float*>(ring);      // [BR][STP]: row r, channel j, state n
         for (int idx = tid; idx < BR * PNX / 4; idx += PTHR) {
             const int row = idx / (PNX / 4), c4 = idx % (PNX / 4);
             *reinterpret_cast<float4*>(&dbl_s[row * DBP + 4 * c4]) = reinterpret_cast<const float4*>(dbl)[idx];
         }
+        bar_wait(bar_st, l & 1);
         __syncthreads();
         {
             const float* wdt = cl + C_WDT + sc * PRK;
@@ -495,7 +555,8 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
                 for (int j = 0; j < PNS / 4; ++j) {
                     const float4 Bv = *reinterpret_cast<const float4*>(db + PRK + 4 * j);
                     const float4 Cv = *reinterpret_cast<const float4*>(db + PRK + PNS + 4 * j);
-                    float4 s = st[i][j];
+                    float4 s = r < batch ? *reinterpret_cast<const float4*>(st_s + r * STP + sc * PNS + 4 * j)
+                                         : make_float4(0.f, 0.f, 0.f, 0.f);
                     s.x = fmaf(__expf(d * A[4 * j]), s.x, dx * Bv.x);
                     s.y = fmaf(__expf(d * A[4 * j + 1]), s.y, dx * Bv.y);
                     s.z = fmaf(__expf(d * A[4 * j + 2]), s.z, dx * Bv.z);
@@ -545,7 +606,10 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
 #pragma unroll
             for (int m = 0; m < BR / 16; ++m) mma16816(oacc[m], ap[m * 32], b.x, b.y);
             __syncwarp();
-            if (lane == 0) bar_arrive(empty + slot);
+            if (lane == 0) {
+                bar_arrive(empty + slot);
+                if (MCAST) bar_arrive_remote(empty + slot, crank ^ 1);
+            }
             if (tid == 0 && i + NSLOT < Y_CHUNKS)
                 issue(q + NSLOT, reinterpret_cast<const unsigned char*>(Ybuf) + (long long)(i + NSLOT) * SLOT_BYTES);
         }
@@ -582,6 +646,7 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
             make_float2(res_s[er * OCOL + 2 * ep], res_s[er * OCOL + 2 * ep + 1]);
     // the last CTA out resets the counters for the next launch (every CTA has passed the last barrier)
     __syncthreads();
+    if (MCAST) cluster_sync_all();              // no remote arrive reaches a CTA that has exited
     if (tid == 0) {
         const unsigned done = atomicAdd(bars + 1, 1u);
         if (done == NCTA_P - 1) {

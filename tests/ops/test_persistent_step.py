@@ -193,10 +193,12 @@ def test_model_takes_the_persistent_path_only_where_asked(monkeypatch):
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
-@pytest.mark.parametrize("dtype_code", [1, 2])
-def test_kernel_compiles_for_sm90_without_spills(dtype_code, tmp_path):
+@pytest.mark.parametrize("dtype_code,defines", [(1, ()), (2, ()), (1, ("-DMCAST=1",)), (1, ("-DPROFILE=1",))])
+def test_kernel_compiles_for_sm90_without_spills(dtype_code, defines, tmp_path):
+    # (MCAST draws ptxas's advisory that .multicast::cluster may be slow on future architectures: no -Werror)
+    werror = () if defines else ("-Werror", "all-warnings")
     r = subprocess.run(["nvcc", "-arch=sm_90", "-std=c++17", "-cubin", "-o", str(tmp_path / "k.cubin"),
-                        "-Xptxas", "-v", "-Werror", "all-warnings", f"-DIN_DTYPE={dtype_code}", str(SRC)],
+                        "-Xptxas", "-v", *werror, f"-DIN_DTYPE={dtype_code}", *defines, str(SRC)],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     stats = r.stderr.split("'persistent_step'")[-1]
@@ -205,14 +207,19 @@ def test_kernel_compiles_for_sm90_without_spills(dtype_code, tmp_path):
 
 # ---- GPU --------------------------------------------------------------------------------------------------
 
-CASES = [(torch.bfloat16, 64), (torch.bfloat16, 37), (torch.bfloat16, 1), (torch.float16, 64)]
+# builds (BYTEMAMBA_PERSISTENT_DEFINES): the default, and MCAST (clusters of 2, multicast streams)
+BUILDS = {"default": "", "mcast": "MCAST=1"}
+CASES = [("default", torch.bfloat16, 64), ("default", torch.bfloat16, 37), ("default", torch.bfloat16, 1),
+         ("default", torch.float16, 64), ("mcast", torch.bfloat16, 64), ("mcast", torch.bfloat16, 37),
+         ("mcast", torch.float16, 5)]
 
 
 @gpu
-@pytest.mark.parametrize("dtype,batch", CASES, ids=[f"{str(d)[6:]}-b{b}" for d, b in CASES])
-def test_kernel_many_steps(dtype, batch):
+@pytest.mark.parametrize("build,dtype,batch", CASES, ids=[f"{v}-{str(d)[6:]}-b{b}" for v, d, b in CASES])
+def test_kernel_many_steps(build, dtype, batch, monkeypatch):
     """12 steps of the kernel against the reference (same roundings) and a float32 truth (the same rounded
     weights, no rounding of the activations): the kernel's error at most about twice the reference's."""
+    monkeypatch.setenv("BYTEMAMBA_PERSISTENT_DEFINES", BUILDS[build])
     m = make_model(n_layer=3, seed=batch, device="cuda")
     W = packed(m, dtype)
     P = pack_persistent(W)
@@ -237,8 +244,10 @@ def test_kernel_many_steps(dtype, batch):
 
 
 @gpu
-def test_kernel_is_deterministic_and_rows_independent():
+@pytest.mark.parametrize("build", list(BUILDS))
+def test_kernel_is_deterministic_and_rows_independent(build, monkeypatch):
     """Same inputs, bit-identical outputs; a batch of 40 gives the same bits as its first 25 rows alone."""
+    monkeypatch.setenv("BYTEMAMBA_PERSISTENT_DEFINES", BUILDS[build])
     m = make_model(n_layer=2, seed=5, device="cuda")
     W = packed(m, torch.bfloat16)
     P = pack_persistent(W)
