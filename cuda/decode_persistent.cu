@@ -209,7 +209,8 @@ __device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
 }
 
 // Grid-wide barrier number k (0, 1, ... within the launch): every CTA adds 1 to bars[0] and waits until it
-// reaches NCTA_P (k + 1). Writes before it (any thread of any CTA) are visible after it, also to bulk copies.
+// reaches NCTA_P (k + 1). Writes before it (any thread of any CTA) are visible after it, also to bulk copies;
+// the data other CTAs wrote is read with ld.global.cg (L2, never a stale L1 line) or by bulk copies.
 __device__ __forceinline__ void grid_sync(unsigned* bars, unsigned k) {
     asm volatile("fence.proxy.async;" ::: "memory");
     __syncthreads();
@@ -363,7 +364,7 @@ extern "C" __global__ void P_CLUSTER __launch_bounds__(PTHR, 1) persistent_step(
             const int row = tid & 63, grp = tid >> 6;
             float v[NCTA_P / 4];
 #pragma unroll
-            for (int j = 0; j < NCTA_P / 4; ++j) v[j] = sspart[(grp * (NCTA_P / 4) + j) * BR + row];
+            for (int j = 0; j < NCTA_P / 4; ++j) v[j] = __ldcg(sspart + (grp * (NCTA_P / 4) + j) * BR + row);
             float s = 0.f;
 #pragma unroll
             for (int j = 0; j < NCTA_P / 4; ++j) s += v[j];
@@ -489,7 +490,7 @@ extern "C" __global__ void P_CLUSTER __launch_bounds__(PTHR, 1) persistent_step(
             const float4* src = reinterpret_cast<const float4*>(xpart + c * 48) + c4;
             float4 v[8];
 #pragma unroll
-            for (int j = 0; j < 8; ++j) v[j] = src[(long long)(grp * 8 + j) * (BR * PNX / 4)];
+            for (int j = 0; j < 8; ++j) v[j] = __ldcg(src + (long long)(grp * 8 + j) * (BR * PNX / 4));
             float4 a = v[0];
 #pragma unroll
             for (int j = 1; j < 8; ++j) {
@@ -521,7 +522,7 @@ extern "C" __global__ void P_CLUSTER __launch_bounds__(PTHR, 1) persistent_step(
         const float* st_s = reinterpret_cast<const float*>(ring);      // [BR][STP]: row r, channel j, state n
         for (int idx = tid; idx < BR * PNX / 4; idx += PTHR) {
             const int row = idx / (PNX / 4), c4 = idx % (PNX / 4);
-            *reinterpret_cast<float4*>(&dbl_s[row * DBP + 4 * c4]) = reinterpret_cast<const float4*>(dbl)[idx];
+            *reinterpret_cast<float4*>(&dbl_s[row * DBP + 4 * c4]) = __ldcg(reinterpret_cast<const float4*>(dbl) + idx);
         }
         bar_wait(bar_st, l & 1);
         __syncthreads();
