@@ -73,6 +73,9 @@
 #ifndef FWD_SPP
 #define FWD_SPP 0
 #endif
+#ifndef FWD_YT
+#define FWD_YT 0
+#endif
 #define FSPT ((FWD_SPT < NPAD) ? FWD_SPT : NPAD)
 #define FNT (NPAD / FSPT)
 #define FCPB (NTHREADS / FNT)
@@ -390,6 +393,7 @@ struct FwdSmem {
   alignas(16) in_t rB[NPAD * RRS];
   alignas(16) in_t rC[NPAD * RRS];
   alignas(16) u8 rr[TL + 16];
+  alignas(16) float yt[FWD_YT ? NTHREADS * (UNR + 4) : 4];   // FWD_YT: per-lane y partials of one step
 };
 
 // One forward tile of a thread's FSPT states. AGG: no outputs (sum of dl and reset seen are tracked).
@@ -398,7 +402,7 @@ struct FwdSmem {
 // ending with UNR/FNT consecutive positions, stored with 16-byte stores where they fit.
 template <bool AGG>
 __device__ __forceinline__ void fwd_tile_scan(const FwdSmem& s, int c, int sg, int lane, const float (&A2)[FSPT],
-                                              float (&x)[FSPT], float& sumdl, float& keep, float* ysm) {
+                                              float (&x)[FSPT], float& sumdl, float& keep, float* ysm, float* ytb) {
 #pragma unroll 1
   for (int t0 = 0; t0 < TL; t0 += UNR) {
     float yv[UNR];
@@ -449,7 +453,43 @@ __device__ __forceinline__ void fwd_tile_scan(const FwdSmem& s, int c, int sg, i
         }
       }
     }
-    if (!AGG && FSPT == 4) {                // v5: interleaved reduce-scatter, lane keeps every FNT-th position
+    if (!AGG && FWD_YT) {
+      // y partials summed through shared memory (no shuffles, no selects): each lane writes its UNR partials
+      // (row stride UNR + 4 floats: conflict-free 16-byte stores), then sums the FNT partials of its UNR/FNT
+      // consecutive positions; the channel's lanes are in one warp, so warp barriers suffice.
+      constexpr int YS = UNR + 4, PER = UNR / FNT;
+      float* mine = &ytb[threadIdx.x * YS];
+#pragma unroll
+      for (int i = 0; i < UNR; i += 4) *reinterpret_cast<float4*>(mine + i) = make_float4(yv[i], yv[i + 1], yv[i + 2], yv[i + 3]);
+      __syncwarp();
+      const float* first = &ytb[(threadIdx.x - sg) * YS + sg * PER];   // the channel's lane 0, my positions
+      float acc[PER];
+#pragma unroll
+      for (int i = 0; i < PER; ++i) acc[i] = first[i];
+#pragma unroll
+      for (int l = 1; l < FNT; ++l) {
+        if constexpr (PER % 4 == 0) {
+#pragma unroll
+          for (int i = 0; i < PER; i += 4) {
+            const float4 p4 = *reinterpret_cast<const float4*>(first + l * YS + i);
+            acc[i] += p4.x; acc[i + 1] += p4.y; acc[i + 2] += p4.z; acc[i + 3] += p4.w;
+          }
+        } else {
+#pragma unroll
+          for (int i = 0; i < PER; ++i) acc[i] += first[l * YS + i];
+        }
+      }
+      float* yp = &ysm[c * RS + t0 + sg * PER];
+      if constexpr (PER % 4 == 0) {
+#pragma unroll
+        for (int i = 0; i < PER; i += 4)
+          *reinterpret_cast<float4*>(yp + i) = make_float4(acc[i], acc[i + 1], acc[i + 2], acc[i + 3]);
+      } else {
+#pragma unroll
+        for (int i = 0; i < PER; ++i) yp[i] = acc[i];
+      }
+      __syncwarp();                         // all read before the next step's partials overwrite them
+    } else if (!AGG && FSPT == 4) {         // v5: interleaved reduce-scatter, lane keeps every FNT-th position
       reduce_scatter<UNR>(yv, lane);
 #pragma unroll
       for (int g = 0; g < UNR / FNT; ++g) ysm[c * RS + t0 + g * FNT + sg] = yv[g];
@@ -650,7 +690,7 @@ __device__ __forceinline__ void fwd_body(
         *reinterpret_cast<float4*>(&ckpt[(ch * ntiles + k) * NPAD + sg * FSPT + j]) =
             make_float4(x[j], x[j + 1], x[j + 2], x[j + 3]);
     }
-    fwd_tile_scan<AGG>(s, c, sg, lane, A2, x, sumdl, keep, s.du);
+    fwd_tile_scan<AGG>(s, c, sg, lane, A2, x, sumdl, keep, s.du, s.yt);
     if (!AGG) {
       __syncthreads();
       float ov[FEPT];
