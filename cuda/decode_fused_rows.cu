@@ -10,7 +10,7 @@
 // output, the logits. Only the summation order differs (tensor-core dot products).
 //
 // Shapes (compile time): d_model DM 256, d_inner EI 512, d_state NS 16, dt_rank RK 16, d_conv 4, vocab NV 256,
-// any number of layers 1 <= L <= MAX_L, any batch (tiles of ROWS rows, the last one partial).
+// any number of layers 1 <= L <= MAX_L, any batch (tiles of rpc <= ROWS rows, the last one partial).
 //   Weights pre-packed per layer and per CTA by bytemamba/ops/fused_step.py (pack_rows): the A operands of the
 //   mma in fragment order (16 bytes per lane per 16x16 tile, tiles (m, k) row-major), so one bulk copy brings a
 //   CTA's slice of a layer into shared memory:
@@ -21,15 +21,18 @@
 //   head_p (8, 32*256)   in_t: head rows 32c..32c+31;  normf (DM) f32: the final norm weight
 //   state_ptrs (2L) int64: each layer's conv state (B, EI, 3) and SSM state (B, EI, NS), float32, in place.
 //
-// How it is launched: grid 8 * ceil(B / ROWS) CTAs of 512 threads, cluster dims (8,1,1) compiled in, SMEM_BYTES
-// of dynamic shared memory (fused_rows_smem() reports it and ROWS; 197 KB at 16 rows, 232,000 B at 24): one
-// CTA per SM. Cluster t computes rows ROWS t .. ROWS t + ROWS - 1. CTA c owns channels [64c, 64c+64) (in_proj
+// How it is launched: grid 8 * ceil(B / rpc) CTAs of 512 threads, cluster dims (8,1,1) compiled in, SMEM_BYTES
+// of dynamic shared memory (fused_rows_smem() reports it and ROWS; 197 KB at 16 rows, 232,064 B at 24): one
+// CTA per SM. Cluster t computes rows rpc t .. rpc t + rpc - 1 (rpc <= ROWS, a kernel argument: the launcher
+// spreads a batch over every cluster of its waves, e.g. 256 rows as 15 tiles of 18 at ROWS 24, so that each SM
+// moves fewer rows' states; the state update skips the rows past a tile's last). CTA c owns channels [64c, 64c+64) (in_proj
 // x/z rows, conv and SSM state, x_proj and out_proj partial sums over them) and residual columns [32c, 32c+32)
 // (out_proj's output, the residual add). Per layer:
 //   N  RMSNorm of the rows (every CTA holds the full residual), h -> shared memory (in_t)
 //   I  in_proj: 128 x 256 x ROWS on tensor cores (a warp per 16-row m-tile, one or two 8-row n-tiles)
 //   C  conv step + SiLU (conv states loaded into registers at I)
-//   X  x_proj partial sums (48 x 64 x ROWS), sent to all 8 CTAs (st.async, 16-byte messages, mbarrier)
+//   X  x_proj partial sums (48 x 64 x ROWS), each row's to its owner (CTAs 0..5 own 8 rows each; st.async,
+//      16-byte messages, mbarrier); the owner sums the 8 partials and sends the rounded sums to all 8 CTAs
 //   D  dt = softplus(W_dt dt_low + b) (lane q of a channel's 4 computes ROWS/8 of its rows' dt, shared by
 //      shuffles), state update, y = <s, C> + D x, gate by silu(z); the fp32 SSM states sit in registers,
 //      loaded a whole layer ahead (SSM_AT 2) after a bulk prefetch into L2, and are written back right after
@@ -37,11 +40,12 @@
 //   R  the owner sums the 8 partials, adds them to the residual and sends its 32 columns to all 8 CTAs
 // Each CTA's weight slice of layer l+1 (in_proj 64 KB, x_proj 6 KB, out_proj 32 KB, the fp32 constants 11 KB,
 // double-buffered) is brought by bulk copies (cp.async.bulk, copy engine, mbarrier) right after layer l used it.
-// 3 exchanges a layer, no cluster-wide barrier after the start.
+// 4 exchanges a layer (X's two hops, O, R), no cluster-wide barrier after the start.
 // Measured on an H200 (docs/PERF.md, "audio6m large batches"): an H200 holds 15 such clusters at once (a wave
-// of 240 rows at 16 rows a cluster, 360 at 24); 15 layers, kernel alone, 16 rows: 145 us at 32 rows, 148 us
-// at 128, 158 us at 240; 24 rows: 225 us at 256 (one wave, where 16 rows need two: 313 us). The launcher picks
-// the tile by waves. The per-layer chain of barriers and exchanges (~7.6 us), not bytes, bounds it.
+// of 240 rows at 16 rows a cluster, 360 at 24); 15 layers, kernel alone: 126 us at 64 rows (13 tiles of 5),
+// 155 us at 240 (16 rows a tile), 199 us at 256 (24-row build, 15 tiles of 18). The launcher picks the build by
+// waves. Without state traffic the chain is ~8 us a layer at 16 rows, ~12 at 24; the states add ~2-3 us a
+// layer per SM (their loads and stores share the load/store unit with the DSMEM exchanges).
 // An earlier 16-row body (a separate dt phase and buffers; the states loaded from HBM straight into registers a
 // layer ahead) was 3-5% slower at 64-240 rows and was removed; commit 0b64af9 has it.
 
@@ -91,19 +95,13 @@
 #define MAX_L 64
 #define SMEM_BYTES (S_PTR + 2 * MAX_L * 8)
 
-// bytes each exchange brings into a CTA
-#define X_BYTES (NCTA * NX * ROWS * 4)
-// XRS 1: x_proj's partials reduce-scattered instead of sent whole to every CTA: CTA c < NXO owns x_proj rows
-// XO c .. XO c + XO - 1, sums their 8 partials and sends the rounded sums to all 8 CTAs (all-gather into dbl):
-// 8x fewer DSMEM bytes and messages for x_proj (at 24 rows 672 messages out of an owner a layer instead of
-// 2304), one more hop
-#ifndef XRS
-#define XRS 0
-#endif
-#define XO 8                    // x_proj rows an owner (XRS)
+// x_proj's exchange: CTA c < NXO owns x_proj rows XO c .. XO c + XO - 1 (reduce-scatter of the partials, the
+// owner's sums all-gathered into every CTA's dbl)
+#define XO 8                    // x_proj rows an owner
 #define NXO (NX / XO)           // owners: CTAs 0..5
-#define XRS_BYTES (NCTA * XO * ROWS * 4)    // partials into an owner
-#define D_BYTES (NX * ROWS * 4)             // dbl into every CTA
+// bytes each exchange brings into a CTA
+#define X_BYTES (NCTA * XO * ROWS * 4)      // x_proj partials into an owner
+#define D_BYTES (NX * ROWS * 4)             // dbl (the owners' sums) into every CTA
 #define O_BYTES (NCTA * OC * ROWS * 4)
 #define R_BYTES (NCTA * OC * ROWS * 4)
 
@@ -186,12 +184,9 @@ __device__ __forceinline__ void prefetch_l2(const void* src, unsigned bytes) {
         asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(src), "r"(bytes) : "memory");
 }
 
-// ROWSKIP 1: the state-update threads take rows rh, rh + 2, ... (interleaved) and skip the rows past the
-// tile's last (a tile of rpc < ROWS rows: the launcher's spread, BYTEMAMBA_FUSED_SPREAD)
-#ifndef ROWSKIP
-#define ROWSKIP 0
-#endif
-#define SROW(j) (ROWSKIP ? 2 * (j) + rh : RH * rh + (j))
+// the row of a state-update thread's j-th: rows rh, rh + 2, ... (interleaved, so that the two halves of a tile
+// of rpc < ROWS rows skip alike the rows past its last)
+#define SROW(j) (2 * (j) + rh)
 
 // in_proj for NT n-tiles (rows 8 nt0 .. 8 (nt0 + NT) - 1) of m-tile mt: each A fragment read once serves NT
 // mma; xz stored rounded to in_t
@@ -251,7 +246,7 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
     unsigned long long* bar_wx = bars + 4;
     unsigned long long* bar_wo = bars + 5;
     unsigned long long* bar_k = bars + 6;   // [2]
-    unsigned long long* bar_d = bars + 8;   // dbl arrived (XRS)
+    unsigned long long* bar_d = bars + 8;   // dbl arrived (x_proj's all-gather)
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
     const unsigned c = cluster_rank();
@@ -261,8 +256,8 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
     const int ch0 = (int)c * EC;
     // mapping T (conv): channel tch, rows tr, tr + 8, tr + 16
     const int tch = tid & (EC - 1), tr = tid >> 6;
-    // mapping S (dt, state update): rows RH rh .. RH rh + RH - 1, channel sch, states 4q .. 4q + 3; dt and y of
-    // rows RH rh + RQ q .. + RQ - 1
+    // mapping S (dt, state update): rows SROW(j) = rh, rh + 2, .. (j < RH), channel sch, states 4q .. 4q + 3; dt
+    // and y of rows SROW(RQ q + i), i < RQ
     const int rh = tid >> 8, sch = (tid >> 2) & (EC - 1), q = tid & 3;
 
     auto wi_src = [&](int l) { return Wi_p + ((long long)l * NCTA + c) * WI_EL; };
@@ -274,9 +269,8 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
     if (tid == 0) {
         for (int i = 0; i < 9; ++i) mbar_init(bars + i, 1);
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-        if (!XRS) mbar_expect(bar_x, X_BYTES);
-        if (XRS && c < NXO) mbar_expect(bar_x, XRS_BYTES);
-        if (XRS) mbar_expect(bar_d, D_BYTES);
+        if (c < NXO) mbar_expect(bar_x, X_BYTES);
+        mbar_expect(bar_d, D_BYTES);
         mbar_expect(bar_o, O_BYTES);
         mbar_expect(bar_r, R_BYTES);
         load_bulk(wi_s, wi_src(0), WI_EL * 2, bar_wi);
@@ -456,7 +450,8 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
         __syncthreads();
         STAMP(2);
 
-        // (X) x_proj partial sums over this CTA's channels (48 x 64 x 24): warps 0..8, sent to all 8 CTAs
+        // (X) x_proj partial sums over this CTA's channels (48 x 64 x ROWS): warps 0..XW-1, each row's partial
+        // to its owner (an all-to-all of the whole partials, the earlier exchange, moved 8x the DSMEM bytes)
         if (l == 0) asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");   // the start barrier
         if (warp < XW) {
             mbar_wait(bar_wx, l & 1);
@@ -469,20 +464,14 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
             const float4 msg = regroup(acc, t);
             const int m = mt * 16 + g + ((t & 1) ? 8 : 0), n0 = nt * 8 + 2 * (t & 2);
             const float* dst = &xr_s[(c * NX + m) * ROWS + n0];
-#if XRS
             send4(dst, m / XO, msg, bar_x);          // to the owner of row m
-#else
-#pragma unroll
-            for (int d = 0; d < NCTA; ++d) send4(dst, d, msg, bar_x);
-#endif
         }
         STAMP(3);
-#if XRS
         // the owner: rows XO c + 4 grp .. + 3 of row n = the rounded sums of the 8 partials (fixed order), to
         // every CTA's dbl; then every CTA waits for its dbl
         if (c < NXO && tid < XO / 4 * ROWS) {
             mbar_wait(bar_x, l & 1);
-            if (tid == 0) mbar_expect(bar_x, XRS_BYTES);             // arm the next layer's exchange
+            if (tid == 0) mbar_expect(bar_x, X_BYTES);               // arm the next layer's exchange
             const int n = tid % ROWS, m0 = XO * c + 4 * (tid / ROWS);
             float o[4];
 #pragma unroll
@@ -500,29 +489,14 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
             mbar_wait(bar_d, l & 1);
             if (lane == 0) mbar_expect(bar_d, D_BYTES);
         }
-#else
-        // dbl = the sum of the 8 partials (fixed order), rounded: the sending warps, 4 values a thread
-        if (warp < XW) {
-            mbar_wait(bar_x, l & 1);
-            if (tid == 0) mbar_expect(bar_x, X_BYTES);               // arm the next layer's exchange
-#pragma unroll
-            for (int i = 0; i < NX * ROWS / (32 * XW); ++i) {
-                const int idx = tid + i * 32 * XW, m = idx / ROWS, n = idx % ROWS;
-                float s = 0.f;
-#pragma unroll
-                for (int d = 0; d < NCTA; ++d) s += xr_s[(d * NX + m) * ROWS + n];
-                dbl_s[n * DBP + m] = rnd(s);
-            }
-        }
-#endif
         __syncthreads();
         STAMP(4);
         if (tid == 0 && l + 1 < L) load_bulk(wx_s, wx_src(l + 1), WX_EL * 2, bar_wx);
         STAMP(5);
 
-        // (D) mapping S. dt = softplus(W_dt dt_low + dt_bias) of rows RH rh + RQ q + i (the 4 lanes of a channel
-        // share the rows' dt by shuffles); state update; y = <s, C> + D x (4 lanes reduced transposed: lane q
-        // ends with rows RH rh + RQ q + i), gated by silu(z)
+        // (D) mapping S. dt = softplus(W_dt dt_low + dt_bias) of rows SROW(RQ q + i) (the 4 lanes of a channel
+        // share the rows' dt by shuffles); state update (rows past the tile's last skipped); y = <s, C> + D x
+        // (4 lanes reduced transposed: lane q ends with rows SROW(RQ q + i)), gated by silu(z)
         {
             float dts[RQ];
             {
@@ -552,7 +526,7 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
 #pragma unroll
             for (int j = 0; j < RH; ++j) {
                 const int r = SROW(j);
-                if (ROWSKIP && r >= nrows) {         // (warp-uniform: no lane of this warp has a row here)
+                if (r >= nrows) {         // (warp-uniform: no lane of this warp has a row here)
                     yp[j] = 0.f;
                     continue;
                 }

@@ -109,11 +109,12 @@ def rows_variant_arg(v):
 
 
 def use_variant(build, defines):
-    """Select a rows-kernel variant for the launcher (through its environment knobs; the token SPREAD=1 among
-    the defines sets BYTEMAMBA_FUSED_SPREAD, the launcher's spread of the rows over every cluster)."""
+    """Select a rows-kernel variant for the launcher (through its environment knobs; the token SPREAD=0 among
+    the defines sets BYTEMAMBA_FUSED_SPREAD=0: full tiles instead of the launcher's spread of the rows over every
+    cluster)."""
     os.environ["BYTEMAMBA_FUSED_ROWS_VARIANT"] = build
     os.environ["BYTEMAMBA_FUSED_DEFINES"] = defines.replace("+", " ")
-    os.environ["BYTEMAMBA_FUSED_SPREAD"] = "1" if "SPREAD=1" in defines.split("+") else "0"
+    os.environ["BYTEMAMBA_FUSED_SPREAD"] = "0" if "SPREAD=0" in defines.split("+") else "1"
 
 
 def batches_table(m, W, args):

@@ -16,17 +16,16 @@
 # $VARIANT (BYTEMAMBA_FUSED_DEFINES form, '+' for spaces), then tests/test_decode.py -x. Each stage under its own
 # timeout (~235 s in all).
 #
-# MODE=cand: two candidates of the rows kernel (compile-time defines, '+' for spaces; each run with the
-# launcher's spread on, BYTEMAMBA_FUSED_SPREAD=1) against the defaults: $CAND's GPU tests in full
-# (tests/ops/test_fused_step.py, tests/test_decode.py) and $ALT's rows tests forced at r16 and r24 (in parallel),
-# the kernels alone at $BATCHES (default 64 240 256) per variant, `bench generate` at audio6m 64 / 240 / 256 with
-# $CAND (and the Transformer) and $ALT, then per-phase profiles of $CAND at batch 256; tables last (~170 s).
+# MODE=cand: two candidates of the rows kernel (compile-time defines, '+' for spaces; default SSM_AT=1 and
+# SSM_AT=0) against the defaults: $CAND's GPU tests in full (tests/ops/test_fused_step.py, tests/test_decode.py)
+# and $ALT's rows tests forced at r16 and at r24 (in parallel), the kernels alone at $BATCHES (default 64 240
+# 256): the defaults, each build, full tiles (SPREAD=0), $ALT, $CAND; `bench generate` at audio6m 64 / 240 / 256
+# with $CAND (and the Transformer) and $ALT, then per-phase profiles at batch 256; tables last (~170 s).
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/bytemamba_out}
 mkdir -p "$OUT"
 if [ "${MODE:-}" = cand ]; then
-  CAND=${CAND:-ROWSKIP=1+XRS=1}; ALT=${ALT:-ROWSKIP=1}
-  export BYTEMAMBA_FUSED_SPREAD=1
+  CAND=${CAND:-SSM_AT=1}; ALT=${ALT:-SSM_AT=0}
   nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/smoke.log"
   T="python3 -m pytest -q -m gpu --tb=short -p no:cacheprovider"
   ( BYTEMAMBA_FUSED_DEFINES="${CAND//+/ }" timeout 95 $T tests/ops/test_fused_step.py tests/test_decode.py \
@@ -36,21 +35,19 @@ if [ "${MODE:-}" = cand ]; then
       tests/ops/test_fused_step.py -k "rows or model or graphs" > "$OUT/tests_alt_$b.log" 2>&1 ) &
   done
   wait
-  echo "tests $CAND (spread), test_fused_step + test_decode: $(tail -1 "$OUT/tests_cand.log")"
-  for b in r16 r24; do echo "tests $ALT (spread) at $b: $(tail -1 "$OUT/tests_alt_$b.log")"; done
-  export BYTEMAMBA_FUSED_SPREAD=0
+  echo "tests $CAND, test_fused_step + test_decode: $(tail -1 "$OUT/tests_cand.log")"
+  for b in r16 r24; do echo "tests $ALT at $b: $(tail -1 "$OUT/tests_alt_$b.log")"; done
   timeout 50 python3 scripts/bench_fused_step.py --batches ${BATCHES:-64 240 256} --no-unfused --cluster-max 0 \
-    --rows-variants r16 r24 alt=$ALT+SPREAD=1 cand=$CAND+SPREAD=1 nospread=$CAND > "$OUT/kernel.log" 2>&1
+    --rows-variants r16 r24 full=SPREAD=0 alt=$ALT cand=$CAND > "$OUT/kernel.log" 2>&1
   G="python3 -m bytemamba.bench generate --no-profile --models audio6m --batches 64 240 256"
-  [ $SECONDS -lt 140 ] && BYTEMAMBA_FUSED_SPREAD=1 BYTEMAMBA_FUSED_DEFINES="${CAND//+/ }" timeout 30 $G \
-    > "$OUT/bench_cand.log" 2>&1
-  [ $SECONDS -lt 158 ] && BYTEMAMBA_FUSED_SPREAD=1 BYTEMAMBA_FUSED_DEFINES="${ALT//+/ }" timeout 18 $G \
-    --no-transformer > "$OUT/bench_alt.log" 2>&1
-  [ $SECONDS -lt 165 ] && BYTEMAMBA_FUSED_SPREAD=1 timeout $((176 - SECONDS)) python3 scripts/bench_fused_step.py \
-    --batches 256 --no-unfused --cluster-max 0 --profile 256 --profile-defines $CAND+SPREAD=1 > "$OUT/profile.log" 2>&1
-  echo "== profile (spread)"; grep -E "^\|" "$OUT/profile.log" | head -14
-  echo "== bench generate: $CAND + spread"; grep -E "^\|" "$OUT/bench_cand.log" | tail -4
-  echo "== bench generate: $ALT + spread"; grep -E "^\|" "$OUT/bench_alt.log" | tail -4
+  [ $SECONDS -lt 140 ] && BYTEMAMBA_FUSED_DEFINES="${CAND//+/ }" timeout 30 $G > "$OUT/bench_cand.log" 2>&1
+  [ $SECONDS -lt 158 ] && BYTEMAMBA_FUSED_DEFINES="${ALT//+/ }" timeout 18 $G --no-transformer \
+    > "$OUT/bench_alt.log" 2>&1
+  [ $SECONDS -lt 165 ] && timeout $((176 - SECONDS)) python3 scripts/bench_fused_step.py --batches 256 \
+    --no-unfused --cluster-max 0 --profile 256 --profile-defines $CAND > "$OUT/profile.log" 2>&1
+  echo "== profile"; grep -E "^\|" "$OUT/profile.log" | head -14
+  echo "== bench generate: $CAND"; grep -E "^\|" "$OUT/bench_cand.log" | tail -4
+  echo "== bench generate: $ALT"; grep -E "^\|" "$OUT/bench_alt.log" | tail -4
   echo "== kernel alone"; grep -E "^\|" "$OUT/kernel.log" | tail -5
   exit 0
 fi

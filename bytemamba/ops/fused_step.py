@@ -240,8 +240,9 @@ def _rows_from() -> int:
 
 # Batches above this run the `rows` kernel, the others the `cluster` kernel (BYTEMAMBA_FUSED_ROWS_FROM
 # overrides it). Both run one CTA per SM in clusters of 8, and an H200 holds 15 such clusters at once: the
-# cluster kernel takes ~55 us a wave of 15 rows, the rows kernel ~150-165 us a wave of 15 x 16 rows (measured,
-# docs/PERF.md "audio6m large batches"), so the rows kernel pays from 31 rows on.
+# cluster kernel takes ~55 us a wave of 15 rows, the rows kernel ~125 us for 64 rows spread over 13 clusters and
+# ~155 us a full wave of 15 x 16 rows (measured, docs/PERF.md "audio6m large batches"), so the rows kernel pays
+# from 31 rows on (the cluster kernel's third wave).
 ROWS_FROM = 30
 ROWS_MAX_LAYERS = 64              # the rows kernel keeps the state pointers in shared memory (MAX_L)
 
@@ -250,11 +251,12 @@ ROWS_MAX_LAYERS = 64              # the rows kernel keeps the state pointers in 
 # BYTEMAMBA_FUSED_ROWS_VARIANT forces one.
 ROWS_VARIANTS = {"r16": (), "r24": ("-DROWS=24",)}
 ROWS_OF = {"r16": 16, "r24": 24}
-# Time of one wave (every cluster the GPU holds at once, 15 on an H200) of audio6m's 15 layers, us, measured on an
-# H200 (docs/PERF.md, "audio6m large batches", 2026-11-29 10:53 UTC: 158 us at 240 rows, 225 us at 256): the
+# Time of one full wave (every cluster the GPU holds at once, 15 on an H200) of audio6m's 15 layers, us, measured
+# on an H200 (docs/PERF.md, "audio6m large batches": 155 us at 240 rows, 2026-11-29 12:08 UTC; 24 rows a tile:
+# 225 us at 256 rows before the x_proj reduce-scatter, 199 us at 256 rows spread as 15 tiles of 18 after): the
 # 24-row build is slower a wave but carries 1.5x the rows, so it pays where it saves a wave (an H200: 241..360
 # rows, one wave instead of two).
-ROWS_WAVE_US = {"r16": 158.0, "r24": 225.0}
+ROWS_WAVE_US = {"r16": 155.0, "r24": 225.0}
 
 
 def rows_variant(batch: int | None = None, clusters: int | None = None) -> str:
@@ -276,10 +278,12 @@ def rows_variant(batch: int | None = None, clusters: int | None = None) -> str:
 
 
 def rows_per_cluster(batch: int, rows: int, clusters: int | None) -> int:
-    """The rows a cluster of the `rows` kernel computes (<= rows, the build's tile): the full tile, or, with
-    BYTEMAMBA_FUSED_SPREAD=1, the batch spread evenly over every cluster of the same number of waves (256 rows
-    at 24 a tile on 15 clusters: 15 tiles of 18 rows (the last 4) instead of 11 of 24)."""
-    if os.environ.get("BYTEMAMBA_FUSED_SPREAD", "0") != "1" or not clusters:
+    """The rows a cluster of the `rows` kernel computes (<= rows, the build's tile): the batch spread evenly over
+    every cluster of the same number of waves (256 rows at 24 a tile on 15 clusters: 15 tiles of 18 rows, the
+    last of 4, instead of 11 of 24; 64 rows at 16: 13 tiles of 5), so that each SM moves fewer rows' states
+    (measured on an H200, docs/PERF.md: 64 rows 147 -> 131 us, 256 rows 226 -> 214 us). The full tile where
+    the cluster count is unknown or with BYTEMAMBA_FUSED_SPREAD=0."""
+    if os.environ.get("BYTEMAMBA_FUSED_SPREAD", "1") == "0" or not clusters:
         return rows
     waves = -(-(-(-batch // rows)) // clusters)
     return min(rows, -(-batch // (waves * clusters)))

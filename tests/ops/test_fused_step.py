@@ -143,8 +143,8 @@ def test_rows_variant_choice(monkeypatch):
 
 def test_rows_per_cluster(monkeypatch):
     """The spread: a batch over every cluster of its waves, never more rows than the build's tile, every row
-    covered in the same number of waves."""
-    monkeypatch.setenv("BYTEMAMBA_FUSED_SPREAD", "1")
+    covered in the same number of waves; BYTEMAMBA_FUSED_SPREAD=0: full tiles."""
+    monkeypatch.delenv("BYTEMAMBA_FUSED_SPREAD", raising=False)                # (the default: spread)
     assert [rows_per_cluster(b, 24, 15) for b in (1, 64, 256, 360)] == [1, 5, 18, 24]
     assert [rows_per_cluster(b, 16, 15) for b in (64, 240, 241, 480)] == [5, 16, 9, 16]
     assert rows_per_cluster(256, 24, None) == 24                          # cluster count unknown: full tiles
