@@ -22,19 +22,24 @@
 //   scan_bwd     (grid.y = nseg)    folds the later segments' aggregates into its carry, then walks its
 //                                   tiles of TL = 64 positions (the checkpoint interval) in reverse:
 //     stage      dl, dl*u, dy, silu'-factor as float rows, u raw, B and C as [t][n] rows, reset masks;
-//     pass 1     rescan sub-blocks 0..6 of SB = 8 positions from the tile's checkpoint, keeping each
-//                sub-block's start state in shared memory (the last sub-block's start stays in registers);
-//     pass 2     per sub-block, last first: recompute its 8 states in registers, run the adjoint backwards.
-//                s1 = <g, B>, s2 = <A, a g x>, y are summed over a channel's lanes by shuffles and one lane a
-//                position finishes du, ddelta, dz. dB, dC are summed over the warp's channels through a
-//                per-warp shared-memory transpose (BWD_DBC=1: 2 vector stores, then each lane adds one
-//                column; BWD_DBC=0: shuffle reduce-scatter), then over the block's warps every FP positions,
-//                and added with float32 atomics (default) or stored as per-block partials (deterministic).
+//     pass 1     rescan sub-blocks 0..NSB-2 of SB positions (SB = 8: 0..6) from the tile's checkpoint,
+//                keeping each one's start state in shared memory (the last sub-block's start stays in
+//                registers, so a tile is rescanned over TL - SB positions, not TL);
+//     pass 2     per sub-block, last first: recompute its SB states in registers, run the adjoint backwards.
+//                s1 = <g, B>, s2 = <A, a g x>, y are summed over a channel's lanes by a shuffle
+//                reduce-scatter every NT positions and one lane a position finishes du, ddelta, dz. dB, dC
+//                are summed over the warp's channels through a per-warp shared-memory transpose (BWD_DBC=1:
+//                2 vector stores, then each lane adds one column) or a shuffle reduce-scatter (BWD_DBC=0),
+//                then over the block's warps every FP positions, and added with float32 atomics (default)
+//                or stored as per-block partials (deterministic mode: same bits every run).
 // Against v5 (selective_scan.cu ss_bwd): dl*u staged once, not formed in each pass; dl, dl*u, dy read 4
-// positions per 16-byte load; the last sub-block is not rescanned; the transpose instead of 28 shuffle-path
-// instructions a position; u staged raw. docs/PERF.md "Selective scan" has the counts and the timings.
-// Compile-time knobs (-D): IN_DTYPE (0 f32, 1 bf16, 2 f16), NPAD, HAS_Z, HAS_RESET, BWD_DBC (1),
-// BWD_FP (positions per cross-warp dB/dC flush, 8), BWD_MINB (blocks per SM the registers allow, 3).
+// positions per 16-byte load; the last sub-block is not rescanned; s1/s2/y reduced every NT positions (fewer
+// live registers); the cross-warp flush with fixed rows per thread; u staged raw.
+// Compile-time knobs (-D): IN_DTYPE (0 f32, 1 bf16, 2 f16), NPAD, HAS_Z, HAS_RESET; BWD_DBC (1), BWD_FP
+// (positions per cross-warp dB/dC flush, 8), BWD_MINB (blocks per SM the registers allow, 3), BWD_SB (8),
+// BWD_PWB (1 or 2 buffers of per-warp dB/dC sums: with 2, one barrier a flush instead of 2).
+// The launcher compiles two builds and picks one by the blocks an SM the waves leave: 3 an SM
+// (BWD_MINB=3, BWD_FP=8, BWD_DBC=0) or 2 (BWD_MINB=2, BWD_FP=16, BWD_DBC=1); docs/PERF.md has the timings.
 //
 // Helpers duplicated from selective_scan.cu (to move into a shared header): in_t, to_f, from_f, ex2_mufu,
 // softplus_f, sigmoid_f, load_row.
@@ -66,13 +71,20 @@
 #define CPB (NTHREADS / NT)        // channels per block
 #define CW (32 / NT)               // channels per warp
 #define TL 64                      // tile length = checkpoint interval (must match the forward)
-#define NSB (TL / 8)               // sub-blocks per tile
-#define SB 8                       // backward sub-block
+#ifndef BWD_SB
+#define BWD_SB 8
+#endif
+#ifndef BWD_PWB
+#define BWD_PWB 1
+#endif
+#define SB BWD_SB                  // backward sub-block (positions recomputed in registers at a time)
+#define NSB (TL / SB)              // sub-blocks per tile
 #define EPT (TL / NT)              // staged elements per thread
 #define RS (TL + 4)                // padded row stride of per-(channel, position) float tiles
 #define BS (NPAD + 4)              // padded row stride of the B / C tiles ([t][n])
 #define FP BWD_FP                  // positions per cross-warp dB / dC flush (a multiple of SB)
 #define PWS (2 * NPAD + 1)         // padded row of the per-warp dB | dC sums
+#define PWSZ ((NTHREADS / 32) * FP * PWS)   // one flush window of per-warp sums
 #define WS (2 * NPAD + 16)         // row of the per-warp transpose buffer (16-byte stores conflict-free)
 #define USE_WB (BWD_DBC && NT < 16)
 
@@ -165,10 +177,13 @@ __device__ __forceinline__ void load_row(const in_t* __restrict__ p, i64 avail, 
   for (int i = 0; i < EPT; ++i) v[i] = (i < avail) ? to_f(p[i]) : 0.0f;
 }
 
-// 8 consecutive floats of a staged row (two 16-byte loads; p 16-byte aligned).
-__device__ __forceinline__ void lds8(const float* p, float (&v)[SB]) {
-  const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
-  v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+// SB consecutive floats of a staged row (16-byte loads; p 16-byte aligned).
+__device__ __forceinline__ void ldsb(const float* p, float (&v)[SB]) {
+#pragma unroll
+  for (int i = 0; i < SB; i += 4) {
+    const float4 a = reinterpret_cast<const float4*>(p)[i / 4];
+    v[i] = a.x; v[i + 1] = a.y; v[i + 2] = a.z; v[i + 3] = a.w;
+  }
 }
 
 // 4 floats of shared memory, loaded afresh (volatile: the compiler may not keep an earlier load of the same
@@ -190,7 +205,7 @@ struct BwdSmem {
   float C[TL * BS];
   float m[TL];                     // 0 where reset, else 1
   float xck[(NSB - 1) * 4 * NTHREADS];       // state at the start of sub-blocks 0..NSB-2, [sb][j][tid]
-  float pw[(NTHREADS / 32) * FP * PWS];      // per-warp dB | dC sums over its channels, per position
+  float pw[BWD_PWB * PWSZ];                  // per-warp dB | dC sums over its channels, per position
 #if USE_WB
   alignas(16) float wb[(NTHREADS / 32) * CW * WS];   // per-warp transpose of one position's dB | dC
 #endif
@@ -399,6 +414,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, BWD_MINB) scan_bwd(BWD_PA
   const i64 prow = (atomic ? (i64)bi : (i64)db * batch + bi) * n * L;
   float* const dB_row = dB_o + prow;
   float* const dC_row = dC_o + prow;
+  int pwsel = 0;                       // offset of the current window's per-warp sums (BWD_PWB buffers)
 
   for (int k = k1 - 1; k >= k0; --k) {
     const i64 l0 = (i64)k * TL;
@@ -418,8 +434,8 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, BWD_MINB) scan_bwd(BWD_PA
 #pragma unroll
       for (int j = 0; j < 4; ++j) s.xck[(sb * 4 + j) * NTHREADS + tid] = x[j];
       float dlv[SB], dupv[SB];
-      lds8(dlrow + sb * SB, dlv);
-      lds8(duprow + sb * SB, dupv);
+      ldsb(dlrow + sb * SB, dlv);
+      ldsb(duprow + sb * SB, dupv);
 #pragma unroll
       for (int q = 0; q < SB; ++q) {
         const int t = sb * SB + q;
@@ -452,8 +468,8 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, BWD_MINB) scan_bwd(BWD_PA
       }
       {
         float dlv[SB], dupv[SB];
-        lds8(dlrow + sb * SB, dlv);
-        lds8(duprow + sb * SB, dupv);
+        ldsb(dlrow + sb * SB, dlv);
+        ldsb(duprow + sb * SB, dupv);
 #pragma unroll
         for (int q = 0; q < SB; ++q) {
           const int t = sb * SB + q;
@@ -528,7 +544,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, BWD_MINB) scan_bwd(BWD_PA
         red[q % RN] = s1;
         red[RN + q % RN] = s2;
         red[2 * RN + q % RN] = yv;
-        float* pwrow = &s.pw[(warp * FP + pbase + q) * PWS];
+        float* pwrow = &s.pw[pwsel + (warp * FP + pbase + q) * PWS];
 #if USE_WB
         // Sum dB, dC over the warp's CW channels: each lane stores its 8 values (two 16-byte stores), then
         // adds up column(s) `lane` of the CW rows.
@@ -607,16 +623,20 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, BWD_MINB) scan_bwd(BWD_PA
 #pragma unroll
         for (int i = 0; i < FP * 2 * NPAD / NTHREADS; ++i) {
           const int r = fl_r0 + i * (NTHREADS / FP), nn = r % NPAD;
-          float acc = s.pw[fl_p * PWS + r];
+          float acc = s.pw[pwsel + fl_p * PWS + r];
 #pragma unroll
-          for (int w = 1; w < NTHREADS / 32; ++w) acc += s.pw[(w * FP + fl_p) * PWS + r];
+          for (int w = 1; w < NTHREADS / 32; ++w) acc += s.pw[pwsel + (w * FP + fl_p) * PWS + r];
           if (nn < n && l < L) {
             float* dst = (r >= NPAD ? dC_row : dB_row) + (i64)nn * L + l;
             if (atomic) atomicAdd(dst, acc);
             else *dst = acc;
           }
         }
-        __syncthreads();
+#if BWD_PWB == 2
+        pwsel = PWSZ - pwsel;          // the next window goes to the other buffer: no second barrier
+#else
+        __syncthreads();               // the buffer is rewritten by the next window
+#endif
       }
     }
   }

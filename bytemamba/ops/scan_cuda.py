@@ -252,24 +252,34 @@ def _bwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reset, dout, 
 
 
 # ------------------------------------------------------------------------------------------------
-# Backward v6 (cuda/scan_bwd.cu). Chosen by BYTEMAMBA_SCAN_BWD=6 (or BWD_V6=1 among the extra defines, for
-# `bench scan --variants`) until it is the default; same arguments, outputs and segment logic as v5.
+# Backward v6 (cuda/scan_bwd.cu), the default; BYTEMAMBA_SCAN_BWD=5 (or BWD_V5=1 among the extra defines, for
+# `bench scan --variants`) runs v5 (ss_bwd in selective_scan.cu) while it is there. Same arguments, outputs
+# and segment logic as v5.
 
 def _bwd_version() -> int:
     v = os.environ.get("BYTEMAMBA_SCAN_BWD", "").strip()
     if v:
         return int(v)
-    return 6 if "BWD_V6=1" in _variant()[1] else 5
+    return 5 if "BWD_V5=1" in _variant()[1] else 6
 
 
-def _get_bwd6_kernels(dtype_code: int, npad: int, has_z: bool, has_reset: bool, device: torch.device):
-    """scan_bwd / scan_bwd_agg of one specialisation with their launch settings: dynamic shared memory per
-    block (bs) and resident blocks per SM (bps), worked out once per specialisation."""
+# Two builds of the v6 backward, chosen by the blocks an SM the waves leave (measured on the H200, 2026-11-29
+# 12:05 UTC, docs/PERF.md): where 3 blocks an SM fit and are used, the build capped at 168 registers with the
+# shuffle dB/dC sums; where 2 (the main shape: 512 blocks), the build with 201 registers, the shared-memory
+# transpose and a cross-warp flush every 16 positions (5.17 vs 5.58 ms there). Any BWD_* define among the
+# extra defines (bench variants) replaces both.
+_BWD6_BUILDS = {3: ("BWD_MINB=3", "BWD_FP=8", "BWD_DBC=0"), 2: ("BWD_MINB=2", "BWD_FP=16", "BWD_DBC=1")}
+
+
+def _get_bwd6_kernels(dtype_code: int, npad: int, has_z: bool, has_reset: bool, device: torch.device,
+                      build: tuple = ()):
+    """scan_bwd / scan_bwd_agg of one specialisation and build (extra -D knobs) with their launch settings:
+    dynamic shared memory per block (bs) and resident blocks per SM (bps), worked out once each."""
     import cupy
 
     extra = _variant()[1]
     opts = (f"-DIN_DTYPE={dtype_code}", f"-DNPAD={npad}", f"-DHAS_Z={int(has_z)}", f"-DHAS_RESET={int(has_reset)}",
-            *(f"-D{d}" for d in extra))
+            *(f"-D{d}" for d in build + extra))
     key = ("bwd6", opts, device.index)
     mod = _modules.get(key)
     if mod is not None:
@@ -325,11 +335,17 @@ def _bwd6_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reset, dout,
     n = A.shape[1]
     npad = _npad(n)
     dev = u.device
-    K = _get_bwd6_kernels(_DTYPE_CODE[u.dtype], npad, z is not None, reset is not None, dev)
+    spec = (_DTYPE_CODE[u.dtype], npad, z is not None, reset is not None, dev)
+    forced = any(e.startswith("BWD_") and not e.startswith("BWD_V6") for e in _variant()[1])
+    K = _get_bwd6_kernels(*spec, build=() if forced else _BWD6_BUILDS[3])
     props = torch.cuda.get_device_properties(dev)
     smem_sm = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
-    dblocks, nseg, seg_tiles, _, smem = _bwd6_plan(b, d, L, npad, K["bps"]["scan_bwd"], K["bs"], _num_sms(dev),
-                                                   smem_sm)
+    dblocks, nseg, seg_tiles, bps, smem = _bwd6_plan(b, d, L, npad, K["bps"]["scan_bwd"], K["bs"], _num_sms(dev),
+                                                     smem_sm)
+    if not forced and bps <= 2:
+        K = _get_bwd6_kernels(*spec, build=_BWD6_BUILDS[2])
+        bps_max = K["bps"]["scan_bwd"]
+        smem = K["bs"] if bps >= bps_max else max(K["bs"], smem_sm // (bps + 1) - 1024 + 16)
     ntiles = -(-L // TL)
     du = torch.empty_like(u)
     ddelta = torch.empty_like(delta)
