@@ -31,6 +31,11 @@
 // (persistent_smem() reports it), cooperative (every CTA resident: the grid barriers spin). Scratch (the
 // launcher owns it): G, Y, the x_proj partials and sums, the partial sums of squares, 2 barrier counters that
 // the kernel leaves at zero.
+// Measured on an H200 (docs/PERF.md, "byte353m batch 64: persistent step kernel"): 53 layers, kernel alone,
+// 1551 us at 64 rows (29.2 us a layer), 1281 us at 8; the whole step 1.594 ms at b 64 against 1.799 ms for the
+// cuBLAS step. Per layer at 64 rows (clock64 of CTA 0): P1 8.3, P2 0.7, P3 8.6, P4 4.4 us, the 4 barriers 5.7 us.
+// Tried and removed (commit db6e7d7 has them): clusters of 2 with multicast G / Y streams (38.3 us a layer:
+// P1 and P4 slower, each slot refill waits for both CTAs), full fences in the grid barrier (30.8 us a layer).
 
 #if IN_DTYPE == 2
 #include <cuda_fp16.h>
@@ -101,27 +106,11 @@ __device__ __forceinline__ in_t from_f(float v) { return __float2bfloat16(v); }
 #define P_MAX_L 128
 #define PSMEM (S_PTR + 2 * P_MAX_L * 8)
 
-// MCAST 1: clusters of 2 CTAs; each chunk of the G / Y streams is read from L2 once per cluster (each CTA copies
-// half of it to both, cp.async.bulk .multicast::cluster) instead of once per CTA; a ring slot is refilled when
-// both CTAs have consumed it. Launched plainly (compile-time cluster dims), not cooperatively.
-// FENCE 1: the grid barrier adds __threadfence() before its release add and after its acquire spin.
-#ifndef MCAST
-#define MCAST 0
-#endif
-#ifndef FENCE
-#define FENCE 0
-#endif
-#if MCAST
-#define CL 2
-#define P_CLUSTER __cluster_dims__(2, 1, 1)
-#else
-#define CL 1
-#define P_CLUSTER
-#endif
 
-// out: dynamic shared memory, CTAs, threads, rows, fp32 constants per (layer, CTA), CTAs a cluster
+
+// out: dynamic shared memory, CTAs, threads, rows, fp32 constants per (layer, CTA)
 extern "C" __global__ void persistent_smem(int* out) {
-    out[0] = PSMEM; out[1] = NCTA_P; out[2] = PTHR; out[3] = BR; out[4] = C_EL; out[5] = CL;
+    out[0] = PSMEM; out[1] = NCTA_P; out[2] = PTHR; out[3] = BR; out[4] = C_EL;
 }
 
 // PROFILE 1: clock64() deltas of thread 0 of CTA 0 per phase (and barrier) summed into pers_prof, read and
@@ -188,20 +177,6 @@ __device__ __forceinline__ unsigned pack2(float lo, float hi) {
     return (unsigned)*reinterpret_cast<const unsigned short*>(&a) |
            ((unsigned)*reinterpret_cast<const unsigned short*>(&b) << 16);
 }
-__device__ __forceinline__ unsigned cta_rank() {
-    unsigned r;
-    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
-    return r;
-}
-// arrive on CTA `rank`'s copy of the mbarrier b (cluster scope)
-__device__ __forceinline__ void bar_arrive_remote(unsigned long long* b, unsigned rank) {
-    unsigned a;
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(a) : "r"(smaddr(b)), "r"(rank));
-    asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(a) : "memory");
-}
-__device__ __forceinline__ void cluster_sync_all() {
-    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
-}
 __device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
     unsigned v;
     asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
@@ -215,18 +190,16 @@ __device__ __forceinline__ void grid_sync(unsigned* bars, unsigned k) {
     asm volatile("fence.proxy.async;" ::: "memory");
     __syncthreads();
     if (threadIdx.x == 0) {
-        if (FENCE) __threadfence();
         asm volatile("red.release.gpu.global.add.u32 [%0], %1;" ::"l"(bars), "r"(1u) : "memory");
         const unsigned target = NCTA_P * (k + 1);
         for (unsigned n = 0; ld_acquire(bars) < target; ++n)
             if (n == (1u << 26)) __trap();
-        if (FENCE) __threadfence();
         asm volatile("fence.proxy.async.global;" ::: "memory");
     }
     __syncthreads();
 }
 
-extern "C" __global__ void P_CLUSTER __launch_bounds__(PTHR, 1) persistent_step(
+extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
     const long long* __restrict__ ids, const float* __restrict__ emb, const float* __restrict__ norm0,
     float eps, const in_t* __restrict__ Wi_p, const in_t* __restrict__ Wo_p, const in_t* __restrict__ Wx_p,
     const float* __restrict__ C_p, const long long* __restrict__ state_ptrs, int L, int batch,
@@ -258,7 +231,6 @@ extern "C" __global__ void P_CLUSTER __launch_bounds__(PTHR, 1) persistent_step(
     const int c = blockIdx.x, ch0 = c * PCH;
     unsigned nbar = 0;                                             // grid barriers passed
     unsigned q = 0;                                                // ring chunks consumed so far (all phases)
-    const unsigned crank = MCAST ? cta_rank() : 0;                 // (MCAST) this CTA's rank in its pair
 
     auto wi_src = [&](int l) { return Wi_p + ((long long)l * NCTA_P + c) * WI_EL; };
     auto wo_src = [&](int l) { return Wo_p + ((long long)l * NCTA_P + c) * WO_EL; };
@@ -270,25 +242,14 @@ extern "C" __global__ void P_CLUSTER __launch_bounds__(PTHR, 1) persistent_step(
     auto issue = [&](unsigned qq, const void* src) {
         const unsigned slot = qq % NSLOT;
         if (qq >= NSLOT) bar_wait(empty + slot, ((qq / NSLOT) - 1) & 1);
-#if MCAST
-        // arm this CTA's barrier for the whole chunk; copy our half into both CTAs (the peer copies the other)
-        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
-                     ::"r"(smaddr(full + slot)), "r"((unsigned)SLOT_BYTES) : "memory");
-        const unsigned h = crank * (SLOT_BYTES / 2);
-        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster "
-                     "[%0], [%1], %2, [%3], %4;"
-                     ::"r"(smaddr(ring + slot * SLOT_BYTES + h)), "l"(static_cast<const unsigned char*>(src) + h),
-                     "r"((unsigned)(SLOT_BYTES / 2)), "r"(smaddr(full + slot)), "h"((unsigned short)3) : "memory");
-#else
         copy_in(ring + slot * SLOT_BYTES, src, SLOT_BYTES, full + slot);
-#endif
     };
 
     if (tid < 2 * L) ptr_s[tid] = state_ptrs[tid];
     if (tid == 0) {
         for (int i = 0; i < NSLOT; ++i) {
             bar_init(full + i, 1);
-            bar_init(empty + i, NWARP * CL);
+            bar_init(empty + i, NWARP);
         }
         for (int i = 0; i < 6; ++i) bar_init(bar_wi + i, 1);
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
@@ -299,7 +260,6 @@ extern "C" __global__ void P_CLUSTER __launch_bounds__(PTHR, 1) persistent_step(
         copy_in(c_s, c_src(0), C_EL * 4, bar_c);
     }
     __syncthreads();
-    if (MCAST) cluster_sync_all();              // the peer's barriers are set up before any multicast / remote arrive
 
 #if PROFILE
     const bool prof = tid == 0 && c == 0;
@@ -392,10 +352,7 @@ extern "C" __global__ void P_CLUSTER __launch_bounds__(PTHR, 1) persistent_step(
                 mma16816(acc[1][n], a1, b.x, b.y);
             }
             __syncwarp();
-            if (lane == 0) {
-                bar_arrive(empty + slot);
-                if (MCAST) bar_arrive_remote(empty + slot, crank ^ 1);
-            }
+            if (lane == 0) bar_arrive(empty + slot);
             if (tid == 0 && i + NSLOT < G_CHUNKS)
                 issue(q + NSLOT, reinterpret_cast<const unsigned char*>(Gbuf) + (long long)(i + NSLOT) * SLOT_BYTES);
         }
@@ -607,10 +564,7 @@ extern "C" __global__ void P_CLUSTER __launch_bounds__(PTHR, 1) persistent_step(
 #pragma unroll
             for (int m = 0; m < BR / 16; ++m) mma16816(oacc[m], ap[m * 32], b.x, b.y);
             __syncwarp();
-            if (lane == 0) {
-                bar_arrive(empty + slot);
-                if (MCAST) bar_arrive_remote(empty + slot, crank ^ 1);
-            }
+            if (lane == 0) bar_arrive(empty + slot);
             if (tid == 0 && i + NSLOT < Y_CHUNKS)
                 issue(q + NSLOT, reinterpret_cast<const unsigned char*>(Ybuf) + (long long)(i + NSLOT) * SLOT_BYTES);
         }
@@ -647,7 +601,6 @@ extern "C" __global__ void P_CLUSTER __launch_bounds__(PTHR, 1) persistent_step(
             make_float2(res_s[er * OCOL + 2 * ep], res_s[er * OCOL + 2 * ep + 1]);
     // the last CTA out resets the counters for the next launch (every CTA has passed the last barrier)
     __syncthreads();
-    if (MCAST) cluster_sync_all();              // no remote arrive reaches a CTA that has exited
     if (tid == 0) {
         const unsigned done = atomicAdd(bars + 1, 1u);
         if (done == NCTA_P - 1) {

@@ -181,9 +181,11 @@ class ByteMambaLM(nn.Module):
 
     # Batches in this range (inclusive) run every layer of the step as ONE persistent kernel where the model has
     # its shape (byte353m's: bytemamba.ops.persistent_step.SHAPE) and the step computes in bf16/fp16,
-    # cuda/decode_persistent.cu (`last_step_path` "persistent"). BYTEMAMBA_PERSISTENT_STEP=1 forces it on at every
-    # batch it supports, =0 off. Off by default until measured faster (docs/PERF.md, "persistent step kernel").
-    persistent_batches: tuple = (0, 0)
+    # cuda/decode_persistent.cu (`last_step_path` "persistent"). Measured on an H200 (docs/PERF.md, "byte353m
+    # batch 64: persistent step kernel"): b 64 1.594 ms vs 1.799 ms (cuBLAS step), b 8 1.293 ms vs ~1.42; b 1 keeps
+    # the GEMV step (0.78 ms); the kernel takes at most 64 rows. BYTEMAMBA_PERSISTENT_STEP=1 forces it on at every
+    # batch it supports, =0 off.
+    persistent_batches: tuple = (8, 64)
 
     def persistent_step_reason(self, batch: int, device) -> str | None:
         """None where the persistent one-kernel step applies to this batch, else why not (one line)."""

@@ -114,33 +114,13 @@ def module(device, dtype):
         with cupy.cuda.Device(device.index):
             out = cupy.zeros(8, dtype=cupy.int32)
             K["persistent_smem"]((1,), (1,), (out,))
-            smem, ncta, nthr, rows, cel, cl = (int(v) for v in out.get()[:6])
+            smem, ncta, nthr, rows, cel = (int(v) for v in out.get()[:5])
         if (ncta, rows, cel) != (NCTA, MAX_BATCH, C_EL):
             raise RuntimeError(f"persistent step: the kernel reports {ncta} CTAs, {rows} rows, {cel} constants; "
                                f"the launcher expects {NCTA}, {MAX_BATCH}, {C_EL}")
         K["persistent_step"].max_dynamic_shared_size_bytes = smem
-        K["smem"], K["threads"], K["cluster"] = smem, nthr, cl
-        if cl > 1:
-            n = _max_active_clusters(K, device)
-            if n is not None and n * cl < NCTA:
-                raise RuntimeError(f"persistent step: the MCAST build needs {NCTA // cl} clusters of {cl} resident at "
-                                   f"once, the device holds {n} (build without MCAST)")
+        K["smem"], K["threads"] = smem, nthr
     return K
-
-
-def _max_active_clusters(K, device) -> int | None:
-    """cuOccupancyMaxActiveClusters for the kernel's compiled cluster shape, or None where it cannot be asked."""
-    try:
-        import cupy
-        lib = ctypes.CDLL("libcuda.so.1")
-        n = ctypes.c_int(0)
-        cfg = _LaunchConfig(NCTA, 1, 1, K["threads"], 1, 1, K["smem"], None, None, 0)
-        with cupy.cuda.Device(device.index):
-            rc = lib.cuOccupancyMaxActiveClusters(ctypes.byref(n), ctypes.c_void_p(K["persistent_step"].kernel.ptr),
-                                                  ctypes.byref(cfg))
-        return n.value if rc == 0 else None
-    except Exception:
-        return None
 
 
 @dataclass
@@ -203,8 +183,7 @@ _libcuda = None
 
 def cooperative() -> bool:
     """Launch with CU_LAUNCH_ATTRIBUTE_COOPERATIVE (the driver checks that every CTA is resident; default), or
-    plainly (BYTEMAMBA_PERSISTENT_COOP=0: one CTA per SM fits by its shared memory, nothing checks it). The
-    MCAST build (compile-time clusters of 2) is always launched plainly, after an occupancy check (module)."""
+    plainly (BYTEMAMBA_PERSISTENT_COOP=0: one CTA per SM fits by its shared memory, nothing checks it)."""
     return os.environ.get("BYTEMAMBA_PERSISTENT_COOP", "1") not in ("0", "false", "False")
 
 
@@ -261,7 +240,7 @@ def persistent_layers_fn(ids, P: PersistentWeights, W: FusedWeights, conv_states
     _launch(dev, K["persistent_step"], NCTA, K["threads"],
             (ptr(ids), ptr(W.emb), ptr(P.norm0), np.float32(W.eps), ptr(P.Wi), ptr(P.Wo), ptr(P.Wx), ptr(P.C),
              ptr(table), np.int32(L), np.int32(b), ptr(residual), ptr(S.G), ptr(S.Y), ptr(S.xpart), ptr(S.dbl),
-             ptr(S.sspart), ptr(S.bars)), K["smem"], coop=cooperative() and K["cluster"] == 1)
+             ptr(S.sspart), ptr(S.bars)), K["smem"], coop=cooperative())
     return residual
 
 
