@@ -165,18 +165,20 @@ def batches_table(m, W, args):
             print(f"| {name} | " + " | ".join(f"{p[1][i] / 15:.3f}" for p in profs) + " |")
         print("| total per step (us) | " + " | ".join(f"{sum(p[1]):.2f}" for p in profs) + " |")
     cols = [v[0] for v in variants]
+    valid = ["cluster"] + [v[0] for v in variants if "NO_STATE_IO=1" not in v[2].split("+")]   # (wrong results)
     print("\n| batch | cluster kernel us | rows us (15 layers) | rows 1 layer | "
           + " | ".join(f"{c} us" for c in cols[1:])
-          + " | unfused cuBLAS us | best fused samples/s | vs cuBLAS step |")
-    print("|---" * (6 + len(cols)) + "|")
+          + (" | unfused cuBLAS us" if args.unfused else "") + " | best fused samples/s"
+          + (" | vs cuBLAS step |" if args.unfused else " |"))
+    print("|---" * (4 + len(cols) + 2 * args.unfused) + "|")
     for batch in args.batches:
-        fused = [res[batch, k] for k in ["cluster"] + cols if (batch, k) in res]
-        best = min(fused)
-        cub = res.get((batch, "cublas"), float("nan"))
+        best = min(res[batch, k] for k in valid if (batch, k) in res)
         line = [str(batch), f"{res[batch, 'cluster']:.2f}" if (batch, "cluster") in res else "-"]
         line += [f"{res[batch, 'rows']:.2f} | {res[batch, 'rows/1']:.2f}"] + [f"{res[batch, c]:.2f}" for c in cols[1:]]
-        line += [f"{cub:.2f} ({res.get((batch, 'cublas:path'), '?')})", f"{batch / best * 1e6:,.0f}",
-                 f"{cub / best:.2f}x"]
+        if args.unfused:
+            cub = res[batch, "cublas"]
+            line += [f"{cub:.2f} ({res[batch, 'cublas:path']})"]
+        line += [f"{batch / best * 1e6:,.0f}"] + ([f"{cub / best:.2f}x"] if args.unfused else [])
         print("| " + " | ".join(line) + " |")
 
 

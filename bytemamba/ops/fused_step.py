@@ -4,8 +4,9 @@ residual add), final norm and head, for the shapes it is compiled for (`SHAPE`: 
 d_state 16, dt_rank 16, d_conv 4, 256 symbols; any number of layers and batch rows; bf16 or fp16 compute).
 Two kernels: `cluster` (cuda/decode_fused.cu) runs a thread-block cluster of 8 CTAs per batch row, for small
 batches; `rows` (cuda/decode_fused_rows.cu) a cluster per tile of 16 rows (24 in the build "r24",
-`ROWS_VARIANTS`, where that saves a wave: `rows_variant`), its projections on tensor cores, for large batches
-(`ROWS_FROM`); see the kernels' opening comments.
+`ROWS_VARIANTS`, where that saves a wave: `rows_variant`; the batch spread over every cluster of its waves:
+`rows_per_cluster`), its projections on tensor cores, for large batches (`ROWS_FROM`); see the kernels' opening
+comments.
 
     pack_weights(emb, head, norm_ws, layers, dtype) -> FusedWeights   (stacked once, reused every step)
         layers: one dict per layer with in_proj (2e, d), conv_w (e, k), conv_b (e) or None, x_proj (r+2n, e),
