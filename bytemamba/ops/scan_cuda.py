@@ -184,7 +184,7 @@ def _fwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
     npad = _npad(n)
     dev = u.device
     K = _get_kernels(_DTYPE_CODE[u.dtype], npad, z is not None, reset is not None, dev)
-    dblocks = -(-d // K["fcpb"])      # channels per forward block: the build's mapping (FWD_SPT states a thread)
+    dblocks = -(-d // K["fcpb"])      # channels per forward block, as the build reports it
     ntiles = -(-L // TL)
     nseg, seg_tiles = _nseg(K["bps"]["ss_fwd"], b * dblocks, ntiles, dev)
 
