@@ -83,7 +83,17 @@
 #define S_WX (S_WO + WO_EL * 2)
 #define S_K (S_WX + WX_EL * 2)
 #define S_RES (S_K + 2 * K_EL * 4)
-#define S_OR (S_RES + ROWS * DM * 4)
+// BULK 1 (not yet run on a GPU): out_proj's reduce-scatter and the residual's all-gather by bulk copies
+// shared::cta -> shared::cluster (copy engine, one per destination block) instead of 16-byte st.async messages
+// (at 24 rows 3,072 messages out of a CTA a layer -> 14 + 42 copies). Needs the residual stored in column blocks
+// (block j = the 32 columns CTA j owns, [ROWS][32], blocks padded by 4 floats against bank conflicts) and the
+// out_proj partials n-major ([src][ROWS][OC]); the partials are staged in xr_s (free during O: a CTA's next
+// x_proj partials come only after every out_proj copy has landed).
+#ifndef BULK
+#define BULK 0
+#endif
+#define RBS (BULK ? ROWS * OC + 4 : ROWS * OC)   // floats a residual block (BULK) / a row's 32 columns
+#define S_OR (S_RES + NCTA * RBS * 4)
 #define S_H S_OR                // (h shares the out_proj partials' buffer: see the kernel)
 #define S_XR (S_OR + NCTA * OC * ROWS * 4)
 #define S_XZ (S_XR + NCTA * NX * ROWS * 4)
@@ -102,8 +112,8 @@
 // bytes each exchange brings into a CTA
 #define X_BYTES (NCTA * XO * ROWS * 4)      // x_proj partials into an owner
 #define D_BYTES (NX * ROWS * 4)             // dbl (the owners' sums) into every CTA
-#define O_BYTES (NCTA * OC * ROWS * 4)
-#define R_BYTES (NCTA * OC * ROWS * 4)
+#define O_BYTES ((NCTA - BULK) * OC * ROWS * 4)        // (BULK: a CTA's own partials and columns are
+#define R_BYTES ((NCTA - BULK) * OC * ROWS * 4)        //  written in place)
 
 // out[0] the dynamic shared memory, out[1] the rows a cluster (the launcher's grid)
 extern "C" __global__ void fused_rows_smem(int* out) { out[0] = SMEM_BYTES; out[1] = ROWS; }
@@ -139,6 +149,18 @@ static_assert(SMEM_BYTES <= 227 * 1024, "fits an SM");
 static_assert(EC == 64 && OC == 32 && VC == 32 && NX == 48, "tile counts below");
 
 
+// the residual of row r, column col: [ROWS][DM] row-major, or (BULK) column block col / 32 of [ROWS][32]
+__device__ __forceinline__ int res_at(int r, int col) {
+    return BULK ? (col >> 5) * RBS + r * OC + (col & 31) : r * DM + col;
+}
+// `bytes` of this CTA's shared memory at src into CTA `rank`'s copy of dst (copy engine), credited to that CTA's
+// copy of bar; src written by ordinary stores needs fence.proxy.async in each writer before
+__device__ __forceinline__ void copy_to(const float* dst, const float* src, unsigned bytes, unsigned rank,
+                                        unsigned long long* bar) {
+    asm volatile("cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                 ::"r"(remote(dst, rank)), "r"(sm_addr(src)), "r"(bytes), "r"(remote(bar, rank)) : "memory");
+}
+__device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 // 16 bytes into CTA `rank`'s copy of dst, credited to that CTA's copy of bar
 __device__ __forceinline__ void send4(const float* dst, unsigned rank, float4 v, unsigned long long* bar) {
     asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, [%5];"
@@ -324,7 +346,7 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
         const int idx = tid + NTHR * i, r = idx >> 6, col = (idx & 63) * 4;
         float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
         if (r < nrows) v = __ldg(reinterpret_cast<const float4*>(emb + ids[b0 + r] * DM + col));
-        *reinterpret_cast<float4*>(&res_s[r * DM + col]) = v;
+        *reinterpret_cast<float4*>(&res_s[res_at(r, col)]) = v;
     }
     __syncthreads();
 
@@ -353,8 +375,8 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
         if (l + 1 < L) prefetch_states(l + 1);
         if (l < L) mbar_wait(bar_k + (l & 1), (l >> 1) & 1);
         for (int r = warp; r < ROWS; r += NTHR / 32) {
-            const float4 r0 = *reinterpret_cast<const float4*>(&res_s[r * DM + lane * 8]);
-            const float4 r1 = *reinterpret_cast<const float4*>(&res_s[r * DM + lane * 8 + 4]);
+            const float4 r0 = *reinterpret_cast<const float4*>(&res_s[res_at(r, lane * 8)]);
+            const float4 r1 = *reinterpret_cast<const float4*>(&res_s[res_at(r, lane * 8 + 4)]);
             const float rv[8] = {r0.x, r0.y, r0.z, r0.w, r1.x, r1.y, r1.z, r1.w};
             float ss = 0.f;
 #pragma unroll
@@ -403,6 +425,7 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
                 }
             }
             STAMP(9);
+            if (BULK) asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");   // (copies out of smem done)
             break;
         }
 
@@ -578,16 +601,36 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
 #pragma unroll
             for (int kt = 0; kt < 4; ++kt) a[kt] = wf[kt * 32];
             const unsigned owner = warp >> 1;
-            const int m = (warp & 1) * 16 + g + ((t & 1) ? 8 : 0);
 #pragma unroll
             for (int nt = 0; nt < NTL; ++nt) {
                 float acc[4] = {};
                 const in_t* yb = y_s + (nt * 8 + g) * XCP + 2 * t;
 #pragma unroll
                 for (int kt = 0; kt < 4; ++kt) mma16816(acc, a[kt], lds32(yb + kt * 16), lds32(yb + kt * 16 + 8));
+#if BULK
+                // n-major partials of owner `owner`'s 32 columns: its own slot here, or the staging in xr_s
+                float* slot = owner == c ? or_s + c * ROWS * OC : xr_s + owner * ROWS * OC;
+                const int mc = (warp & 1) * 16 + g, n = nt * 8 + 2 * t;
+                slot[n * OC + mc] = acc[0];
+                slot[(n + 1) * OC + mc] = acc[1];
+                slot[n * OC + mc + 8] = acc[2];
+                slot[(n + 1) * OC + mc + 8] = acc[3];
+#else
                 const float4 msg = regroup(acc, t);
+                const int m = (warp & 1) * 16 + g + ((t & 1) ? 8 : 0);
                 send4(&or_s[(c * OC + m) * ROWS + nt * 8 + 2 * (t & 2)], owner, msg, bar_o);
+#endif
             }
+#if BULK
+            if (owner != c) {                        // the warp pair's slot, one copy to its owner
+                fence_async_smem();
+                asm volatile("bar.sync %0, 64;" ::"r"(1 + (int)owner) : "memory");
+                if ((warp & 1) == 0 && lane == 0) {
+                    copy_to(or_s + c * ROWS * OC, xr_s + owner * ROWS * OC, ROWS * OC * 4, owner, bar_o);
+                    asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+                }
+            }
+#endif
         }
         if (SSM_AT == 2 && l + 1 < L) fetch_ssm(l + 1);
         __syncthreads();
@@ -599,6 +642,31 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
         if (tid < ROWS * OC / 4) {
             mbar_wait(bar_o, l & 1);
             if (tid == 0) mbar_expect(bar_o, O_BYTES);               // arm the next layer's exchange
+#if BULK
+            // thread: row n = tid / 8, columns 4 mq .. + 3 (a warp: 4 whole rows of the block, one copy each CTA)
+            const int n = tid >> 3, mq = tid & 7;
+            float4 sm = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+            for (int d = 0; d < NCTA; ++d) {
+                const float4 p = *reinterpret_cast<const float4*>(&or_s[(d * ROWS + n) * OC + 4 * mq]);
+                sm.x += p.x; sm.y += p.y; sm.z += p.z; sm.w += p.w;
+            }
+            float* dst = &res_s[res_at(n, c * OC + 4 * mq)];
+            float4 v = *reinterpret_cast<const float4*>(dst);
+            v.x += rnd(sm.x); v.y += rnd(sm.y); v.z += rnd(sm.z); v.w += rnd(sm.w);
+            *reinterpret_cast<float4*>(dst) = v;
+            fence_async_smem();
+            __syncwarp();
+            if (lane == 0) {
+                const float* rows4 = &res_s[res_at(n, c * OC)];          // rows n .. n + 3, 512 bytes
+#pragma unroll
+                for (int d = 1; d < NCTA; ++d) {
+                    const unsigned rank = (c + d) % NCTA;
+                    copy_to(rows4, rows4, 4 * OC * 4, rank, bar_r);
+                }
+                asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+            }
+#else
             const int n = tid % ROWS, mq = tid / ROWS;
             float o[4];
 #pragma unroll
@@ -613,6 +681,7 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
             v.x += o[0]; v.y += o[1]; v.z += o[2]; v.w += o[3];
 #pragma unroll
             for (int d = 0; d < NCTA; ++d) send4(dst, d, v, bar_r);
+#endif
         }
         STAMP(8);
     }
