@@ -179,13 +179,16 @@ def test_kernel_compiles_for_sm90_without_spills(defines, tmp_path):
     assert "0 bytes spill stores" in r.stderr and "0 bytes stack frame" in r.stderr, r.stderr
 
 
+ROWS_BUILDS = {**ROWS_VARIANTS, "r16-bulk": ("-DBULK=1",), "r24-bulk": ("-DROWS=24", "-DBULK=1")}   # (variants)
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
-@pytest.mark.parametrize("build", list(ROWS_VARIANTS))
+@pytest.mark.parametrize("build", list(ROWS_BUILDS))
 @pytest.mark.parametrize("dtype_code", [1, 2])
 def test_rows_kernel_compiles_for_sm90_without_spills(dtype_code, build, tmp_path):
     r = subprocess.run(["nvcc", "-arch=sm_90", "-std=c++17", "-cubin", "-o", str(tmp_path / "k.cubin"),
                         "-Xptxas", "-v", "-Werror", "all-warnings", f"-DIN_DTYPE={dtype_code}",
-                        *ROWS_VARIANTS[build], str(SRC_ROWS)],
+                        *ROWS_BUILDS[build], str(SRC_ROWS)],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     stats = r.stderr.split("fused_step_rows")[-1]
