@@ -37,9 +37,11 @@
 // live registers); the cross-warp flush with fixed rows per thread; u staged raw.
 // Compile-time knobs (-D): IN_DTYPE (0 f32, 1 bf16, 2 f16), NPAD, HAS_Z, HAS_RESET; BWD_DBC (1), BWD_FP
 // (positions per cross-warp dB/dC flush, 8), BWD_MINB (blocks per SM the registers allow, 3), BWD_SB (8),
-// BWD_PWB (1 or 2 buffers of per-warp dB/dC sums: with 2, one barrier a flush instead of 2).
+// BWD_PWB (1 or 2 buffers of per-warp dB/dC sums: with 2, one barrier a flush instead of 2), BWD_PF (1:
+// cp.async copy of the next tile's raw inputs into shared memory while the current one is computed).
 // The launcher compiles two builds and picks one by the blocks an SM the waves leave: 3 an SM
 // (BWD_MINB=3, BWD_FP=8, BWD_DBC=0) or 2 (BWD_MINB=2, BWD_FP=16, BWD_DBC=1); docs/PERF.md has the timings.
+// BWD_PWB=2 and BWD_PF=1 compile cleanly but have not been run on a GPU yet (no device time left).
 //
 // Helpers duplicated from selective_scan.cu (to move into a shared header): in_t, to_f, from_f, ex2_mufu,
 // softplus_f, sigmoid_f, load_row.
@@ -77,6 +79,9 @@
 #ifndef BWD_PWB
 #define BWD_PWB 1
 #endif
+#ifndef BWD_PF
+#define BWD_PF 0
+#endif
 #define SB BWD_SB                  // backward sub-block (positions recomputed in registers at a time)
 #define NSB (TL / SB)              // sub-blocks per tile
 #define EPT (TL / NT)              // staged elements per thread
@@ -102,6 +107,10 @@ typedef float in_t;
 typedef u16 in_t;
 #endif
 #define RRS (TL + 16 / (int)sizeof(in_t))   // raw u row stride (elements)
+// cp.async prefetch of the next tile (BWD_PF=1) for 2-byte inputs (fp32 would take the shared memory of a
+// block an SM) where a thread's row slice is whole 16-byte chunks.
+#define IN_BYTES ((IN_DTYPE == 0) ? 4 : 2)
+#define PF_ON (BWD_PF && IN_BYTES == 2 && (EPT * IN_BYTES) % 16 == 0)   // bf16 / fp16, n <= 32
 
 extern __shared__ float4 smem_raw[];
 
@@ -210,6 +219,10 @@ struct BwdSmem {
   alignas(16) float wb[(NTHREADS / 32) * CW * WS];   // per-warp transpose of one position's dB | dC
 #endif
   alignas(16) in_t u[CPB * RRS];   // u as given
+#if PF_ON
+  alignas(16) in_t rraw[4][CPB * RRS];   // the next tile's u, delta, z, dout as given (cp.async)
+  alignas(16) in_t rbc[2][NPAD * RRS];   // and its B, C rows
+#endif
 };
 
 // Stage one tile. AGG (the segment aggregate) needs only dl, dy and C.
@@ -218,16 +231,32 @@ __device__ __forceinline__ void bwd_stage(BwdSmem& s, const in_t* __restrict__ u
                                           const in_t* __restrict__ z, const in_t* __restrict__ dout,
                                           const in_t* __restrict__ Bm, const in_t* __restrict__ Cm,
                                           const u8* __restrict__ reset, int c, int sg, i64 ch, int bi, int n,
-                                          i64 L, i64 l0, i64 avail, bool vec, float bias_d, bool softplus) {
+                                          i64 L, i64 l0, i64 avail, bool vec, float bias_d, bool softplus,
+                                          bool pf) {
   const i64 p0 = l0 + sg * EPT;
   float rdv[EPT], rgv[EPT], ruv[EPT];
-  load_row(delta + ch * L + p0, avail, vec, rdv);
-  load_row(dout + ch * L + p0, avail, vec, rgv);
-  if (!AGG) load_row(u + ch * L + p0, avail, vec, ruv);
 #if HAS_Z
   float rzv[EPT];
-  load_row(z + ch * L + p0, avail, vec, rzv);
 #endif
+#if PF_ON
+  if (pf) {            // a whole, aligned tile whose raw rows are already in shared memory
+    const int so = c * RRS + sg * EPT;
+    load_row(&s.rraw[1][so], EPT, true, rdv);
+    load_row(&s.rraw[3][so], EPT, true, rgv);
+    load_row(&s.rraw[0][so], EPT, true, ruv);
+#if HAS_Z
+    load_row(&s.rraw[2][so], EPT, true, rzv);
+#endif
+  } else
+#endif
+  {
+    load_row(delta + ch * L + p0, avail, vec, rdv);
+    load_row(dout + ch * L + p0, avail, vec, rgv);
+    if (!AGG) load_row(u + ch * L + p0, avail, vec, ruv);
+#if HAS_Z
+    load_row(z + ch * L + p0, avail, vec, rzv);
+#endif
+  }
   const int av = (int)max((i64)0, min(avail, (i64)EPT));   // 32-bit compares below
 #pragma unroll
   for (int e = 0; e < EPT; e += 4) {
@@ -276,6 +305,14 @@ __device__ __forceinline__ void bwd_stage(BwdSmem& s, const in_t* __restrict__ u
       const bool in = nn < n;
       const i64 off = ((i64)bi * n + (in ? nn : 0)) * L + l0 + kc * CHK;
       uint4 wb = make_uint4(0u, 0u, 0u, 0u), wc = wb;
+#if PF_ON
+      if (pf) {
+        if (in) {
+          wb = *reinterpret_cast<const uint4*>(&s.rbc[0][nn * RRS + kc * CHK]);
+          wc = *reinterpret_cast<const uint4*>(&s.rbc[1][nn * RRS + kc * CHK]);
+        }
+      } else
+#endif
       if (in) {
         if (!AGG) wb = *reinterpret_cast<const uint4*>(Bm + off);
         wc = *reinterpret_cast<const uint4*>(Cm + off);
@@ -302,6 +339,46 @@ __device__ __forceinline__ void bwd_stage(BwdSmem& s, const in_t* __restrict__ u
     s.m[t] = (l0 + t < L && reset[(i64)bi * L + l0 + t]) ? 0.0f : 1.0f;
 #endif
 }
+
+#if PF_ON
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"((unsigned)__cvta_generic_to_shared(dst)),
+               "l"(src));
+}
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+// Start copying tile l0's raw rows into shared memory: each thread its own channel slice of u, delta, z,
+// dout (the slice it stages), and its 16-byte chunks of the B, C rows (rows >= n are never read).
+__device__ __forceinline__ void bwd_prefetch(BwdSmem& s, const in_t* __restrict__ u, const in_t* __restrict__ delta,
+                                             const in_t* __restrict__ z, const in_t* __restrict__ dout,
+                                             const in_t* __restrict__ Bm, const in_t* __restrict__ Cm, int c,
+                                             int sg, i64 ch, int bi, int n, i64 L, i64 l0) {
+  constexpr int CHK = 16 / (int)sizeof(in_t), NCH = NPAD * (TL / CHK);
+  const i64 g = ch * L + l0 + sg * EPT;
+  const int so = c * RRS + sg * EPT;
+#pragma unroll
+  for (int k = 0; k < EPT; k += CHK) {
+    cp_async16(&s.rraw[0][so + k], u + g + k);
+    cp_async16(&s.rraw[1][so + k], delta + g + k);
+#if HAS_Z
+    cp_async16(&s.rraw[2][so + k], z + g + k);
+#endif
+    cp_async16(&s.rraw[3][so + k], dout + g + k);
+  }
+#pragma unroll
+  for (int i0 = 0; i0 < NCH; i0 += NTHREADS) {
+    const int idx = i0 + (int)threadIdx.x;
+    if (NCH % NTHREADS != 0 && idx >= NCH) break;
+    const int nn = idx % NPAD, kc = idx / NPAD;
+    if (nn < n) {
+      const i64 off = ((i64)bi * n + nn) * L + l0 + kc * CHK;
+      cp_async16(&s.rbc[0][nn * RRS + kc * CHK], Bm + off);
+      cp_async16(&s.rbc[1][nn * RRS + kc * CHK], Cm + off);
+    }
+  }
+  asm volatile("cp.async.commit_group;\n" ::);
+}
+#endif
 
 #define BWD_PARAMS                                                                                      \
   const in_t *__restrict__ u, const in_t *__restrict__ delta, const in_t *__restrict__ z,             \
@@ -342,7 +419,8 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) scan_bwd_agg(BWD_PARAMS) 
     const i64 l0 = (i64)k * TL;
     const i64 avail = valid ? L - (l0 + sg * EPT) : 0;
     __syncthreads();
-    bwd_stage<true>(s, u, delta, z, dout, Bm, Cm, reset, c, sg, ch, bi, n, L, l0, avail, aligned, bias_d, softplus);
+    bwd_stage<true>(s, u, delta, z, dout, Bm, Cm, reset, c, sg, ch, bi, n, L, l0, avail, aligned, bias_d, softplus,
+                    false);
     __syncthreads();
 #pragma unroll 4
     for (int t = TL - 1; t >= 0; --t) {
@@ -415,6 +493,9 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, BWD_MINB) scan_bwd(BWD_PA
   float* const dB_row = dB_o + prow;
   float* const dC_row = dC_o + prow;
   int pwsel = 0;                       // offset of the current window's per-warp sums (BWD_PWB buffers)
+  const bool fullc = dim - db * CPB >= CPB;
+  bool pf = false;                     // the current tile's raw rows are in shared memory (BWD_PF)
+  (void)fullc;
 
   for (int k = k1 - 1; k >= k0; --k) {
     const i64 l0 = (i64)k * TL;
@@ -422,9 +503,19 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, BWD_MINB) scan_bwd(BWD_PA
     // The tile's checkpoint, loaded before the staging so that the two global round trips overlap.
     const float4 x4 = valid ? *reinterpret_cast<const float4*>(&ckpt[(ch * ntiles + k) * NPAD + sg * 4])
                             : make_float4(0.f, 0.f, 0.f, 0.f);
+#if PF_ON
+    cp_async_wait_all();           // this tile's raw rows (prefetched during the previous tile), if any
+#endif
     __syncthreads();
-    bwd_stage<false>(s, u, delta, z, dout, Bm, Cm, reset, c, sg, ch, bi, n, L, l0, avail, aligned, bias_d, softplus);
+    bwd_stage<false>(s, u, delta, z, dout, Bm, Cm, reset, c, sg, ch, bi, n, L, l0, avail, aligned, bias_d, softplus,
+                     pf);
     __syncthreads();
+#if PF_ON
+    // The next tile (k - 1: whole, as only the last tile can be partial) is copied into shared memory while
+    // this one is computed, where its rows are aligned and the block's channels all exist.
+    pf = aligned && fullc && k - 1 >= k0;
+    if (pf) bwd_prefetch(s, u, delta, z, dout, Bm, Cm, c, sg, ch, bi, n, L, (i64)(k - 1) * TL);
+#endif
 
     // Pass 1: rescan sub-blocks 0..NSB-2 from the checkpoint, keeping each one's start state; x ends as the
     // start state of the last sub-block.

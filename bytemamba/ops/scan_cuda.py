@@ -264,10 +264,11 @@ def _bwd_version() -> int:
 
 
 # Two builds of the v6 backward, chosen by the blocks an SM the waves leave (measured on the H200, 2026-11-29
-# 12:05 UTC, docs/PERF.md): where 3 blocks an SM fit and are used, the build capped at 168 registers with the
-# shuffle dB/dC sums; where 2 (the main shape: 512 blocks), the build with 201 registers, the shared-memory
-# transpose and a cross-warp flush every 16 positions (5.17 vs 5.58 ms there). Any BWD_* define among the
-# extra defines (bench variants) replaces both.
+# 12:05 UTC, docs/PERF.md "Backward v6"): where 3 blocks an SM fit and are used, the build capped at 168
+# registers with the shuffle dB/dC sums (1-2% faster than v5 there); where 2 (the main shape: 512 blocks), the
+# build with up to 255 registers, the shared-memory transpose and a cross-warp flush every 16 positions
+# (5.17 ms vs v5's 5.70). BWD_PWB=2 and BWD_PF=1 (cp.async prefetch) are written but not yet run on a GPU.
+# Any BWD_* define among the extra defines (bench variants) replaces both builds.
 _BWD6_BUILDS = {3: ("BWD_MINB=3", "BWD_FP=8", "BWD_DBC=0"), 2: ("BWD_MINB=2", "BWD_FP=16", "BWD_DBC=1")}
 
 
@@ -343,9 +344,11 @@ def _bwd6_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reset, dout,
     dblocks, nseg, seg_tiles, bps, smem = _bwd6_plan(b, d, L, npad, K["bps"]["scan_bwd"], K["bs"], _num_sms(dev),
                                                      smem_sm)
     if not forced and bps <= 2:
-        K = _get_bwd6_kernels(*spec, build=_BWD6_BUILDS[2])
-        bps_max = K["bps"]["scan_bwd"]
-        smem = K["bs"] if bps >= bps_max else max(K["bs"], smem_sm // (bps + 1) - 1024 + 16)
+        K2 = _get_bwd6_kernels(*spec, build=_BWD6_BUILDS[2])
+        bps_max = K2["bps"]["scan_bwd"]
+        if bps_max >= bps:            # (a build whose buffers fit fewer blocks an SM than planned is not used)
+            K = K2
+            smem = K["bs"] if bps >= bps_max else max(K["bs"], smem_sm // (bps + 1) - 1024 + 16)
     ntiles = -(-L // TL)
     du = torch.empty_like(u)
     ddelta = torch.empty_like(delta)
