@@ -304,7 +304,7 @@ def _get_bwd6_kernels(dtype_code: int, npad: int, has_z: bool, has_reset: bool, 
         for name in ("scan_bwd", "scan_bwd_agg"):
             k = fns[name]
             if name == "scan_bwd":
-                k.max_dynamic_shared_size_bytes = smem_blk      # _smem_for may ask for more, to cap residency
+                k.max_dynamic_shared_size_bytes = smem_blk      # _bwd6_plan may ask for more, to cap residency
             elif bs > 48 * 1024:
                 k.max_dynamic_shared_size_bytes = bs
             regs = max(1, int(k.num_regs))
