@@ -66,6 +66,36 @@ __device__ __forceinline__ in_t from_f(float v) { return __float2bfloat16(v); }
 #ifndef NSLOT
 #define NSLOT 6                 // ring slots of 16 KB
 #endif
+// v3 candidates (0: the v2 code; not yet run on a GPU), selected by BYTEMAMBA_PERSISTENT_DEFINES:
+//   RED4 1: P1's reduction of the 8 warps' in_proj partials reads float4s (the scalar reads hit 4-way bank
+//           conflicts: row pitch 36, 8 rows x 4 column groups of a warp fall on 8 banks); same sums, same order
+//   DBL1 1: P3 loads x_proj's outputs (24 KB) in one round trip (6 float4 loads a thread, then the shared stores;
+//           the loop of v2 compiles to 2..3 dependent round trips)
+//   SBULK 1: P3 updates the SSM states in place in the ring and writes them back by bulk copies (64 rows x 1 KB,
+//           shared -> global, 8 a warp) instead of 16 float4 stores a thread into half-sectors; P4 waits for
+//           the copies' reads (then one CTA barrier) before it refills the ring
+//   DT4 1:  P3's rank-64 dot for dt in 4 chains of 16 FMAs, not one chain of 64 (~4 x 4 cycles x 48 a row saved
+//           on each thread's critical path; another fp32 summation order, so bits differ from v2)
+//   WI_AT 4: the next layer's in_proj weight copy (64 KB a CTA) issued at P4 (after the Y stream starts), not at
+//           the start of P3 where it meets the state write-back on HBM (3: v2)
+#ifndef RED4
+#define RED4 0
+#endif
+#ifndef DBL1
+#define DBL1 0
+#endif
+#ifndef SBULK
+#define SBULK 0
+#endif
+#ifndef WI_AT
+#define WI_AT 3
+#endif
+#ifndef DT4
+#define DT4 0
+#endif
+#if WI_AT != 3 && WI_AT != 4
+#error "WI_AT: 3 or 4"
+#endif
 #define SLOT_BYTES 16384        // a chunk: 8 k-steps x 64 rows of in_t
 #define G_CHUNKS (PDM / 128)    // 8
 #define Y_CHUNKS (PEI / 128)    // 16
@@ -377,6 +407,21 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
             const int row = tid >> 2, m0 = (tid & 3) * 8;
             const float* pr = reinterpret_cast<const float*>(ring);
             const float inv = inv_s[row];
+#if RED4
+            static_assert(PRP % 4 == 0, "float4 rows of the partials");
+            float s[8];
+#pragma unroll
+            for (int j = 0; j < 8; ++j) s[j] = 0.f;
+#pragma unroll
+            for (int w = 0; w < NWARP; ++w) {
+                const float4 u = *reinterpret_cast<const float4*>(pr + (w * BR + row) * PRP + m0);
+                const float4 v = *reinterpret_cast<const float4*>(pr + (w * BR + row) * PRP + m0 + 4);
+                s[0] += u.x; s[1] += u.y; s[2] += u.z; s[3] += u.w;
+                s[4] += v.x; s[5] += v.y; s[6] += v.z; s[7] += v.w;
+            }
+#pragma unroll
+            for (int j = 0; j < 8; ++j) xz_s[row * XZP + m0 + j] = rnd(s[j] * inv);
+#else
 #pragma unroll
             for (int j = 0; j < 8; ++j) {
                 float s = 0.f;
@@ -384,6 +429,7 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
                 for (int w = 0; w < NWARP; ++w) s += pr[(w * BR + row) * PRP + m0 + j];
                 xz_s[row * XZP + m0 + j] = rnd(s * inv);
             }
+#endif
         }
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory");   // (the ring: generic writes, then copies)
         bar_wait(bar_c + (l & 1), (l >> 1) & 1);
@@ -471,16 +517,37 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
 
         // ======== P3: dt, state update, y ========
         if (tid == 0 && l + 1 < L) {    // the next layer's in_proj / x_proj / constants (their buffers are free)
+#if WI_AT == 3
             copy_in(smem + S_WI, wi_src(l + 1), WI_EL * 2, bar_wi);
+#endif
             copy_in(smem + S_WX, wx_src(l + 1), WX_EL * 2, bar_wx);
             copy_in(c_s + ((l + 1) & 1) * C_EL, c_src(l + 1), C_EL * 4, bar_c + ((l + 1) & 1));
         }
         float* dbl_s = reinterpret_cast<float*>(ring + S_DBL);         // [BR][DBP]
+#if SBULK
+        float* st_s = reinterpret_cast<float*>(ring);                  // [BR][STP]: row r, channel j, state n
+#else
         const float* st_s = reinterpret_cast<const float*>(ring);      // [BR][STP]: row r, channel j, state n
+#endif
+#if DBL1
+        {
+            static_assert((BR * PNX / 4) % PTHR == 0, "whole float4s a thread");
+            constexpr int NV = BR * PNX / 4 / PTHR;                    // 6
+            float4 v[NV];
+#pragma unroll
+            for (int k = 0; k < NV; ++k) v[k] = __ldcg(reinterpret_cast<const float4*>(dbl) + tid + k * PTHR);
+#pragma unroll
+            for (int k = 0; k < NV; ++k) {
+                const int idx = tid + k * PTHR, row = idx / (PNX / 4), c4 = idx % (PNX / 4);
+                *reinterpret_cast<float4*>(&dbl_s[row * DBP + 4 * c4]) = v[k];
+            }
+        }
+#else
         for (int idx = tid; idx < BR * PNX / 4; idx += PTHR) {
             const int row = idx / (PNX / 4), c4 = idx % (PNX / 4);
             *reinterpret_cast<float4*>(&dbl_s[row * DBP + 4 * c4]) = __ldcg(reinterpret_cast<const float4*>(dbl) + idx);
         }
+#endif
         bar_wait(bar_st, l & 1);
         __syncthreads();
         {
@@ -489,11 +556,26 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
             float A[PNS];
 #pragma unroll
             for (int n = 0; n < PNS; ++n) A[n] = cl[C_A + sc * PNS + n];
+#if !SBULK
             float* base = ssm_ptr(l);
+#endif
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 const int r = sr + 16 * i;
                 const float* db = dbl_s + r * DBP;
+#if DT4
+                float d4[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+                for (int k4 = 0; k4 < PRK / 4; ++k4) {
+                    const float4 w = *reinterpret_cast<const float4*>(wdt + 4 * k4);
+                    const float4 v = *reinterpret_cast<const float4*>(db + 4 * k4);
+                    d4[0] = fmaf(w.x, v.x, d4[0]);
+                    d4[1] = fmaf(w.y, v.y, d4[1]);
+                    d4[2] = fmaf(w.z, v.z, d4[2]);
+                    d4[3] = fmaf(w.w, v.w, d4[3]);
+                }
+                float d = (d4[0] + d4[1]) + (d4[2] + d4[3]);
+#else
                 float d = 0.f;
 #pragma unroll
                 for (int k4 = 0; k4 < PRK / 4; ++k4) {
@@ -504,6 +586,7 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
                     d = fmaf(w.z, v.z, d);
                     d = fmaf(w.w, v.w, d);
                 }
+#endif
                 d += dtb;
                 d = d <= 20.f ? log1pf(__expf(d)) : d;                 // softplus, PyTorch's threshold
                 const float x = to_f(xc_s[r * XCP + sc]);
@@ -519,7 +602,11 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
                     s.y = fmaf(__expf(d * A[4 * j + 1]), s.y, dx * Bv.y);
                     s.z = fmaf(__expf(d * A[4 * j + 2]), s.z, dx * Bv.z);
                     s.w = fmaf(__expf(d * A[4 * j + 3]), s.w, dx * Bv.w);
+#if SBULK
+                    *reinterpret_cast<float4*>(st_s + r * STP + sc * PNS + 4 * j) = s;     // in place (own slot)
+#else
                     if (r < batch) *reinterpret_cast<float4*>(base + ((long long)r * PEI + ch0 + sc) * PNS + 4 * j) = s;
+#endif
                     y = fmaf(s.x, Cv.x, y);
                     y = fmaf(s.y, Cv.y, y);
                     y = fmaf(s.z, Cv.z, y);
@@ -529,7 +616,21 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
                 y_s[r * PCH + sc] = from_f(y * silu_f(xz_s[r * XZP + PCH + sc]));
             }
         }
+#if SBULK
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");   // the states: generic writes, then copies
         __syncthreads();
+        {   // the updated states back, a row (16 channels x 16 states, 1 KB) a copy: warp w rows 8w..8w+7, lanes 0..7
+            // (a copy takes uniform operands: a warp's lanes issue one after another, so every warp takes 8)
+            const int r = warp * (BR / NWARP) + lane;
+            if (lane < BR / NWARP && r < batch)
+                asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;"
+                             ::"l"(ssm_ptr(l) + ((long long)r * PEI + ch0) * PNS), "r"(smaddr(st_s + r * STP)),
+                             "r"(PCH * PNS * 4) : "memory");
+            asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+        }
+#else
+        __syncthreads();
+#endif
         {   // y -> Y in A-fragment order: k-step c, m-tile mt, lane, register j (rows g / g+8, columns 2t / 2t+8)
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
@@ -544,10 +645,17 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
         STAMP(5);
 
         // ======== P4: out_proj rows 8c..8c+7, residual add, the next layer's G ========
+#if SBULK
+        asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");  // the state copies have read the ring
+        __syncthreads();                                                // (each thread waits for its own)
+#endif
         if (tid == 0) {
             asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
             for (int i = 0; i < NSLOT && i < Y_CHUNKS; ++i)
                 issue(q + i, reinterpret_cast<const unsigned char*>(Ybuf) + (long long)i * SLOT_BYTES);
+#if WI_AT == 4
+            if (l + 1 < L) copy_in(smem + S_WI, wi_src(l + 1), WI_EL * 2, bar_wi);
+#endif
         }
         bar_wait(bar_wo, l & 1);
         float oacc[BR / 16][4];
@@ -599,6 +707,9 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
     if (er < batch)
         *reinterpret_cast<float2*>(residual + (long long)er * PDM + c * OCOL + 2 * ep) =
             make_float2(res_s[er * OCOL + 2 * ep], res_s[er * OCOL + 2 * ep + 1]);
+#if SBULK
+    asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");       // the last states written
+#endif
     // the last CTA out resets the counters for the next launch (every CTA has passed the last barrier)
     __syncthreads();
     if (tid == 0) {

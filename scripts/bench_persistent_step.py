@@ -4,6 +4,7 @@ replays), at 53 layers and 1 layer (the slope is the cost of a layer); the model
 persistent path and on today's cuBLAS path; a per-phase clock64 profile (PROFILE=1 build). Table last.
 
     python3 scripts/bench_persistent_step.py --batches 8 64 [--variants NAME=DEF+DEF ...] [--profile 64]
+        [--profile-best]      (profile only the default and the fastest variant at each --profile batch)
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ def main():
     p.add_argument("--batches", nargs="*", type=int, default=[8, 64])
     p.add_argument("--variants", nargs="*", default=[], help="NAME=DEF+DEF builds besides the default")
     p.add_argument("--profile", nargs="*", type=int, default=[], help="batches to profile (PROFILE=1 build)")
+    p.add_argument("--profile-best", action="store_true",
+                   help="profile only the default and the fastest variant (53 layers) at each --profile batch")
     p.add_argument("--layers", type=int, default=53)
     p.add_argument("--no-model", dest="model", action="store_false", help="skip the model-step comparison")
     a = p.parse_args()
@@ -75,7 +78,12 @@ def main():
                   f"{t[1]:.1f} us, {slope:.2f} us a layer", flush=True)
         os.environ["BYTEMAMBA_PERSISTENT_DEFINES"] = ""
         if b in a.profile:
-            for name, defines in variants:
+            to_profile = variants
+            timed = [r for r in rows if r[0] == b and r[1] != "default" and r[3] is not None]
+            if a.profile_best and timed:
+                best = min(timed, key=lambda r: r[2])[1]
+                to_profile = [v for v in variants if v[0] in ("default", best)]
+            for name, defines in to_profile:
                 os.environ["BYTEMAMBA_PERSISTENT_DEFINES"] = "+".join(x for x in ("PROFILE=1", defines) if x)
                 if not any(r[:2] == (b, name) for r in rows):
                     continue

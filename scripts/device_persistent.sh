@@ -1,9 +1,45 @@
 #!/bin/bash
-# The persistent step's device call (run from the repository root on the lent H200, logs under $OUT): its GPU tests,
-# the kernel bench (per-phase profile at b 64; BENCH_VARIANTS: more NAME=DEF+DEF builds), then `bench generate`
-# on the persistent path and on the path it replaces (persistent off).
+# The persistent step's device call (run from the repository root on the lent H200, logs under $OUT).
+#   bash scripts/device_persistent.sh        its GPU tests, the kernel bench (per-phase profile at b 64;
+#                                            BENCH_VARIANTS: more NAME=DEF+DEF builds), then `bench generate` on the
+#                                            persistent path and on the path it replaces (persistent off)
+#   bash scripts/device_persistent.sh v3     the v3 candidates (CANDS: NAME=DEF+DEF ...; the kernel's opening
+#                                            comment says what each define does): the GPU tests of each candidate
+#                                            (parallel processes), then the kernel bench of the default and every
+#                                            candidate at b 8 and 64, the per-phase profile of the default and the
+#                                            fastest at b 64; ~90 s; a short table last
 export OMP_NUM_THREADS=4
 O=${OUT:-/tmp}
+if [ "$1" = v3 ]; then
+    CANDS=${CANDS:-"v3a=RED4=1+DBL1=1 v3b=RED4=1+DBL1=1+DT4=1+SBULK=1 v3c=RED4=1+DBL1=1+DT4=1+SBULK=1+WI_AT=4"}
+    for c in $CANDS; do
+        BYTEMAMBA_PERSISTENT_DEFINES=${c#*=} timeout 50 python3 -m pytest -q -m gpu tests/ops/test_persistent_step.py \
+            -p no:cacheprovider > $O/tests_${c%%=*}.log 2>&1 &
+    done
+    # meanwhile the bench's other builds into CuPy's kernel cache (default, and PROFILE=1 of every build)
+    timeout 50 python3 -c "
+import os, sys, torch
+from bytemamba.ops import persistent_step as ps
+for d in ['', 'PROFILE=1'] + ['PROFILE=1+' + c.split('=', 1)[1] for c in sys.argv[1:]]:
+    os.environ['BYTEMAMBA_PERSISTENT_DEFINES'] = d
+    ps.module(torch.device('cuda:0'), torch.bfloat16)
+print('prewarm: compiled', 2 + len(sys.argv[1:]), 'builds')
+" $CANDS > $O/prewarm.log 2>&1 &
+    wait
+    timeout 42 python3 scripts/bench_persistent_step.py --batches 8 64 --variants $CANDS --profile 64 \
+        --profile-best --no-model > $O/kernel_v3.log 2>&1
+    echo "bench exit status $? (124: timed out); prewarm: $(tail -1 $O/prewarm.log)"
+    grep -i "failed\|error" $O/kernel_v3.log | head -5
+    sed -n '/^profile, us a layer/,/^$/p' $O/kernel_v3.log
+    echo "| build | defines | GPU tests (tests/ops/test_persistent_step.py -m gpu) |"
+    echo "|---|---|---|"
+    for c in $CANDS; do
+        echo "| ${c%%=*} | ${c#*=} | $(grep -E "passed|failed|error" $O/tests_${c%%=*}.log | tail -1) |"
+    done
+    echo
+    sed -n '/^| batch | what/,$p' $O/kernel_v3.log
+    exit 0
+fi
 timeout 62 python3 -m pytest -q -m gpu tests/ops/test_persistent_step.py -p no:cacheprovider > $O/tests.log 2>&1
 tail -4 $O/tests.log
 timeout 52 python3 scripts/bench_persistent_step.py --batches 8 64 --variants $BENCH_VARIANTS \

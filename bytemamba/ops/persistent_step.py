@@ -100,7 +100,9 @@ def pack_persistent(W: FusedWeights) -> PersistentWeights:
 # ---- CUDA launcher ------------------------------------------------------------------------------------------
 
 def _defines() -> tuple:
-    """Extra compile-time defines (benchmark variants), e.g. BYTEMAMBA_PERSISTENT_DEFINES="PROFILE=1"."""
+    """Extra compile-time defines (variants; the kernel's opening defines say what each does), '+' or space
+    separated, e.g. BYTEMAMBA_PERSISTENT_DEFINES="PROFILE=1" or "RED4=1+DBL1=1+DT4=1+SBULK=1"; read at every
+    call, so tests, benches and the model's persistent path all take them (one compiled module per set)."""
     v = os.environ.get("BYTEMAMBA_PERSISTENT_DEFINES", "")
     return tuple(f"-D{x}" for x in v.replace("+", " ").split() if x)
 

@@ -6,6 +6,7 @@ several batches, bf16 and fp16; bit determinism; the model's path against the pa
 graphs.
 """
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -194,8 +195,13 @@ def test_model_takes_the_persistent_path_only_where_asked(monkeypatch):
         assert "turned off" in m.persistent_step_reason(64, torch.device("cpu"))
 
 
+V3 = ("-DRED4=1", "-DDBL1=1", "-DDT4=1", "-DSBULK=1")       # the v3 candidates (the kernel's opening defines)
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
-@pytest.mark.parametrize("dtype_code,defines", [(1, ()), (2, ()), (1, ("-DPROFILE=1",))])
+@pytest.mark.parametrize("dtype_code,defines", [(1, ()), (2, ()), (1, ("-DPROFILE=1",)), (1, ("-DRED4=1", "-DDBL1=1")),
+                                                (1, V3), (2, V3), (1, V3 + ("-DWI_AT=4",)), (2, V3 + ("-DWI_AT=4",)),
+                                                (1, ("-DPROFILE=1",) + V3 + ("-DWI_AT=4",))])
 def test_kernel_compiles_for_sm90_without_spills(dtype_code, defines, tmp_path):
     r = subprocess.run(["nvcc", "-arch=sm_90", "-std=c++17", "-cubin", "-o", str(tmp_path / "k.cubin"),
                         "-Xptxas", "-v", "-Werror", "all-warnings", f"-DIN_DTYPE={dtype_code}", *defines, str(SRC)],
@@ -207,8 +213,10 @@ def test_kernel_compiles_for_sm90_without_spills(dtype_code, defines, tmp_path):
 
 # ---- GPU --------------------------------------------------------------------------------------------------
 
-# builds (BYTEMAMBA_PERSISTENT_DEFINES) under test: the default (a variant goes here as NAME: DEFINES)
-BUILDS = {"default": ""}
+# the build under test: BYTEMAMBA_PERSISTENT_DEFINES as pytest finds it (unset: the default build), e.g.
+# BYTEMAMBA_PERSISTENT_DEFINES="RED4=1+DBL1=1" python3 -m pytest -q -m gpu tests/ops/test_persistent_step.py
+# (scripts/device_persistent.sh v3 runs the file once per candidate); the model-path tests read the same variable
+BUILDS = {"default": os.environ.get("BYTEMAMBA_PERSISTENT_DEFINES", "")}
 CASES = [("default", torch.bfloat16, 64), ("default", torch.bfloat16, 37), ("default", torch.bfloat16, 1),
          ("default", torch.float16, 64)]
 
