@@ -111,9 +111,9 @@ def _get_kernels(dtype_code: int, npad: int, has_z: bool, has_reset: bool, devic
                              ("ss_fwd", "ss_fwd_agg", "ss_bwd", "ss_bwd_agg", "ss_smem_sizes"))
         ks = {name: f for name, f in fns.items() if name != "ss_smem_sizes"}
         with cupy.cuda.Device(device.index):
-            sizes = cupy.zeros(3, dtype=cupy.int32)
+            sizes = cupy.zeros(4, dtype=cupy.int32)
             fns["ss_smem_sizes"]((1,), (1,), (sizes,))
-            fs, bs, fcpb = (int(v) for v in sizes.get())
+            fs, bs, fcpb, fthr = (int(v) for v in sizes.get())   # forward: channels, threads a block
         props = torch.cuda.get_device_properties(device)
         smem_sm = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
         smem_blk = getattr(props, "shared_memory_per_block_optin", 227 * 1024)
@@ -126,8 +126,9 @@ def _get_kernels(dtype_code: int, npad: int, has_z: bool, has_reset: bool, devic
             if sm > 48 * 1024 or name == "ss_bwd":
                 k.max_dynamic_shared_size_bytes = smem_blk if name == "ss_bwd" else sm
             regs = max(1, int(k.num_regs))
-            bps[name] = max(1, min(smem_sm // (sm + 1024), 65536 // (regs * NTHREADS), 16))
-        mod = dict(ks, fs=fs, bs=bs, bps=bps, fcpb=fcpb)
+            thr = fthr if "fwd" in name else NTHREADS
+            bps[name] = max(1, min(smem_sm // (sm + 1024), 65536 // (regs * thr), 2048 // thr, 16))
+        mod = dict(ks, fs=fs, bs=bs, bps=bps, fcpb=fcpb, fthr=fthr)
         _modules[key] = mod
         return mod
 
@@ -201,8 +202,8 @@ def _fwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
     import cupy
     with cupy.cuda.Device(dev.index), _cupy_stream(dev):
         if nseg > 1:
-            K["ss_fwd_agg"]((b * dblocks, nseg - 1), (NTHREADS,), args, shared_mem=K["fs"])
-        K["ss_fwd"]((b * dblocks, nseg), (NTHREADS,), args, shared_mem=K["fs"])
+            K["ss_fwd_agg"]((b * dblocks, nseg - 1), (K["fthr"],), args, shared_mem=K["fs"])
+        K["ss_fwd"]((b * dblocks, nseg), (K["fthr"],), args, shared_mem=K["fs"])
     return out, final, ckpt
 
 
