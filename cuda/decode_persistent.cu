@@ -74,6 +74,9 @@ __device__ __forceinline__ in_t from_f(float v) { return __float2bfloat16(v); }
 //   SBULK 1: P3 updates the SSM states in place in the ring and writes them back by bulk copies (64 rows x 1 KB,
 //           shared -> global, 8 a warp) instead of 16 float4 stores a thread into half-sectors; P4 waits for
 //           the copies' reads (then one CTA barrier) before it refills the ring
+//   STIN8 1: P1's 64 bulk copies of the SSM states into the ring issued 8 a warp, not 64 by warp 0 (a copy takes
+//           uniform operands: a warp's copies are issued one after another, ~8 instructions each, on the path
+//           to the conv step's barrier)
 //   DT4 1:  P3's rank-64 dot for dt in 4 chains of 16 FMAs, not one chain of 64 (~4 x 4 cycles x 48 a row saved
 //           on each thread's critical path; another fp32 summation order, so bits differ from v2)
 //   WI_AT 4: the next layer's in_proj weight copy (64 KB a CTA) issued at P4 (after the Y stream starts), not at
@@ -92,6 +95,9 @@ __device__ __forceinline__ in_t from_f(float v) { return __float2bfloat16(v); }
 #endif
 #ifndef DT4
 #define DT4 0
+#endif
+#ifndef STIN8
+#define STIN8 0
 #endif
 #if WI_AT != 3 && WI_AT != 4
 #error "WI_AT: 3 or 4"
@@ -433,6 +439,19 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
         }
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory");   // (the ring: generic writes, then copies)
         bar_wait(bar_c + (l & 1), (l >> 1) & 1);
+#if STIN8
+        if (tid == 0)               // (bar_st's last phase was waited for at P3 of the last layer)
+            asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
+                         ::"r"(smaddr(bar_st)), "r"((unsigned)(batch * PCH * PNS * 4)) : "memory");
+        __syncthreads();
+        {   // this layer's SSM states of the CTA's channels into the ring (used in P3): warp w rows 8w.., lanes 0..7
+            const int r = warp * (BR / NWARP) + lane;
+            if (lane < BR / NWARP && r < batch)
+                asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                             ::"r"(smaddr(ring + r * STP * 4)), "l"(ssm_ptr(l) + ((long long)r * PEI + ch0) * PNS),
+                             "r"(PCH * PNS * 4), "r"(smaddr(bar_st)) : "memory");
+        }
+#else
         __syncthreads();
         if (warp == 0) {            // this layer's SSM states of the CTA's channels into the ring (used in P3)
             const float* base = ssm_ptr(l) + (long long)ch0 * PNS;
@@ -445,6 +464,7 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
                              ::"r"(smaddr(ring + r * STP * 4)), "l"(base + (long long)r * PEI * PNS),
                              "r"(PCH * PNS * 4), "r"(smaddr(bar_st)) : "memory");
         }
+#endif
         {   // conv step + SiLU, mapping T; the window shifted into the conv state
             const float* w = cl + C_CW + tc * PKC;
             const float cb = cl[C_CB + tc];

@@ -7,13 +7,13 @@
 #                                            comment says what each define does): the GPU tests of each candidate
 #                                            (parallel processes), then the kernel bench of the default and every
 #                                            candidate at b 8 and 64, the per-phase profile of the default and the
-#                                            fastest at b 64; ~90 s; a short table last
+#                                            fastest at b 64; 60-95 s; a short table last
 export OMP_NUM_THREADS=4
 O=${OUT:-/tmp}
 if [ "$1" = v3 ]; then
-    CANDS=${CANDS:-"v3a=RED4=1+DBL1=1 v3b=RED4=1+DBL1=1+DT4=1+SBULK=1 v3c=RED4=1+DBL1=1+DT4=1+SBULK=1+WI_AT=4"}
+    CANDS=${CANDS:-"v3a=RED4=1+DBL1=1+STIN8=1 v3b=RED4=1+DBL1=1+STIN8=1+DT4=1+SBULK=1 v3c=RED4=1+DBL1=1+STIN8=1+DT4=1+SBULK=1+WI_AT=4"}
     for c in $CANDS; do
-        BYTEMAMBA_PERSISTENT_DEFINES=${c#*=} timeout 50 python3 -m pytest -q -m gpu tests/ops/test_persistent_step.py \
+        BYTEMAMBA_PERSISTENT_DEFINES=${c#*=} timeout 58 python3 -m pytest -q -m gpu tests/ops/test_persistent_step.py \
             -p no:cacheprovider > $O/tests_${c%%=*}.log 2>&1 &
     done
     # meanwhile the bench's other builds into CuPy's kernel cache (default, and PROFILE=1 of every build)
@@ -26,7 +26,7 @@ for d in ['', 'PROFILE=1'] + ['PROFILE=1+' + c.split('=', 1)[1] for c in sys.arg
 print('prewarm: compiled', 2 + len(sys.argv[1:]), 'builds')
 " $CANDS > $O/prewarm.log 2>&1 &
     wait
-    timeout 42 python3 scripts/bench_persistent_step.py --batches 8 64 --variants $CANDS --profile 64 \
+    timeout 36 python3 scripts/bench_persistent_step.py --batches 8 64 --variants $CANDS --profile 64 \
         --profile-best --no-model > $O/kernel_v3.log 2>&1
     echo "bench exit status $? (124: timed out); prewarm: $(tail -1 $O/prewarm.log)"
     grep -i "failed\|error" $O/kernel_v3.log | head -5

@@ -195,12 +195,13 @@ def test_model_takes_the_persistent_path_only_where_asked(monkeypatch):
         assert "turned off" in m.persistent_step_reason(64, torch.device("cpu"))
 
 
-V3 = ("-DRED4=1", "-DDBL1=1", "-DDT4=1", "-DSBULK=1")       # the v3 candidates (the kernel's opening defines)
+V3 = ("-DRED4=1", "-DDBL1=1", "-DSTIN8=1", "-DDT4=1", "-DSBULK=1")       # the v3 candidates (the kernel's opening defines)
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
-@pytest.mark.parametrize("dtype_code,defines", [(1, ()), (2, ()), (1, ("-DPROFILE=1",)), (1, ("-DRED4=1", "-DDBL1=1")),
-                                                (1, V3), (2, V3), (1, V3 + ("-DWI_AT=4",)), (2, V3 + ("-DWI_AT=4",)),
+@pytest.mark.parametrize("dtype_code,defines", [(1, ()), (2, ()), (1, ("-DPROFILE=1",)),
+                                                (1, ("-DRED4=1", "-DDBL1=1", "-DSTIN8=1")), (1, V3), (2, V3),
+                                                (1, V3 + ("-DWI_AT=4",)), (2, V3 + ("-DWI_AT=4",)),
                                                 (1, ("-DPROFILE=1",) + V3 + ("-DWI_AT=4",))])
 def test_kernel_compiles_for_sm90_without_spills(dtype_code, defines, tmp_path):
     r = subprocess.run(["nvcc", "-arch=sm_90", "-std=c++17", "-cubin", "-o", str(tmp_path / "k.cubin"),
