@@ -37,7 +37,8 @@
 // FWD_UNR (forward positions per unrolled step, default 16), FWD_MINB (forward blocks per SM, default 4),
 // FWD_SPP (1, the default: the forward's softplus with one MUFU op, a polynomial log1p; 0: softplus_f),
 // FWD_SPT (forward states per thread: 4, the default, or 2 (v8a, NPAD 16 only; other NPAD keep 4): 8 lanes a
-// channel, 256-thread blocks of 32 channels, twice the warps at the same channels per block).
+// channel, 256-thread blocks of 32 channels, twice the warps at the same channels per block), FWD_SIG (1: the
+// forward's SiLU gate on one MUFU op, tanh.approx, for bf16 only).
 
 #ifndef IN_DTYPE
 #define IN_DTYPE 1
@@ -77,9 +78,6 @@
 #define FCPB (FNTHR / FNT)
 #define FEPT (TL / FNT)
 #define UNR ((FNT > FWD_UNR) ? FNT : FWD_UNR)   // forward inner unroll (a multiple of FNT)
-#ifndef FWD_TUN
-#define FWD_TUN 1                  // unrolled steps of UNR positions per iteration of a tile's scan loop
-#endif
 #ifndef FWD_SPP
 #define FWD_SPP 1
 #endif
@@ -379,6 +377,22 @@ __device__ __forceinline__ float sigmoid_f(float x) {
   return __fdividef(1.0f, 1.0f + ex2_mufu(x * -1.4426950408889634f));
 }
 
+// The forward's gate: sigmoid_f (two MUFU ops), or with FWD_SIG=1 and bf16 inputs 0.5 + 0.5 tanh(x / 2) on
+// tanh.approx (one MUFU op; relative error of tanh <= 2^-10.99, so the gate is off by <= 2.5e-4, under half
+// a bf16 ulp of the output; fp16 / fp32 keep sigmoid_f).
+#ifndef FWD_SIG
+#define FWD_SIG 0
+#endif
+__device__ __forceinline__ float sigmoid_fwd(float x) {
+#if FWD_SIG && IN_DTYPE == 1
+  float t;
+  asm("tanh.approx.f32 %0, %1;" : "=f"(t) : "f"(0.5f * x));
+  return fmaf(0.5f, t, 0.5f);
+#else
+  return sigmoid_f(x);
+#endif
+}
+
 // ------------------------------------------------------------------------------------------------
 // Forward.
 
@@ -400,12 +414,7 @@ struct FwdSmem {
 template <bool AGG>
 __device__ __forceinline__ void fwd_tile_scan(const FwdSmem& s, int c, int sg, int lane, const float (&A2)[FSPT],
                                               float (&x)[FSPT], float& sumdl, float& keep, float* ysm) {
-#if FWD_TUN == 1
 #pragma unroll 1
-#else
-  constexpr int kTun = FWD_TUN;    // (a #pragma unroll argument must be an identifier, not a macro)
-#pragma unroll kTun
-#endif
   for (int t0 = 0; t0 < TL; t0 += UNR) {
     float yv[UNR];
 #pragma unroll
@@ -681,7 +690,7 @@ __device__ __forceinline__ void fwd_body(
           float yv = fmaf(D_d, word_f(uw, e + q), ys[q]);
 #if HAS_Z
           const float zz = word_f(zw, e + q);
-          yv *= zz * sigmoid_f(zz);
+          yv *= zz * sigmoid_fwd(zz);
 #endif
           ov[e + q] = yv;
         }
