@@ -40,8 +40,8 @@
 // BWD_PWB (1 or 2 buffers of per-warp dB/dC sums: with 2, one barrier a flush instead of 2), BWD_PF (1:
 // cp.async copy of the next tile's raw inputs into shared memory while the current one is computed).
 // The launcher compiles two builds and picks one by the blocks an SM the waves leave: 3 an SM
-// (BWD_MINB=3, BWD_FP=8, BWD_DBC=0) or 2 (BWD_MINB=2, BWD_FP=16, BWD_DBC=1); docs/PERF.md has the timings.
-// BWD_PWB=2 and BWD_PF=1 compile cleanly but have not been run on a GPU yet (no device time left).
+// (BWD_MINB=3, BWD_FP=8, BWD_DBC=0) or 2 (BWD_MINB=2, BWD_FP=16, BWD_DBC=1, BWD_PWB=2, BWD_PF=1);
+// docs/PERF.md has the timings.
 //
 // Helpers duplicated from selective_scan.cu (to move into a shared header): in_t, to_f, from_f, ex2_mufu,
 // softplus_f, sigmoid_f, load_row.

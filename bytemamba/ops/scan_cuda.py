@@ -268,9 +268,11 @@ def _bwd_version() -> int:
 # 12:05 UTC, docs/PERF.md "Backward v6"): where 3 blocks an SM fit and are used, the build capped at 168
 # registers with the shuffle dB/dC sums (1-2% faster than v5 there); where 2 (the main shape: 512 blocks), the
 # build with up to 255 registers, the shared-memory transpose and a cross-warp flush every 16 positions
-# (5.17 ms vs v5's 5.70). BWD_PWB=2 and BWD_PF=1 (cp.async prefetch) are written but not yet run on a GPU.
-# Any BWD_* define among the extra defines (bench variants) replaces both builds.
-_BWD6_BUILDS = {3: ("BWD_MINB=3", "BWD_FP=8", "BWD_DBC=0"), 2: ("BWD_MINB=2", "BWD_FP=16", "BWD_DBC=1")}
+# (5.17 ms vs v5's 5.70), with two buffers of per-warp sums (one barrier a flush) and a cp.async prefetch of the
+# next tile: 4.87 ms (lead's call, 12:47 UTC; that build forced at the other shapes was 3-10% slower than the
+# 3-an-SM build chosen there). Any BWD_* define among the extra defines (bench variants) replaces both builds.
+_BWD6_BUILDS = {3: ("BWD_MINB=3", "BWD_FP=8", "BWD_DBC=0"),
+                2: ("BWD_MINB=2", "BWD_FP=16", "BWD_DBC=1", "BWD_PWB=2", "BWD_PF=1")}
 
 
 def _get_bwd6_kernels(dtype_code: int, npad: int, has_z: bool, has_reset: bool, device: torch.device,
