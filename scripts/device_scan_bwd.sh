@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Device run for the scan backward (cuda/scan_bwd.cu, v6), one call: the GPU tests of tests/ops/test_scan_cuda.py
-# with the default build, `bench scan` of the default against v5 (BWD_V5=1) and the candidate builds in $VARIANTS
+# with the default builds, `bench scan` of the default against the candidate builds in $VARIANTS
 # (forced at every shape), then Nsight Compute counters of scan_bwd at the main shape (NCU=0 skips them).
 # Logs under $OUT; the bench table prints last.
 set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/bytemamba_out}
 mkdir -p "$OUT"
-VARIANTS=${VARIANTS:-default,BWD_V5=1}
+VARIANTS=${VARIANTS:-default}
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader > "$OUT/gpu.txt"
 timeout "${TEST_TIMEOUT:-75}" python3 -m pytest -q -m gpu --tb=short -p no:cacheprovider tests/ops/test_scan_cuda.py \
   > "$OUT/tests.log" 2>&1

@@ -1,4 +1,4 @@
-"""Selective scan in our own CUDA (cuda/selective_scan.cu), compiled at run time through CuPy (NVRTC).
+"""Selective scan in our own CUDA (forward cuda/selective_scan.cu, backward cuda/scan_bwd.cu), compiled at run time through CuPy (NVRTC).
 
     selective_scan_cuda(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                         initial_state=None, return_final_state=False, reset=None)
@@ -37,7 +37,6 @@ from bytemamba.ops.scan import BackendError
 
 MAX_STATE = 64
 TL = 64          # tile length = checkpoint interval (must match cuda/selective_scan.cu)
-SB = 8           # backward sub-block
 NTHREADS = 128
 
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -91,8 +90,8 @@ def _variant() -> tuple:
 
 
 def _get_kernels(dtype_code: int, npad: int, has_z: bool, has_reset: bool, device: torch.device):
-    """The kernels of one specialisation (compiled once per process by ``_cupy.compile_module``) with their
-    launch settings: dynamic shared memory per block (fs / bs) and resident blocks per SM (bps), worked out
+    """The forward kernels of one specialisation (compiled once per process by ``_cupy.compile_module``) with
+    their launch settings: dynamic shared memory per block (fs) and resident blocks per SM (bps), worked out
     once per specialisation."""
     import cupy
 
@@ -108,27 +107,25 @@ def _get_kernels(dtype_code: int, npad: int, has_z: bool, has_reset: bool, devic
         if mod is not None:
             return mod
         fns = compile_module("selective_scan.cu", opts, device,
-                             ("ss_fwd", "ss_fwd_agg", "ss_bwd", "ss_bwd_agg", "ss_smem_sizes"))
+                             ("ss_fwd", "ss_fwd_agg", "ss_smem_sizes"))
         ks = {name: f for name, f in fns.items() if name != "ss_smem_sizes"}
         with cupy.cuda.Device(device.index):
-            sizes = cupy.zeros(4, dtype=cupy.int32)
+            sizes = cupy.zeros(3, dtype=cupy.int32)
             fns["ss_smem_sizes"]((1,), (1,), (sizes,))
-            fs, bs, fcpb, fthr = (int(v) for v in sizes.get())   # forward: channels, threads a block
+            fs, fcpb, fthr = (int(v) for v in sizes.get())   # shared memory, channels, threads a block
         props = torch.cuda.get_device_properties(device)
         smem_sm = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
         smem_blk = getattr(props, "shared_memory_per_block_optin", 227 * 1024)
         bps = {}
+        if fs > smem_blk:
+            raise RuntimeError(f"selective_scan (cuda): ss_fwd needs {fs} bytes of shared memory, "
+                               f"the device allows {smem_blk} per block")
         for name, k in ks.items():
-            sm = fs if "fwd" in name else bs
-            if sm > smem_blk:
-                raise RuntimeError(f"selective_scan (cuda): {name} needs {sm} bytes of shared memory, "
-                                   f"the device allows {smem_blk} per block")
-            if sm > 48 * 1024 or name == "ss_bwd":
-                k.max_dynamic_shared_size_bytes = smem_blk if name == "ss_bwd" else sm
+            if fs > 48 * 1024:
+                k.max_dynamic_shared_size_bytes = fs
             regs = max(1, int(k.num_regs))
-            thr = fthr if "fwd" in name else NTHREADS
-            bps[name] = max(1, min(smem_sm // (sm + 1024), 65536 // (regs * thr), 2048 // thr, 16))
-        mod = dict(ks, fs=fs, bs=bs, bps=bps, fcpb=fcpb, fthr=fthr)
+            bps[name] = max(1, min(smem_sm // (fs + 1024), 65536 // (regs * fthr), 2048 // fthr, 16))
+        mod = dict(ks, fs=fs, bps=bps, fcpb=fcpb, fthr=fthr)
         _modules[key] = mod
         return mod
 
@@ -155,15 +152,6 @@ def _resident(blocks: int, bps_max: int, sms: int) -> int:
         if eff > best_eff + 1e-9:
             best, best_eff = bps, eff
     return best
-
-
-def _smem_for(bps: int, bps_max: int, need: int, device) -> int:
-    """Dynamic shared memory to ask for so that at most `bps` blocks share an SM."""
-    if bps >= bps_max:
-        return need
-    props = torch.cuda.get_device_properties(device)
-    smem_sm = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
-    return max(need, smem_sm // (bps + 1) - 1024 + 16)
 
 
 # PyTorch's current stream as a CuPy stream, raw pointers, the SM count: shared with the decode-step launcher.
@@ -207,75 +195,21 @@ def _fwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
     return out, final, ckpt
 
 
-def _bwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reset, dout, ckpt, dfinal,
-              need_init: bool, deterministic: bool):
-    b, d, L = u.shape
-    n = A.shape[1]
-    npad = _npad(n)
-    dev = u.device
-    K = _get_kernels(_DTYPE_CODE[u.dtype], npad, z is not None, reset is not None, dev)
-    cpb = NTHREADS // (npad // 4)
-    dblocks = -(-d // cpb)
-    ntiles = -(-L // TL)
-    nseg, seg_tiles = _nseg(K["bps"]["ss_bwd"], b * dblocks, ntiles, dev)
-    bps = _resident(b * dblocks * nseg, K["bps"]["ss_bwd"], _num_sms(dev))
-    smem = _smem_for(bps, K["bps"]["ss_bwd"], K["bs"], dev)
-    du = torch.empty_like(u)
-    ddelta = torch.empty_like(delta)
-    dz = torch.empty_like(z) if z is not None else None
-    if deterministic:
-        dBp = torch.empty(dblocks, b, n, L, device=dev, dtype=torch.float32)
-        dCp = torch.empty(dblocks, b, n, L, device=dev, dtype=torch.float32)
-    else:
-        dBp = torch.zeros(b, n, L, device=dev, dtype=torch.float32)
-        dCp = torch.zeros(b, n, L, device=dev, dtype=torch.float32)
-    dA_p = torch.empty(nseg, b, d, n, device=dev, dtype=torch.float32)
-    dD_p = torch.empty(nseg, b, d, device=dev, dtype=torch.float32)
-    db_p = torch.empty(nseg, b, d, device=dev, dtype=torch.float32)
-    dinit = torch.empty(b, d, n, device=dev, dtype=torch.float32) if need_init else None
-    agg = torch.empty(max(1, b * d * (nseg - 1) * 2 * npad), device=dev, dtype=torch.float32)
-    flags = ((1 if delta_softplus else 0)
-             | (2 if _aligned(L, u.element_size(), u, delta, z, dout, B, C, du, ddelta, dz) else 0)
-             | (0 if deterministic else 4) | (8 if _aligned(L, 1, reset) else 0))
-    args = (_ptr(u), _ptr(delta), _ptr(z), _ptr(B), _ptr(C), _ptr(A), _ptr(D), _ptr(delta_bias), _ptr(reset),
-            _ptr(dout), _ptr(ckpt), _ptr(dfinal), _ptr(agg), _ptr(du), _ptr(ddelta), _ptr(dz), _ptr(dBp),
-            _ptr(dCp), _ptr(dA_p), _ptr(dD_p), _ptr(db_p), _ptr(dinit),
-            np.int32(b), np.int32(d), np.int64(L), np.int32(n), np.int32(ntiles), np.int32(seg_tiles),
-            np.int32(nseg), np.int32(flags))
-    import cupy
-    with cupy.cuda.Device(dev.index), _cupy_stream(dev):
-        if nseg > 1:
-            K["ss_bwd_agg"]((b * dblocks, nseg - 1), (NTHREADS,), args, shared_mem=K["bs"])
-        K["ss_bwd"]((b * dblocks, nseg), (NTHREADS,), args, shared_mem=smem)
-    dB = dBp.sum(0) if deterministic else dBp
-    dC = dCp.sum(0) if deterministic else dCp
-    return du, ddelta, dz, dB, dC, dA_p.sum((0, 1)), dD_p.sum((0, 1)), db_p.sum((0, 1)), dinit
-
-
 # ------------------------------------------------------------------------------------------------
-# Backward v6 (cuda/scan_bwd.cu), the default; BYTEMAMBA_SCAN_BWD=5 (or BWD_V5=1 among the extra defines, for
-# `bench scan --variants`) runs v5 (ss_bwd in selective_scan.cu) while it is there. Same arguments, outputs
-# and segment logic as v5.
+# Backward (cuda/scan_bwd.cu). The v5 backward it replaced (ss_bwd in selective_scan.cu) is in git at commit 1e19b9e.
 
-def _bwd_version() -> int:
-    v = os.environ.get("BYTEMAMBA_SCAN_BWD", "").strip()
-    if v:
-        return int(v)
-    return 5 if "BWD_V5=1" in _variant()[1] else 6
-
-
-# Two builds of the v6 backward, chosen by the blocks an SM the waves leave (measured on the H200, 2026-11-29
+# Two builds of the backward (v6), chosen by the blocks an SM the waves leave (measured on the H200, 2026-11-29
 # 12:05 UTC, docs/PERF.md "Backward v6"): where 3 blocks an SM fit and are used, the build capped at 168
 # registers with the shuffle dB/dC sums (1-2% faster than v5 there); where 2 (the main shape: 512 blocks), the
 # build with up to 255 registers, the shared-memory transpose and a cross-warp flush every 16 positions
-# (5.17 ms vs v5's 5.70), with two buffers of per-warp sums (one barrier a flush) and a cp.async prefetch of the
+# (5.17 ms vs the old v5's 5.70), with two buffers of per-warp sums (one barrier a flush) and a cp.async prefetch of the
 # next tile: 4.87 ms (lead's call, 12:47 UTC; that build forced at the other shapes was 3-10% slower than the
 # 3-an-SM build chosen there). Any BWD_* define among the extra defines (bench variants) replaces both builds.
-_BWD6_BUILDS = {3: ("BWD_MINB=3", "BWD_FP=8", "BWD_DBC=0"),
+_BWD_BUILDS = {3: ("BWD_MINB=3", "BWD_FP=8", "BWD_DBC=0"),
                 2: ("BWD_MINB=2", "BWD_FP=16", "BWD_DBC=1", "BWD_PWB=2", "BWD_PF=1")}
 
 
-def _get_bwd6_kernels(dtype_code: int, npad: int, has_z: bool, has_reset: bool, device: torch.device,
+def _get_bwd_kernels(dtype_code: int, npad: int, has_z: bool, has_reset: bool, device: torch.device,
                       build: tuple = ()):
     """scan_bwd / scan_bwd_agg of one specialisation and build (extra -D knobs) with their launch settings:
     dynamic shared memory per block (bs) and resident blocks per SM (bps), worked out once each."""
@@ -284,7 +218,7 @@ def _get_bwd6_kernels(dtype_code: int, npad: int, has_z: bool, has_reset: bool, 
     extra = _variant()[1]
     opts = (f"-DIN_DTYPE={dtype_code}", f"-DNPAD={npad}", f"-DHAS_Z={int(has_z)}", f"-DHAS_RESET={int(has_reset)}",
             *(f"-D{d}" for d in build + extra))
-    key = ("bwd6", opts, device.index)
+    key = ("bwd", opts, device.index)
     mod = _modules.get(key)
     if mod is not None:
         return mod
@@ -307,7 +241,7 @@ def _get_bwd6_kernels(dtype_code: int, npad: int, has_z: bool, has_reset: bool, 
         for name in ("scan_bwd", "scan_bwd_agg"):
             k = fns[name]
             if name == "scan_bwd":
-                k.max_dynamic_shared_size_bytes = smem_blk      # _bwd6_plan may ask for more, to cap residency
+                k.max_dynamic_shared_size_bytes = smem_blk      # _bwd_plan may ask for more, to cap residency
             elif bs > 48 * 1024:
                 k.max_dynamic_shared_size_bytes = bs
             regs = max(1, int(k.num_regs))
@@ -317,8 +251,8 @@ def _get_bwd6_kernels(dtype_code: int, npad: int, has_z: bool, has_reset: bool, 
         return mod
 
 
-def _bwd6_plan(b: int, d: int, L: int, npad: int, bps_max: int, bs: int, sms: int, smem_sm: int):
-    """Grid and residency of the v6 backward (pure arithmetic, testable without a GPU): (channel blocks,
+def _bwd_plan(b: int, d: int, L: int, npad: int, bps_max: int, bs: int, sms: int, smem_sm: int):
+    """Grid and residency of the backward (pure arithmetic, testable without a GPU): (channel blocks,
     nseg, seg_tiles, blocks per SM, dynamic shared memory to ask for)."""
     cpb = NTHREADS // (npad // 4)
     dblocks = -(-d // cpb)
@@ -333,21 +267,21 @@ def _bwd6_plan(b: int, d: int, L: int, npad: int, bps_max: int, bs: int, sms: in
     return dblocks, nseg, seg_tiles, bps, smem
 
 
-def _bwd6_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reset, dout, ckpt, dfinal,
+def _bwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reset, dout, ckpt, dfinal,
                need_init: bool, deterministic: bool):
     b, d, L = u.shape
     n = A.shape[1]
     npad = _npad(n)
     dev = u.device
     spec = (_DTYPE_CODE[u.dtype], npad, z is not None, reset is not None, dev)
-    forced = any(e.startswith("BWD_") and not e.startswith("BWD_V6") for e in _variant()[1])
-    K = _get_bwd6_kernels(*spec, build=() if forced else _BWD6_BUILDS[3])
+    forced = any(e.startswith("BWD_") for e in _variant()[1])
+    K = _get_bwd_kernels(*spec, build=() if forced else _BWD_BUILDS[3])
     props = torch.cuda.get_device_properties(dev)
     smem_sm = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
-    dblocks, nseg, seg_tiles, bps, smem = _bwd6_plan(b, d, L, npad, K["bps"]["scan_bwd"], K["bs"], _num_sms(dev),
+    dblocks, nseg, seg_tiles, bps, smem = _bwd_plan(b, d, L, npad, K["bps"]["scan_bwd"], K["bs"], _num_sms(dev),
                                                      smem_sm)
     if not forced and bps <= 2:
-        K2 = _get_bwd6_kernels(*spec, build=_BWD6_BUILDS[2])
+        K2 = _get_bwd_kernels(*spec, build=_BWD_BUILDS[2])
         bps_max = K2["bps"]["scan_bwd"]
         if bps_max >= bps:            # (a build whose buffers fit fewer blocks an SM than planned is not used)
             K = K2
@@ -410,8 +344,7 @@ def _scan_bwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch
                  D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None,
                  delta_softplus: bool, reset: torch.Tensor | None, dout: torch.Tensor, ckpt: torch.Tensor,
                  dfinal: torch.Tensor | None, need_init: bool, deterministic: bool) -> list[torch.Tensor]:
-    impl = _bwd6_impl if _bwd_version() == 6 else _bwd_impl
-    du, ddelta, dz, dB, dC, dA, dD, dbias, dinit = impl(
+    du, ddelta, dz, dB, dC, dA, dD, dbias, dinit = _bwd_impl(
         u, delta, A, B, C, D, z, delta_bias, delta_softplus, reset, dout, ckpt, dfinal, need_init, deterministic)
     empty = lambda: u.new_empty(0, dtype=torch.float32)  # noqa: E731  (distinct tensors: no aliasing)
     return [du, ddelta, dz if dz is not None else empty(), dB, dC, dA, dD, dbias,
