@@ -8,10 +8,15 @@
 #                                            (parallel processes), then the kernel bench of the default and every
 #                                            candidate at b 8 and 64, the per-phase profile of the default and the
 #                                            fastest at b 64; 60-95 s; a short table last
+#   bash scripts/device_persistent.sh v4     the same for the v4 candidates (FLG builds)
 export OMP_NUM_THREADS=4
 O=${OUT:-/tmp}
-if [ "$1" = v3 ]; then
-    CANDS=${CANDS:-"v3a=RED4=1+DBL1=1+STIN8=1 v3b=RED4=1+DBL1=1+STIN8=1+DT4=1+SBULK=1 v3c=RED4=1+DBL1=1+STIN8=1+DT4=1+SBULK=1+WI_AT=4"}
+if [ "$1" = v3 ] || [ "$1" = v4 ]; then
+    if [ "$1" = v3 ]; then
+        CANDS=${CANDS:-"v3a=RED4=1+DBL1=1+STIN8=1 v3b=RED4=1+DBL1=1+STIN8=1+DT4=1+SBULK=1 v3c=RED4=1+DBL1=1+STIN8=1+DT4=1+SBULK=1+WI_AT=4"}
+    else
+        CANDS=${CANDS:-"f3=FLG=3 f1=FLG=1 f2=FLG=2"}
+    fi
     for c in $CANDS; do
         BYTEMAMBA_PERSISTENT_DEFINES=${c#*=} timeout 58 python3 -m pytest -q -m gpu tests/ops/test_persistent_step.py \
             -p no:cacheprovider > $O/tests_${c%%=*}.log 2>&1 &
@@ -27,10 +32,10 @@ print('prewarm: compiled', 2 + len(sys.argv[1:]), 'builds')
 " $CANDS > $O/prewarm.log 2>&1 &
     wait
     timeout 36 python3 scripts/bench_persistent_step.py --batches 8 64 --variants $CANDS --profile 64 \
-        --profile-best --no-model > $O/kernel_v3.log 2>&1
+        --profile-best --no-model > $O/kernel_$1.log 2>&1
     echo "bench exit status $? (124: timed out); prewarm: $(tail -1 $O/prewarm.log)"
-    grep -i "failed\|error" $O/kernel_v3.log | head -5
-    sed -n '/^profile, us a layer/,/^$/p' $O/kernel_v3.log
+    grep -i "failed\|error" $O/kernel_$1.log | head -5
+    sed -n '/^profile, us a layer/,/^$/p' $O/kernel_$1.log
     echo "| build | defines | GPU tests (tests/ops/test_persistent_step.py -m gpu) |"
     echo "|---|---|---|"
     for c in $CANDS; do
@@ -38,7 +43,7 @@ print('prewarm: compiled', 2 + len(sys.argv[1:]), 'builds')
         echo "| ${c%%=*} | ${c#*=} | ${r:-no summary (timed out at 58 s?)} |"
     done
     echo
-    sed -n '/^| batch | what/,$p' $O/kernel_v3.log
+    sed -n '/^| batch | what/,$p' $O/kernel_$1.log
     exit 0
 fi
 timeout 62 python3 -m pytest -q -m gpu tests/ops/test_persistent_step.py -p no:cacheprovider > $O/tests.log 2>&1
