@@ -93,6 +93,24 @@
 #ifndef BULK
 #define BULK 1
 #endif
+// TRIM 1 (candidate, not yet run on a GPU; needs BULK): the per-row work and the exchanges cover the tile's
+// real rows only (rpc may be < ROWS: 256 rows run as 15 tiles of 18 on the 24-row build, 64 as 13 tiles of 5 on
+// the 16-row one): N normalises rows < nrows, the conv skips the others, mma n-tiles wholly past the last row
+// are skipped (in_proj's last, x_proj's warps, out_proj's loop, the head), x_proj messages of 4 rows past it are
+// not sent, the owners send the sums of rows < nrows, out_proj's copies carry nrows rows and the residual's
+// all-gather the warps of rows < nrows (each copy its real rows); the mbarriers expect those bytes (runtime).
+// Rows past the last then hold garbage (never stored, never mixed into a real row: every step is per row).
+#ifndef TRIM
+#define TRIM 0
+#endif
+// BAL 1 (candidate, not yet run on a GPU; acts at ROWS 24 only): the 24-row build's two unbalanced phases
+// balanced, bit-identical results. in_proj: warp w and w + 8 (m-tile w & 7) each take all 3 n-tiles, w the
+// even k-steps' chain and w + 8 the odd one (the two accumulators every warp already kept), w + 8's chain summed
+// into w's through free shared memory (or_s past h, dbl_s) and a pair barrier (now: warps 0..7 32 mma, 8..15
+// 16); the norm: a warp's two rows (w, w + 16) computed interleaved instead of one after the other.
+#ifndef BAL
+#define BAL 0
+#endif
 #define RBS (BULK ? ROWS * OC + 4 : ROWS * OC)   // floats a residual block (BULK) / a row's 32 columns
 #define S_OR (S_RES + NCTA * RBS * 4)
 #define S_H S_OR                // (h shares the out_proj partials' buffer: see the kernel)
@@ -147,6 +165,9 @@ extern "C" __global__ void fused_rows_prof(long long* out) {
 
 static_assert(S_BAR % 16 == 0 && S_WO % 16 == 0 && S_K % 16 == 0 && S_H % 16 == 0, "16-byte aligned regions");
 static_assert(SMEM_BYTES <= 227 * 1024, "fits an SM");
+static_assert(!TRIM || BULK, "TRIM needs BULK");
+static_assert(7 * 3 * 4 * 32 * 4 + 24 * HP * 2 <= NCTA * OC * 24 * 4 && 3 * 4 * 32 * 4 <= 24 * DBP * 4,
+              "BAL's in_proj hand-over fits or_s past h (pairs 0..6) and dbl_s (pair 7) at 24 rows");
 static_assert(EC == 64 && OC == 32 && VC == 32 && NX == 48, "tile counts below");
 
 
@@ -276,6 +297,12 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
     const int b0 = (int)cluster_id() * rpc;
     if (b0 >= batch) return;                     // (whole clusters)
     const int nrows = min(rpc, batch - b0);
+    // the rows the per-row work covers (TRIM: the real ones; rounded up to 4: x_proj's messages, R's warps)
+    const int nact = TRIM ? nrows : ROWS, nr4 = TRIM ? (nrows + 3) & ~3 : ROWS;
+    // the bytes each exchange brings into a CTA (TRIM: of the real rows)
+    const unsigned x_bytes = TRIM ? NCTA * XO * nr4 * 4 : X_BYTES, d_bytes = TRIM ? NX * nrows * 4 : D_BYTES;
+    const unsigned o_bytes = TRIM ? (NCTA - 1) * OC * nrows * 4 : O_BYTES;
+    const unsigned r_bytes = TRIM ? (NCTA - 1) * OC * nrows * 4 : R_BYTES;
     const int ch0 = (int)c * EC;
     // mapping T (conv): channel tch, rows tr, tr + 8, tr + 16
     const int tch = tid & (EC - 1), tr = tid >> 6;
@@ -292,10 +319,10 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
     if (tid == 0) {
         for (int i = 0; i < 9; ++i) mbar_init(bars + i, 1);
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-        if (c < NXO) mbar_expect(bar_x, X_BYTES);
-        mbar_expect(bar_d, D_BYTES);
-        mbar_expect(bar_o, O_BYTES);
-        mbar_expect(bar_r, R_BYTES);
+        if (c < NXO) mbar_expect(bar_x, x_bytes);
+        mbar_expect(bar_d, d_bytes);
+        mbar_expect(bar_o, o_bytes);
+        mbar_expect(bar_r, r_bytes);
         load_bulk(wi_s, wi_src(0), WI_EL * 2, bar_wi);
         load_bulk(wx_s, wx_src(0), WX_EL * 2, bar_wx);
         load_bulk(wo_s, wo_src(0), WO_EL * 2, bar_wo);
@@ -369,13 +396,61 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
         if (l > 0) {
             if (warp == NTHR / 32 - 1) {            // (not one of R's warps)
                 mbar_wait(bar_r, (l - 1) & 1);
-                if (lane == 0 && l < L) mbar_expect(bar_r, R_BYTES);
+                if (lane == 0 && l < L) mbar_expect(bar_r, r_bytes);
             }
             __syncthreads();
         }
         if (l + 1 < L) prefetch_states(l + 1);
         if (l < L) mbar_wait(bar_k + (l & 1), (l >> 1) & 1);
-        for (int r = warp; r < ROWS; r += NTHR / 32) {
+#if BAL && ROWS > 16
+        {   // BAL: rows warp and warp + 16 of the warp together (two independent chains; the same arithmetic)
+            float rv[2][8], inv[2];
+#pragma unroll
+            for (int k = 0; k < 2; ++k) {
+                const int r = warp + 16 * k;
+                float4 r0 = make_float4(0.f, 0.f, 0.f, 0.f), r1 = r0;
+                if (r < nact) {
+                    r0 = *reinterpret_cast<const float4*>(&res_s[res_at(r, lane * 8)]);
+                    r1 = *reinterpret_cast<const float4*>(&res_s[res_at(r, lane * 8 + 4)]);
+                }
+                rv[k][0] = r0.x; rv[k][1] = r0.y; rv[k][2] = r0.z; rv[k][3] = r0.w;
+                rv[k][4] = r1.x; rv[k][5] = r1.y; rv[k][6] = r1.z; rv[k][7] = r1.w;
+            }
+            float ss[2] = {0.f, 0.f};
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                ss[0] = fmaf(rv[0][i], rv[0][i], ss[0]);
+                ss[1] = fmaf(rv[1][i], rv[1][i], ss[1]);
+            }
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) {
+                ss[0] += __shfl_xor_sync(0xffffffffu, ss[0], o);
+                ss[1] += __shfl_xor_sync(0xffffffffu, ss[1], o);
+            }
+            inv[0] = rsqrtf(ss[0] / (float)DM + eps);
+            inv[1] = rsqrtf(ss[1] / (float)DM + eps);
+            float4 n0, n1;
+            if (l < L) {
+                n0 = *reinterpret_cast<const float4*>(&kl[K_NW + lane * 8]);
+                n1 = *reinterpret_cast<const float4*>(&kl[K_NW + lane * 8 + 4]);
+            } else {
+                n0 = __ldg(reinterpret_cast<const float4*>(normf + lane * 8));
+                n1 = __ldg(reinterpret_cast<const float4*>(normf + lane * 8 + 4));
+            }
+            const float nw[8] = {n0.x, n0.y, n0.z, n0.w, n1.x, n1.y, n1.z, n1.w};
+#pragma unroll
+            for (int k = 0; k < 2; ++k) {
+                const int r = warp + 16 * k;
+                if (r < nact) {
+                    __align__(16) in_t hv[8];
+#pragma unroll
+                    for (int i = 0; i < 8; ++i) hv[i] = from_f(rv[k][i] * inv[k] * nw[i]);
+                    *reinterpret_cast<uint4*>(&h_s[r * HP + lane * 8]) = *reinterpret_cast<const uint4*>(hv);
+                }
+            }
+        }
+#else
+        for (int r = warp; r < nact; r += NTHR / 32) {
             const float4 r0 = *reinterpret_cast<const float4*>(&res_s[res_at(r, lane * 8)]);
             const float4 r1 = *reinterpret_cast<const float4*>(&res_s[res_at(r, lane * 8 + 4)]);
             const float rv[8] = {r0.x, r0.y, r0.z, r0.w, r1.x, r1.y, r1.z, r1.w};
@@ -399,13 +474,14 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
             for (int i = 0; i < 8; ++i) hv[i] = from_f(rv[i] * inv * nw[i]);
             *reinterpret_cast<uint4*>(&h_s[r * HP + lane * 8]) = *reinterpret_cast<const uint4*>(hv);
         }
+#endif
         __syncthreads();
         STAMP(0);
 
         if (l == L) {
             // final norm + head: CTA c's 32 vocabulary rows, 2 m-tiles x 3 n-tiles, one warp each
             mbar_wait(bar_wi, L & 1);
-            if (warp < 2 * NTL) {
+            if (warp < 2 * NTL && (!TRIM || (warp >> 1) * 8 < nrows)) {
                 const int mt = warp & 1, nt = warp >> 1;
                 float acc[2][4] = {};
                 const uint4* wf = reinterpret_cast<const uint4*>(wi_s) + mt * 16 * 32 + lane;
@@ -435,11 +511,51 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
         fetch_conv(l);
         if (SSM_AT == 1) fetch_ssm(l);
         mbar_wait(bar_wi, l & 1);
+#if BAL && ROWS > 16
+        {   // BAL: warp w (< 8) the even k-steps' chain of m-tile w, all n-tiles; warp w + 8 the odd chain, handed
+            // to w through xch (or_s past h for pairs 0..6, dbl_s for pair 7: both free during I, see S_H) and
+            // summed there: even + odd, as in_proj_tiles sums its two accumulators
+            const int mt = warp & 7, par = warp >> 3;
+            const uint4* wf = reinterpret_cast<const uint4*>(wi_s) + mt * 16 * 32 + lane;
+            const in_t* hb = h_s + g * HP + 2 * t;
+            float acc[NTL][4] = {};
+#pragma unroll
+            for (int kk = 0; kk < 8; ++kk) {
+                const int kt = 2 * kk + par;
+                const uint4 a = wf[kt * 32];
+#pragma unroll
+                for (int j = 0; j < NTL; ++j)      // (every n-tile, also with TRIM: fewer registers)
+                    mma16816(acc[j], a, lds32(hb + j * 8 * HP + kt * 16), lds32(hb + j * 8 * HP + kt * 16 + 8));
+            }
+            float* xch = mt < 7 ? reinterpret_cast<float*>(smem + S_H + ROWS * HP * 2) + mt * NTL * 4 * 32 : dbl_s;
+            if (par) {
+#pragma unroll
+                for (int j = 0; j < NTL; ++j)
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) xch[(j * 4 + i) * 32 + lane] = acc[j][i];
+            }
+            asm volatile("bar.sync %0, 64;" ::"r"(1 + mt) : "memory");
+            if (!par) {
+#pragma unroll
+                for (int j = 0; j < NTL; ++j) {
+                    float v[4];
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) v[i] = acc[j][i] + xch[(j * 4 + i) * 32 + lane];
+                    const int n = j * 8 + 2 * t, m = mt * 16 + g;
+                    xz_s[n * XZP + m] = from_f(v[0]);
+                    xz_s[(n + 1) * XZP + m] = from_f(v[1]);
+                    xz_s[n * XZP + m + 8] = from_f(v[2]);
+                    xz_s[(n + 1) * XZP + m + 8] = from_f(v[3]);
+                }
+            }
+        }
+#else
         {
             const uint4* wf = reinterpret_cast<const uint4*>(wi_s) + (warp & 7) * 16 * 32 + lane;
             if (warp < 8) in_proj_tiles<NTL - 1>(wf, h_s, 0, warp & 7, g, t, xz_s);
-            else in_proj_tiles<1>(wf, h_s, NTL - 1, warp & 7, g, t, xz_s);
+            else if (!TRIM || (NTL - 1) * 8 < nrows) in_proj_tiles<1>(wf, h_s, NTL - 1, warp & 7, g, t, xz_s);
         }
+#endif
         __syncthreads();
         STAMP(1);
         if (tid == 0) {                          // the next in_proj slice (or the head's) into the free buffer
@@ -457,6 +573,7 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
 #pragma unroll
             for (int i = 0; i < NTL; ++i) {
                 const int r = tr + 8 * i;
+                if (TRIM && r >= nrows) continue;
                 const float x = to_f(xz_s[r * XZP + tch]);
                 float a = cs[i][0] * w.x;
                 a = fmaf(cs[i][1], w.y, a);
@@ -477,7 +594,7 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
         // (X) x_proj partial sums over this CTA's channels (48 x 64 x ROWS): warps 0..XW-1, each row's partial
         // to its owner (an all-to-all of the whole partials, the earlier exchange, moved 8x the DSMEM bytes)
         if (l == 0) asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");   // the start barrier
-        if (warp < XW) {
+        if (warp < XW && (!TRIM || (warp / 3) * 8 < nrows)) {
             mbar_wait(bar_wx, l & 1);
             const int mt = warp % 3, nt = warp / 3;
             float acc[4] = {};
@@ -488,14 +605,14 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
             const float4 msg = regroup(acc, t);
             const int m = mt * 16 + g + ((t & 1) ? 8 : 0), n0 = nt * 8 + 2 * (t & 2);
             const float* dst = &xr_s[(c * NX + m) * ROWS + n0];
-            send4(dst, m / XO, msg, bar_x);          // to the owner of row m
+            if (!TRIM || n0 < nrows) send4(dst, m / XO, msg, bar_x);          // to the owner of row m
         }
         STAMP(3);
         // the owner: rows XO c + 4 grp .. + 3 of row n = the rounded sums of the 8 partials (fixed order), to
         // every CTA's dbl; then every CTA waits for its dbl
-        if (c < NXO && tid < XO / 4 * ROWS) {
+        if (c < NXO && tid < XO / 4 * ROWS && (!TRIM || tid % ROWS < nrows)) {
             mbar_wait(bar_x, l & 1);
-            if (tid == 0) mbar_expect(bar_x, X_BYTES);               // arm the next layer's exchange
+            if (tid == 0) mbar_expect(bar_x, x_bytes);               // arm the next layer's exchange
             const int n = tid % ROWS, m0 = XO * c + 4 * (tid / ROWS);
             float o[4];
 #pragma unroll
@@ -511,7 +628,7 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
         }
         if (warp == NTHR / 32 - 1) {
             mbar_wait(bar_d, l & 1);
-            if (lane == 0) mbar_expect(bar_d, D_BYTES);
+            if (lane == 0) mbar_expect(bar_d, d_bytes);
         }
         __syncthreads();
         STAMP(4);
@@ -604,6 +721,7 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
             const unsigned owner = warp >> 1;
 #pragma unroll
             for (int nt = 0; nt < NTL; ++nt) {
+                if (TRIM && nt * 8 >= nrows) break;
                 float acc[4] = {};
                 const in_t* yb = y_s + (nt * 8 + g) * XCP + 2 * t;
 #pragma unroll
@@ -627,7 +745,7 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
                 fence_async_smem();
                 asm volatile("bar.sync %0, 64;" ::"r"(1 + (int)owner) : "memory");
                 if ((warp & 1) == 0 && lane == 0) {
-                    copy_to(or_s + c * ROWS * OC, xr_s + owner * ROWS * OC, ROWS * OC * 4, owner, bar_o);
+                    copy_to(or_s + c * ROWS * OC, xr_s + owner * ROWS * OC, nact * OC * 4, owner, bar_o);
                     asm volatile("cp.async.bulk.commit_group;" ::: "memory");
                 }
             }
@@ -640,9 +758,9 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
 
         // (R) the owner: residual columns 32c + 4mq .. +3 of row n += rounded sum of the 8 partials (fixed
         // order); the new values to every CTA
-        if (tid < ROWS * OC / 4) {
+        if (tid < nr4 * OC / 4) {
             mbar_wait(bar_o, l & 1);
-            if (tid == 0) mbar_expect(bar_o, O_BYTES);               // arm the next layer's exchange
+            if (tid == 0) mbar_expect(bar_o, o_bytes);               // arm the next layer's exchange
 #if BULK
             // thread: row n = tid / 8, columns 4 mq .. + 3 (a warp: 4 whole rows of the block, one copy each CTA)
             const int n = tid >> 3, mq = tid & 7;
@@ -660,10 +778,11 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
             __syncwarp();
             if (lane == 0) {
                 const float* rows4 = &res_s[res_at(n, c * OC)];          // rows n .. n + 3, 512 bytes
+                const unsigned bytes = (TRIM ? min(4, nrows - n) : 4) * OC * 4;   // (TRIM: the real rows)
 #pragma unroll
                 for (int d = 1; d < NCTA; ++d) {
                     const unsigned rank = (c + d) % NCTA;
-                    copy_to(rows4, rows4, 4 * OC * 4, rank, bar_r);
+                    copy_to(rows4, rows4, bytes, rank, bar_r);
                 }
                 asm volatile("cp.async.bulk.commit_group;" ::: "memory");
             }
