@@ -30,11 +30,10 @@
 // the per-thread states j in 0..3 whose exp2 is a polynomial on the FMA pipes instead of MUFU.EX2),
 // FWD_UNR (forward positions per unrolled step, default 16), FWD_MINB (forward blocks per SM, default 4),
 // FWD_SPP (1, the default: the forward's softplus with one MUFU op, a polynomial log1p; 0: softplus_f),
-// FWD_SPT (forward states per thread: 4, the default, or 2 (v8a, NPAD 16 only; other NPAD keep 4): 8 lanes a
-// channel, 256-thread blocks of 32 channels, twice the warps at the same channels per block), FWD_SIG (1: the
-// forward's SiLU gate on one MUFU op, tanh.approx, for bf16 only; the default), FWD_SPL (1, the default: the
-// forward's softplus as ln 2 * lg2(1 + e), two MUFU ops and half the instructions, for bf16 / fp16 only; fp32
-// keeps FWD_SPP). FWD_SPL + FWD_SIG: 1.049 -> 1.016 ms at the main shape (lead's H200 call, 12:47 UTC).
+// FWD_SIG (1, the default: the forward's SiLU gate on one MUFU op, tanh.approx, for bf16 only), FWD_SPL (1, the
+// default: the forward's softplus as ln 2 * lg2(1 + e), two MUFU ops and half the instructions, for bf16 / fp16
+// only; fp32 keeps FWD_SPP). FWD_SPL + FWD_SIG: 1.049 -> 1.016 ms at the main shape (lead's H200 call, 12:47
+// UTC). The v8a mapping (FWD_SPT=2: 2 states a thread, 1.286 ms) was deleted; it is in git at commit 1e19b9e.
 
 #ifndef IN_DTYPE
 #define IN_DTYPE 1
@@ -61,17 +60,7 @@
 #ifndef FWD_UNR
 #define FWD_UNR 16
 #endif
-// The forward's own mapping (the backward keeps NT, CPB, EPT above): FSPT states of a channel per thread,
-// FNT lanes per channel, FNTHR threads and FCPB channels per block, FEPT staged elements per thread.
-#ifndef FWD_SPT
-#define FWD_SPT 4
-#endif
-#define FSPT ((FWD_SPT == 2 && NPAD == 16) ? 2 : 4)
-#define FNT (NPAD / FSPT)
-#define FNTHR (NTHREADS * 4 / FSPT)
-#define FCPB (FNTHR / FNT)
-#define FEPT (TL / FNT)
-#define UNR ((FNT > FWD_UNR) ? FNT : FWD_UNR)   // forward inner unroll (a multiple of FNT)
+#define UNR ((NT > FWD_UNR) ? NT : FWD_UNR)   // forward inner unroll (a multiple of NT)
 #ifndef FWD_SPP
 #define FWD_SPP 1
 #endif
@@ -142,9 +131,9 @@ __device__ __forceinline__ float ex2_j(float x) {
   return ex2_mufu(x);
 }
 
-__device__ __forceinline__ void store_row(in_t* __restrict__ p, i64 avail, bool vec, const float (&v)[FEPT]) {
-  constexpr int BYTES = FEPT * (int)sizeof(in_t);
-  if (vec && avail >= FEPT) {
+__device__ __forceinline__ void store_row(in_t* __restrict__ p, i64 avail, bool vec, const float (&v)[EPT]) {
+  constexpr int BYTES = EPT * (int)sizeof(in_t);
+  if (vec && avail >= EPT) {
     if constexpr (BYTES % 16 == 0) {
       uint4* q = reinterpret_cast<uint4*>(p);
 #pragma unroll
@@ -170,7 +159,7 @@ __device__ __forceinline__ void store_row(in_t* __restrict__ p, i64 avail, bool 
     }
   }
 #pragma unroll
-  for (int i = 0; i < FEPT; ++i)
+  for (int i = 0; i < EPT; ++i)
     if (i < avail) from_f(v[i], p[i]);
 }
 
@@ -196,26 +185,6 @@ __device__ __forceinline__ void reduce_scatter(float (&v)[K], int lane) {
   for (int g = 0; g < K / NT; ++g) v[g] = v[g * NT];
 }
 
-// Reduce-scatter over the LANES lanes of a forward channel by halving (FWD_SPT=2): v holds K values (K a
-// multiple of LANES); at each level the lanes whose bit M is set keep the upper half (adding the partner's),
-// the others the lower half. Afterwards v[i] (i < K/LANES) holds the channel-wide sum of element
-// (lane % LANES) * (K / LANES) + i: each lane ends with K/LANES consecutive positions.
-template <int K, int LANES, int M = LANES / 2>
-__device__ __forceinline__ void reduce_halves(float (&v)[K], int lane) {
-  if constexpr (M >= 1) {
-    constexpr int HALF = (K / LANES) * M;
-    const bool hi = (lane & M) != 0;
-#pragma unroll
-    for (int i = 0; i < HALF; ++i) {
-      const float lo_v = v[i], hi_v = v[i + HALF];
-      const float send = hi ? lo_v : hi_v;
-      const float keep = hi ? hi_v : lo_v;
-      v[i] = keep + __shfl_xor_sync(0xffffffffu, send, M);
-    }
-    reduce_halves<K, LANES, M / 2>(v, lane);
-  }
-}
-
 // ------------------------------------------------------------------------------------------------
 // Asynchronous staging of raw tiles (cp.async, 16-byte chunks) into shared memory.
 
@@ -238,22 +207,22 @@ __device__ __forceinline__ void load_rows(T* raw, const T* __restrict__ g, int n
   constexpr int CH = 16 / (int)sizeof(T);
   constexpr int RS_ = TL + 16 / (int)sizeof(T);
   if (vec && l0 + TL <= L) {
-    for (int idx = threadIdx.x; idx < nrows * (TL / CH); idx += FNTHR) {
+    for (int idx = threadIdx.x; idx < nrows * (TL / CH); idx += NTHREADS) {
       const int r = idx / (TL / CH), k = idx % (TL / CH);
       if (r < nvalid) cp_async16(&raw[r * RS_ + k * CH], g + (i64)r * L + l0 + k * CH);
       else *reinterpret_cast<uint4*>(&raw[r * RS_ + k * CH]) = make_uint4(0u, 0u, 0u, 0u);
     }
   } else {
-    for (int idx = threadIdx.x; idx < nrows * TL; idx += FNTHR) {
+    for (int idx = threadIdx.x; idx < nrows * TL; idx += NTHREADS) {
       const int r = idx / TL, t = idx % TL;
       raw[r * RS_ + t] = (r < nvalid && l0 + t < L) ? g[(i64)r * L + l0 + t] : (T)0;
     }
   }
 }
 
-// A forward thread's FEPT consecutive raw elements of one staged row, as floats (16- or 8-byte shared loads).
-__device__ __forceinline__ void raw_row(const in_t* p, float (&v)[FEPT]) {
-  constexpr int BYTES = FEPT * (int)sizeof(in_t);
+// A forward thread's EPT consecutive raw elements of one staged row, as floats (16- or 8-byte shared loads).
+__device__ __forceinline__ void raw_row(const in_t* p, float (&v)[EPT]) {
+  constexpr int BYTES = EPT * (int)sizeof(in_t);
   if constexpr (BYTES % 16 == 0) {
 #pragma unroll
     for (int k = 0; k < BYTES / 16; ++k) {
@@ -275,7 +244,7 @@ __device__ __forceinline__ void raw_row(const in_t* p, float (&v)[FEPT]) {
 
 // A thread's EPT raw elements of one staged row kept packed in 32-bit words (half the registers
 // of floats in bf16/fp16), and element e of them.
-constexpr int RW = FEPT * (int)sizeof(in_t) / 4;
+constexpr int RW = EPT * (int)sizeof(in_t) / 4;
 __device__ __forceinline__ void raw_words(const in_t* p, unsigned (&w)[RW]) {
   if constexpr (RW % 4 == 0) {
 #pragma unroll
@@ -372,23 +341,23 @@ __device__ __forceinline__ float sigmoid_fwd(float x) {
 // Forward.
 
 struct FwdSmem {
-  float dl[FCPB * RS];         // softplus(delta + bias)
-  float du[FCPB * RS];         // dl * u; overwritten by y = <C, x> as the scan passes
-  float B[NPAD * RS];          // state n in row (n % FSPT) * FNT + n / FSPT, positions along the row
+  float dl[CPB * RS];         // softplus(delta + bias)
+  float du[CPB * RS];         // dl * u; overwritten by y = <C, x> as the scan passes
+  float B[NPAD * RS];          // state n in row (n % 4) * NT + n / 4, positions along the row
   float C[NPAD * RS];
   float m[TL];                 // 0 where reset, else 1
-  alignas(16) in_t ru[FCPB * RRS];  // raw next tile (cp.async destinations)
-  alignas(16) in_t rd[FCPB * RRS];
-  alignas(16) in_t rz[FCPB * RRS];
+  alignas(16) in_t ru[CPB * RRS];  // raw next tile (cp.async destinations)
+  alignas(16) in_t rd[CPB * RRS];
+  alignas(16) in_t rz[CPB * RRS];
   alignas(16) in_t rB[NPAD * RRS];
   alignas(16) in_t rC[NPAD * RRS];
   alignas(16) u8 rr[TL + 16];
 };
 
-// One forward tile of a thread's FSPT states. AGG: no outputs (sum of dl and reset seen are tracked).
+// One forward tile of a thread's 4 states. AGG: no outputs (sum of dl and reset seen are tracked).
 template <bool AGG>
-__device__ __forceinline__ void fwd_tile_scan(const FwdSmem& s, int c, int sg, int lane, const float (&A2)[FSPT],
-                                              float (&x)[FSPT], float& sumdl, float& keep, float* ysm) {
+__device__ __forceinline__ void fwd_tile_scan(const FwdSmem& s, int c, int sg, int lane, const float (&A2)[4],
+                                              float (&x)[4], float& sumdl, float& keep, float* ysm) {
 #pragma unroll 1
   for (int t0 = 0; t0 < TL; t0 += UNR) {
     float yv[UNR];
@@ -398,13 +367,13 @@ __device__ __forceinline__ void fwd_tile_scan(const FwdSmem& s, int c, int sg, i
       float4 du4 = *reinterpret_cast<const float4*>(&s.du[c * RS + t0 + tt]);
       float dls[4] = {dl4.x, dl4.y, dl4.z, dl4.w};
       float dus[4] = {du4.x, du4.y, du4.z, du4.w};
-      float bq[FSPT][4], cq[FSPT][4];  // [state j][position q]: one 16-byte load per state and 4 positions
+      float bq[4][4], cq[4][4];  // [state j][position q]: one 16-byte load per state and 4 positions
 #pragma unroll
-      for (int j = 0; j < FSPT; ++j) {
-        float4 b4 = *reinterpret_cast<const float4*>(&s.B[(j * FNT + sg) * RS + t0 + tt]);
+      for (int j = 0; j < 4; ++j) {
+        float4 b4 = *reinterpret_cast<const float4*>(&s.B[(j * NT + sg) * RS + t0 + tt]);
         bq[j][0] = b4.x; bq[j][1] = b4.y; bq[j][2] = b4.z; bq[j][3] = b4.w;
         if (!AGG) {
-          float4 c4 = *reinterpret_cast<const float4*>(&s.C[(j * FNT + sg) * RS + t0 + tt]);
+          float4 c4 = *reinterpret_cast<const float4*>(&s.C[(j * NT + sg) * RS + t0 + tt]);
           cq[j][0] = c4.x; cq[j][1] = c4.y; cq[j][2] = c4.z; cq[j][3] = c4.w;
         }
       }
@@ -412,23 +381,21 @@ __device__ __forceinline__ void fwd_tile_scan(const FwdSmem& s, int c, int sg, i
       for (int q = 0; q < 4; ++q) {
         const int t = t0 + tt + q;
         (void)t;
-        float bb[FSPT];
+        float bb[4];
 #pragma unroll
-        for (int j = 0; j < FSPT; ++j) bb[j] = bq[j][q];
+        for (int j = 0; j < 4; ++j) bb[j] = bq[j][q];
         float dl = dls[q], du = dus[q];
 #if HAS_RESET
         float mk = s.m[t];
         if (AGG) keep *= mk;
 #endif
-        float a[FSPT];
+        float a[4];
         a[0] = ex2_j<0>(dl * A2[0]);
         a[1] = ex2_j<1>(dl * A2[1]);
-#if FSPT == 4
         a[2] = ex2_j<2>(dl * A2[2]);
         a[3] = ex2_j<3>(dl * A2[3]);
-#endif
 #pragma unroll
-        for (int j = 0; j < FSPT; ++j) {
+        for (int j = 0; j < 4; ++j) {
 #if HAS_RESET
           a[j] *= mk;
 #endif
@@ -438,34 +405,15 @@ __device__ __forceinline__ void fwd_tile_scan(const FwdSmem& s, int c, int sg, i
           sumdl += dl;
           yv[tt + q] = 0.0f;
         } else {
-#if FSPT == 4
           yv[tt + q] = fmaf(cq[3][q], x[3], fmaf(cq[2][q], x[2], fmaf(cq[1][q], x[1], cq[0][q] * x[0])));
-#else
-          yv[tt + q] = fmaf(cq[1][q], x[1], cq[0][q] * x[0]);
-#endif
         }
       }
     }
-#if FSPT == 4
     if (!AGG) {
       reduce_scatter<UNR>(yv, lane);
 #pragma unroll
       for (int g = 0; g < UNR / NT; ++g) ysm[c * RS + t0 + g * NT + sg] = yv[g];
     }
-#else
-    if (!AGG) {                        // each lane ends with UNR / FNT consecutive positions
-      reduce_halves<UNR, FNT>(yv, lane);
-      constexpr int PER = UNR / FNT;
-      if constexpr (PER % 2 == 0) {
-#pragma unroll
-        for (int i = 0; i < PER; i += 2)
-          *reinterpret_cast<float2*>(&ysm[c * RS + t0 + sg * PER + i]) = make_float2(yv[i], yv[i + 1]);
-      } else {
-#pragma unroll
-        for (int i = 0; i < PER; ++i) ysm[c * RS + t0 + sg * PER + i] = yv[i];
-      }
-    }
-#endif
   }
 }
 
@@ -475,12 +423,12 @@ __device__ __forceinline__ void fwd_issue(FwdSmem& s, const in_t* __restrict__ u
                                           const in_t* __restrict__ Cm, const u8* __restrict__ reset, int bi, int dim,
                                           int db, int n, i64 L, int k, bool aligned, bool raligned) {
   const i64 l0 = (i64)k * TL;
-  const i64 row0 = (i64)bi * dim + (i64)db * FCPB;
-  const int nvalid = min(FCPB, dim - db * FCPB);
-  load_rows(s.ru, u + row0 * L, FCPB, nvalid, L, l0, aligned);
-  load_rows(s.rd, delta + row0 * L, FCPB, nvalid, L, l0, aligned);
+  const i64 row0 = (i64)bi * dim + (i64)db * CPB;
+  const int nvalid = min(CPB, dim - db * CPB);
+  load_rows(s.ru, u + row0 * L, CPB, nvalid, L, l0, aligned);
+  load_rows(s.rd, delta + row0 * L, CPB, nvalid, L, l0, aligned);
 #if HAS_Z
-  if (!AGG) load_rows(s.rz, z + row0 * L, FCPB, nvalid, L, l0, aligned);
+  if (!AGG) load_rows(s.rz, z + row0 * L, CPB, nvalid, L, l0, aligned);
 #endif
   load_rows(s.rB, Bm + (i64)bi * n * L, NPAD, n, L, l0, aligned);
   if (!AGG) load_rows(s.rC, Cm + (i64)bi * n * L, NPAD, n, L, l0, aligned);
@@ -496,7 +444,7 @@ __device__ __forceinline__ void fwd_issue(FwdSmem& s, const in_t* __restrict__ u
 // read (convert_BC writes zeros for them), so the fast path skips them.
 constexpr int CHK = 16 / (int)sizeof(in_t);     // elements per 16-byte chunk
 constexpr int CPR = TL / CHK;                    // chunks per row
-constexpr int RSTEP = FNTHR / CPR;               // rows covered by one pass of the block
+constexpr int RSTEP = NTHREADS / CPR;               // rows covered by one pass of the block
 template <bool AGG>
 __device__ __forceinline__ void fwd_issue5(FwdSmem& s, const in_t* __restrict__ u, const in_t* __restrict__ delta,
                                            const in_t* __restrict__ z, const in_t* __restrict__ Bm,
@@ -506,10 +454,10 @@ __device__ __forceinline__ void fwd_issue5(FwdSmem& s, const in_t* __restrict__ 
   const i64 l0 = (i64)k * TL;
   if (aligned && fullc && l0 + TL <= L) {
     const int tid = threadIdx.x, kc = tid % CPR, rc = tid / CPR;
-    const i64 g = ((i64)bi * dim + (i64)db * FCPB + rc) * L + l0 + kc * CHK;
+    const i64 g = ((i64)bi * dim + (i64)db * CPB + rc) * L + l0 + kc * CHK;
 #pragma unroll
-    for (int r = 0; r < FCPB; r += RSTEP) {
-      if (FCPB % RSTEP == 0 || r + rc < FCPB) {
+    for (int r = 0; r < CPB; r += RSTEP) {
+      if (CPB % RSTEP == 0 || r + rc < CPB) {
         const i64 o = g + (i64)r * L;
         const int so = (r + rc) * RRS + kc * CHK;
         cp_async16(&s.ru[so], u + o);
@@ -538,18 +486,18 @@ __device__ __forceinline__ void fwd_issue5(FwdSmem& s, const in_t* __restrict__ 
   }
 }
 
-// raw B (NPAD x TL, [n][t]) -> float rows (row (n % FSPT) * FNT + n / FSPT), 16 bytes at a time; rows >= n as zeros.
+// raw B (NPAD x TL, [n][t]) -> float rows (row (n % 4) * NT + n / 4), 16 bytes at a time; rows >= n as zeros.
 __device__ __forceinline__ void convert_BC(float* dst, const in_t* raw, int n) {
   constexpr int NCH = NPAD * CPR;
 #pragma unroll
-  for (int i0 = 0; i0 < NCH; i0 += FNTHR) {
+  for (int i0 = 0; i0 < NCH; i0 += NTHREADS) {
     const int idx = i0 + (int)threadIdx.x;
-    if (NCH % FNTHR != 0 && idx >= NCH) break;
+    if (NCH % NTHREADS != 0 && idx >= NCH) break;
     const int r = idx / CPR, kc = idx % CPR;
     uint4 w = *reinterpret_cast<const uint4*>(&raw[r * RRS + kc * CHK]);
     if (r >= n) w = make_uint4(0u, 0u, 0u, 0u);
     const in_t* e = reinterpret_cast<const in_t*>(&w);
-    float* d = &dst[((r & (FSPT - 1)) * FNT + (r >> (FSPT / 2))) * RS + kc * CHK];
+    float* d = &dst[((r & 3) * NT + (r >> 2)) * RS + kc * CHK];
 #pragma unroll
     for (int i = 0; i < CHK; i += 4)
       *reinterpret_cast<float4*>(d + i) = make_float4(to_f(e[i]), to_f(e[i + 1]), to_f(e[i + 2]), to_f(e[i + 3]));
@@ -566,20 +514,20 @@ __device__ __forceinline__ void fwd_body(
     int ntiles, int seg_tiles, int nseg, int flags) {
   FwdSmem& s = *reinterpret_cast<FwdSmem*>(smem_raw);
   const int tid = threadIdx.x, lane = tid & 31;
-  const int c = tid / FNT, sg = tid % FNT;
-  const int dblocks = (dim + FCPB - 1) / FCPB;
+  const int c = tid / NT, sg = tid % NT;
+  const int dblocks = (dim + CPB - 1) / CPB;
   const int bi = blockIdx.x / dblocks, db = blockIdx.x % dblocks;
-  const int d = db * FCPB + c;
+  const int d = db * CPB + c;
   const bool valid = d < dim;
   const i64 ch = (i64)bi * dim + (valid ? d : 0);
   const int seg = blockIdx.y;
   const bool softplus = flags & F_SOFTPLUS, aligned = flags & F_ALIGNED, raligned = flags & F_RALIGNED;
   const float LOG2E = 1.4426950408889634f;
 
-  float A2[FSPT], x[FSPT];
+  float A2[4], x[4];
 #pragma unroll
-  for (int j = 0; j < FSPT; ++j) {
-    const int nn = sg * FSPT + j;
+  for (int j = 0; j < 4; ++j) {
+    const int nn = sg * 4 + j;
     A2[j] = (valid && nn < n) ? A[(i64)d * n + nn] * LOG2E : 0.0f;
     x[j] = 0.0f;
   }
@@ -588,77 +536,73 @@ __device__ __forceinline__ void fwd_body(
   if (!AGG) {
     if (init && valid) {
 #pragma unroll
-      for (int j = 0; j < FSPT; ++j)
-        if (sg * FSPT + j < n) x[j] = init[ch * n + sg * FSPT + j];
+      for (int j = 0; j < 4; ++j)
+        if (sg * 4 + j < n) x[j] = init[ch * n + sg * 4 + j];
     }
     for (int k = 0; k < seg; ++k) {      // fold the aggregates of the segments before this one
       const float* ag = agg + (ch * (nseg - 1) + k) * 2 * NPAD;
 #pragma unroll
-      for (int j = 0; j < FSPT; ++j) x[j] = fmaf(ag[sg * FSPT + j], x[j], ag[NPAD + sg * FSPT + j]);
+      for (int j = 0; j < 4; ++j) x[j] = fmaf(ag[sg * 4 + j], x[j], ag[NPAD + sg * 4 + j]);
     }
   }
   float sumdl = 0.0f, keep = 1.0f;
   const int k0 = seg * seg_tiles, k1 = min(ntiles, k0 + seg_tiles);
 
-  const bool fullc = dim - db * FCPB >= FCPB;
+  const bool fullc = dim - db * CPB >= CPB;
 #define FWD_ISSUE(kk) fwd_issue5<AGG>(s, u, delta, z, Bm, Cm, reset, bi, dim, db, n, L, kk, aligned, raligned, fullc)
   FWD_ISSUE(k0);
   for (int k = k0; k < k1; ++k) {
     const i64 l0 = (i64)k * TL;
-    const i64 p0 = l0 + sg * FEPT;
+    const i64 p0 = l0 + sg * EPT;
     const i64 avail = valid ? L - p0 : 0;
     cp_async_wait_all();
     __syncthreads();                                 // raw tile k is in; the previous tile is done
-    float uv[FEPT], dv[FEPT];
+    float uv[EPT], dv[EPT];
     // u and z stay raw (packed) in registers until the epilogue: half the registers in bf16/fp16.
     unsigned uw[RW], zw[RW];
     (void)zw;
-    raw_words(&s.ru[c * RRS + sg * FEPT], uw);
+    raw_words(&s.ru[c * RRS + sg * EPT], uw);
 #pragma unroll
-    for (int e = 0; e < FEPT; ++e) uv[e] = word_f(uw, e);
+    for (int e = 0; e < EPT; ++e) uv[e] = word_f(uw, e);
 #if HAS_Z
-    if (!AGG) raw_words(&s.rz[c * RRS + sg * FEPT], zw);
+    if (!AGG) raw_words(&s.rz[c * RRS + sg * EPT], zw);
 #endif
-    raw_row(&s.rd[c * RRS + sg * FEPT], dv);
+    raw_row(&s.rd[c * RRS + sg * EPT], dv);
     // Positions past L (last tile only) are masked in a separate branch, with 32-bit compares.
 #pragma unroll
-    for (int e = 0; e < FEPT; ++e) {
+    for (int e = 0; e < EPT; ++e) {
       const float xv = dv[e] + bias_d;
       dv[e] = softplus ? softplus_fwd(xv) : xv;
     }
-    if (avail < FEPT) {
+    if (avail < EPT) {
       const int av = (int)max(avail, (i64)0);
 #pragma unroll
-      for (int e = 0; e < FEPT; ++e) dv[e] = e < av ? dv[e] : 0.0f;
+      for (int e = 0; e < EPT; ++e) dv[e] = e < av ? dv[e] : 0.0f;
     }
 #pragma unroll
-    for (int e = 0; e < FEPT; e += 4) {
-      *reinterpret_cast<float4*>(&s.dl[c * RS + sg * FEPT + e]) = make_float4(dv[e], dv[e + 1], dv[e + 2], dv[e + 3]);
-      *reinterpret_cast<float4*>(&s.du[c * RS + sg * FEPT + e]) =
+    for (int e = 0; e < EPT; e += 4) {
+      *reinterpret_cast<float4*>(&s.dl[c * RS + sg * EPT + e]) = make_float4(dv[e], dv[e + 1], dv[e + 2], dv[e + 3]);
+      *reinterpret_cast<float4*>(&s.du[c * RS + sg * EPT + e]) =
           make_float4(dv[e] * uv[e], dv[e + 1] * uv[e + 1], dv[e + 2] * uv[e + 2], dv[e + 3] * uv[e + 3]);
     }
     convert_BC(s.B, s.rB, n);
     if (!AGG) convert_BC(s.C, s.rC, n);
 #if HAS_RESET
-    for (int t = tid; t < TL; t += FNTHR) s.m[t] = s.rr[t] ? 0.0f : 1.0f;
+    for (int t = tid; t < TL; t += NTHREADS) s.m[t] = s.rr[t] ? 0.0f : 1.0f;
 #endif
     __syncthreads();                                 // staged floats ready; the raw buffer is free
     if (k + 1 < k1) FWD_ISSUE(k + 1);
     if (!AGG && valid) {
-#if FSPT == 4
       float4 xs = make_float4(x[0], x[1], x[2], x[3]);
       *reinterpret_cast<float4*>(&ckpt[(ch * ntiles + k) * NPAD + sg * 4]) = xs;
-#else
-      *reinterpret_cast<float2*>(&ckpt[(ch * ntiles + k) * NPAD + sg * FSPT]) = make_float2(x[0], x[1]);
-#endif
     }
     fwd_tile_scan<AGG>(s, c, sg, lane, A2, x, sumdl, keep, s.du);
     if (!AGG) {
       __syncthreads();
-      float ov[FEPT];
+      float ov[EPT];
 #pragma unroll
-      for (int e = 0; e < FEPT; e += 4) {
-        const float4 y4 = *reinterpret_cast<const float4*>(&s.du[c * RS + sg * FEPT + e]);
+      for (int e = 0; e < EPT; e += 4) {
+        const float4 y4 = *reinterpret_cast<const float4*>(&s.du[c * RS + sg * EPT + e]);
         const float ys[4] = {y4.x, y4.y, y4.z, y4.w};
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
@@ -678,15 +622,15 @@ __device__ __forceinline__ void fwd_body(
     if (valid) {
       float* ag = agg + (ch * (nseg - 1) + seg) * 2 * NPAD;
 #pragma unroll
-      for (int j = 0; j < FSPT; ++j) {
-        ag[sg * FSPT + j] = keep * ex2_mufu(A2[j] * sumdl);
-        ag[NPAD + sg * FSPT + j] = x[j];
+      for (int j = 0; j < 4; ++j) {
+        ag[sg * 4 + j] = keep * ex2_mufu(A2[j] * sumdl);
+        ag[NPAD + sg * 4 + j] = x[j];
       }
     }
   } else if (final_state && valid && seg == nseg - 1) {
 #pragma unroll
-    for (int j = 0; j < FSPT; ++j)
-      if (sg * FSPT + j < n) final_state[ch * n + sg * FSPT + j] = x[j];
+    for (int j = 0; j < 4; ++j)
+      if (sg * 4 + j < n) final_state[ch * n + sg * 4 + j] = x[j];
   }
 }
 
@@ -703,12 +647,8 @@ __device__ __forceinline__ void fwd_body(
 #ifndef FWD_MINB
 #define FWD_MINB 4
 #endif
-extern "C" __global__ void __launch_bounds__(FNTHR, FWD_MINB) ss_fwd(FWD_PARAMS) { fwd_body<false>(FWD_ARGS); }
-extern "C" __global__ void __launch_bounds__(FNTHR) ss_fwd_agg(FWD_PARAMS) { fwd_body<true>(FWD_ARGS); }
+extern "C" __global__ void __launch_bounds__(NTHREADS, FWD_MINB) ss_fwd(FWD_PARAMS) { fwd_body<false>(FWD_ARGS); }
+extern "C" __global__ void __launch_bounds__(NTHREADS) ss_fwd_agg(FWD_PARAMS) { fwd_body<true>(FWD_ARGS); }
 
-// Shared-memory bytes of the forward and its channels and threads per block, read once by the launcher.
-extern "C" __global__ void ss_smem_sizes(int* out) {
-  out[0] = (int)sizeof(FwdSmem);
-  out[1] = FCPB;                       // channels per forward block
-  out[2] = FNTHR;                      // threads per forward block
-}
+// Shared-memory bytes of the forward, read once by the launcher.
+extern "C" __global__ void ss_fwd_smem(int* out) { out[0] = (int)sizeof(FwdSmem); }

@@ -1,4 +1,5 @@
-"""Selective scan in our own CUDA (forward cuda/selective_scan.cu, backward cuda/scan_bwd.cu), compiled at run time through CuPy (NVRTC).
+"""Selective scan in our own CUDA (forward cuda/selective_scan.cu, backward cuda/scan_bwd.cu), compiled at run
+time through CuPy (NVRTC).
 
     selective_scan_cuda(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                         initial_state=None, return_final_state=False, reset=None)
@@ -107,25 +108,25 @@ def _get_kernels(dtype_code: int, npad: int, has_z: bool, has_reset: bool, devic
         if mod is not None:
             return mod
         fns = compile_module("selective_scan.cu", opts, device,
-                             ("ss_fwd", "ss_fwd_agg", "ss_smem_sizes"))
-        ks = {name: f for name, f in fns.items() if name != "ss_smem_sizes"}
+                             ("ss_fwd", "ss_fwd_agg", "ss_fwd_smem"))
+        ks = {name: f for name, f in fns.items() if name != "ss_fwd_smem"}
         with cupy.cuda.Device(device.index):
-            sizes = cupy.zeros(3, dtype=cupy.int32)
-            fns["ss_smem_sizes"]((1,), (1,), (sizes,))
-            fs, fcpb, fthr = (int(v) for v in sizes.get())   # shared memory, channels, threads a block
+            size = cupy.zeros(1, dtype=cupy.int32)
+            fns["ss_fwd_smem"]((1,), (1,), (size,))
+            fs = int(size.get()[0])
         props = torch.cuda.get_device_properties(device)
         smem_sm = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
         smem_blk = getattr(props, "shared_memory_per_block_optin", 227 * 1024)
-        bps = {}
         if fs > smem_blk:
             raise RuntimeError(f"selective_scan (cuda): ss_fwd needs {fs} bytes of shared memory, "
                                f"the device allows {smem_blk} per block")
+        bps = {}
         for name, k in ks.items():
             if fs > 48 * 1024:
                 k.max_dynamic_shared_size_bytes = fs
             regs = max(1, int(k.num_regs))
-            bps[name] = max(1, min(smem_sm // (fs + 1024), 65536 // (regs * fthr), 2048 // fthr, 16))
-        mod = dict(ks, fs=fs, bps=bps, fcpb=fcpb, fthr=fthr)
+            bps[name] = max(1, min(smem_sm // (fs + 1024), 65536 // (regs * NTHREADS), 2048 // NTHREADS, 16))
+        mod = dict(ks, fs=fs, bps=bps)
         _modules[key] = mod
         return mod
 
@@ -173,7 +174,7 @@ def _fwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
     npad = _npad(n)
     dev = u.device
     K = _get_kernels(_DTYPE_CODE[u.dtype], npad, z is not None, reset is not None, dev)
-    dblocks = -(-d // K["fcpb"])      # channels per forward block, as the build reports it
+    dblocks = -(-d // (NTHREADS // (npad // 4)))      # channels a block: npad / 4 lanes a channel
     ntiles = -(-L // TL)
     nseg, seg_tiles = _nseg(K["bps"]["ss_fwd"], b * dblocks, ntiles, dev)
 
@@ -190,8 +191,8 @@ def _fwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
     import cupy
     with cupy.cuda.Device(dev.index), _cupy_stream(dev):
         if nseg > 1:
-            K["ss_fwd_agg"]((b * dblocks, nseg - 1), (K["fthr"],), args, shared_mem=K["fs"])
-        K["ss_fwd"]((b * dblocks, nseg), (K["fthr"],), args, shared_mem=K["fs"])
+            K["ss_fwd_agg"]((b * dblocks, nseg - 1), (NTHREADS,), args, shared_mem=K["fs"])
+        K["ss_fwd"]((b * dblocks, nseg), (NTHREADS,), args, shared_mem=K["fs"])
     return out, final, ckpt
 
 
