@@ -33,14 +33,14 @@ if [ "${MODE:-}" = cand3 ]; then
   CAND=${CAND:-TRIM=1+BAL=1}; ALT=${ALT:-TRIM=1}; ALT2=${ALT2:-BAL=1}
   nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/smoke.log"
   T="python3 -m pytest -q -m gpu --tb=short -p no:cacheprovider"
-  ( BYTEMAMBA_FUSED_DEFINES="${CAND//+/ }" timeout 70 $T tests/ops/test_fused_step.py tests/test_decode.py \
+  ( BYTEMAMBA_FUSED_DEFINES="${CAND//+/ }" timeout 65 $T tests/ops/test_fused_step.py tests/test_decode.py \
     > "$OUT/tests_cand.log" 2>&1 ) &
-  ( BYTEMAMBA_FUSED_ROWS_VARIANT=r24 BYTEMAMBA_FUSED_DEFINES="${ALT//+/ }" timeout 70 $T \
+  ( BYTEMAMBA_FUSED_ROWS_VARIANT=r24 BYTEMAMBA_FUSED_DEFINES="${ALT//+/ }" timeout 65 $T \
     tests/ops/test_fused_step.py -k "rows or model or graphs" > "$OUT/tests_alt.log" 2>&1 ) &
-  ( BYTEMAMBA_FUSED_ROWS_VARIANT=r24 BYTEMAMBA_FUSED_DEFINES="${ALT2//+/ }" timeout 70 $T \
+  ( BYTEMAMBA_FUSED_ROWS_VARIANT=r24 BYTEMAMBA_FUSED_DEFINES="${ALT2//+/ }" timeout 65 $T \
     tests/ops/test_fused_step.py -k "rows or model or graphs" > "$OUT/tests_alt2.log" 2>&1 ) &
   wait
-  timeout $((105 - SECONDS > 20 ? 105 - SECONDS : 20)) python3 scripts/bench_fused_step.py \
+  timeout $((112 - SECONDS > 30 ? 112 - SECONDS : 30)) python3 scripts/bench_fused_step.py \
     --batches ${BATCHES:-64 240 256} --no-unfused --cluster-max 0 \
     --rows-variants r16 r24 alt=$ALT alt2=$ALT2 cand=$CAND > "$OUT/kernel.log" 2>&1
   echo "tests $CAND, test_fused_step + test_decode: $(tail -1 "$OUT/tests_cand.log")"
