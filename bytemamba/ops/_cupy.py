@@ -1,5 +1,6 @@
 """Small helpers shared by our CuPy launchers (scan_cuda.py, step.py): PyTorch's current stream as a CuPy
-stream, raw pointers as kernel arguments, and a per-process cache of NVRTC-compiled modules.
+stream, raw pointers as kernel arguments, a per-process cache of NVRTC-compiled modules, and
+cuLaunchKernelEx with launch attributes (launch_ex: PDL, cooperative).
 
 Launching on PyTorch's current stream with the tensors' own device pointers is what lets the kernels run
 inside a captured CUDA graph (the pointers are captured by value, so they must be static buffers there).
@@ -7,6 +8,7 @@ inside a captured CUDA graph (the pointers are captured by value, so they must b
 
 from __future__ import annotations
 
+import ctypes
 import re
 import threading
 import time
@@ -118,3 +120,47 @@ def compile_module(source: str, options: tuple, device: torch.device, names: tup
         compile_times[key] = time.perf_counter() - t0
         _modules[key] = mod
         return mod
+
+
+# ---- cuLaunchKernelEx with launch attributes (the PDL step kernels, the cooperative persistent step) ----------
+
+class LaunchAttr(ctypes.Structure):          # CUlaunchAttribute (cuda.h): id, pad to 8, a 64-byte value union
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int * 16)]
+
+
+class LaunchConfig(ctypes.Structure):        # CUlaunchConfig (cuda.h)
+    _fields_ = [("gx", ctypes.c_uint), ("gy", ctypes.c_uint), ("gz", ctypes.c_uint), ("bx", ctypes.c_uint),
+                ("by", ctypes.c_uint), ("bz", ctypes.c_uint), ("smem", ctypes.c_uint), ("stream", ctypes.c_void_p),
+                ("attrs", ctypes.POINTER(LaunchAttr)), ("nattrs", ctypes.c_uint)]
+
+
+LAUNCH_COOPERATIVE = 2          # CU_LAUNCH_ATTRIBUTE_COOPERATIVE: the driver checks that every CTA is resident
+LAUNCH_PDL = 6                  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+_ARG_TYPES = {np.uint64: ctypes.c_uint64, np.int64: ctypes.c_int64, np.int32: ctypes.c_int32,
+              np.float32: ctypes.c_float}
+_libcuda = None
+
+
+def launch_ex(device: torch.device, fn, grid, block: int, args, smem: int, attrs: tuple, who: str):
+    """Launch CuPy RawKernel `fn` by cuLaunchKernelEx on PyTorch's current stream, each launch attribute id of
+    `attrs` (LAUNCH_PDL, LAUNCH_COOPERATIVE) set to 1. grid: an int or a tuple of up to 3; args: numpy scalars
+    (ptr() for pointers). A failure raises one line starting with `who`."""
+    global _libcuda
+    if _libcuda is None:
+        _libcuda = ctypes.CDLL("libcuda.so.1")
+        _libcuda.cuLaunchKernelEx.argtypes = [ctypes.POINTER(LaunchConfig), ctypes.c_void_p,
+                                              ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
+    vals = [_ARG_TYPES[type(a)](a.item()) for a in args]
+    params = (ctypes.c_void_p * len(vals))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in vals])
+    at = (LaunchAttr * len(attrs))()
+    for a, i in zip(at, attrs):
+        a.id = i
+        a.value[0] = 1
+    g = (tuple(grid) if isinstance(grid, tuple) else (grid,)) + (1, 1)
+    cfg = LaunchConfig(g[0], g[1], g[2], block, 1, 1, smem, torch.cuda.current_stream(device).cuda_stream,
+                        at, len(attrs))
+    import cupy
+    with cupy.cuda.Device(device.index):
+        rc = _libcuda.cuLaunchKernelEx(ctypes.byref(cfg), fn.kernel.ptr, params, None)   # CuPy RawKernel -> CUfunction
+    if rc != 0:
+        raise RuntimeError(f"{who}: cuLaunchKernelEx (attributes {attrs}) failed with CUresult {rc}")

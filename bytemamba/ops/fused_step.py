@@ -218,14 +218,15 @@ def _check(name, t, shape):
 _ptr_tables: dict = {}
 
 
-def _state_table(conv_states, ssm_states, device):
+def state_table(conv_states, ssm_states, device, who="fused step"):
     """A device int64 table of the states' addresses, built once per set of state buffers (so that a
-    captured graph replays it; building it inside a capture would be a host-to-device copy)."""
+    captured graph replays it; building it inside a capture would be a host-to-device copy). Also the
+    persistent step's (who: the name its error message starts with)."""
     key = (device.index, tuple(t.data_ptr() for t in conv_states), tuple(t.data_ptr() for t in ssm_states))
     t = _ptr_tables.get(key)
     if t is None:
         if torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("fused step: first call with these state buffers inside a graph capture "
+            raise RuntimeError(f"{who}: first call with these state buffers inside a graph capture "
                                "(run one step eagerly first)")
         if len(_ptr_tables) > 64:
             _ptr_tables.clear()
@@ -309,7 +310,7 @@ def fused_step_fn(ids, W: FusedWeights, conv_states, ssm_states, logits=None, ke
     ids = ids.to(torch.int64).contiguous()
     if logits is None:
         logits = torch.empty(b, SHAPE["vocab"], device=dev, dtype=torch.float32)
-    table = _state_table(conv_states, ssm_states, dev)
+    table = state_table(conv_states, ssm_states, dev)
     kernel = kernel or choose_kernel(b, L)
     if kernel == "rows":
         if L > ROWS_MAX_LAYERS:
@@ -381,12 +382,12 @@ def max_active_clusters(device, dtype=torch.bfloat16) -> int | None:
     """How many clusters of the `rows` kernel the device runs at once (cuOccupancyMaxActiveClusters), or None."""
     import ctypes
 
-    from bytemamba.ops.step import _LaunchConfig
+    from bytemamba.ops._cupy import LaunchConfig
     try:
         K = rows_module(device, dtype)
         lib = ctypes.CDLL("libcuda.so.1")
         n = ctypes.c_int(0)
-        cfg = _LaunchConfig(NCTA * 64, 1, 1, NTHREADS, 1, 1, K["smem"], None, None, 0)
+        cfg = LaunchConfig(NCTA * 64, 1, 1, NTHREADS, 1, 1, K["smem"], None, None, 0)
         rc = lib.cuOccupancyMaxActiveClusters(ctypes.byref(n), ctypes.c_void_p(K["fused_step_rows"].kernel.ptr),
                                               ctypes.byref(cfg))
         return n.value if rc == 0 else None

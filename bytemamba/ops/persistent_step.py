@@ -14,7 +14,6 @@ out_proj biases, a GPU of compute capability 9.0+ with at least 128 SMs.
 
 from __future__ import annotations
 
-import ctypes
 import os
 from dataclasses import dataclass
 
@@ -22,8 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bytemamba.ops._cupy import compile_module, cupy_stream, num_sms, ptr
-from bytemamba.ops.fused_step import FusedWeights, mma_fragments
+from bytemamba.ops._cupy import LAUNCH_COOPERATIVE, compile_module, cupy_stream, launch_ex, num_sms, ptr
+from bytemamba.ops.fused_step import FusedWeights, mma_fragments, state_table
 
 SHAPE = dict(d_model=1024, d_inner=2048, d_state=16, dt_rank=64, d_conv=4)
 NCTA = 128                      # CTAs (one per SM): d_inner / 16 channels
@@ -137,7 +136,6 @@ class _Scratch:
 
 
 _scratch: dict = {}
-_tables: dict = {}
 
 
 def _get_scratch(device, dtype) -> _Scratch:
@@ -155,35 +153,6 @@ def _get_scratch(device, dtype) -> _Scratch:
     return s
 
 
-def _state_table(conv_states, ssm_states, device):
-    """A device int64 table of the states' addresses, built once per set of state buffers (outside captures)."""
-    key = (device.index, tuple(t.data_ptr() for t in conv_states), tuple(t.data_ptr() for t in ssm_states))
-    t = _tables.get(key)
-    if t is None:
-        if torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("persistent step: first call with these state buffers inside a graph capture "
-                               "(run one step eagerly first)")
-        if len(_tables) > 64:
-            _tables.clear()
-        t = torch.tensor(list(key[1]) + list(key[2]), dtype=torch.int64, device=device)
-        _tables[key] = t
-    return t
-
-
-class _LaunchAttr(ctypes.Structure):          # CUlaunchAttribute (cuda.h): id, pad to 8, a 64-byte value union
-    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int * 16)]
-
-
-class _LaunchConfig(ctypes.Structure):        # CUlaunchConfig (cuda.h)
-    _fields_ = [("gx", ctypes.c_uint), ("gy", ctypes.c_uint), ("gz", ctypes.c_uint), ("bx", ctypes.c_uint),
-                ("by", ctypes.c_uint), ("bz", ctypes.c_uint), ("smem", ctypes.c_uint), ("stream", ctypes.c_void_p),
-                ("attrs", ctypes.POINTER(_LaunchAttr)), ("nattrs", ctypes.c_uint)]
-
-
-_CT = {np.uint64: ctypes.c_uint64, np.int32: ctypes.c_int32, np.float32: ctypes.c_float}
-_libcuda = None
-
-
 def cooperative() -> bool:
     """Launch with CU_LAUNCH_ATTRIBUTE_COOPERATIVE (the driver checks that every CTA is resident; default), or
     plainly (BYTEMAMBA_PERSISTENT_COOP=0: one CTA per SM fits by its shared memory, nothing checks it)."""
@@ -196,22 +165,7 @@ def _launch(device, fn, grid, block, args, smem, coop=True):
         with cupy.cuda.Device(device.index), cupy_stream(device):
             fn((grid,), (block,), args, shared_mem=smem)
         return
-    global _libcuda
-    if _libcuda is None:
-        _libcuda = ctypes.CDLL("libcuda.so.1")
-        _libcuda.cuLaunchKernelEx.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p,
-                                              ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
-    vals = [_CT[type(a)](a.item()) for a in args]
-    params = (ctypes.c_void_p * len(vals))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in vals])
-    attr = _LaunchAttr(id=2)                  # CU_LAUNCH_ATTRIBUTE_COOPERATIVE
-    attr.value[0] = 1
-    cfg = _LaunchConfig(grid, 1, 1, block, 1, 1, smem, torch.cuda.current_stream(device).cuda_stream,
-                        ctypes.pointer(attr), 1)
-    import cupy
-    with cupy.cuda.Device(device.index):
-        rc = _libcuda.cuLaunchKernelEx(ctypes.byref(cfg), fn.kernel.ptr, params, None)
-    if rc != 0:
-        raise RuntimeError(f"persistent step: cooperative cuLaunchKernelEx failed with CUresult {rc}")
+    launch_ex(device, fn, grid, block, args, smem, (LAUNCH_COOPERATIVE,), "persistent step")
 
 
 def _check(name, t, shape):
@@ -238,7 +192,7 @@ def persistent_layers_fn(ids, P: PersistentWeights, W: FusedWeights, conv_states
     _check("residual", residual, (b, d))
     ids = ids.to(torch.int64).contiguous()
     S = _get_scratch(dev, W.dtype)
-    table = _state_table(conv_states, ssm_states, dev)
+    table = state_table(conv_states, ssm_states, dev, "persistent step")
     K = module(dev, W.dtype)
     _launch(dev, K["persistent_step"], NCTA, K["threads"],
             (ptr(ids), ptr(W.emb), ptr(P.norm0), np.float32(W.eps), ptr(P.Wi), ptr(P.Wo), ptr(P.Wx), ptr(P.C),

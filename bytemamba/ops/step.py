@@ -20,7 +20,6 @@ dimension contiguous), states and small parameters in float32. They do no autogr
 
 from __future__ import annotations
 
-import ctypes
 import os
 
 import numpy as np
@@ -28,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from bytemamba.ops.scan import BackendError
-from bytemamba.ops._cupy import compile_module, cupy_stream, num_sms, ptr
+from bytemamba.ops._cupy import LAUNCH_PDL, compile_module, cupy_stream, launch_ex, num_sms, ptr
 
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _SSM_ROWS = (1, 2, 4)            # ssm_step_r<ROWS>: batch rows per block (template instances in the .cu)
@@ -162,45 +161,10 @@ def _check_state(name, t, shape):
 def _launch(device, fn, grid, block, args, smem: int = 0, batch: int = 1):
     grid = grid if isinstance(grid, tuple) else (grid,)
     if pdl(batch) and torch.cuda.get_device_capability(device)[0] >= 9:
-        return _launch_pdl(device, fn, grid, block, args, smem)
+        return launch_ex(device, fn, grid, block, args, smem, (LAUNCH_PDL,), "decode step (cuda)")
     import cupy
     with cupy.cuda.Device(device.index), cupy_stream(device):
         fn(grid, (block,), args, shared_mem=smem)
-
-
-class _LaunchAttr(ctypes.Structure):          # CUlaunchAttribute (cuda.h): id, pad to 8, a 64-byte value union
-    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int * 16)]
-
-
-class _LaunchConfig(ctypes.Structure):        # CUlaunchConfig (cuda.h)
-    _fields_ = [("gx", ctypes.c_uint), ("gy", ctypes.c_uint), ("gz", ctypes.c_uint), ("bx", ctypes.c_uint),
-                ("by", ctypes.c_uint), ("bz", ctypes.c_uint), ("smem", ctypes.c_uint), ("stream", ctypes.c_void_p),
-                ("attrs", ctypes.POINTER(_LaunchAttr)), ("nattrs", ctypes.c_uint)]
-
-
-_CT = {np.uint64: ctypes.c_uint64, np.int64: ctypes.c_int64, np.int32: ctypes.c_int32, np.float32: ctypes.c_float}
-_libcuda = None
-
-
-def _launch_pdl(device, fn, grid, block, args, smem):
-    """cuLaunchKernelEx with CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION (6) on PyTorch's stream."""
-    global _libcuda
-    if _libcuda is None:
-        _libcuda = ctypes.CDLL("libcuda.so.1")
-        _libcuda.cuLaunchKernelEx.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p,
-                                              ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
-    vals = [_CT[type(a)](a.item()) for a in args]
-    params = (ctypes.c_void_p * len(vals))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in vals])
-    attr = _LaunchAttr(id=6)
-    attr.value[0] = 1
-    g = tuple(grid) + (1,) * (3 - len(grid))
-    cfg = _LaunchConfig(g[0], g[1], g[2], block, 1, 1, smem, torch.cuda.current_stream(device).cuda_stream,
-                        ctypes.pointer(attr), 1)
-    import cupy
-    with cupy.cuda.Device(device.index):
-        rc = _libcuda.cuLaunchKernelEx(ctypes.byref(cfg), fn.kernel.ptr, params, None)   # CuPy RawKernel -> CUfunction
-    if rc != 0:
-        raise RuntimeError(f"decode step (cuda): cuLaunchKernelEx failed with CUresult {rc}")
 
 
 def conv_state_update_fn(x, conv_state, weight, bias=None, silu=True):
