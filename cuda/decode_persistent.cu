@@ -37,19 +37,8 @@
 // Tried and removed (commit db6e7d7 has them): clusters of 2 with multicast G / Y streams (38.3 us a layer:
 // P1 and P4 slower, each slot refill waits for both CTAs), full fences in the grid barrier (30.8 us a layer).
 
-#if IN_DTYPE == 2
-#include <cuda_fp16.h>
-typedef __half in_t;
-__device__ __forceinline__ float to_f(in_t v) { return __half2float(v); }
-__device__ __forceinline__ in_t from_f(float v) { return __float2half(v); }
-#define P_MMA_TYPE "f16"
-#else
-#include <cuda_bf16.h>
-typedef __nv_bfloat16 in_t;
-__device__ __forceinline__ float to_f(in_t v) { return __bfloat162float(v); }
-__device__ __forceinline__ in_t from_f(float v) { return __float2bfloat16(v); }
-#define P_MMA_TYPE "bf16"
-#endif
+#define FUSED_COMMON_NO_SHAPE 1  // in_t (-DIN_DTYPE 1 bf16 / 2 fp16), to_f, from_f, rnd, silu_f, MMA_TYPE, mbarriers
+#include "fused_common.cuh"
 
 #define PDM 1024                // d_model
 #define PEI 2048                // d_inner
@@ -188,14 +177,8 @@ static_assert(S_DBL + BR * DBP * 4 <= NSLOT * SLOT_BYTES && NWARP * BR * OCOL * 
 static_assert(S_RING % 128 == 0 && S_C % 16 == 0 && S_BAR % 16 == 0 && C_EL % 4 == 0, "aligned regions");
 static_assert(PSMEM <= 227 * 1024, "fits an SM");
 
-__device__ __forceinline__ float rnd(float v) { return to_f(from_f(v)); }
-__device__ __forceinline__ float silu_f(float v) { return v / (1.f + __expf(-v)); }
-__device__ __forceinline__ unsigned smaddr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
-__device__ __forceinline__ void bar_init(unsigned long long* b, unsigned count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smaddr(b)), "r"(count) : "memory");
-}
 __device__ __forceinline__ void bar_arrive(unsigned long long* b) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smaddr(b)) : "memory");
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(sm_addr(b)) : "memory");
 }
 // (a wait that cannot end -- a bug -- traps after seconds instead of hanging the GPU)
 __device__ __forceinline__ void bar_wait(unsigned long long* b, unsigned parity) {
@@ -203,23 +186,23 @@ __device__ __forceinline__ void bar_wait(unsigned long long* b, unsigned parity)
         unsigned ok;
         asm volatile("{\n\t.reg .pred p;\n\t"
                      "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\t"
-                     "selp.u32 %0, 1, 0, p;\n}" : "=r"(ok) : "r"(smaddr(b)), "r"(parity) : "memory");
+                     "selp.u32 %0, 1, 0, p;\n}" : "=r"(ok) : "r"(sm_addr(b)), "r"(parity) : "memory");
         if (ok) return;
         if (n == (1u << 24)) __trap();
     }
 }
 // bulk copy global -> this CTA's shared memory (copy engine), crediting b (armed with the byte count here)
 __device__ __forceinline__ void copy_in(void* dst, const void* src, unsigned bytes, unsigned long long* b) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smaddr(b)), "r"(bytes) : "memory");
+    mbar_expect(b, bytes);
     asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-                 ::"r"(smaddr(dst)), "l"(src), "r"(bytes), "r"(smaddr(b)) : "memory");
+                 ::"r"(sm_addr(dst)), "l"(src), "r"(bytes), "r"(sm_addr(b)) : "memory");
 }
 __device__ __forceinline__ void prefetch_l2(const void* src, unsigned bytes) {
     if ((reinterpret_cast<unsigned long long>(src) & 15) == 0)
         asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(src), "r"(bytes) : "memory");
 }
 __device__ __forceinline__ void mma16816(float* acc, const uint4& a, unsigned b0, unsigned b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." P_MMA_TYPE "." P_MMA_TYPE ".f32 "
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." MMA_TYPE "." MMA_TYPE ".f32 "
                  "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
                  : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
                  : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
@@ -337,10 +320,10 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
     if (tid < 2 * L) ptr_s[tid] = state_ptrs[tid];
     if (tid == 0) {
         for (int i = 0; i < NSLOT; ++i) {
-            bar_init(full + i, 1);
-            bar_init(empty + i, NWARP);
+            mbar_init(full + i, 1);
+            mbar_init(empty + i, NWARP);
         }
-        for (int i = 0; i < 6; ++i) bar_init(bar_wi + i, 1);
+        for (int i = 0; i < 6; ++i) mbar_init(bar_wi + i, 1);
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
         copy_in(smem + S_WI, wi_src(0), WI_EL * 2, bar_wi);
@@ -533,14 +516,14 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
 #if STIN8
         if (tid == 0)               // (bar_st's last phase was waited for at P3 of the last layer)
             asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
-                         ::"r"(smaddr(bar_st)), "r"((unsigned)(batch * PCH * PNS * 4)) : "memory");
+                         ::"r"(sm_addr(bar_st)), "r"((unsigned)(batch * PCH * PNS * 4)) : "memory");
         __syncthreads();
         {   // this layer's SSM states of the CTA's channels into the ring (used in P3): warp w rows 8w.., lanes 0..7
             const int r = warp * (BR / NWARP) + lane;
             if (lane < BR / NWARP && r < batch)
                 asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-                             ::"r"(smaddr(ring + r * STP * 4)), "l"(ssm_ptr(l) + ((long long)r * PEI + ch0) * PNS),
-                             "r"(PCH * PNS * 4), "r"(smaddr(bar_st)) : "memory");
+                             ::"r"(sm_addr(ring + r * STP * 4)), "l"(ssm_ptr(l) + ((long long)r * PEI + ch0) * PNS),
+                             "r"(PCH * PNS * 4), "r"(sm_addr(bar_st)) : "memory");
         }
 #else
         __syncthreads();
@@ -548,12 +531,12 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
             const float* base = ssm_ptr(l) + (long long)ch0 * PNS;
             if (lane == 0)
                 asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
-                             ::"r"(smaddr(bar_st)), "r"((unsigned)(batch * PCH * PNS * 4)) : "memory");
+                             ::"r"(sm_addr(bar_st)), "r"((unsigned)(batch * PCH * PNS * 4)) : "memory");
             __syncwarp();
             for (int r = lane; r < batch; r += 32)
                 asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-                             ::"r"(smaddr(ring + r * STP * 4)), "l"(base + (long long)r * PEI * PNS),
-                             "r"(PCH * PNS * 4), "r"(smaddr(bar_st)) : "memory");
+                             ::"r"(sm_addr(ring + r * STP * 4)), "l"(base + (long long)r * PEI * PNS),
+                             "r"(PCH * PNS * 4), "r"(sm_addr(bar_st)) : "memory");
         }
 #endif
         {   // conv step + SiLU, mapping T; the window shifted into the conv state
@@ -735,7 +718,7 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
             const int r = warp * (BR / NWARP) + lane;
             if (lane < BR / NWARP && r < batch)
                 asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;"
-                             ::"l"(ssm_ptr(l) + ((long long)r * PEI + ch0) * PNS), "r"(smaddr(st_s + r * STP)),
+                             ::"l"(ssm_ptr(l) + ((long long)r * PEI + ch0) * PNS), "r"(sm_addr(st_s + r * STP)),
                              "r"(PCH * PNS * 4) : "memory");
             asm volatile("cp.async.bulk.commit_group;" ::: "memory");
         }

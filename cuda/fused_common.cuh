@@ -3,8 +3,11 @@
 // 2 float16; anything else compiles as bfloat16, the launchers refuse float32) with its conversions and
 // rounding, SiLU, the compiled model shape, and the sm_90 PTX wrappers for thread-block clusters and
 // mbarriers.
-// Included by those files only; bytemamba/ops/_cupy.py read_source pastes it into the source NVRTC compiles.
+// Included by those files, and by decode_persistent.cu with FUSED_COMMON_NO_SHAPE defined (the types, their
+// conversions, SiLU and the mbarrier wrappers, not the fused kernels' shape); bytemamba/ops/_cupy.py
+// read_source pastes it into the source NVRTC compiles.
 
+#ifndef FUSED_COMMON_NO_SHAPE
 // The model shape both kernels are compiled for (bytemamba/ops/fused_step.py SHAPE) and the cluster.
 #define NCTA 8                  // CTAs a cluster
 #define NTHR 512                // threads a CTA
@@ -16,6 +19,7 @@
 #define NX (RK + 2 * NS)        // x_proj rows: 48
 #define NV 256                  // vocabulary
 #define KC 4                    // conv taps
+#endif
 
 #if IN_DTYPE == 2
 #include <cuda_fp16.h>
