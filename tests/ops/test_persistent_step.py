@@ -82,26 +82,24 @@ def random_states(m, batch, device, seed=1):
 #   A (16 x 16, row major), 8 elements a lane: (gid, 2tig..+1), (gid+8, 2tig..+1), (gid, 2tig+8..+9), (gid+8, 2tig+8..+9)
 #   B (16 x 8, K x N), 4 elements a lane: (k 2tig..+1, n gid), (k 2tig+8..+9, n gid)
 
-def a_tile(frag):
-    """(32, 8) lane elements -> the 16 x 16 A tile."""
-    out = torch.empty(16, 16, dtype=frag.dtype)
+def _tile(frag, shape, where):
+    """(32, E) lane elements -> the tile: element 2j + p of lane 4g + t goes to where(g, t, j, p)."""
+    out = torch.empty(*shape, dtype=frag.dtype)
     for lane in range(32):
         g, t = divmod(lane, 4)
-        for j in range(4):
-            for p in range(2):
-                out[g + 8 * (j & 1), 2 * t + p + 8 * (j >> 1)] = frag[lane, 2 * j + p]
+        for e in range(frag.shape[1]):
+            out[where(g, t, e >> 1, e & 1)] = frag[lane, e]
     return out
+
+
+def a_tile(frag):
+    """(32, 8) lane elements -> the 16 x 16 A tile."""
+    return _tile(frag, (16, 16), lambda g, t, j, p: (g + 8 * (j & 1), 2 * t + p + 8 * (j >> 1)))
 
 
 def b_tile(frag):
     """(32, 4) lane elements -> the 16 x 8 B tile (K x N)."""
-    out = torch.empty(16, 8, dtype=frag.dtype)
-    for lane in range(32):
-        g, t = divmod(lane, 4)
-        for j in range(2):
-            for p in range(2):
-                out[2 * t + p + 8 * j, g] = frag[lane, 2 * j + p]
-    return out
+    return _tile(frag, (16, 8), lambda g, t, j, p: (2 * t + p + 8 * j, g))
 
 
 def test_packed_weights_are_the_mma_fragments_of_each_ctas_slice():
