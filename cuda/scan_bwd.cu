@@ -43,21 +43,11 @@
 // (BWD_MINB=3, BWD_FP=8, BWD_DBC=0) or 2 (BWD_MINB=2, BWD_FP=16, BWD_DBC=1, BWD_PWB=2, BWD_PF=1);
 // docs/PERF.md has the timings.
 //
-// Helpers duplicated from selective_scan.cu (to move into a shared header): in_t, to_f, from_f, ex2_mufu,
-// softplus_f, sigmoid_f, load_row.
+// What it shares with the forward (in_t and its conversions, ex2 / softplus / sigmoid, cp.async, the block
+// mapping NT / CPB / TL / EPT / RS, the flags) is in scan_common.cuh.
 
-#ifndef IN_DTYPE
-#define IN_DTYPE 1
-#endif
-#ifndef NPAD
-#define NPAD 16
-#endif
-#ifndef HAS_Z
-#define HAS_Z 1
-#endif
-#ifndef HAS_RESET
-#define HAS_RESET 0
-#endif
+#include "scan_common.cuh"
+
 #ifndef BWD_DBC
 #define BWD_DBC 1
 #endif
@@ -68,11 +58,7 @@
 #define BWD_MINB 3
 #endif
 
-#define NTHREADS 128
-#define NT (NPAD / 4)              // lanes per channel
-#define CPB (NTHREADS / NT)        // channels per block
 #define CW (32 / NT)               // channels per warp
-#define TL 64                      // tile length = checkpoint interval (must match the forward)
 #ifndef BWD_SB
 #define BWD_SB 8
 #endif
@@ -84,8 +70,6 @@
 #endif
 #define SB BWD_SB                  // backward sub-block (positions recomputed in registers at a time)
 #define NSB (TL / SB)              // sub-blocks per tile
-#define EPT (TL / NT)              // staged elements per thread
-#define RS (TL + 4)                // padded row stride of per-(channel, position) float tiles
 #define BS (NPAD + 4)              // padded row stride of the B / C tiles ([t][n])
 #define FP BWD_FP                  // positions per cross-warp dB / dC flush (a multiple of SB)
 #define PWS (2 * NPAD + 1)         // padded row of the per-warp dB | dC sums
@@ -93,68 +77,10 @@
 #define WS (2 * NPAD + 16)         // row of the per-warp transpose buffer (16-byte stores conflict-free)
 #define USE_WB (BWD_DBC && NT < 16)
 
-#define F_SOFTPLUS 1
-#define F_ALIGNED 2
-#define F_ATOMIC 4
-
-typedef unsigned short u16;
-typedef unsigned char u8;
-typedef long long i64;
-
-#if IN_DTYPE == 0
-typedef float in_t;
-#else
-typedef u16 in_t;
-#endif
-#define RRS (TL + 16 / (int)sizeof(in_t))   // raw u row stride (elements)
 // cp.async prefetch of the next tile (BWD_PF=1) for 2-byte inputs (fp32 would take the shared memory of a
 // block an SM) where a thread's row slice is whole 16-byte chunks.
 #define IN_BYTES ((IN_DTYPE == 0) ? 4 : 2)
 #define PF_ON (BWD_PF && IN_BYTES == 2 && (EPT * IN_BYTES) % 16 == 0)   // bf16 / fp16, n <= 32
-
-extern __shared__ float4 smem_raw[];
-
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(u16 v) {
-#if IN_DTYPE == 1
-  return __uint_as_float(((unsigned)v) << 16);
-#else
-  float f;
-  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
-  return f;
-#endif
-}
-__device__ __forceinline__ void from_f(float f, float& o) { o = f; }
-__device__ __forceinline__ void from_f(float f, u16& o) {
-#if IN_DTYPE == 1
-  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(o) : "f"(f));
-#else
-  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(o) : "f"(f));
-#endif
-}
-
-__device__ __forceinline__ float ex2_mufu(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
-// softplus as torch computes it (identity above 20), branchless (selective_scan.cu has the derivation).
-__device__ __forceinline__ float softplus_f(float x) {
-  const float e = ex2_mufu(fabsf(x) * -1.4426950408889634f);
-  const float s = __fdividef(e, 2.0f + e), s2 = s * s;
-  float p = 1.0f / 11.0f;
-  p = fmaf(p, s2, 1.0f / 9.0f);
-  p = fmaf(p, s2, 1.0f / 7.0f);
-  p = fmaf(p, s2, 1.0f / 5.0f);
-  p = fmaf(p, s2, 1.0f / 3.0f);
-  p = fmaf(p, s2, 1.0f);
-  const float r = fmaf(s + s, p, fmaxf(x, 0.0f));
-  return x > 20.0f ? x : r;
-}
-__device__ __forceinline__ float sigmoid_f(float x) {
-  return __fdividef(1.0f, 1.0f + ex2_mufu(x * -1.4426950408889634f));
-}
 
 // EPT consecutive elements of one row (p points at the first; avail = how many exist there).
 __device__ __forceinline__ void load_row(const in_t* __restrict__ p, i64 avail, bool vec, float (&v)[EPT]) {
@@ -224,6 +150,25 @@ struct BwdSmem {
   alignas(16) in_t rbc[2][NPAD * RRS];   // and its B, C rows
 #endif
 };
+
+// One position t of the recurrence (passes 1 and 2): the decays a (0 where reset) and the state xout after t
+// from the state xin before it.
+__device__ __forceinline__ void state_step(const BwdSmem& s, int t, int sg, float dl, float dup, const float (&A2)[4],
+                                           const float (&xin)[4], float (&a)[4], float (&xout)[4]) {
+  const float4 b4 = *reinterpret_cast<const float4*>(&s.B[t * BS + sg * 4]);
+  const float bb[4] = {b4.x, b4.y, b4.z, b4.w};
+#if HAS_RESET
+  const float mk = s.m[t];
+#endif
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    a[j] = ex2_mufu(dl * A2[j]);
+#if HAS_RESET
+    a[j] *= mk;
+#endif
+    xout[j] = fmaf(a[j], xin[j], dup * bb[j]);
+  }
+}
 
 // Stage one tile. AGG (the segment aggregate) needs only dl, dy and C.
 template <bool AGG>
@@ -341,12 +286,6 @@ __device__ __forceinline__ void bwd_stage(BwdSmem& s, const in_t* __restrict__ u
 }
 
 #if PF_ON
-__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"((unsigned)__cvta_generic_to_shared(dst)),
-               "l"(src));
-}
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
-
 // Start copying tile l0's raw rows into shared memory: each thread its own channel slice of u, delta, z,
 // dout (the slice it stages), and its 16-byte chunks of the B, C rows (rows >= n are never read).
 __device__ __forceinline__ void bwd_prefetch(BwdSmem& s, const in_t* __restrict__ u, const in_t* __restrict__ delta,
@@ -376,7 +315,7 @@ __device__ __forceinline__ void bwd_prefetch(BwdSmem& s, const in_t* __restrict_
       cp_async16(&s.rbc[1][nn * RRS + kc * CHK], Cm + off);
     }
   }
-  asm volatile("cp.async.commit_group;\n" ::);
+  cp_async_commit();
 }
 #endif
 
@@ -529,20 +468,10 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, BWD_MINB) scan_bwd(BWD_PA
       ldsb(duprow + sb * SB, dupv);
 #pragma unroll
       for (int q = 0; q < SB; ++q) {
-        const int t = sb * SB + q;
-        const float4 b4 = *reinterpret_cast<const float4*>(&s.B[t * BS + sg * 4]);
-        const float bb[4] = {b4.x, b4.y, b4.z, b4.w};
-#if HAS_RESET
-        const float mk = s.m[t];
-#endif
+        float a[4], xn[4];
+        state_step(s, sb * SB + q, sg, dlv[q], dupv[q], A2, x, a, xn);
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          float a = ex2_mufu(dlv[q] * A2[j]);
-#if HAS_RESET
-          a *= mk;
-#endif
-          x[j] = fmaf(a, x[j], dupv[q] * bb[j]);
-        }
+        for (int j = 0; j < 4; ++j) x[j] = xn[j];
       }
     }
 
@@ -562,22 +491,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, BWD_MINB) scan_bwd(BWD_PA
         ldsb(dlrow + sb * SB, dlv);
         ldsb(duprow + sb * SB, dupv);
 #pragma unroll
-        for (int q = 0; q < SB; ++q) {
-          const int t = sb * SB + q;
-          const float4 b4 = *reinterpret_cast<const float4*>(&s.B[t * BS + sg * 4]);
-          const float bb[4] = {b4.x, b4.y, b4.z, b4.w};
-#if HAS_RESET
-          const float mk = s.m[t];
-#endif
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            as[q][j] = ex2_mufu(dlv[q] * A2[j]);
-#if HAS_RESET
-            as[q][j] *= mk;
-#endif
-            xs[q + 1][j] = fmaf(as[q][j], xs[q][j], dupv[q] * bb[j]);
-          }
-        }
+        for (int q = 0; q < SB; ++q) state_step(s, sb * SB + q, sg, dlv[q], dupv[q], A2, xs[q], as[q], xs[q + 1]);
       }
       float4 dl4, dup4, dy4;       // dl, dl*u, dy of positions (q & ~3) .. +3, loaded afresh
       constexpr int RN = (SB % NT == 0) ? NT : SB;   // positions whose s1, s2, y are reduced together

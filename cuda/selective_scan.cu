@@ -34,29 +34,16 @@
 // default: the forward's softplus as ln 2 * lg2(1 + e), two MUFU ops and half the instructions, for bf16 / fp16
 // only; fp32 keeps FWD_SPP). FWD_SPL + FWD_SIG: 1.049 -> 1.016 ms at the main shape (lead's H200 call, 12:47
 // UTC). The v8a mapping (FWD_SPT=2: 2 states a thread, 1.286 ms) was deleted; it is in git at commit 1e19b9e.
+// What it shares with the backward (in_t and its conversions, ex2 / softplus / sigmoid, cp.async, the block
+// mapping, the flags) is in scan_common.cuh.
 
-#ifndef IN_DTYPE
-#define IN_DTYPE 1
-#endif
-#ifndef NPAD
-#define NPAD 16
-#endif
-#ifndef HAS_Z
-#define HAS_Z 1
-#endif
-#ifndef HAS_RESET
-#define HAS_RESET 0
-#endif
+#define SCAN_CVTA_ASM 1            // cp.async addresses by inline cvta (scan_common.cuh smem_u32)
+#include "scan_common.cuh"
+
 #ifndef POLY_J
 #define POLY_J 0
 #endif
 
-#define NTHREADS 128
-#define NT (NPAD / 4)              // lanes per channel
-#define CPB (NTHREADS / NT)        // channels per block
-#define TL 64                      // tile length = checkpoint interval
-#define EPT (TL / NT)              // staged elements per thread (one row, EPT consecutive positions)
-#define RS (TL + 4)                // padded row stride of per-(channel, position) tiles
 #ifndef FWD_UNR
 #define FWD_UNR 16
 #endif
@@ -67,48 +54,6 @@
 #ifndef FWD_SPL
 #define FWD_SPL 1
 #endif
-#define RRS (TL + 16 / (int)sizeof(in_t))   // raw staged row stride (elements): +16 bytes against bank conflicts
-
-#define F_SOFTPLUS 1
-#define F_ALIGNED 2
-#define F_RALIGNED 8
-
-typedef unsigned short u16;
-typedef unsigned char u8;
-typedef long long i64;
-
-extern __shared__ float4 smem_raw[];
-
-#if IN_DTYPE == 0
-typedef float in_t;
-#else
-typedef u16 in_t;
-#endif
-
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(u16 v) {
-#if IN_DTYPE == 1
-  return __uint_as_float(((unsigned)v) << 16);
-#else
-  float f;
-  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
-  return f;
-#endif
-}
-__device__ __forceinline__ void from_f(float f, float& o) { o = f; }
-__device__ __forceinline__ void from_f(float f, u16& o) {
-#if IN_DTYPE == 1
-  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(o) : "f"(f));
-#else
-  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(o) : "f"(f));
-#endif
-}
-
-__device__ __forceinline__ float ex2_mufu(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
 
 // 2^x on the FMA pipes: round-to-nearest split x = i + f, f in [-1/2, 1/2], a degree-5 minimax
 // polynomial for 2^f (relative error ~2e-7, like MUFU.EX2), then i added into the exponent field.
@@ -188,17 +133,6 @@ __device__ __forceinline__ void reduce_scatter(float (&v)[K], int lane) {
 // ------------------------------------------------------------------------------------------------
 // Asynchronous staging of raw tiles (cp.async, 16-byte chunks) into shared memory.
 
-__device__ __forceinline__ unsigned smem_addr(const void* p) {
-  unsigned a;
-  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-  return a;
-}
-__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)), "l"(src));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
-
 // nrows rows of TL elements (row r at g + r*L + l0) into raw[r*TL + t]; rows >= nvalid and positions
 // >= L read as zero. 16-byte copies when the whole tile is in range and aligned, else element by element.
 template <typename T>
@@ -268,22 +202,6 @@ __device__ __forceinline__ float word_f(const unsigned (&w)[RW], int e) {
 #endif
 }
 
-// softplus as torch computes it (identity above 20), branchless: max(x, 0) + log1p(e), e = exp(-|x|) in
-// (0, 1] through ex2.approx directly (its argument is <= 0: no range fix needed), and
-// log1p(e) = 2 atanh(s), s = e / (2 + e) <= 1/3, the series cut after s^11 (truncation ~1.4e-7 relative,
-// about one float ulp; no cancellation for small e).
-__device__ __forceinline__ float softplus_f(float x) {
-  const float e = ex2_mufu(fabsf(x) * -1.4426950408889634f);
-  const float s = __fdividef(e, 2.0f + e), s2 = s * s;
-  float p = 1.0f / 11.0f;
-  p = fmaf(p, s2, 1.0f / 9.0f);
-  p = fmaf(p, s2, 1.0f / 7.0f);
-  p = fmaf(p, s2, 1.0f / 5.0f);
-  p = fmaf(p, s2, 1.0f / 3.0f);
-  p = fmaf(p, s2, 1.0f);
-  const float r = fmaf(s + s, p, fmaxf(x, 0.0f));
-  return x > 20.0f ? x : r;
-}
 // The forward's softplus with one MUFU op instead of two (FWD_SPP=1, the default): log1p(e) = e * P(e) for
 // e = exp(-|x|) in (0, 1], P a degree-9 polynomial fitted to log1p(e)/e on [0, 1] (relative error <= 1.7e-7
 // evaluated in float32, checked on 4e6 points), so no division. Above x = 20 (torch returns x) e * P(e) < 2.1e-9 is below
@@ -315,10 +233,6 @@ __device__ __forceinline__ float softplus_fwd(float x) {
 #else
   return softplus_f(x);
 #endif
-}
-// 1 / (1 + 2^(-x log2 e)): ex2 overflows to inf for x < -88, and the approximate division gives 0 there.
-__device__ __forceinline__ float sigmoid_f(float x) {
-  return __fdividef(1.0f, 1.0f + ex2_mufu(x * -1.4426950408889634f));
 }
 
 // The forward's gate: sigmoid_f (two MUFU ops), or with FWD_SIG=1 and bf16 inputs 0.5 + 0.5 tanh(x / 2) on

@@ -27,8 +27,8 @@ in float32); A, D, delta_bias float32 (others are upcast); float64 is refused (u
 
 from __future__ import annotations
 
+import functools
 import os
-import threading
 
 import numpy as np
 import torch
@@ -41,8 +41,6 @@ TL = 64          # tile length = checkpoint interval (must match cuda/selective_
 NTHREADS = 128
 
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-_lock = threading.Lock()
-_modules: dict = {}               # (defines, device) -> kernels + launch settings
 _deterministic_override: bool | None = None
 
 # Tuning knobs, read once per call (the benchmark sets them to compare variants).
@@ -90,52 +88,53 @@ def _variant() -> tuple:
     return poly, extra
 
 
-def _get_kernels(dtype_code: int, npad: int, has_z: bool, has_reset: bool, device: torch.device):
-    """The forward kernels of one specialisation (compiled once per process by ``_cupy.compile_module``) with
-    their launch settings: dynamic shared memory per block (fs) and resident blocks per SM (bps), worked out
-    once per specialisation."""
+@functools.lru_cache(maxsize=None)
+def _load(source: str, opts: tuple, device_index: int, names: tuple, smem_name: str, grow: str = ""):
+    """The kernels `names` of `source` compiled with `opts` (``_cupy.compile_module``) with their launch settings,
+    worked out once per specialisation: {name: kernel, "smem": the dynamic shared memory a block needs (the
+    kernel `smem_name` reports it), "bps": {name: resident blocks per SM}}. Kernel `grow` may be launched
+    with more shared memory than it needs (to cap the blocks an SM)."""
     import cupy
 
+    device = torch.device("cuda", device_index)
+    fns = compile_module(source, opts, device, (*names, smem_name))
+    with cupy.cuda.Device(device_index):
+        size = cupy.zeros(1, dtype=cupy.int32)
+        fns[smem_name]((1,), (1,), (size,))
+        smem = int(size.get()[0])
+    props = torch.cuda.get_device_properties(device)
+    smem_sm = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
+    smem_blk = getattr(props, "shared_memory_per_block_optin", 227 * 1024)
+    if smem > smem_blk:
+        raise RuntimeError(f"selective_scan (cuda): {names[0]} needs {smem} bytes of shared memory, "
+                           f"the device allows {smem_blk} per block")
+    mod = {"smem": smem, "bps": {}}
+    for name in names:
+        k = mod[name] = fns[name]
+        if name == grow:
+            k.max_dynamic_shared_size_bytes = smem_blk
+        elif smem > 48 * 1024:
+            k.max_dynamic_shared_size_bytes = smem
+        mod["bps"][name] = max(1, min(smem_sm // (smem + 1024), 65536 // (max(1, int(k.num_regs)) * NTHREADS), 16))
+    return mod
+
+
+def _spec_opts(dtype_code: int, npad: int, has_z: bool, has_reset: bool) -> tuple:
+    return (f"-DIN_DTYPE={dtype_code}", f"-DNPAD={npad}", f"-DHAS_Z={int(has_z)}", f"-DHAS_RESET={int(has_reset)}")
+
+
+def _get_kernels(dtype_code: int, npad: int, has_z: bool, has_reset: bool, device: torch.device):
+    """ss_fwd / ss_fwd_agg of one specialisation (compiled once per process) with their launch settings."""
     poly, extra = _variant()
-    opts = (f"-DIN_DTYPE={dtype_code}", f"-DNPAD={npad}", f"-DHAS_Z={int(has_z)}", f"-DHAS_RESET={int(has_reset)}",
-            f"-DPOLY_J={poly}", *(f"-D{d}" for d in extra))
-    key = (opts, device.index)
-    mod = _modules.get(key)
-    if mod is not None:
-        return mod
-    with _lock:
-        mod = _modules.get(key)
-        if mod is not None:
-            return mod
-        fns = compile_module("selective_scan.cu", opts, device,
-                             ("ss_fwd", "ss_fwd_agg", "ss_fwd_smem"))
-        ks = {name: f for name, f in fns.items() if name != "ss_fwd_smem"}
-        with cupy.cuda.Device(device.index):
-            size = cupy.zeros(1, dtype=cupy.int32)
-            fns["ss_fwd_smem"]((1,), (1,), (size,))
-            fs = int(size.get()[0])
-        props = torch.cuda.get_device_properties(device)
-        smem_sm = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
-        smem_blk = getattr(props, "shared_memory_per_block_optin", 227 * 1024)
-        if fs > smem_blk:
-            raise RuntimeError(f"selective_scan (cuda): ss_fwd needs {fs} bytes of shared memory, "
-                               f"the device allows {smem_blk} per block")
-        bps = {}
-        for name, k in ks.items():
-            if fs > 48 * 1024:
-                k.max_dynamic_shared_size_bytes = fs
-            regs = max(1, int(k.num_regs))
-            bps[name] = max(1, min(smem_sm // (fs + 1024), 65536 // (regs * NTHREADS), 2048 // NTHREADS, 16))
-        mod = dict(ks, fs=fs, bps=bps)
-        _modules[key] = mod
-        return mod
+    opts = (*_spec_opts(dtype_code, npad, has_z, has_reset), f"-DPOLY_J={poly}", *(f"-D{d}" for d in extra))
+    return _load("selective_scan.cu", opts, device.index, ("ss_fwd", "ss_fwd_agg"), "ss_fwd_smem")
 
 
-def _nseg(kind_bps: int, channel_blocks: int, ntiles: int, device) -> int:
-    """Parallel L-segments: enough to fill the GPU where batch*dim alone cannot."""
+def _segments(bps_max: int, sms: int, channel_blocks: int, ntiles: int) -> tuple:
+    """Parallel L-segments, enough to fill the GPU where batch*dim alone cannot: (nseg, tiles a segment),
+    every tile in exactly one segment and none empty (BYTEMAMBA_SCAN_NSEG forces the count)."""
     forced = int(os.environ.get("BYTEMAMBA_SCAN_NSEG", "0"))
-    slots = kind_bps * _num_sms(device)
-    nseg = forced if forced > 0 else max(1, slots // channel_blocks)
+    nseg = forced if forced > 0 else max(1, bps_max * sms // channel_blocks)
     nseg = max(1, min(nseg, ntiles, 65535))
     seg_tiles = -(-ntiles // nseg)
     return -(-ntiles // seg_tiles), seg_tiles
@@ -176,7 +175,7 @@ def _fwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
     K = _get_kernels(_DTYPE_CODE[u.dtype], npad, z is not None, reset is not None, dev)
     dblocks = -(-d // (NTHREADS // (npad // 4)))      # channels a block: npad / 4 lanes a channel
     ntiles = -(-L // TL)
-    nseg, seg_tiles = _nseg(K["bps"]["ss_fwd"], b * dblocks, ntiles, dev)
+    nseg, seg_tiles = _segments(K["bps"]["ss_fwd"], _num_sms(dev), b * dblocks, ntiles)
 
     out = torch.empty_like(u)
     ckpt = torch.empty(b * d * ntiles * npad, device=dev, dtype=torch.float32)
@@ -191,8 +190,8 @@ def _fwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
     import cupy
     with cupy.cuda.Device(dev.index), _cupy_stream(dev):
         if nseg > 1:
-            K["ss_fwd_agg"]((b * dblocks, nseg - 1), (NTHREADS,), args, shared_mem=K["fs"])
-        K["ss_fwd"]((b * dblocks, nseg), (NTHREADS,), args, shared_mem=K["fs"])
+            K["ss_fwd_agg"]((b * dblocks, nseg - 1), (NTHREADS,), args, shared_mem=K["smem"])
+        K["ss_fwd"]((b * dblocks, nseg), (NTHREADS,), args, shared_mem=K["smem"])
     return out, final, ckpt
 
 
@@ -211,65 +210,28 @@ _BWD_BUILDS = {3: ("BWD_MINB=3", "BWD_FP=8", "BWD_DBC=0"),
 
 
 def _get_bwd_kernels(dtype_code: int, npad: int, has_z: bool, has_reset: bool, device: torch.device,
-                      build: tuple = ()):
-    """scan_bwd / scan_bwd_agg of one specialisation and build (extra -D knobs) with their launch settings:
-    dynamic shared memory per block (bs) and resident blocks per SM (bps), worked out once each."""
-    import cupy
+                     build: tuple = ()):
+    """scan_bwd / scan_bwd_agg of one specialisation and build (extra -D knobs) with their launch settings."""
+    opts = (*_spec_opts(dtype_code, npad, has_z, has_reset), *(f"-D{d}" for d in build + _variant()[1]))
+    return _load("scan_bwd.cu", opts, device.index, ("scan_bwd", "scan_bwd_agg"), "scan_bwd_smem", grow="scan_bwd")
 
-    extra = _variant()[1]
-    opts = (f"-DIN_DTYPE={dtype_code}", f"-DNPAD={npad}", f"-DHAS_Z={int(has_z)}", f"-DHAS_RESET={int(has_reset)}",
-            *(f"-D{d}" for d in build + extra))
-    key = ("bwd", opts, device.index)
-    mod = _modules.get(key)
-    if mod is not None:
-        return mod
-    with _lock:
-        mod = _modules.get(key)
-        if mod is not None:
-            return mod
-        fns = compile_module("scan_bwd.cu", opts, device, ("scan_bwd", "scan_bwd_agg", "scan_bwd_smem"))
-        with cupy.cuda.Device(device.index):
-            size = cupy.zeros(1, dtype=cupy.int32)
-            fns["scan_bwd_smem"]((1,), (1,), (size,))
-            bs = int(size.get()[0])
-        props = torch.cuda.get_device_properties(device)
-        smem_sm = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
-        smem_blk = getattr(props, "shared_memory_per_block_optin", 227 * 1024)
-        if bs > smem_blk:
-            raise RuntimeError(f"selective_scan (cuda): scan_bwd needs {bs} bytes of shared memory, "
-                               f"the device allows {smem_blk} per block")
-        bps = {}
-        for name in ("scan_bwd", "scan_bwd_agg"):
-            k = fns[name]
-            if name == "scan_bwd":
-                k.max_dynamic_shared_size_bytes = smem_blk      # _bwd_plan may ask for more, to cap residency
-            elif bs > 48 * 1024:
-                k.max_dynamic_shared_size_bytes = bs
-            regs = max(1, int(k.num_regs))
-            bps[name] = max(1, min(smem_sm // (bs + 1024), 65536 // (regs * NTHREADS), 16))
-        mod = dict(bwd=fns["scan_bwd"], agg=fns["scan_bwd_agg"], bs=bs, bps=bps)
-        _modules[key] = mod
-        return mod
+
+def _smem_cap(need: int, bps: int, bps_max: int, smem_sm: int) -> int:
+    """Dynamic shared memory to ask for so that at most `bps` blocks share an SM."""
+    return need if bps >= bps_max else max(need, smem_sm // (bps + 1) - 1024 + 16)
 
 
 def _bwd_plan(b: int, d: int, L: int, npad: int, bps_max: int, bs: int, sms: int, smem_sm: int):
     """Grid and residency of the backward (pure arithmetic, testable without a GPU): (channel blocks,
     nseg, seg_tiles, blocks per SM, dynamic shared memory to ask for)."""
-    cpb = NTHREADS // (npad // 4)
-    dblocks = -(-d // cpb)
-    ntiles = -(-L // TL)
-    forced = int(os.environ.get("BYTEMAMBA_SCAN_NSEG", "0"))
-    nseg = forced if forced > 0 else max(1, bps_max * sms // (b * dblocks))
-    nseg = max(1, min(nseg, ntiles, 65535))
-    seg_tiles = -(-ntiles // nseg)
-    nseg = -(-ntiles // seg_tiles)
+    dblocks = -(-d // (NTHREADS // (npad // 4)))
+    nseg, seg_tiles = _segments(bps_max, sms, b * dblocks, -(-L // TL))
     bps = _resident(b * dblocks * nseg, bps_max, sms)
-    smem = bs if bps >= bps_max else max(bs, smem_sm // (bps + 1) - 1024 + 16)
-    return dblocks, nseg, seg_tiles, bps, smem
+    return dblocks, nseg, seg_tiles, bps, _smem_cap(bs, bps, bps_max, smem_sm)
 
 
 def _bwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reset, dout, ckpt, dfinal,
-               need_init: bool, deterministic: bool):
+              need_init: bool, deterministic: bool):
     b, d, L = u.shape
     n = A.shape[1]
     npad = _npad(n)
@@ -279,14 +241,14 @@ def _bwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reset, dout, 
     K = _get_bwd_kernels(*spec, build=() if forced else _BWD_BUILDS[3])
     props = torch.cuda.get_device_properties(dev)
     smem_sm = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
-    dblocks, nseg, seg_tiles, bps, smem = _bwd_plan(b, d, L, npad, K["bps"]["scan_bwd"], K["bs"], _num_sms(dev),
-                                                     smem_sm)
+    dblocks, nseg, seg_tiles, bps, smem = _bwd_plan(b, d, L, npad, K["bps"]["scan_bwd"], K["smem"], _num_sms(dev),
+                                                    smem_sm)
     if not forced and bps <= 2:
         K2 = _get_bwd_kernels(*spec, build=_BWD_BUILDS[2])
         bps_max = K2["bps"]["scan_bwd"]
         if bps_max >= bps:            # (a build whose buffers fit fewer blocks an SM than planned is not used)
             K = K2
-            smem = K["bs"] if bps >= bps_max else max(K["bs"], smem_sm // (bps + 1) - 1024 + 16)
+            smem = _smem_cap(K["smem"], bps, bps_max, smem_sm)
     ntiles = -(-L // TL)
     du = torch.empty_like(u)
     ddelta = torch.empty_like(delta)
@@ -313,8 +275,8 @@ def _bwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reset, dout, 
     import cupy
     with cupy.cuda.Device(dev.index), _cupy_stream(dev):
         if nseg > 1:
-            K["agg"]((b * dblocks, nseg - 1), (NTHREADS,), args, shared_mem=K["bs"])
-        K["bwd"]((b * dblocks, nseg), (NTHREADS,), args, shared_mem=smem)
+            K["scan_bwd_agg"]((b * dblocks, nseg - 1), (NTHREADS,), args, shared_mem=K["smem"])
+        K["scan_bwd"]((b * dblocks, nseg), (NTHREADS,), args, shared_mem=smem)
     dB = dBp.sum(0) if deterministic else dBp
     dC = dCp.sum(0) if deterministic else dCp
     return du, ddelta, dz, dB, dC, dA_p.sum((0, 1)), dD_p.sum((0, 1)), db_p.sum((0, 1)), dinit
