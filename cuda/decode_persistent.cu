@@ -247,7 +247,7 @@ __device__ __forceinline__ void flag_arrive(unsigned* f) {
 #ifndef FLG_SS
 #define FLG_SS (G_CHUNKS > NSLOT ? G_CHUNKS - NSLOT + 1 : 1)
 #endif
-static_assert(G_CHUNKS * 16 == NCTA_P && Y_CHUNKS * 8 == NCTA_P, "chunk -> producers");
+static_assert(G_CHUNKS * 16 == NCTA_P && Y_CHUNKS * 8 == NCTA_P && G_CHUNKS <= Y_CHUNKS, "chunk -> producers");
 static_assert(FLG_SS >= 1 && FLG_SS < G_CHUNKS && FLG_SS + NSLOT >= G_CHUNKS, "P1 reads sspart after all issued");
 #endif
 
@@ -299,18 +299,26 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
 #if FLG
     // thread 0: issue the phase's chunks nis, nis + 1, ... (chunk j: counter fl + 32 j at tgt, source src + j
     // slots, ring number q0 + j) while a slot is free for them (j < need + NSLOT) and their producers are done;
-    // chunks up to `need` are waited for, later ones only taken if ready
-    auto pump = [&](int& nis, int need, int total, unsigned q0, const unsigned* fl, unsigned tgt,
+    // chunks up to `need` are waited for, later ones only taken if ready. rdy: the chunks 0..rdy-1 whose
+    // counters thread 0 has seen at tgt; the counters not yet seen are read together (one L2 round trip: the
+    // ld.acquire's issue back to back, SASS checked), so a phase whose producers are all done polls once
+    auto pump = [&](int& nis, int& rdy, int need, int total, unsigned q0, const unsigned* fl, unsigned tgt,
                     const unsigned char* src) {
         while (nis < total && nis < need + NSLOT) {
-            const unsigned* f = fl + 32 * nis;
-            bool ok = ld_acquire(f) >= tgt;
-            if (!ok && nis > need) break;
-            for (unsigned n = 0; !ok; ++n) {
-                ok = ld_acquire(f) >= tgt;
-                if (n == (1u << 26)) __trap();
+            if (nis >= rdy) {
+                for (unsigned n = 0;; ++n) {
+                    unsigned v[Y_CHUNKS];
+#pragma unroll
+                    for (int j = 0; j < Y_CHUNKS; ++j) v[j] = j >= rdy && j < total ? ld_acquire(fl + 32 * j) : 0u;
+#pragma unroll
+                    for (int j = 0; j < Y_CHUNKS; ++j)
+                        if (j == rdy && j < total && v[j] >= tgt) ++rdy;
+                    if (nis < rdy || nis > need) break;
+                    if (n == (1u << 26)) __trap();
+                }
+                if (nis >= rdy) break;          // not ready and not needed yet
+                asm volatile("fence.proxy.async.global;" ::: "memory");
             }
-            asm volatile("fence.proxy.async.global;" ::: "memory");
             issue(q0 + nis, src + (long long)nis * SLOT_BYTES);
             ++nis;
         }
@@ -380,13 +388,13 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
         const float* cl = c_s + (l & 1) * C_EL;
         // ======== P1: in_proj, conv, x_proj partials ========
 #if FLG & 1
-        int nis = 0;                                            // G chunks issued (thread 0)
+        int nis = 0, grdy = 0;                                  // G chunks issued, seen ready (thread 0)
         const unsigned q1 = q, gtgt = 16u * (l + 1);
 #endif
         if (tid == 0) {
             asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
 #if FLG & 1
-            pump(nis, 0, G_CHUNKS, q1, GFLAG(0), gtgt, reinterpret_cast<const unsigned char*>(Gbuf));
+            pump(nis, grdy, 0, G_CHUNKS, q1, GFLAG(0), gtgt, reinterpret_cast<const unsigned char*>(Gbuf));
 #else
             for (int i = 0; i < NSLOT && i < G_CHUNKS; ++i)
                 issue(q + i, reinterpret_cast<const unsigned char*>(Gbuf) + (long long)i * SLOT_BYTES);
@@ -451,7 +459,7 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
             if (lane == 0) bar_arrive(empty + slot);
 #if FLG & 1
             if (tid == 0)
-                pump(nis, i + 1 >= FLG_SS ? G_CHUNKS - 1 : i + 1, G_CHUNKS, q1, GFLAG(0), gtgt,
+                pump(nis, grdy, i + 1 >= FLG_SS ? G_CHUNKS - 1 : i + 1, G_CHUNKS, q1, GFLAG(0), gtgt,
                      reinterpret_cast<const unsigned char*>(Gbuf));
 #else
             if (tid == 0 && i + NSLOT < G_CHUNKS)
@@ -748,13 +756,13 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
         __syncthreads();                                                // (each thread waits for its own)
 #endif
 #if FLG & 2
-        int nys = 0;                                            // Y chunks issued (thread 0)
+        int nys = 0, yrdy = 0;                                  // Y chunks issued, seen ready (thread 0)
         const unsigned q4 = q, ytgt = 8u * (l + 1);
 #endif
         if (tid == 0) {
             asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
 #if FLG & 2
-            pump(nys, 0, Y_CHUNKS, q4, YFLAG(0), ytgt, reinterpret_cast<const unsigned char*>(Ybuf));
+            pump(nys, yrdy, 0, Y_CHUNKS, q4, YFLAG(0), ytgt, reinterpret_cast<const unsigned char*>(Ybuf));
 #else
             for (int i = 0; i < NSLOT && i < Y_CHUNKS; ++i)
                 issue(q + i, reinterpret_cast<const unsigned char*>(Ybuf) + (long long)i * SLOT_BYTES);
@@ -781,7 +789,7 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
             if (lane == 0) bar_arrive(empty + slot);
 #if FLG & 2
             if (tid == 0 && i + 1 < Y_CHUNKS)
-                pump(nys, i + 1, Y_CHUNKS, q4, YFLAG(0), ytgt, reinterpret_cast<const unsigned char*>(Ybuf));
+                pump(nys, yrdy, i + 1, Y_CHUNKS, q4, YFLAG(0), ytgt, reinterpret_cast<const unsigned char*>(Ybuf));
 #else
             if (tid == 0 && i + NSLOT < Y_CHUNKS)
                 issue(q + NSLOT, reinterpret_cast<const unsigned char*>(Ybuf) + (long long)(i + NSLOT) * SLOT_BYTES);
