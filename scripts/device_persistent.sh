@@ -8,7 +8,8 @@
 #                                            (parallel processes), then the kernel bench of the default and every
 #                                            candidate at b 8 and 64, the per-phase profile of the default and the
 #                                            fastest at b 64; 60-95 s; a short table last
-#   bash scripts/device_persistent.sh v4     the same for the v4 candidates (FLG builds)
+#   bash scripts/device_persistent.sh v4     the same for the v4 candidates (FLG builds); EXTRA_TESTS="a.py b.py": more
+#                                            GPU test files, run beside the candidates' tests
 export OMP_NUM_THREADS=4
 O=${OUT:-/tmp}
 if [ "$1" = v3 ] || [ "$1" = v4 ]; then
@@ -21,6 +22,10 @@ if [ "$1" = v3 ] || [ "$1" = v4 ]; then
         BYTEMAMBA_PERSISTENT_DEFINES=${c#*=} timeout 58 python3 -m pytest -q -m gpu tests/ops/test_persistent_step.py \
             -p no:cacheprovider > $O/tests_${c%%=*}.log 2>&1 &
     done
+    # EXTRA_TESTS: more GPU test files run meanwhile (e.g. the launch helpers' other users)
+    if [ -n "$EXTRA_TESTS" ]; then
+        timeout 58 python3 -m pytest -q -m gpu $EXTRA_TESTS -p no:cacheprovider > $O/tests_extra.log 2>&1 &
+    fi
     # meanwhile the bench's other builds into CuPy's kernel cache (default, and PROFILE=1 of every build)
     timeout 50 python3 -c "
 import os, sys, torch
@@ -42,6 +47,10 @@ print('prewarm: compiled', 2 + len(sys.argv[1:]), 'builds')
         r=$(grep -E "passed|failed|error" $O/tests_${c%%=*}.log | tail -1)
         echo "| ${c%%=*} | ${c#*=} | ${r:-no summary (timed out at 58 s?)} |"
     done
+    if [ -n "$EXTRA_TESTS" ]; then
+        r=$(grep -E "passed|failed|error" $O/tests_extra.log | tail -1)
+        echo "| extra | $EXTRA_TESTS | ${r:-no summary (timed out at 58 s?)} |"
+    fi
     echo
     sed -n '/^| batch | what/,$p' $O/kernel_$1.log
     exit 0
