@@ -43,8 +43,8 @@
 // (BWD_MINB=3, BWD_FP=8, BWD_DBC=0) or 2 (BWD_MINB=2, BWD_FP=16, BWD_DBC=1, BWD_PWB=2, BWD_PF=1);
 // docs/PERF.md has the timings.
 //
-// What it shares with the forward (in_t and its conversions, ex2 / softplus / sigmoid, cp.async, the block
-// mapping NT / CPB / TL / EPT / RS, the flags) is in scan_common.cuh.
+// What it shares with the forward (in_t and its conversions, ex2 / softplus / sigmoid, the vector row load,
+// cp.async, the block mapping NT / CPB / TL / EPT / RS, the flags) is in scan_common.cuh.
 
 #include "scan_common.cuh"
 
@@ -82,31 +82,11 @@
 #define IN_BYTES ((IN_DTYPE == 0) ? 4 : 2)
 #define PF_ON (BWD_PF && IN_BYTES == 2 && (EPT * IN_BYTES) % 16 == 0)   // bf16 / fp16, n <= 32
 
-// EPT consecutive elements of one row (p points at the first; avail = how many exist there).
+// EPT consecutive elements of one row (p points at the first; avail = how many exist there; vec: p aligned).
 __device__ __forceinline__ void load_row(const in_t* __restrict__ p, i64 avail, bool vec, float (&v)[EPT]) {
   if (vec && avail >= EPT) {
-    constexpr int BYTES = EPT * (int)sizeof(in_t);
-    if constexpr (BYTES % 16 == 0) {
-      const uint4* q = reinterpret_cast<const uint4*>(p);
-#pragma unroll
-      for (int k = 0; k < BYTES / 16; ++k) {
-        uint4 w = q[k];
-        const in_t* e = reinterpret_cast<const in_t*>(&w);
-#pragma unroll
-        for (int i = 0; i < 16 / (int)sizeof(in_t); ++i) v[k * (16 / (int)sizeof(in_t)) + i] = to_f(e[i]);
-      }
-      return;
-    } else if constexpr (BYTES % 8 == 0) {
-      const uint2* q = reinterpret_cast<const uint2*>(p);
-#pragma unroll
-      for (int k = 0; k < BYTES / 8; ++k) {
-        uint2 w = q[k];
-        const in_t* e = reinterpret_cast<const in_t*>(&w);
-#pragma unroll
-        for (int i = 0; i < 8 / (int)sizeof(in_t); ++i) v[k * (8 / (int)sizeof(in_t)) + i] = to_f(e[i]);
-      }
-      return;
-    }
+    load_vec(p, v);
+    return;
   }
 #pragma unroll
   for (int i = 0; i < EPT; ++i) v[i] = (i < avail) ? to_f(p[i]) : 0.0f;

@@ -1,6 +1,6 @@
 // scan_common.cuh -- what the selective scan's forward (selective_scan.cu) and backward (scan_bwd.cu) share:
 // the specialisation's defaults, the block mapping, the input type in_t with its conversions, ex2 / softplus /
-// sigmoid on the MUFU unit, the cp.async wrappers, and the flags word the launcher passes
+// sigmoid on the MUFU unit, a thread's vector row load, the cp.async wrappers, and the flags word the launcher passes
 // (bytemamba/ops/scan_cuda.py). Included by those two files only; bytemamba/ops/_cupy.py read_source pastes it
 // into the source NVRTC compiles (nvcc: -I cuda).
 
@@ -87,6 +87,28 @@ __device__ __forceinline__ float softplus_f(float x) {
 // 1 / (1 + 2^(-x log2 e)): ex2 overflows to inf for x < -88, and the approximate division gives 0 there.
 __device__ __forceinline__ float sigmoid_f(float x) {
   return __fdividef(1.0f, 1.0f + ex2_mufu(x * -1.4426950408889634f));
+}
+
+// EPT consecutive elements of a row as floats, by 16-byte loads (8-byte where EPT elements are 8 bytes); p aligned.
+__device__ __forceinline__ void load_vec(const in_t* p, float (&v)[EPT]) {
+  constexpr int BYTES = EPT * (int)sizeof(in_t);
+  if constexpr (BYTES % 16 == 0) {
+#pragma unroll
+    for (int k = 0; k < BYTES / 16; ++k) {
+      uint4 w = reinterpret_cast<const uint4*>(p)[k];
+      const in_t* e = reinterpret_cast<const in_t*>(&w);
+#pragma unroll
+      for (int i = 0; i < 16 / (int)sizeof(in_t); ++i) v[k * (16 / (int)sizeof(in_t)) + i] = to_f(e[i]);
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < BYTES / 8; ++k) {
+      uint2 w = reinterpret_cast<const uint2*>(p)[k];
+      const in_t* e = reinterpret_cast<const in_t*>(&w);
+#pragma unroll
+      for (int i = 0; i < 8 / (int)sizeof(in_t); ++i) v[k * (8 / (int)sizeof(in_t)) + i] = to_f(e[i]);
+    }
+  }
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -154,28 +154,6 @@ __device__ __forceinline__ void load_rows(T* raw, const T* __restrict__ g, int n
   }
 }
 
-// A forward thread's EPT consecutive raw elements of one staged row, as floats (16- or 8-byte shared loads).
-__device__ __forceinline__ void raw_row(const in_t* p, float (&v)[EPT]) {
-  constexpr int BYTES = EPT * (int)sizeof(in_t);
-  if constexpr (BYTES % 16 == 0) {
-#pragma unroll
-    for (int k = 0; k < BYTES / 16; ++k) {
-      uint4 w = reinterpret_cast<const uint4*>(p)[k];
-      const in_t* e = reinterpret_cast<const in_t*>(&w);
-#pragma unroll
-      for (int i = 0; i < 16 / (int)sizeof(in_t); ++i) v[k * (16 / (int)sizeof(in_t)) + i] = to_f(e[i]);
-    }
-  } else {
-#pragma unroll
-    for (int k = 0; k < BYTES / 8; ++k) {
-      uint2 w = reinterpret_cast<const uint2*>(p)[k];
-      const in_t* e = reinterpret_cast<const in_t*>(&w);
-#pragma unroll
-      for (int i = 0; i < 8 / (int)sizeof(in_t); ++i) v[k * (8 / (int)sizeof(in_t)) + i] = to_f(e[i]);
-    }
-  }
-}
-
 // A thread's EPT raw elements of one staged row kept packed in 32-bit words (half the registers
 // of floats in bf16/fp16), and element e of them.
 constexpr int RW = EPT * (int)sizeof(in_t) / 4;
@@ -481,7 +459,7 @@ __device__ __forceinline__ void fwd_body(
 #if HAS_Z
     if (!AGG) raw_words(&s.rz[c * RRS + sg * EPT], zw);
 #endif
-    raw_row(&s.rd[c * RRS + sg * EPT], dv);
+    load_vec(&s.rd[c * RRS + sg * EPT], dv);
     // Positions past L (last tile only) are masked in a separate branch, with 32-bit compares.
 #pragma unroll
     for (int e = 0; e < EPT; ++e) {
