@@ -89,21 +89,6 @@
 #ifndef STIN8
 #define STIN8 1
 #endif
-// v4 candidate (0 by default; not yet run on a GPU):
-//   FLG 3: B4 and B1 become per-chunk flags instead of grid barriers (FLG 1: B1 only, FLG 2: B4 only). A ring
-//          chunk of Y (16 KB) holds the y of 8 CTAs (8i..8i+7), a chunk of G the columns of 16 (16i..16i+15):
-//          each producer CTA adds 1 to its chunk's counter (red.release, after its writes and a proxy fence, as
-//          grid_sync), and thread 0 of a consumer
-//          issues chunk i's bulk copy once counter i reaches its layer's count (ld.acquire), chunks that are ready
-//          first, never ahead of the one the warps need next. So a CTA streams the chunks of the CTAs that are
-//          done while the slow ones finish (the barriers' waiting overlaps the mma), and 16 / 8 CTAs meet on a
-//          counter instead of 128. The rows' partial sums of squares (every CTA's) are read once every G chunk
-//          has been issued (iteration FLG_SS of P1's loop, after a CTA barrier). B2 and B3 stay grid barriers;
-//          they also order every other reuse (xpart, dbl, G, Y written again only after one of them: see
-//          docs/PERF.md "v4 candidates"). Counters: bars[32 (1 + i)] G chunk i, bars[32 (9 + i)] Y chunk i.
-#ifndef FLG
-#define FLG 0
-#endif
 #if WI_AT != 3 && WI_AT != 4
 #error "WI_AT: 3 or 4"
 #endif
@@ -234,23 +219,6 @@ __device__ __forceinline__ void grid_sync(unsigned* bars, unsigned k) {
     __syncthreads();
 }
 
-#if FLG
-// a producer CTA's arrival on chunk counter f: every thread's writes before it are visible to whoever sees the
-// count (ld_acquire), also to bulk copies (the proxy fence); the CTA then goes on without waiting
-__device__ __forceinline__ void flag_arrive(unsigned* f) {
-    asm volatile("fence.proxy.async;" ::: "memory");
-    __syncthreads();
-    if (threadIdx.x == 0) asm volatile("red.release.gpu.global.add.u32 [%0], %1;" ::"l"(f), "r"(1u) : "memory");
-}
-#define GFLAG(i) (bars + 32 * (1 + (i)))        // G chunk i: CTAs 16i..16i+15
-#define YFLAG(i) (bars + 32 * (1 + G_CHUNKS + (i)))   // Y chunk i: CTAs 8i..8i+7
-#ifndef FLG_SS
-#define FLG_SS (G_CHUNKS > NSLOT ? G_CHUNKS - NSLOT + 1 : 1)
-#endif
-static_assert(G_CHUNKS * 16 == NCTA_P && Y_CHUNKS * 8 == NCTA_P && G_CHUNKS <= Y_CHUNKS, "chunk -> producers");
-static_assert(FLG_SS >= 1 && FLG_SS < G_CHUNKS && FLG_SS + NSLOT >= G_CHUNKS, "P1 reads sspart after all issued");
-#endif
-
 extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
     const long long* __restrict__ ids, const float* __restrict__ emb, const float* __restrict__ norm0,
     float eps, const in_t* __restrict__ Wi_p, const in_t* __restrict__ Wo_p, const in_t* __restrict__ Wx_p,
@@ -296,34 +264,6 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
         if (qq >= NSLOT) bar_wait(empty + slot, ((qq / NSLOT) - 1) & 1);
         copy_in(ring + slot * SLOT_BYTES, src, SLOT_BYTES, full + slot);
     };
-#if FLG
-    // thread 0: issue the phase's chunks nis, nis + 1, ... (chunk j: counter fl + 32 j at tgt, source src + j
-    // slots, ring number q0 + j) while a slot is free for them (j < need + NSLOT) and their producers are done;
-    // chunks up to `need` are waited for, later ones only taken if ready. rdy: the chunks 0..rdy-1 whose
-    // counters thread 0 has seen at tgt; the counters not yet seen are read together (one L2 round trip: the
-    // ld.acquire's issue back to back, SASS checked), so a phase whose producers are all done polls once
-    auto pump = [&](int& nis, int& rdy, int need, int total, unsigned q0, const unsigned* fl, unsigned tgt,
-                    const unsigned char* src) {
-        while (nis < total && nis < need + NSLOT) {
-            if (nis >= rdy) {
-                for (unsigned n = 0;; ++n) {
-                    unsigned v[Y_CHUNKS];
-#pragma unroll
-                    for (int j = 0; j < Y_CHUNKS; ++j) v[j] = j >= rdy && j < total ? ld_acquire(fl + 32 * j) : 0u;
-#pragma unroll
-                    for (int j = 0; j < Y_CHUNKS; ++j)
-                        if (j == rdy && j < total && v[j] >= tgt) ++rdy;
-                    if (nis < rdy || nis > need) break;
-                    if (n == (1u << 26)) __trap();
-                }
-                if (nis >= rdy) break;          // not ready and not needed yet
-                asm volatile("fence.proxy.async.global;" ::: "memory");
-            }
-            issue(q0 + nis, src + (long long)nis * SLOT_BYTES);
-            ++nis;
-        }
-    };
-#endif
 
     if (tid < 2 * L) ptr_s[tid] = state_ptrs[tid];
     if (tid == 0) {
@@ -374,11 +314,7 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
         res_s[er * OCOL + 2 * ep + 1] = v.y;
         emit(norm0 + c * OCOL);
     }
-#if FLG & 1
-    flag_arrive(GFLAG(c / 16));
-#else
     grid_sync(bars, nbar++);
-#endif
 
     // mapping T (conv, P1): channel tc, rows tr + 16 i; mapping S (P3): channel sc, rows sr + 16 i
     const int tc = tid & 15, tr = tid >> 4;
@@ -387,18 +323,10 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
     for (int l = 0; l < L; ++l) {
         const float* cl = c_s + (l & 1) * C_EL;
         // ======== P1: in_proj, conv, x_proj partials ========
-#if FLG & 1
-        int nis = 0, grdy = 0;                                  // G chunks issued, seen ready (thread 0)
-        const unsigned q1 = q, gtgt = 16u * (l + 1);
-#endif
         if (tid == 0) {
             asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-#if FLG & 1
-            pump(nis, grdy, 0, G_CHUNKS, q1, GFLAG(0), gtgt, reinterpret_cast<const unsigned char*>(Gbuf));
-#else
             for (int i = 0; i < NSLOT && i < G_CHUNKS; ++i)
                 issue(q + i, reinterpret_cast<const unsigned char*>(Gbuf) + (long long)i * SLOT_BYTES);
-#endif
             if (l > 0) copy_in(smem + S_WO, wo_src(l), WO_EL * 2, bar_wo);   // out_proj(l-1) done before B1
         }
         float cs[4][PKC - 1];
@@ -412,7 +340,6 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
                     cs[i][p] = r < batch ? base[((long long)r * PEI + ch0 + tc) * (PKC - 1) + p] : 0.f;
             }
         }
-#if !(FLG & 1)
         {   // 1 / rms of every row: row tid % 64, partials of CTAs 32 (tid / 64) ..
             const int row = tid & 63, grp = tid >> 6;
             float v[NCTA_P / 4];
@@ -423,9 +350,6 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
             for (int j = 0; j < NCTA_P / 4; ++j) s += v[j];
             red_s[grp * BR + row] = s;
         }
-#else
-        float ssv[NCTA_P / 4];                                  // loaded at iteration FLG_SS, summed after the loop
-#endif
         bar_wait(bar_wi, l & 1);
         float acc[2][BR / 8][4];
 #pragma unroll
@@ -436,14 +360,6 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
                 for (int j = 0; j < 4; ++j) acc[m][n][j] = 0.f;
         for (int i = 0; i < G_CHUNKS; ++i, ++q) {
             const unsigned slot = q % NSLOT;
-#if FLG & 1
-            if (i == FLG_SS) {          // thread 0 has seen every G counter (all chunks issued at i - 1)
-                __syncthreads();
-                const int row = tid & 63, grp = tid >> 6;
-#pragma unroll
-                for (int j = 0; j < NCTA_P / 4; ++j) ssv[j] = __ldcg(sspart + (grp * (NCTA_P / 4) + j) * BR + row);
-            }
-#endif
             bar_wait(full + slot, (q / NSLOT) & 1);
             const int ks = i * 8 + warp;
             const uint4 a0 = wi_s[(0 * (PDM / 16) + ks) * 32 + lane];
@@ -457,23 +373,9 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
             }
             __syncwarp();
             if (lane == 0) bar_arrive(empty + slot);
-#if FLG & 1
-            if (tid == 0)
-                pump(nis, grdy, i + 1 >= FLG_SS ? G_CHUNKS - 1 : i + 1, G_CHUNKS, q1, GFLAG(0), gtgt,
-                     reinterpret_cast<const unsigned char*>(Gbuf));
-#else
             if (tid == 0 && i + NSLOT < G_CHUNKS)
                 issue(q + NSLOT, reinterpret_cast<const unsigned char*>(Gbuf) + (long long)(i + NSLOT) * SLOT_BYTES);
-#endif
         }
-#if FLG & 1
-        {
-            float s = 0.f;
-#pragma unroll
-            for (int j = 0; j < NCTA_P / 4; ++j) s += ssv[j];
-            red_s[(tid >> 6) * BR + (tid & 63)] = s;
-        }
-#endif
         __syncthreads();                                        // the ring is free: the warps' partial sums
         {
             float* pr = reinterpret_cast<float*>(ring) + warp * BR * PRP;   // [row][m]
@@ -743,11 +645,7 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
             }
         }
         STAMP(4);
-#if FLG & 2
-        flag_arrive(YFLAG(c / 8));
-#else
         grid_sync(bars, nbar++);
-#endif
         STAMP(5);
 
         // ======== P4: out_proj rows 8c..8c+7, residual add, the next layer's G ========
@@ -755,18 +653,10 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
         asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");  // the state copies have read the ring
         __syncthreads();                                                // (each thread waits for its own)
 #endif
-#if FLG & 2
-        int nys = 0, yrdy = 0;                                  // Y chunks issued, seen ready (thread 0)
-        const unsigned q4 = q, ytgt = 8u * (l + 1);
-#endif
         if (tid == 0) {
             asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-#if FLG & 2
-            pump(nys, yrdy, 0, Y_CHUNKS, q4, YFLAG(0), ytgt, reinterpret_cast<const unsigned char*>(Ybuf));
-#else
             for (int i = 0; i < NSLOT && i < Y_CHUNKS; ++i)
                 issue(q + i, reinterpret_cast<const unsigned char*>(Ybuf) + (long long)i * SLOT_BYTES);
-#endif
 #if WI_AT == 4
             if (l + 1 < L) copy_in(smem + S_WI, wi_src(l + 1), WI_EL * 2, bar_wi);
 #endif
@@ -787,13 +677,8 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
             for (int m = 0; m < BR / 16; ++m) mma16816(oacc[m], ap[m * 32], b.x, b.y);
             __syncwarp();
             if (lane == 0) bar_arrive(empty + slot);
-#if FLG & 2
-            if (tid == 0 && i + 1 < Y_CHUNKS)
-                pump(nys, yrdy, i + 1, Y_CHUNKS, q4, YFLAG(0), ytgt, reinterpret_cast<const unsigned char*>(Ybuf));
-#else
             if (tid == 0 && i + NSLOT < Y_CHUNKS)
                 issue(q + NSLOT, reinterpret_cast<const unsigned char*>(Ybuf) + (long long)(i + NSLOT) * SLOT_BYTES);
-#endif
         }
         __syncthreads();
         {
@@ -820,11 +705,7 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
             if (l + 1 < L) emit(cl + C_NW);
         }
         STAMP(6);
-#if FLG & 1
-        if (l + 1 < L) flag_arrive(GFLAG(c / 16));
-#else
         if (l + 1 < L) grid_sync(bars, nbar++);
-#endif
         STAMP(7);
     }
     if (er < batch)
@@ -840,9 +721,6 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
         if (done == NCTA_P - 1) {
             bars[0] = 0;
             bars[1] = 0;
-#if FLG
-            for (int i = 0; i < G_CHUNKS + Y_CHUNKS; ++i) bars[32 * (1 + i)] = 0;
-#endif
             __threadfence();
         }
     }

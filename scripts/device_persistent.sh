@@ -7,17 +7,12 @@
 #                                            comment says what each define does): the GPU tests of each candidate
 #                                            (parallel processes), then the kernel bench of the default and every
 #                                            candidate at b 8 and 64, the per-phase profile of the default and the
-#                                            fastest at b 64; 60-95 s; a short table last
-#   bash scripts/device_persistent.sh v4     the same for the v4 candidates (FLG builds); EXTRA_TESTS="a.py b.py": more
-#                                            GPU test files, run beside the candidates' tests
+#                                            fastest at b 64; 60-95 s; a short table last; EXTRA_TESTS="a.py b.py":
+#                                            more GPU test files, run beside the candidates' tests
 export OMP_NUM_THREADS=4
 O=${OUT:-/tmp}
-if [ "$1" = v3 ] || [ "$1" = v4 ]; then
-    if [ "$1" = v3 ]; then
-        CANDS=${CANDS:-"v3a=RED4=1+DBL1=1+STIN8=1 v3b=RED4=1+DBL1=1+STIN8=1+DT4=1+SBULK=1 v3c=RED4=1+DBL1=1+STIN8=1+DT4=1+SBULK=1+WI_AT=4"}
-    else
-        CANDS=${CANDS:-"f3=FLG=3 f1=FLG=1 f2=FLG=2"}
-    fi
+if [ "$1" = v3 ]; then
+    CANDS=${CANDS:-"v3a=RED4=1+DBL1=1+STIN8=1 v3b=RED4=1+DBL1=1+STIN8=1+DT4=1+SBULK=1 v3c=RED4=1+DBL1=1+STIN8=1+DT4=1+SBULK=1+WI_AT=4"}
     for c in $CANDS; do
         BYTEMAMBA_PERSISTENT_DEFINES=${c#*=} timeout 58 python3 -m pytest -q -m gpu tests/ops/test_persistent_step.py \
             -p no:cacheprovider > $O/tests_${c%%=*}.log 2>&1 &

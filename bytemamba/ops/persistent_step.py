@@ -29,7 +29,6 @@ NCTA = 128                      # CTAs (one per SM): d_inner / 16 channels
 MAX_BATCH = 64                  # rows the kernel carries (fewer are masked)
 MAX_LAYERS = 128                # the kernel keeps the state pointers in shared memory
 C_EL = 1408                     # fp32 constants per (layer, CTA): see cuda/decode_persistent.cu
-BARS = 1024                     # barrier counters (ints): 2 grid counters and, FLG builds, 24 chunk counters 128 B apart
 _DTYPE_CODE = {torch.bfloat16: 1, torch.float16: 2}
 
 
@@ -148,7 +147,7 @@ def _get_scratch(device, dtype) -> _Scratch:
         z = dict(device=device)
         s = _Scratch(G=torch.zeros(MAX_BATCH * d, dtype=dtype, **z), Y=torch.zeros(MAX_BATCH * e, dtype=dtype, **z),
                      xpart=torch.zeros(NCTA * MAX_BATCH * nx, **z), dbl=torch.zeros(MAX_BATCH * nx, **z),
-                     sspart=torch.zeros(NCTA * MAX_BATCH, **z), bars=torch.zeros(BARS, dtype=torch.int32, **z))
+                     sspart=torch.zeros(NCTA * MAX_BATCH, **z), bars=torch.zeros(4, dtype=torch.int32, **z))
         _scratch[key] = s
     return s
 
