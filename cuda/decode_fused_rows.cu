@@ -25,9 +25,9 @@
 // of dynamic shared memory (fused_rows_smem() reports it and ROWS; 197 KB at 16 rows, 232,064 B at 24): one
 // CTA per SM. Cluster t computes rows rpc t .. rpc t + rpc - 1 (rpc <= ROWS, a kernel argument: the launcher
 // spreads a batch over every cluster of its waves, e.g. 256 rows as 15 tiles of 18 at ROWS 24, so that each SM
-// moves fewer rows' states; the state update skips the rows past a tile's last). CTA c owns channels [64c, 64c+64) (in_proj
-// x/z rows, conv and SSM state, x_proj and out_proj partial sums over them) and residual columns [32c, 32c+32)
-// (out_proj's output, the residual add). Per layer:
+// moves fewer rows' states; TRIM: the work skips the rows past a tile's last). CTA c owns channels [64c, 64c+64)
+// (in_proj x/z rows, conv and SSM state, x_proj and out_proj partial sums over them) and residual columns
+// [32c, 32c+32) (out_proj's output, the residual add). Per layer:
 //   N  RMSNorm of the rows (every CTA holds the full residual), h -> shared memory (in_t)
 //   I  in_proj: 128 x 256 x ROWS on tensor cores (a warp per 16-row m-tile, one or two 8-row n-tiles)
 //   C  conv step + SiLU (conv states loaded into registers at I)
@@ -42,10 +42,11 @@
 // double-buffered) is brought by bulk copies (cp.async.bulk, copy engine, mbarrier) right after layer l used it.
 // 4 exchanges a layer (X's two hops, O, R), no cluster-wide barrier after the start.
 // Measured on an H200 (docs/PERF.md, "audio6m large batches"): an H200 holds 15 such clusters at once (a wave
-// of 240 rows at 16 rows a cluster, 360 at 24); 15 layers, kernel alone: 126 us at 64 rows (13 tiles of 5),
-// 155 us at 240 (16 rows a tile), 199 us at 256 (24-row build, 15 tiles of 18). The launcher picks the build by
-// waves. Without state traffic the chain is ~8 us a layer at 16 rows, ~12 at 24; the states add ~2-3 us a
-// layer per SM (their loads and stores share the load/store unit with the DSMEM exchanges).
+// of 240 rows at 16 rows a cluster, 360 at 24); 15 layers, kernel alone (BULK and TRIM, 13:17 UTC): 97 us at 64
+// rows (13 tiles of 5), 146 us at 240 (16 rows a tile), 186 us at 256 (24-row build, 15 tiles of 18). The
+// launcher picks the build by waves. Without state traffic the chain is ~8 us a layer at 16 rows, ~12 at 24
+// (measured before BULK and TRIM); the states add ~2-3 us a layer per SM (their loads and stores share the
+// load/store unit with the DSMEM exchanges).
 // An earlier 16-row body (a separate dt phase and buffers; the states loaded from HBM straight into registers a
 // layer ahead) was 3-5% slower at 64-240 rows and was removed; commit 0b64af9 has it.
 
@@ -84,32 +85,28 @@
 #define S_K (S_WX + WX_EL * 2)
 #define S_RES (S_K + 2 * K_EL * 4)
 // BULK 1 (the default since the lead's H200 call at 12:45 UTC: kernel alone 199 -> 185 us at 256 rows, 126 -> 117
-// at 64; its GPU tests passed at 16 and 24 rows; 0 gives the st.async messages): out_proj's reduce-scatter and the residual's all-gather by bulk copies
-// shared::cta -> shared::cluster (copy engine, one per destination block) instead of 16-byte st.async messages
-// (at 24 rows 3,072 messages out of a CTA a layer -> 14 + 42 copies). Needs the residual stored in column blocks
-// (block j = the 32 columns CTA j owns, [ROWS][32], blocks padded by 4 floats against bank conflicts) and the
-// out_proj partials n-major ([src][ROWS][OC]); the partials are staged in xr_s (free during O: a CTA's next
-// x_proj partials come only after every out_proj copy has landed).
+// at 64; its GPU tests passed at 16 and 24 rows; 0 with TRIM 0 gives the st.async messages): out_proj's
+// reduce-scatter and the residual's all-gather by bulk copies shared::cta -> shared::cluster (copy engine, one per
+// destination block) instead of 16-byte st.async messages (at 24 rows 3,072 messages out of a CTA a layer -> 14 +
+// 42 copies). Needs the residual stored in column blocks (block j = the 32 columns CTA j owns, [ROWS][32], blocks
+// padded by 4 floats against bank conflicts) and the out_proj partials n-major ([src][ROWS][OC]); the partials are
+// staged in xr_s (free during O: a CTA's next x_proj partials come only after every out_proj copy has landed).
 #ifndef BULK
 #define BULK 1
 #endif
-// TRIM 1 (candidate, not yet run on a GPU; needs BULK): the per-row work and the exchanges cover the tile's
-// real rows only (rpc may be < ROWS: 256 rows run as 15 tiles of 18 on the 24-row build, 64 as 13 tiles of 5 on
-// the 16-row one): N normalises rows < nrows, the conv skips the others, mma n-tiles wholly past the last row
-// are skipped (in_proj's last, x_proj's warps, out_proj's loop, the head), x_proj messages of 4 rows past it are
-// not sent, the owners send the sums of rows < nrows, out_proj's copies carry nrows rows and the residual's
-// all-gather the warps of rows < nrows (each copy its real rows); the mbarriers expect those bytes (runtime).
-// Rows past the last then hold garbage (never stored, never mixed into a real row: every step is per row).
+// TRIM 1 (the default since the lead's H200 call at 13:17 UTC: kernel alone 117 -> 97 us at 64 rows, neutral at
+// 240 and 256 rows; its GPU tests passed at 16 and 24 rows; 0 covers all ROWS rows of every tile; needs BULK):
+// the per-row work and the exchanges cover the tile's real rows only (rpc may be < ROWS: 256 rows run as 15
+// tiles of 18 on the 24-row build, 64 as 13 tiles of 5 on the 16-row one): N normalises rows < nrows, the conv
+// skips the others, mma n-tiles wholly past the last row are skipped (in_proj's last, x_proj's warps, out_proj's
+// loop, the head), x_proj messages of 4 rows past it are not sent, the owners send the sums of rows < nrows,
+// out_proj's copies carry nrows rows and the residual's all-gather the warps of rows < nrows (each copy its real
+// rows); the mbarriers expect those bytes (runtime). Rows past the last then hold garbage (never stored, never
+// mixed into a real row: every step is per row).
+// (A BAL candidate, balancing the 24-row build's in_proj and norm between warps, was slower at 256 rows and
+// neutral elsewhere; removed, commit 39e9c91 has it.)
 #ifndef TRIM
-#define TRIM 0
-#endif
-// BAL 1 (candidate, not yet run on a GPU; acts at ROWS 24 only): the 24-row build's two unbalanced phases
-// balanced, bit-identical results. in_proj: warp w and w + 8 (m-tile w & 7) each take all 3 n-tiles, w the
-// even k-steps' chain and w + 8 the odd one (the two accumulators every warp already kept), w + 8's chain summed
-// into w's through free shared memory (or_s past h, dbl_s) and a pair barrier (now: warps 0..7 32 mma, 8..15
-// 16); the norm: a warp's two rows (w, w + 16) computed interleaved instead of one after the other.
-#ifndef BAL
-#define BAL 0
+#define TRIM 1
 #endif
 #define RBS (BULK ? ROWS * OC + 4 : ROWS * OC)   // floats a residual block (BULK) / a row's 32 columns
 #define S_OR (S_RES + NCTA * RBS * 4)
@@ -166,8 +163,6 @@ extern "C" __global__ void fused_rows_prof(long long* out) {
 static_assert(S_BAR % 16 == 0 && S_WO % 16 == 0 && S_K % 16 == 0 && S_H % 16 == 0, "16-byte aligned regions");
 static_assert(SMEM_BYTES <= 227 * 1024, "fits an SM");
 static_assert(!TRIM || BULK, "TRIM needs BULK");
-static_assert(7 * 3 * 4 * 32 * 4 + 24 * HP * 2 <= NCTA * OC * 24 * 4 && 3 * 4 * 32 * 4 <= 24 * DBP * 4,
-              "BAL's in_proj hand-over fits or_s past h (pairs 0..6) and dbl_s (pair 7) at 24 rows");
 static_assert(EC == 64 && OC == 32 && VC == 32 && NX == 48, "tile counts below");
 
 
@@ -402,54 +397,6 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
         }
         if (l + 1 < L) prefetch_states(l + 1);
         if (l < L) mbar_wait(bar_k + (l & 1), (l >> 1) & 1);
-#if BAL && ROWS > 16
-        {   // BAL: rows warp and warp + 16 of the warp together (two independent chains; the same arithmetic)
-            float rv[2][8], inv[2];
-#pragma unroll
-            for (int k = 0; k < 2; ++k) {
-                const int r = warp + 16 * k;
-                float4 r0 = make_float4(0.f, 0.f, 0.f, 0.f), r1 = r0;
-                if (r < nact) {
-                    r0 = *reinterpret_cast<const float4*>(&res_s[res_at(r, lane * 8)]);
-                    r1 = *reinterpret_cast<const float4*>(&res_s[res_at(r, lane * 8 + 4)]);
-                }
-                rv[k][0] = r0.x; rv[k][1] = r0.y; rv[k][2] = r0.z; rv[k][3] = r0.w;
-                rv[k][4] = r1.x; rv[k][5] = r1.y; rv[k][6] = r1.z; rv[k][7] = r1.w;
-            }
-            float ss[2] = {0.f, 0.f};
-#pragma unroll
-            for (int i = 0; i < 8; ++i) {
-                ss[0] = fmaf(rv[0][i], rv[0][i], ss[0]);
-                ss[1] = fmaf(rv[1][i], rv[1][i], ss[1]);
-            }
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) {
-                ss[0] += __shfl_xor_sync(0xffffffffu, ss[0], o);
-                ss[1] += __shfl_xor_sync(0xffffffffu, ss[1], o);
-            }
-            inv[0] = rsqrtf(ss[0] / (float)DM + eps);
-            inv[1] = rsqrtf(ss[1] / (float)DM + eps);
-            float4 n0, n1;
-            if (l < L) {
-                n0 = *reinterpret_cast<const float4*>(&kl[K_NW + lane * 8]);
-                n1 = *reinterpret_cast<const float4*>(&kl[K_NW + lane * 8 + 4]);
-            } else {
-                n0 = __ldg(reinterpret_cast<const float4*>(normf + lane * 8));
-                n1 = __ldg(reinterpret_cast<const float4*>(normf + lane * 8 + 4));
-            }
-            const float nw[8] = {n0.x, n0.y, n0.z, n0.w, n1.x, n1.y, n1.z, n1.w};
-#pragma unroll
-            for (int k = 0; k < 2; ++k) {
-                const int r = warp + 16 * k;
-                if (r < nact) {
-                    __align__(16) in_t hv[8];
-#pragma unroll
-                    for (int i = 0; i < 8; ++i) hv[i] = from_f(rv[k][i] * inv[k] * nw[i]);
-                    *reinterpret_cast<uint4*>(&h_s[r * HP + lane * 8]) = *reinterpret_cast<const uint4*>(hv);
-                }
-            }
-        }
-#else
         for (int r = warp; r < nact; r += NTHR / 32) {
             const float4 r0 = *reinterpret_cast<const float4*>(&res_s[res_at(r, lane * 8)]);
             const float4 r1 = *reinterpret_cast<const float4*>(&res_s[res_at(r, lane * 8 + 4)]);
@@ -474,7 +421,6 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
             for (int i = 0; i < 8; ++i) hv[i] = from_f(rv[i] * inv * nw[i]);
             *reinterpret_cast<uint4*>(&h_s[r * HP + lane * 8]) = *reinterpret_cast<const uint4*>(hv);
         }
-#endif
         __syncthreads();
         STAMP(0);
 
@@ -511,51 +457,11 @@ extern "C" __global__ void __cluster_dims__(NCTA, 1, 1) __launch_bounds__(NTHR, 
         fetch_conv(l);
         if (SSM_AT == 1) fetch_ssm(l);
         mbar_wait(bar_wi, l & 1);
-#if BAL && ROWS > 16
-        {   // BAL: warp w (< 8) the even k-steps' chain of m-tile w, all n-tiles; warp w + 8 the odd chain, handed
-            // to w through xch (or_s past h for pairs 0..6, dbl_s for pair 7: both free during I, see S_H) and
-            // summed there: even + odd, as in_proj_tiles sums its two accumulators
-            const int mt = warp & 7, par = warp >> 3;
-            const uint4* wf = reinterpret_cast<const uint4*>(wi_s) + mt * 16 * 32 + lane;
-            const in_t* hb = h_s + g * HP + 2 * t;
-            float acc[NTL][4] = {};
-#pragma unroll
-            for (int kk = 0; kk < 8; ++kk) {
-                const int kt = 2 * kk + par;
-                const uint4 a = wf[kt * 32];
-#pragma unroll
-                for (int j = 0; j < NTL; ++j)      // (every n-tile, also with TRIM: fewer registers)
-                    mma16816(acc[j], a, lds32(hb + j * 8 * HP + kt * 16), lds32(hb + j * 8 * HP + kt * 16 + 8));
-            }
-            float* xch = mt < 7 ? reinterpret_cast<float*>(smem + S_H + ROWS * HP * 2) + mt * NTL * 4 * 32 : dbl_s;
-            if (par) {
-#pragma unroll
-                for (int j = 0; j < NTL; ++j)
-#pragma unroll
-                    for (int i = 0; i < 4; ++i) xch[(j * 4 + i) * 32 + lane] = acc[j][i];
-            }
-            asm volatile("bar.sync %0, 64;" ::"r"(1 + mt) : "memory");
-            if (!par) {
-#pragma unroll
-                for (int j = 0; j < NTL; ++j) {
-                    float v[4];
-#pragma unroll
-                    for (int i = 0; i < 4; ++i) v[i] = acc[j][i] + xch[(j * 4 + i) * 32 + lane];
-                    const int n = j * 8 + 2 * t, m = mt * 16 + g;
-                    xz_s[n * XZP + m] = from_f(v[0]);
-                    xz_s[(n + 1) * XZP + m] = from_f(v[1]);
-                    xz_s[n * XZP + m + 8] = from_f(v[2]);
-                    xz_s[(n + 1) * XZP + m + 8] = from_f(v[3]);
-                }
-            }
-        }
-#else
         {
             const uint4* wf = reinterpret_cast<const uint4*>(wi_s) + (warp & 7) * 16 * 32 + lane;
             if (warp < 8) in_proj_tiles<NTL - 1>(wf, h_s, 0, warp & 7, g, t, xz_s);
             else if (!TRIM || (NTL - 1) * 8 < nrows) in_proj_tiles<1>(wf, h_s, NTL - 1, warp & 7, g, t, xz_s);
         }
-#endif
         __syncthreads();
         STAMP(1);
         if (tid == 0) {                          // the next in_proj slice (or the head's) into the free buffer

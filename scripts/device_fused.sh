@@ -21,34 +21,9 @@
 # and $ALT's rows tests forced at r16 and at r24 (in parallel), the kernels alone at $BATCHES (default 64 240
 # 256): the defaults, each build, full tiles (SPREAD=0), $ALT, $CAND; `bench generate` at audio6m 64 / 240 / 256
 # with $CAND (and the Transformer) and $ALT, then per-phase profiles at batch 256; tables last (~170 s).
-#
-# MODE=cand3: three candidates of the rows kernel in ~100 s (default CAND=TRIM=1+BAL=1, ALT=TRIM=1, ALT2=BAL=1):
-# in parallel $CAND's GPU tests in full (test_fused_step + test_decode; at r16 BAL is a no-op, so this also
-# covers $ALT at r16) and $ALT's and $ALT2's rows tests forced at r24; then the kernels alone at $BATCHES
-# (default 64 240 256): the defaults, each build, $ALT, $ALT2, $CAND; the table last.
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/bytemamba_out}
 mkdir -p "$OUT"
-if [ "${MODE:-}" = cand3 ]; then
-  CAND=${CAND:-TRIM=1+BAL=1}; ALT=${ALT:-TRIM=1}; ALT2=${ALT2:-BAL=1}
-  nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/smoke.log"
-  T="python3 -m pytest -q -m gpu --tb=short -p no:cacheprovider"
-  ( BYTEMAMBA_FUSED_DEFINES="${CAND//+/ }" timeout 65 $T tests/ops/test_fused_step.py tests/test_decode.py \
-    > "$OUT/tests_cand.log" 2>&1 ) &
-  ( BYTEMAMBA_FUSED_ROWS_VARIANT=r24 BYTEMAMBA_FUSED_DEFINES="${ALT//+/ }" timeout 65 $T \
-    tests/ops/test_fused_step.py -k "rows or model or graphs" > "$OUT/tests_alt.log" 2>&1 ) &
-  ( BYTEMAMBA_FUSED_ROWS_VARIANT=r24 BYTEMAMBA_FUSED_DEFINES="${ALT2//+/ }" timeout 65 $T \
-    tests/ops/test_fused_step.py -k "rows or model or graphs" > "$OUT/tests_alt2.log" 2>&1 ) &
-  wait
-  timeout $((112 - SECONDS > 30 ? 112 - SECONDS : 30)) python3 scripts/bench_fused_step.py \
-    --batches ${BATCHES:-64 240 256} --no-unfused --cluster-max 0 \
-    --rows-variants r16 r24 alt=$ALT alt2=$ALT2 cand=$CAND > "$OUT/kernel.log" 2>&1
-  echo "tests $CAND, test_fused_step + test_decode: $(tail -1 "$OUT/tests_cand.log")"
-  echo "tests $ALT at r24: $(tail -1 "$OUT/tests_alt.log")"
-  echo "tests $ALT2 at r24: $(tail -1 "$OUT/tests_alt2.log")"
-  echo "== kernel alone (alt=$ALT alt2=$ALT2 cand=$CAND)"; grep -E "^\|" "$OUT/kernel.log" | tail -5
-  exit 0
-fi
 if [ "${MODE:-}" = cand ]; then
   CAND=${CAND:-SSM_AT=1}; ALT=${ALT:-SSM_AT=0}
   nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/smoke.log"

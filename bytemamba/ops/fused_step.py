@@ -258,6 +258,10 @@ ROWS_OF = {"r16": 16, "r24": 24}
 # 225 us at 256 rows before the x_proj reduce-scatter, 199 us at 256 rows spread as 15 tiles of 18 after): the
 # 24-row build is slower a wave but carries 1.5x the rows, so it pays where it saves a wave (an H200: 241..360
 # rows, one wave instead of two).
+# With BULK and TRIM (13:17 UTC) the r16 wave is 146.0 us at 240 rows and r24 185.9 us at 256 rows, but that r24
+# figure is of tiles of 18 rows, not of a full 24-row wave, which was not measured again. Put in, {146, 185.9} would
+# keep every choice up to 720 rows and flip 721..960 (and some larger ranges) from r16 to r24, none of them measured,
+# so the figures stay until a full r24 wave is timed.
 ROWS_WAVE_US = {"r16": 155.0, "r24": 225.0}
 
 

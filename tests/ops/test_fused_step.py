@@ -179,8 +179,8 @@ def test_kernel_compiles_for_sm90_without_spills(defines, tmp_path):
     assert "0 bytes spill stores" in r.stderr and "0 bytes stack frame" in r.stderr, r.stderr
 
 
-ROWS_BUILDS = {**ROWS_VARIANTS, "r16-trim": ("-DTRIM=1",), "r24-trim": ("-DROWS=24", "-DTRIM=1"),   # (candidates)
-               "r24-bal": ("-DROWS=24", "-DBAL=1"), "r24-trim-bal": ("-DROWS=24", "-DTRIM=1", "-DBAL=1")}
+ROWS_BUILDS = {**ROWS_VARIANTS, "r16-notrim": ("-DTRIM=0",), "r24-notrim": ("-DROWS=24", "-DTRIM=0"),  # (knobs)
+               "r24-nobulk": ("-DROWS=24", "-DBULK=0", "-DTRIM=0")}
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
@@ -278,7 +278,7 @@ def test_rows_kernel_is_deterministic_rows_independent_and_near_the_cluster_kern
 def test_rows_kernel_tiles_of_any_size_give_the_same_bits(build, monkeypatch):
     """Full tiles (BYTEMAMBA_FUSED_SPREAD=0: 42 rows as 16 + 16 + 10 or 24 + 18, partial mma n-tiles and rows
     that are not a multiple of 4) and the spread (tiles of 3) give bit-identical logits and states, near the
-    reference: a tile's rows past its last never reach a real row (the TRIM candidate leaves them garbage)."""
+    reference: a tile's rows past its last never reach a real row (TRIM, the default, leaves them garbage)."""
     monkeypatch.setenv("BYTEMAMBA_FUSED_ROWS_VARIANT", build)
     m = make_model(n_layer=2, seed=11, device="cuda")
     W = packed(m, torch.bfloat16)
