@@ -14,13 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from bytemamba.config import ModelConfig
 from bytemamba.generate import Sampling, generate
-from bytemamba.models.lm import ByteMambaLM
 from bytemamba.ops.fused_step import fused_step_ref, pack_weights
 from bytemamba.ops.persistent_step import (C_EL, MAX_BATCH, NCTA, SHAPE, b_fragments, pack_persistent,
                                            persistent_step_fn, unsupported_reason)
 from bytemamba.ops.scan import cuda_available
+from helpers.numerics import perturbed_model, rel
 
 _needs_gpu = pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU and CuPy")
 _needs_big = pytest.mark.skipif(not (cuda_available() and torch.cuda.get_device_capability() >= (9, 0)
@@ -33,26 +32,9 @@ def gpu(f):
     return pytest.mark.gpu(_needs_gpu(_needs_big(f)))
 
 
-def rel(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
 def make_model(n_layer=2, seed=0, device="cpu", backend="torch"):
     """byte353m's widths with few layers, weights perturbed away from their inits."""
-    torch.manual_seed(seed)
-    m = ByteMambaLM(ModelConfig(d_model=1024, n_layer=n_layer, scan_backend=backend)).eval()
-    with torch.no_grad():
-        m.backbone.embedding.weight.normal_(0, 0.5)
-        for layer in m.backbone.layers:
-            mx = layer.mixer
-            layer.norm.weight.add_(0.2 * torch.randn_like(layer.norm.weight))
-            mx.A_log.add_(0.3 * torch.randn_like(mx.A_log))
-            mx.D.normal_(1.0, 0.5)
-            mx.conv1d.bias.normal_(0, 0.2)
-            mx.out_proj.weight.mul_(2.0)
-        m.backbone.norm_f.weight.add_(0.2 * torch.randn_like(m.backbone.norm_f.weight))
-    return m.to(device)
+    return perturbed_model(1024, n_layer, seed, device, backend)
 
 
 def packed(m, dtype, round_to=None):

@@ -6,12 +6,12 @@ cases also against selective_scan_ref itself); in bf16/fp16 the kernel's error m
 twice the error PyTorch makes on the same bf16/fp16 inputs.
 """
 
-import os
 
 import pytest
 import torch
 
 from bytemamba.ops.scan import cuda_available, selective_scan, selective_scan_chunked, selective_scan_ref
+from helpers.numerics import rel
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU and CuPy")]
@@ -40,11 +40,6 @@ def make_inputs(b, d, L, n, dtype=torch.float32, z=True, D=True, bias=True, init
 def call(fn, ins, softplus=True, final=True, **kw):
     return fn(ins["u"], ins["delta"], ins["A"], ins["B"], ins["C"], ins["D"], ins["z"], ins["delta_bias"],
               softplus, ins["initial_state"], final, ins["reset"], **kw)
-
-
-def rel(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def grads(fn, ins, softplus=True, seed=1, dtype=None):

@@ -16,6 +16,7 @@ from bytemamba.modules.mamba import MambaMixer, MixerState, RMSNorm
 from bytemamba.ops.scan import cuda_available, selective_scan_ref
 from bytemamba.ops.step import (add_rmsnorm_fn, add_rmsnorm_ref, conv_state_update_fn, conv_state_update_ref,
                                 ssm_state_update_fn, ssm_state_update_ref)
+from helpers.numerics import rel
 
 _needs_gpu = pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU and CuPy")
 
@@ -23,11 +24,6 @@ _needs_gpu = pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU a
 def gpu(f):
     return pytest.mark.gpu(_needs_gpu(f))
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def rel(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 # ---- truths (float64, parallel) ------------------------------------------------------------------
