@@ -1,10 +1,12 @@
-"""Shared by the kernel tests (tests/ops): the relative error they assert on, and a model with weights moved
-away from their inits (so that a wrong weight layout or a skipped term shows up in the outputs)."""
+"""Shared by the kernel tests (tests/ops): the relative error they assert on, a model with weights moved away
+from their inits (so that a wrong weight layout or a skipped term shows up in the outputs), its weights in the
+fused steps' layout, and random decode states."""
 
 import torch
 
 from bytemamba.config import ModelConfig
 from bytemamba.models.lm import ByteMambaLM
+from bytemamba.ops.fused_step import pack_weights
 
 
 def rel(a, b):
@@ -28,3 +30,27 @@ def perturbed_model(d_model, n_layer=2, seed=0, device="cpu", backend="torch"):
             mx.out_proj.weight.mul_(2.0)
         m.backbone.norm_f.weight.add_(0.2 * torch.randn_like(m.backbone.norm_f.weight))
     return m.to(device)
+
+
+def packed(m, dtype, round_to=None):
+    """The model's weights in the fused layout; round_to: the big weights first rounded to that dtype."""
+    layers = [dict(in_proj=x.in_proj.weight, conv_w=x.conv1d.weight, conv_b=x.conv1d.bias, x_proj=x.x_proj.weight,
+                   dt_w=x.dt_proj.weight, dt_b=x.dt_proj.bias, A_log=x.A_log, D=x.D, out_proj=x.out_proj.weight)
+              for x in (layer.mixer for layer in m.backbone.layers)]
+    if round_to is not None:
+        for lay in layers:
+            for k in ("in_proj", "x_proj", "out_proj"):
+                lay[k] = lay[k].to(round_to).float()
+    norms = [layer.norm.weight for layer in m.backbone.layers] + [m.backbone.norm_f.weight]
+    head = m.lm_head.weight if round_to is None else m.lm_head.weight.to(round_to).float()
+    return pack_weights(m.backbone.embedding.weight, head, norms, layers, m.backbone.norm_f.eps, dtype)
+
+
+def random_states(m, batch, device, seed=1):
+    """A decode cache for `batch` rows with random conv and SSM states."""
+    g = torch.Generator().manual_seed(seed)
+    cache = m.empty_cache(batch, device)
+    for s in cache.layers:
+        s.conv.copy_(torch.randn(s.conv.shape, generator=g))
+        s.ssm.copy_(torch.randn(s.ssm.shape, generator=g))
+    return cache

@@ -15,10 +15,10 @@ import torch
 
 from bytemamba.generate import Sampling, generate
 from bytemamba.ops.fused_step import (ROWS_VARIANTS, SHAPE, choose_kernel, fused_step_fn, fused_step_ref,
-                                      mma_fragments, pack_weights, rows_per_cluster, rows_variant,
+                                      mma_fragments, rows_per_cluster, rows_variant,
                                       unsupported_reason)
 from bytemamba.ops.scan import cuda_available
-from helpers.numerics import perturbed_model, rel
+from helpers.numerics import packed, perturbed_model, random_states, rel
 
 _needs_gpu = pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU and CuPy")
 _needs_sm90 = pytest.mark.skipif(not (cuda_available() and torch.cuda.get_device_capability() >= (9, 0)),
@@ -34,29 +34,6 @@ def gpu(f):
 def make_model(n_layer=2, seed=0, device="cpu", backend="torch"):
     """The fused step's shape (d_model 256, d_state 16, ...), weights perturbed away from their inits."""
     return perturbed_model(256, n_layer, seed, device, backend)
-
-
-def random_states(m, batch, device, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    cache = m.empty_cache(batch, device)
-    for s in cache.layers:
-        s.conv.copy_(torch.randn(s.conv.shape, generator=g))
-        s.ssm.copy_(torch.randn(s.ssm.shape, generator=g))
-    return cache
-
-
-def packed(m, dtype, round_to=None):
-    """The model's weights in the fused layout; round_to: the big weights first rounded to that dtype."""
-    layers = [dict(in_proj=x.in_proj.weight, conv_w=x.conv1d.weight, conv_b=x.conv1d.bias, x_proj=x.x_proj.weight,
-                   dt_w=x.dt_proj.weight, dt_b=x.dt_proj.bias, A_log=x.A_log, D=x.D, out_proj=x.out_proj.weight)
-              for x in (layer.mixer for layer in m.backbone.layers)]
-    if round_to is not None:
-        for lay in layers:
-            for k in ("in_proj", "x_proj", "out_proj"):
-                lay[k] = lay[k].to(round_to).float()
-    norms = [layer.norm.weight for layer in m.backbone.layers] + [m.backbone.norm_f.weight]
-    head = m.lm_head.weight if round_to is None else m.lm_head.weight.to(round_to).float()
-    return pack_weights(m.backbone.embedding.weight, head, norms, layers, m.backbone.norm_f.eps, dtype)
 
 
 # compile-time variants of the kernel (name: defines; see the opening of cuda/decode_fused.cu)
