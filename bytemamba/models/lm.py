@@ -182,8 +182,8 @@ class ByteMambaLM(nn.Module):
     # Batches in this range (inclusive) run every layer of the step as ONE persistent kernel where the model has
     # its shape (byte353m's: bytemamba.ops.persistent_step.SHAPE) and the step computes in bf16/fp16,
     # cuda/decode_persistent.cu (`last_step_path` "persistent"). Measured on an H200 (docs/PERF.md, "byte353m
-    # batch 64: persistent step kernel"): b 64 1.594 ms vs 1.799 ms (cuBLAS step), b 8 1.293 ms vs ~1.42; b 1 keeps
-    # the GEMV step (0.78 ms); the kernel takes at most 64 rows. BYTEMAMBA_PERSISTENT_STEP=1 forces it on at every
+    # batch 64: persistent step kernel"): b 64 1.40 ms vs 1.80 ms (cuBLAS step), b 8 1.20 ms vs ~1.42; b 1 keeps
+    # the GEMV step (0.77 ms); the kernel takes at most 64 rows. BYTEMAMBA_PERSISTENT_STEP=1 forces it on at every
     # batch it supports, =0 off.
     persistent_batches: tuple = (8, 64)
 
@@ -207,16 +207,11 @@ class ByteMambaLM(nn.Module):
                                   device=device)
 
     def _step_persistent(self, ids: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
-        from bytemamba.ops.fused_step import PackCache
-        from bytemamba.ops.persistent_step import pack_persistent, persistent_step_fn
+        from bytemamba.ops.persistent_step import persistent_step_fn
         for s in cache.layers:
             s.make_contiguous()
-        W = self._fused_weights(self.backbone.layers[0].mixer.step_dtype())
-        packs = self.__dict__.setdefault("_persistent_pack", PackCache())   # (W, its persistent layout)
-        if packs.entry is None or packs.entry[0] is not W:
-            packs.entry = (W, pack_persistent(W))
-        logits = persistent_step_fn(ids, W, [s.conv for s in cache.layers], [s.ssm for s in cache.layers],
-                                    P=packs.entry[1])
+        W = self._fused_weights(self.backbone.layers[0].mixer.step_dtype())   # its persistent layout kept on W
+        logits = persistent_step_fn(ids, W, [s.conv for s in cache.layers], [s.ssm for s in cache.layers])
         cache.seqlen_offset += 1
         self.last_step_path = "persistent"
         return logits

@@ -141,15 +141,22 @@ _ARG_TYPES = {np.uint64: ctypes.c_uint64, np.int64: ctypes.c_int64, np.int32: ct
 _libcuda = None
 
 
+def libcuda():
+    """The CUDA driver library (ctypes), loaded once: cuLaunchKernelEx here, cuOccupancyMaxActiveClusters in
+    fused_step."""
+    global _libcuda
+    if _libcuda is None:
+        lib = ctypes.CDLL("libcuda.so.1")
+        lib.cuLaunchKernelEx.argtypes = [ctypes.POINTER(LaunchConfig), ctypes.c_void_p,
+                                         ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
+        _libcuda = lib
+    return _libcuda
+
+
 def launch_ex(device: torch.device, fn, grid, block: int, args, smem: int, attrs: tuple, who: str):
     """Launch CuPy RawKernel `fn` by cuLaunchKernelEx on PyTorch's current stream, each launch attribute id of
     `attrs` (LAUNCH_PDL, LAUNCH_COOPERATIVE) set to 1. grid: an int or a tuple of up to 3; args: numpy scalars
     (ptr() for pointers). A failure raises one line starting with `who`."""
-    global _libcuda
-    if _libcuda is None:
-        _libcuda = ctypes.CDLL("libcuda.so.1")
-        _libcuda.cuLaunchKernelEx.argtypes = [ctypes.POINTER(LaunchConfig), ctypes.c_void_p,
-                                              ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
     vals = [_ARG_TYPES[type(a)](a.item()) for a in args]
     params = (ctypes.c_void_p * len(vals))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in vals])
     at = (LaunchAttr * len(attrs))()
@@ -161,6 +168,6 @@ def launch_ex(device: torch.device, fn, grid, block: int, args, smem: int, attrs
                         at, len(attrs))
     import cupy
     with cupy.cuda.Device(device.index):
-        rc = _libcuda.cuLaunchKernelEx(ctypes.byref(cfg), fn.kernel.ptr, params, None)   # CuPy RawKernel -> CUfunction
+        rc = libcuda().cuLaunchKernelEx(ctypes.byref(cfg), fn.kernel.ptr, params, None)   # CuPy RawKernel -> CUfunction
     if rc != 0:
         raise RuntimeError(f"{who}: cuLaunchKernelEx (attributes {attrs}) failed with CUresult {rc}")

@@ -56,6 +56,7 @@ class FusedWeights:
     D: torch.Tensor           # (L, e) float32
     W_out: torch.Tensor       # (L, d, e) dtype
     rows: object = None       # RowsWeights, the `rows` kernel's layout, built on first use (pack_rows)
+    persistent: object = None  # the persistent step's layout (persistent_step.pack_persistent), built on first use
 
     @property
     def dtype(self) -> torch.dtype:
@@ -209,9 +210,11 @@ def _defines() -> tuple:
     return tuple(f"-D{d}" for d in v.replace("+", " ").split() if d)
 
 
-def _check(name, t, shape):
+def check_state(name, t, shape, who="fused step"):
+    """A state (or other in-place float32 buffer) a step kernel writes through a raw pointer: contiguous float32
+    of `shape`, else one line starting with `who` (also the persistent step's check)."""
     if t.dtype != torch.float32 or not t.is_contiguous() or tuple(t.shape) != tuple(shape):
-        raise ValueError(f"fused step: {name} must be a contiguous float32 tensor of shape {tuple(shape)}, "
+        raise ValueError(f"{who}: {name} must be a contiguous float32 tensor of shape {tuple(shape)}, "
                          f"got {t.dtype} {tuple(t.shape)} (contiguous={t.is_contiguous()})")
 
 
@@ -309,8 +312,8 @@ def fused_step_fn(ids, W: FusedWeights, conv_states, ssm_states, logits=None, ke
     if len(conv_states) != L or len(ssm_states) != L:
         raise ValueError(f"fused step: {L} layers of weights, {len(conv_states)} / {len(ssm_states)} states")
     for i in range(L):
-        _check(f"conv state {i}", conv_states[i], (b, e, k - 1))
-        _check(f"ssm state {i}", ssm_states[i], (b, e, n))
+        check_state(f"conv state {i}", conv_states[i], (b, e, k - 1))
+        check_state(f"ssm state {i}", ssm_states[i], (b, e, n))
     ids = ids.to(torch.int64).contiguous()
     if logits is None:
         logits = torch.empty(b, SHAPE["vocab"], device=dev, dtype=torch.float32)
@@ -386,10 +389,10 @@ def max_active_clusters(device, dtype=torch.bfloat16) -> int | None:
     """How many clusters of the `rows` kernel the device runs at once (cuOccupancyMaxActiveClusters), or None."""
     import ctypes
 
-    from bytemamba.ops._cupy import LaunchConfig
+    from bytemamba.ops._cupy import LaunchConfig, libcuda
     try:
         K = rows_module(device, dtype)
-        lib = ctypes.CDLL("libcuda.so.1")
+        lib = libcuda()
         n = ctypes.c_int(0)
         cfg = LaunchConfig(NCTA * 64, 1, 1, NTHREADS, 1, 1, K["smem"], None, None, 0)
         rc = lib.cuOccupancyMaxActiveClusters(ctypes.byref(n), ctypes.c_void_p(K["fused_step_rows"].kernel.ptr),

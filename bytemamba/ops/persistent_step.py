@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from bytemamba.ops._cupy import LAUNCH_COOPERATIVE, compile_module, cupy_stream, launch_ex, num_sms, ptr
-from bytemamba.ops.fused_step import FusedWeights, mma_fragments, state_table
+from bytemamba.ops.fused_step import FusedWeights, check_state, mma_fragments, state_table
 
 SHAPE = dict(d_model=1024, d_inner=2048, d_state=16, dt_rank=64, d_conv=4)
 NCTA = 128                      # CTAs (one per SM): d_inner / 16 channels
@@ -30,6 +30,7 @@ MAX_BATCH = 64                  # rows the kernel carries (fewer are masked)
 MAX_LAYERS = 128                # the kernel keeps the state pointers in shared memory
 C_EL = 1408                     # fp32 constants per (layer, CTA): see cuda/decode_persistent.cu
 _DTYPE_CODE = {torch.bfloat16: 1, torch.float16: 2}
+WHO = "persistent step"         # how its error messages start
 
 
 def unsupported_reason(*, d_model, d_inner, d_state, dt_rank, d_conv, dtype, batch, n_layer, biases=False,
@@ -167,12 +168,6 @@ def _launch(device, fn, grid, block, args, smem, coop=True):
     launch_ex(device, fn, grid, block, args, smem, (LAUNCH_COOPERATIVE,), "persistent step")
 
 
-def _check(name, t, shape):
-    if t.dtype != torch.float32 or not t.is_contiguous() or tuple(t.shape) != tuple(shape):
-        raise ValueError(f"persistent step: {name} must be a contiguous float32 tensor of shape {tuple(shape)}, "
-                         f"got {t.dtype} {tuple(t.shape)} (contiguous={t.is_contiguous()})")
-
-
 def persistent_layers_fn(ids, P: PersistentWeights, W: FusedWeights, conv_states, ssm_states, residual):
     """The kernel alone: residual (b, d) float32 <- the residual stream after every layer (states in place)."""
     dev = W.W_in.device
@@ -186,12 +181,12 @@ def persistent_layers_fn(ids, P: PersistentWeights, W: FusedWeights, conv_states
     if len(conv_states) != L or len(ssm_states) != L:
         raise ValueError(f"persistent step: {L} layers of weights, {len(conv_states)} / {len(ssm_states)} states")
     for i in range(L):
-        _check(f"conv state {i}", conv_states[i], (b, e, k - 1))
-        _check(f"ssm state {i}", ssm_states[i], (b, e, n))
-    _check("residual", residual, (b, d))
+        check_state(f"conv state {i}", conv_states[i], (b, e, k - 1), WHO)
+        check_state(f"ssm state {i}", ssm_states[i], (b, e, n), WHO)
+    check_state("residual", residual, (b, d), WHO)
     ids = ids.to(torch.int64).contiguous()
     S = _get_scratch(dev, W.dtype)
-    table = state_table(conv_states, ssm_states, dev, "persistent step")
+    table = state_table(conv_states, ssm_states, dev, WHO)
     K = module(dev, W.dtype)
     _launch(dev, K["persistent_step"], NCTA, K["threads"],
             (ptr(ids), ptr(W.emb), ptr(P.norm0), np.float32(W.eps), ptr(P.Wi), ptr(P.Wo), ptr(P.Wx), ptr(P.C),
@@ -202,12 +197,15 @@ def persistent_layers_fn(ids, P: PersistentWeights, W: FusedWeights, conv_states
 
 def persistent_step_fn(ids, W: FusedWeights, conv_states, ssm_states, P: PersistentWeights | None = None,
                        logits=None):
-    """One decoding step: logits (b, V) float32. P: W in the kernel's layout (pack_persistent(W) if None)."""
+    """One decoding step: logits (b, V) float32. P: W in the kernel's layout (default: W.persistent, packed on
+    the first call and kept there, as the rows kernel keeps W.rows)."""
     from bytemamba.ops.step import add_rmsnorm_fn
     if P is None:
-        if torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("persistent step: pack the weights (pack_persistent) outside the graph capture")
-        P = pack_persistent(W)
+        if W.persistent is None:
+            if torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("persistent step: first call inside a graph capture (run one step eagerly first)")
+            W.persistent = pack_persistent(W)
+        P = W.persistent
     residual = torch.empty(ids.shape[0], SHAPE["d_model"], device=W.W_in.device, dtype=torch.float32)
     persistent_layers_fn(ids, P, W, conv_states, ssm_states, residual)
     h = add_rmsnorm_fn(residual, None, W.norm_w[W.n_layer], W.eps, W.dtype)
