@@ -13,12 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from bytemamba.generate import Sampling, generate
 from bytemamba.ops.fused_step import (ROWS_VARIANTS, SHAPE, choose_kernel, fused_step_fn, fused_step_ref,
                                       mma_fragments, rows_per_cluster, rows_variant,
                                       unsupported_reason)
 from bytemamba.ops.scan import cuda_available
-from helpers.numerics import packed, perturbed_model, random_states, rel
+from helpers.kernel_checks import assert_graphs_match, packed, perturbed_model, random_states, rel, teacher_forced
 
 _needs_gpu = pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU and CuPy")
 _needs_sm90 = pytest.mark.skipif(not (cuda_available() and torch.cuda.get_device_capability() >= (9, 0)),
@@ -278,31 +277,15 @@ def test_model_takes_the_fused_path_and_equals_the_forward(batch, build, monkeyp
     outs = {}
     for name, fmax in (("fused", 1 << 20), ("unfused", 0)):
         m.fused_max_batch = fmax
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-            logits, cache = m.prefill(prompt)
-            steps = [logits]
-            for t in range(ids.shape[1] - 1):
-                steps.append(m.step(ids[:, t], cache))
-                assert (m.last_step_path == path) == bool(fmax)
-        outs[name] = torch.stack(steps, 1).float()
+        outs[name] = teacher_forced(m, prompt, ids, lambda p: (p == path) == bool(fmax))
     assert rel(outs["fused"], want) <= 2 * rel(outs["unfused"], want) + 1e-3
-
-
-def _assert_graphs_match(m, prompt, new, path):
-    """generate() with and without CUDA graphs (same seed): the same symbols and log-probabilities, the step
-    having taken `path`."""
-    s = Sampling(temperature=1.0)
-    a, la = generate(m, prompt, new, s, seed=11, autocast=True, graphs=False)
-    assert m.last_step_path == path
-    b, lb = generate(m, prompt, new, s, seed=11, autocast=True, graphs=True)
-    assert torch.equal(a, b) and torch.equal(la, lb)
 
 
 @gpu
 def test_graphs_give_the_same_symbols_as_no_graphs():
     m = make_model(n_layer=2, seed=3, device="cuda", backend="cuda")
     prompt = torch.randint(0, 256, (2, 17), device="cuda", generator=torch.Generator("cuda").manual_seed(4))
-    _assert_graphs_match(m, prompt, 40, "fused")
+    assert_graphs_match(m, prompt, 40, "fused")
 
 
 @gpu
@@ -314,4 +297,4 @@ def test_rows_kernel_graphs_give_the_same_symbols_as_no_graphs(build, monkeypatc
     m = make_model(n_layer=2, seed=3, device="cuda", backend="cuda")
     m.fused_max_batch = 1 << 20
     prompt = torch.randint(0, 256, (18, 17), device="cuda", generator=torch.Generator("cuda").manual_seed(4))
-    _assert_graphs_match(m, prompt, 30, "fused-rows")
+    assert_graphs_match(m, prompt, 30, "fused-rows")

@@ -14,12 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from bytemamba.generate import Sampling, generate
 from bytemamba.ops.fused_step import fused_step_ref, pack_weights
 from bytemamba.ops.persistent_step import (C_EL, MAX_BATCH, NCTA, SHAPE, b_fragments, pack_persistent,
                                            persistent_step_fn, unsupported_reason)
 from bytemamba.ops.scan import cuda_available
-from helpers.numerics import packed, perturbed_model, random_states, rel
+from helpers.kernel_checks import assert_graphs_match, packed, perturbed_model, random_states, rel, teacher_forced
 
 _needs_gpu = pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU and CuPy")
 _needs_big = pytest.mark.skipif(not (cuda_available() and torch.cuda.get_device_capability() >= (9, 0)
@@ -255,13 +254,7 @@ def test_model_takes_the_persistent_path_and_equals_the_forward(batch, monkeypat
     outs = {}
     for name, env in (("persistent", "1"), ("cublas", "0")):
         monkeypatch.setenv("BYTEMAMBA_PERSISTENT_STEP", env)
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-            logits, cache = m.prefill(prompt)
-            steps = [logits]
-            for t in range(ids.shape[1] - 1):
-                steps.append(m.step(ids[:, t], cache))
-                assert m.last_step_path == name
-        outs[name] = torch.stack(steps, 1).float()
+        outs[name] = teacher_forced(m, prompt, ids, lambda p: p == name)
     assert rel(outs["persistent"], want) <= 2 * rel(outs["cublas"], want) + 1e-3, \
         (rel(outs["persistent"], want), rel(outs["cublas"], want))
 
@@ -271,8 +264,4 @@ def test_graphs_give_the_same_symbols_as_no_graphs(monkeypatch):
     monkeypatch.setenv("BYTEMAMBA_PERSISTENT_STEP", "1")
     m = make_model(n_layer=2, seed=3, device="cuda", backend="cuda")
     prompt = torch.randint(0, 256, (64, 17), device="cuda", generator=torch.Generator("cuda").manual_seed(4))
-    s = Sampling(temperature=1.0)
-    a, la = generate(m, prompt, 20, s, seed=11, autocast=True, graphs=False)
-    assert m.last_step_path == "persistent"
-    b, lb = generate(m, prompt, 20, s, seed=11, autocast=True, graphs=True)
-    assert torch.equal(a, b) and torch.equal(la, lb)
+    assert_graphs_match(m, prompt, 20, "persistent")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bytemamba.ops.scan import cuda_available, selective_scan, selective_scan_chunked, selective_scan_ref
-from helpers.numerics import rel
+from helpers.kernel_checks import rel
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU and CuPy")]

@@ -16,7 +16,7 @@ from bytemamba.modules.mamba import MambaMixer, MixerState, RMSNorm
 from bytemamba.ops.scan import cuda_available, selective_scan_ref
 from bytemamba.ops.step import (add_rmsnorm_fn, add_rmsnorm_ref, conv_state_update_fn, conv_state_update_ref,
                                 ssm_state_update_fn, ssm_state_update_ref)
-from helpers.numerics import rel
+from helpers.kernel_checks import rel
 
 _needs_gpu = pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU and CuPy")
 

@@ -1,10 +1,12 @@
 """Shared by the kernel tests (tests/ops): the relative error they assert on, a model with weights moved away
 from their inits (so that a wrong weight layout or a skipped term shows up in the outputs), its weights in the
-fused steps' layout, and random decode states."""
+fused steps' layout, random decode states, and two checks of the model's decode paths (teacher-forced steps,
+graphs = no graphs)."""
 
 import torch
 
 from bytemamba.config import ModelConfig
+from bytemamba.generate import Sampling, generate
 from bytemamba.models.lm import ByteMambaLM
 from bytemamba.ops.fused_step import pack_weights
 
@@ -54,3 +56,25 @@ def random_states(m, batch, device, seed=1):
         s.conv.copy_(torch.randn(s.conv.shape, generator=g))
         s.ssm.copy_(torch.randn(s.ssm.shape, generator=g))
     return cache
+
+
+def teacher_forced(m, prompt, ids, path_ok):
+    """Prefill `prompt`, then step through ids[:, :-1] under bf16 autocast: the logits of every next symbol,
+    (b, ids.shape[1], V) float32. After each step, path_ok(m.last_step_path) must hold."""
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        logits, cache = m.prefill(prompt)
+        steps = [logits]
+        for t in range(ids.shape[1] - 1):
+            steps.append(m.step(ids[:, t], cache))
+            assert path_ok(m.last_step_path), m.last_step_path
+    return torch.stack(steps, 1).float()
+
+
+def assert_graphs_match(m, prompt, new, path):
+    """generate() with and without CUDA graphs (same seed): the same symbols and log-probabilities, the step
+    having taken `path`."""
+    s = Sampling(temperature=1.0)
+    a, la = generate(m, prompt, new, s, seed=11, autocast=True, graphs=False)
+    assert m.last_step_path == path
+    b, lb = generate(m, prompt, new, s, seed=11, autocast=True, graphs=True)
+    assert torch.equal(a, b) and torch.equal(la, lb)
