@@ -89,6 +89,11 @@
 #ifndef STIN8
 #define STIN8 1
 #endif
+// P3F 1: P3's exps on ex2.approx.ftz (A times log2 e once a layer), softplus and the z gate's SiLU on the MUFU unit
+//        (fused_common.cuh softplus_fast / silu_fast: ~1/3 of P3's instructions fewer; another rounding of dt)
+#ifndef P3F
+#define P3F 0
+#endif
 #if WI_AT != 3 && WI_AT != 4
 #error "WI_AT: 3 or 4"
 #endif
@@ -140,7 +145,11 @@ extern "C" __global__ void persistent_smem(int* out) {
 }
 
 // PROFILE 1: clock64() deltas of thread 0 of CTA 0 per phase (and barrier) summed into pers_prof, read and
-// zeroed by persistent_prof: [0] P1, [1] B2, [2] P2, [3] B3, [4] P3, [5] B4, [6] P4, [7] B1
+// zeroed by persistent_prof: [0] P1, [1] B2, [2] P2, [3] B3, [4] P3, [5] B4, [6] P4, [7] B1; the phases split
+// further (each slot the time since the stamp before): P1 = [8] G stream + in_proj mma, [9] partials -> xz,
+// [10] state copies issued + conv, [0] x_proj partials; P3 = [11] x_proj outputs loaded, [12] the states' wait,
+// [13] dt + state update + y, [14] state write-back issued, [4] Y stored; P4 = [15] Y stream + out_proj mma, [6]
+// partials -> residual -> G
 #ifndef PROFILE
 #define PROFILE 0
 #endif
@@ -376,6 +385,7 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
             if (tid == 0 && i + NSLOT < G_CHUNKS)
                 issue(q + NSLOT, reinterpret_cast<const unsigned char*>(Gbuf) + (long long)(i + NSLOT) * SLOT_BYTES);
         }
+        STAMP(8);
         __syncthreads();                                        // the ring is free: the warps' partial sums
         {
             float* pr = reinterpret_cast<float*>(ring) + warp * BR * PRP;   // [row][m]
@@ -421,6 +431,7 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
             }
 #endif
         }
+        STAMP(9);
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory");   // (the ring: generic writes, then copies)
         bar_wait(bar_c + (l & 1), (l >> 1) & 1);
 #if STIN8
@@ -471,6 +482,7 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
             }
         }
         __syncthreads();
+        STAMP(10);
         {   // x_proj partials over the 16 channels: warp w = rows 8w..8w+7, 6 m-tiles of the 96 outputs
             bar_wait(bar_wx, l & 1);
             const in_t* xb = xc_s + (warp * 8 + g) * XCP + 2 * t;
@@ -552,14 +564,16 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
             *reinterpret_cast<float4*>(&dbl_s[row * DBP + 4 * c4]) = __ldcg(reinterpret_cast<const float4*>(dbl) + idx);
         }
 #endif
+        STAMP(11);
         bar_wait(bar_st, l & 1);
         __syncthreads();
+        STAMP(12);
         {
             const float* wdt = cl + C_WDT + sc * PRK;
             const float dtb = cl[C_DTB + sc], Dd = cl[C_D + sc];
             float A[PNS];
 #pragma unroll
-            for (int n = 0; n < PNS; ++n) A[n] = cl[C_A + sc * PNS + n];
+            for (int n = 0; n < PNS; ++n) A[n] = cl[C_A + sc * PNS + n] * (P3F ? 1.4426950408889634f : 1.f);
 #if !SBULK
             float* base = ssm_ptr(l);
 #endif
@@ -592,7 +606,13 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
                 }
 #endif
                 d += dtb;
+#if P3F
+                d = softplus_fast(d);
+#define P3EXP(v) ex2_fast(v)
+#else
                 d = d <= 20.f ? log1pf(__expf(d)) : d;                 // softplus, PyTorch's threshold
+#define P3EXP(v) __expf(v)
+#endif
                 const float x = to_f(xc_s[r * XCP + sc]);
                 const float dx = d * x;
                 float y = 0.f;
@@ -602,10 +622,10 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
                     const float4 Cv = *reinterpret_cast<const float4*>(db + PRK + PNS + 4 * j);
                     float4 s = r < batch ? *reinterpret_cast<const float4*>(st_s + r * STP + sc * PNS + 4 * j)
                                          : make_float4(0.f, 0.f, 0.f, 0.f);
-                    s.x = fmaf(__expf(d * A[4 * j]), s.x, dx * Bv.x);
-                    s.y = fmaf(__expf(d * A[4 * j + 1]), s.y, dx * Bv.y);
-                    s.z = fmaf(__expf(d * A[4 * j + 2]), s.z, dx * Bv.z);
-                    s.w = fmaf(__expf(d * A[4 * j + 3]), s.w, dx * Bv.w);
+                    s.x = fmaf(P3EXP(d * A[4 * j]), s.x, dx * Bv.x);
+                    s.y = fmaf(P3EXP(d * A[4 * j + 1]), s.y, dx * Bv.y);
+                    s.z = fmaf(P3EXP(d * A[4 * j + 2]), s.z, dx * Bv.z);
+                    s.w = fmaf(P3EXP(d * A[4 * j + 3]), s.w, dx * Bv.w);
 #if SBULK
                     *reinterpret_cast<float4*>(st_s + r * STP + sc * PNS + 4 * j) = s;     // in place (own slot)
 #else
@@ -617,9 +637,11 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
                     y = fmaf(s.w, Cv.w, y);
                 }
                 y = fmaf(Dd, x, y);
-                y_s[r * PCH + sc] = from_f(y * silu_f(xz_s[r * XZP + PCH + sc]));
+                y_s[r * PCH + sc] = from_f(y * (P3F ? silu_fast(xz_s[r * XZP + PCH + sc]) : silu_f(xz_s[r * XZP + PCH + sc])));
+#undef P3EXP
             }
         }
+        STAMP(13);
 #if SBULK
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory");   // the states: generic writes, then copies
         __syncthreads();
@@ -635,6 +657,7 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
 #else
         __syncthreads();
 #endif
+        STAMP(14);
         {   // y -> Y in A-fragment order: k-step c, m-tile mt, lane, register j (rows g / g+8, columns 2t / 2t+8)
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
@@ -680,6 +703,7 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
             if (tid == 0 && i + NSLOT < Y_CHUNKS)
                 issue(q + NSLOT, reinterpret_cast<const unsigned char*>(Ybuf) + (long long)(i + NSLOT) * SLOT_BYTES);
         }
+        STAMP(15);
         __syncthreads();
         {
             float* pr = reinterpret_cast<float*>(ring) + warp * BR * OCOL;     // [row][col]

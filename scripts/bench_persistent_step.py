@@ -24,6 +24,10 @@ from bytemamba.models.lm import ByteMambaLM  # noqa: E402
 from bytemamba.ops import persistent_step as ps  # noqa: E402
 
 PHASES = ["P1 in_proj+conv+x_proj", "B2", "P2 x_proj reduce", "B3", "P3 dt+state+y", "B4", "P4 out_proj+resid", "B1"]
+# the phases' parts (the kernel's slots 8..15 and the rest of each phase), as (name, slots summed)
+PARTS = [("P1 G+mma", (8,)), ("P1 xz", (9,)), ("P1 conv", (10,)), ("P1 x_proj", (0,)), ("P3 dbl", (11,)),
+         ("P3 st wait", (12,)), ("P3 math", (13,)), ("P3 wb", (14,)), ("P3 Y", (4,)), ("P4 Y+mma", (15,)),
+         ("P4 resid", (6,))]
 GHZ = 1.98
 
 
@@ -97,7 +101,10 @@ def main():
                 torch.cuda.synchronize()
                 prof = ps.profile(res.device, dt)
                 per = [v / n / a.layers / (GHZ * 1e3) for v in prof]
-                profiles.append((b, name, per))
+                whole = per[:8]                              # the phases: slots 0..7 plus their parts 8..15
+                for ph, parts in ((0, (8, 9, 10)), (4, (11, 12, 13, 14)), (6, (15,))):
+                    whole[ph] += sum(per[i] for i in parts)
+                profiles.append((b, name, whole, per))
             os.environ["BYTEMAMBA_PERSISTENT_DEFINES"] = ""
         if a.model:
             for env in ("1", "0"):
@@ -113,8 +120,13 @@ def main():
         print(f"\nprofile, us a layer (thread 0 of CTA 0, clock64 at {GHZ} GHz; a phase ends where thread 0 ends it):")
         print("| batch | build | " + " | ".join(PHASES) + " | sum |")
         print("|" + "---|" * (len(PHASES) + 3))
-        for b, name, per in profiles:
-            print(f"| {b} | {name} | " + " | ".join(f"{v:.2f}" for v in per) + f" | {sum(per):.2f} |")
+        for b, name, whole, per in profiles:
+            print(f"| {b} | {name} | " + " | ".join(f"{v:.2f}" for v in whole) + f" | {sum(whole):.2f} |")
+        print("\nthe phases' parts, us a layer:")
+        print("| batch | build | " + " | ".join(p for p, _ in PARTS) + " |")
+        print("|" + "---|" * (len(PARTS) + 2))
+        for b, name, whole, per in profiles:
+            print(f"| {b} | {name} | " + " | ".join(f"{sum(per[i] for i in sl):.2f}" for _, sl in PARTS) + " |")
     print(f"\n| batch | what | us / step ({a.layers} layers) | 1 layer | us a layer (slope) |")
     print("|---|---|---|---|---|")
     for b, name, t53, t1, slope in rows:

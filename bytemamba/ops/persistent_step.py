@@ -217,10 +217,11 @@ def persistent_step_fn(ids, W: FusedWeights, conv_states, ssm_states, P: Persist
 
 
 def profile(device, dtype) -> list:
-    """The PROFILE=1 build's per-phase clock64 sums (thread 0 of CTA 0), read and zeroed."""
+    """The PROFILE=1 build's per-phase clock64 sums (thread 0 of CTA 0), read and zeroed: 16 slots (the kernel's
+    PROFILE comment says which part of which phase each holds)."""
     import cupy
     K = module(device, dtype)
     with cupy.cuda.Device(device.index):
         out = cupy.zeros(16, dtype=cupy.int64)
         K["persistent_prof"]((1,), (32,), (out,))
-        return [int(v) for v in out.get()[:8]]
+        return [int(v) for v in out.get()]
