@@ -98,8 +98,22 @@
 #error "WI_AT: 3 or 4"
 #endif
 #define SLOT_BYTES 16384        // a chunk: 8 k-steps x 64 rows of in_t
-#define G_CHUNKS (PDM / 128)    // 8
-#define Y_CHUNKS (PEI / 128)    // 16
+// PCL 2: CTAs in clusters of 2 (pair p = CTAs 2p, 2p+1; rank k = c & 1) split in_proj and out_proj along K, so each
+//        CTA streams half of G (64 KB) and half of Y (128 KB) from L2 instead of all of it (the probe of 2026-11-29:
+//        128 CTAs read a shared 256 KB by bulk copies in 2.1 us, 128 KB in 1.2 us). in_proj: the pair's 64 outputs (x /
+//        z of CTA 2p, then of 2p+1) over k-steps 32k..32k+31; out_proj: the pair's 16 residual columns over channels
+//        1024k..1024k+1023. Each CTA sends the partial sums of its peer's outputs (8 KB, 2 KB) by st.async into the
+//        peer's shared memory (xz_s, red_s: free then) and adds the peer's to its own: no 8-warp reduction through the
+//        ring. Ownership (channels, residual columns), P2, P3 and the conv are as with PCL 1. Weights packed for it
+//        (persistent_step.py pack_persistent(W, pcl=2)); launched with cluster dims (2, 1, 1).
+#ifndef PCL
+#define PCL 1
+#endif
+#if PCL != 1 && PCL != 2
+#error "PCL: 1 or 2"
+#endif
+#define G_CHUNKS (PDM / 128 / PCL)   // 8 (4: half of G)
+#define Y_CHUNKS (PEI / 128 / PCL)   // 16 (8: half of Y)
 
 // packed sizes per (layer, CTA), elements
 #define WI_EL (2 * PCH * PDM)   // in_proj A fragments: [m-tile 2][k-step 64][lane][8]
@@ -141,7 +155,7 @@
 
 // out: dynamic shared memory, CTAs, threads, rows, fp32 constants per (layer, CTA)
 extern "C" __global__ void persistent_smem(int* out) {
-    out[0] = PSMEM; out[1] = NCTA_P; out[2] = PTHR; out[3] = BR; out[4] = C_EL;
+    out[0] = PSMEM; out[1] = NCTA_P; out[2] = PTHR; out[3] = BR; out[4] = C_EL; out[5] = PCL;
 }
 
 // PROFILE 1: clock64() deltas of thread 0 of CTA 0 per phase (and barrier) summed into pers_prof, read and
@@ -170,6 +184,8 @@ static_assert(NWARP * BR * PRP * 4 <= NSLOT * SLOT_BYTES, "in_proj partials fit 
 static_assert(S_DBL + BR * DBP * 4 <= NSLOT * SLOT_BYTES && NWARP * BR * OCOL * 4 <= NSLOT * SLOT_BYTES, "scratch");
 static_assert(S_RING % 128 == 0 && S_C % 16 == 0 && S_BAR % 16 == 0 && C_EL % 4 == 0, "aligned regions");
 static_assert(PSMEM <= 227 * 1024, "fits an SM");
+static_assert(S_XZ % 16 == 0 && S_RED % 16 == 0 && BR * XZP * 4 >= 2 * (BR / 8) * 32 * 16 && 16 * 48 * 4 >= (BR / 16) * 32 * 16,
+              "PCL 2 receives the peer's partials in xz_s (8 KB) and red_s (2 KB)");
 
 __device__ __forceinline__ void bar_arrive(unsigned long long* b) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(sm_addr(b)) : "memory");
@@ -205,6 +221,17 @@ __device__ __forceinline__ unsigned pack2(float lo, float hi) {
     const in_t a = from_f(lo), b = from_f(hi);
     return (unsigned)*reinterpret_cast<const unsigned short*>(&a) |
            ((unsigned)*reinterpret_cast<const unsigned short*>(&b) << 16);
+}
+// every thread of both CTAs of the cluster (PCL 2)
+__device__ __forceinline__ void cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+// 16 bytes into CTA `rank`'s copy of dst, credited to that CTA's copy of mbarrier bar (PCL 2)
+__device__ __forceinline__ void send4(const float* dst, unsigned rank, float a, float b, float c, float d,
+                                      unsigned long long* bar) {
+    asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, [%5];"
+                 ::"r"(remote(dst, rank)), "r"(__float_as_uint(a)), "r"(__float_as_uint(b)), "r"(__float_as_uint(c)),
+                 "r"(__float_as_uint(d)), "r"(remote(bar, rank)) : "memory");
 }
 __device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
     unsigned v;
@@ -254,6 +281,10 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
     unsigned long long* bar_wx = bar_wi + 2;
     unsigned long long* bar_c = bar_wi + 3;                        // [2]
     unsigned long long* bar_st = bar_wi + 5;                       // the SSM states in the ring
+#if PCL == 2
+    unsigned long long* bar_xi = bar_wi + 6;                       // the peer's in_proj partials (in xz_s)
+    unsigned long long* bar_px = bar_wi + 7;                       // the peer's out_proj partials (in red_s)
+#endif
     long long* ptr_s = reinterpret_cast<long long*>(smem + S_PTR);
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
@@ -280,7 +311,7 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
             mbar_init(full + i, 1);
             mbar_init(empty + i, NWARP);
         }
-        for (int i = 0; i < 6; ++i) mbar_init(bar_wi + i, 1);
+        for (int i = 0; i < (PCL == 2 ? 8 : 6); ++i) mbar_init(bar_wi + i, 1);
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
         copy_in(smem + S_WI, wi_src(0), WI_EL * 2, bar_wi);
@@ -289,6 +320,15 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
         copy_in(c_s, c_src(0), C_EL * 4, bar_c);
     }
     __syncthreads();
+#if PCL == 2
+    const unsigned rk = cluster_rank(), peer = rk ^ 1;
+    cluster_sync();                                                // the peer's mbarriers exist before we send
+#define G_OFF ((int)rk * G_CHUNKS)                                 // the first G / Y chunk this CTA streams
+#define Y_OFF ((int)rk * Y_CHUNKS)
+#else
+#define G_OFF 0
+#define Y_OFF 0
+#endif
 
 #if PROFILE
     const bool prof = tid == 0 && c == 0;
@@ -335,7 +375,10 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
         if (tid == 0) {
             asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
             for (int i = 0; i < NSLOT && i < G_CHUNKS; ++i)
-                issue(q + i, reinterpret_cast<const unsigned char*>(Gbuf) + (long long)i * SLOT_BYTES);
+                issue(q + i, reinterpret_cast<const unsigned char*>(Gbuf) + (long long)(G_OFF + i) * SLOT_BYTES);
+#if PCL == 2
+            mbar_expect(bar_xi, (BR / 8) * 2 * 32 * 16);               // the peer's in_proj partials, this layer
+#endif
             if (l > 0) copy_in(smem + S_WO, wo_src(l), WO_EL * 2, bar_wo);   // out_proj(l-1) done before B1
         }
         float cs[4][PKC - 1];
@@ -360,6 +403,75 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
             red_s[grp * BR + row] = s;
         }
         bar_wait(bar_wi, l & 1);
+#if PCL == 2
+        {   // in_proj, the pair's 64 outputs over this CTA's half of K: warp w m-tile w / 2, n-tiles 4 (w % 2) ..
+            // +3, every k-step (even / odd k-steps in two accumulator chains); warps 4k'..4k'+3 hold rank k's outputs
+            const int mt = warp >> 1, nb = (warp & 1) * 4;
+            float acc[2][4][4];
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+#pragma unroll
+                for (int n = 0; n < 4; ++n)
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) acc[h][n][j] = 0.f;
+            for (int i = 0; i < G_CHUNKS; ++i, ++q) {
+                const unsigned slot = q % NSLOT;
+                bar_wait(full + slot, (q / NSLOT) & 1);
+                const uint2* bp = reinterpret_cast<const uint2*>(ring + slot * SLOT_BYTES) + nb * 32 + lane;
+#pragma unroll
+                for (int kk = 0; kk < 8; ++kk) {
+                    const uint4 a = wi_s[(mt * (PDM / 16 / PCL) + i * 8 + kk) * 32 + lane];
+#pragma unroll
+                    for (int n = 0; n < 4; ++n) {
+                        const uint2 b = bp[(kk * (BR / 8) + n) * 32];
+                        mma16816(acc[kk & 1][n], a, b.x, b.y);
+                    }
+                }
+                __syncwarp();
+                if (lane == 0) bar_arrive(empty + slot);
+                if (tid == 0 && i + NSLOT < G_CHUNKS)
+                    issue(q + NSLOT, reinterpret_cast<const unsigned char*>(Gbuf) + (long long)(G_OFF + i + NSLOT) * SLOT_BYTES);
+            }
+            STAMP(8);
+            float v[4][4];
+#pragma unroll
+            for (int n = 0; n < 4; ++n)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) v[n][j] = acc[0][n][j] + acc[1][n][j];
+            // xz_s holds the peer's partials until the sums are formed: [m-tile 2 (x, z)][n-tile 8][lane][4]
+            float* rx = xz_s;
+            const bool own = (unsigned)(warp >> 2) == rk;
+            if (!own) {
+#pragma unroll
+                for (int n = 0; n < 4; ++n)
+                    send4(rx + (((mt & 1) * (BR / 8) + nb + n) * 32 + lane) * 4, peer, v[n][0], v[n][1], v[n][2], v[n][3],
+                          bar_xi);
+            }
+            __syncthreads();                                    // red_s (the sums of squares) complete
+            if (tid < BR) inv_s[tid] = rsqrtf((red_s[tid] + red_s[BR + tid] + red_s[2 * BR + tid] + red_s[3 * BR + tid])
+                                              / (float)PDM + eps);
+            if (own) {
+                bar_wait(bar_xi, l & 1);
+#pragma unroll
+                for (int n = 0; n < 4; ++n) {
+                    const float4 u = *reinterpret_cast<const float4*>(rx + (((mt & 1) * (BR / 8) + nb + n) * 32 + lane) * 4);
+                    v[n][0] += u.x; v[n][1] += u.y; v[n][2] += u.z; v[n][3] += u.w;
+                }
+            }
+            __syncthreads();                                    // inv_s written, the peer's partials read
+            if (own) {   // xz = rnd(inv * (ours + the peer's)): C fragment rows = outputs, columns = batch rows
+#pragma unroll
+                for (int n = 0; n < 4; ++n) {
+                    const int row = (nb + n) * 8 + 2 * t, mm = (mt & 1) * 16 + g;
+                    const float i0 = inv_s[row], i1 = inv_s[row + 1];
+                    xz_s[row * XZP + mm] = rnd(v[n][0] * i0);
+                    xz_s[(row + 1) * XZP + mm] = rnd(v[n][1] * i1);
+                    xz_s[row * XZP + mm + 8] = rnd(v[n][2] * i0);
+                    xz_s[(row + 1) * XZP + mm + 8] = rnd(v[n][3] * i1);
+                }
+            }
+        }
+#else
         float acc[2][BR / 8][4];
 #pragma unroll
         for (int m = 0; m < 2; ++m)
@@ -431,6 +543,7 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
             }
 #endif
         }
+#endif  // PCL
         STAMP(9);
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory");   // (the ring: generic writes, then copies)
         bar_wait(bar_c + (l & 1), (l >> 1) & 1);
@@ -679,12 +792,59 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
         if (tid == 0) {
             asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
             for (int i = 0; i < NSLOT && i < Y_CHUNKS; ++i)
-                issue(q + i, reinterpret_cast<const unsigned char*>(Ybuf) + (long long)i * SLOT_BYTES);
+                issue(q + i, reinterpret_cast<const unsigned char*>(Ybuf) + (long long)(Y_OFF + i) * SLOT_BYTES);
+#if PCL == 2
+            mbar_expect(bar_px, (BR / 16) * 32 * 16);                  // the peer's out_proj partials, this layer
+#endif
 #if WI_AT == 4
             if (l + 1 < L) copy_in(smem + S_WI, wi_src(l + 1), WI_EL * 2, bar_wi);
 #endif
         }
         bar_wait(bar_wo, l & 1);
+#if PCL == 2
+        {   // out_proj, the pair's 16 columns over this CTA's half of the channels: warp w m-tile w % 4, n-tile w / 4
+            // (= the rank whose columns), every k-step in 4 accumulator chains; the peer's n-tile goes to its red_s
+            const int mt = warp & 3, nt = warp >> 2;
+            float oa[4][4];
+#pragma unroll
+            for (int h = 0; h < 4; ++h)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) oa[h][j] = 0.f;
+            for (int i = 0; i < Y_CHUNKS; ++i, ++q) {
+                const unsigned slot = q % NSLOT;
+                bar_wait(full + slot, (q / NSLOT) & 1);
+                const uint4* ap = reinterpret_cast<const uint4*>(ring + slot * SLOT_BYTES) + mt * 32 + lane;
+#pragma unroll
+                for (int kk = 0; kk < 8; ++kk) {
+                    const uint2 b = wo_s[(nt * (PEI / 16 / PCL) + i * 8 + kk) * 32 + lane];
+                    mma16816(oa[kk & 3], ap[kk * (BR / 16) * 32], b.x, b.y);
+                }
+                __syncwarp();
+                if (lane == 0) bar_arrive(empty + slot);
+                if (tid == 0 && i + NSLOT < Y_CHUNKS)
+                    issue(q + NSLOT, reinterpret_cast<const unsigned char*>(Ybuf) + (long long)(Y_OFF + i + NSLOT) * SLOT_BYTES);
+            }
+            STAMP(15);
+            float o[4];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) o[j] = (oa[0][j] + oa[1][j]) + (oa[2][j] + oa[3][j]);
+            const bool own = (unsigned)nt == rk;
+            if (!own) send4(red_s + (mt * 32 + lane) * 4, peer, o[0], o[1], o[2], o[3], bar_px);
+            __syncthreads();                                    // every warp is done with the ring's chunks
+            float* os = reinterpret_cast<float*>(ring);         // [row][col]: this CTA's 8 columns, the pair's sums
+            if (own) {
+                bar_wait(bar_px, l & 1);
+                const float4 u = *reinterpret_cast<const float4*>(red_s + (mt * 32 + lane) * 4);
+                const int row = mt * 16 + g;
+                *reinterpret_cast<float2*>(&os[row * OCOL + 2 * t]) = make_float2(o[0] + u.x, o[1] + u.y);
+                *reinterpret_cast<float2*>(&os[(row + 8) * OCOL + 2 * t]) = make_float2(o[2] + u.z, o[3] + u.w);
+            }
+            __syncthreads();
+        }
+        {
+            const float* os = reinterpret_cast<const float*>(ring);
+            const float o0 = os[er * OCOL + 2 * ep], o1 = os[er * OCOL + 2 * ep + 1];
+#else
         float oacc[BR / 16][4];
 #pragma unroll
         for (int m = 0; m < BR / 16; ++m)
@@ -724,6 +884,7 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
                 o0 += v.x;
                 o1 += v.y;
             }
+#endif  // PCL
             res_s[er * OCOL + 2 * ep] += rnd(o0);
             res_s[er * OCOL + 2 * ep + 1] += rnd(o1);
             if (l + 1 < L) emit(cl + C_NW);
@@ -737,6 +898,9 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
             make_float2(res_s[er * OCOL + 2 * ep], res_s[er * OCOL + 2 * ep + 1]);
 #if SBULK
     asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");       // the last states written
+#endif
+#if PCL == 2
+    cluster_sync();                                                // no CTA leaves while its peer may still send
 #endif
     // the last CTA out resets the counters for the next launch (every CTA has passed the last barrier)
     __syncthreads();

@@ -66,6 +66,8 @@ def main():
         res = torch.empty(b, 1024, device="cuda")
         for name, defines in variants:
             os.environ["BYTEMAMBA_PERSISTENT_DEFINES"] = defines
+            if P.pcl != ps.build_pcl():                 # (a build with other clusters: its own packing)
+                P = ps.pack_persistent(W)
             t = {}
             try:
                 for L in (a.layers, 1):
@@ -92,6 +94,8 @@ def main():
                 if not any(r[:2] == (b, name) for r in rows):
                     continue
                 conv, ssm = [s.conv for s in cache.layers], [s.ssm for s in cache.layers]
+                if P.pcl != ps.build_pcl():
+                    P = ps.pack_persistent(W)
                 ps.persistent_layers_fn(ids, P, W, conv, ssm, res)
                 torch.cuda.synchronize()
                 ps.profile(res.device, dt)

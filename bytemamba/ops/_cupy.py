@@ -136,6 +136,7 @@ class LaunchConfig(ctypes.Structure):        # CUlaunchConfig (cuda.h)
 
 LAUNCH_COOPERATIVE = 2          # CU_LAUNCH_ATTRIBUTE_COOPERATIVE: the driver checks that every CTA is resident
 LAUNCH_PDL = 6                  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+LAUNCH_CLUSTER_DIM = 4          # CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION: value (x, y, z)
 _ARG_TYPES = {np.uint64: ctypes.c_uint64, np.int64: ctypes.c_int64, np.int32: ctypes.c_int32,
               np.float32: ctypes.c_float}
 _libcuda = None
@@ -154,15 +155,17 @@ def libcuda():
 
 
 def launch_ex(device: torch.device, fn, grid, block: int, args, smem: int, attrs: tuple, who: str):
-    """Launch CuPy RawKernel `fn` by cuLaunchKernelEx on PyTorch's current stream, each launch attribute id of
-    `attrs` (LAUNCH_PDL, LAUNCH_COOPERATIVE) set to 1. grid: an int or a tuple of up to 3; args: numpy scalars
-    (ptr() for pointers). A failure raises one line starting with `who`."""
+    """Launch CuPy RawKernel `fn` by cuLaunchKernelEx on PyTorch's current stream with launch attributes `attrs`:
+    an id (LAUNCH_PDL, LAUNCH_COOPERATIVE) is set to 1, an (id, values) pair to those values (e.g.
+    (LAUNCH_CLUSTER_DIM, (2, 1, 1))). grid: an int or a tuple of up to 3; args: numpy scalars (ptr() for
+    pointers). A failure raises one line starting with `who`."""
     vals = [_ARG_TYPES[type(a)](a.item()) for a in args]
     params = (ctypes.c_void_p * len(vals))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in vals])
     at = (LaunchAttr * len(attrs))()
     for a, i in zip(at, attrs):
-        a.id = i
-        a.value[0] = 1
+        a.id, values = (i, (1,)) if isinstance(i, int) else i
+        for k, v in enumerate(values):
+            a.value[k] = v
     g = (tuple(grid) if isinstance(grid, tuple) else (grid,)) + (1, 1)
     cfg = LaunchConfig(g[0], g[1], g[2], block, 1, 1, smem, torch.cuda.current_stream(device).cuda_stream,
                         at, len(attrs))
