@@ -94,6 +94,13 @@
 #ifndef P3F
 #define P3F 0
 #endif
+// DTM 1: P3's dt (W_dt 16 x 64 times the rows' dt_low) on the tensor cores, W_dt split into in_t hi + lo parts (two mma,
+//        ~16 bits of W_dt; dt_low is in_t already): warp w computes rows 8w..8w+7 of all 16 channels, softplus, into
+//        dt_s (4 KB at the ring's end); the state threads read one float instead of a 64-long dot each (which was
+//        32 shared-memory loads a row: P3 was bound by shared-memory wavefronts)
+#ifndef DTM
+#define DTM 0
+#endif
 #if WI_AT != 3 && WI_AT != 4
 #error "WI_AT: 3 or 4"
 #endif
@@ -163,14 +170,15 @@ extern "C" __global__ void persistent_smem(int* out) {
 // further (each slot the time since the stamp before): P1 = [8] G stream + in_proj mma, [9] partials -> xz,
 // [10] state copies issued + conv, [0] x_proj partials; P3 = [11] x_proj outputs loaded, [12] the states' wait,
 // [13] dt + state update + y, [14] state write-back issued, [4] Y stored; P4 = [15] Y stream + out_proj mma, [6]
-// partials -> residual -> G
+// partials -> residual -> G; and within those: [16] (of P1's [10]) the state copies issued, [17] (of P4's [15]) the
+// wait for the state write-back's reads of the ring, [18] (of P3's [14]) the CTA barrier after the update
 #ifndef PROFILE
 #define PROFILE 0
 #endif
 
-__device__ long long pers_prof[16];
+__device__ long long pers_prof[32];
 extern "C" __global__ void persistent_prof(long long* out) {
-    if (threadIdx.x < 16) {
+    if (threadIdx.x < 32) {
         out[threadIdx.x] = pers_prof[threadIdx.x];
         pers_prof[threadIdx.x] = 0;
     }
@@ -181,7 +189,7 @@ extern "C" __global__ void persistent_prof(long long* out) {
 static_assert(PDM == OCOL * NCTA_P && OCOL == 8 && PCH == 16, "mappings below");
 static_assert(PNX == 96 && (BR * PNX) % NCTA_P == 0 && BR * PNX / NCTA_P == 48, "x_proj reduce-scatter mapping");
 static_assert(NWARP * BR * PRP * 4 <= NSLOT * SLOT_BYTES, "in_proj partials fit the ring");
-static_assert(S_DBL + BR * DBP * 4 <= NSLOT * SLOT_BYTES && NWARP * BR * OCOL * 4 <= NSLOT * SLOT_BYTES, "scratch");
+static_assert(S_DBL + BR * DBP * 4 + (DTM ? BR * PCH * 4 : 0) <= NSLOT * SLOT_BYTES && NWARP * BR * OCOL * 4 <= NSLOT * SLOT_BYTES, "scratch");
 static_assert(S_RING % 128 == 0 && S_C % 16 == 0 && S_BAR % 16 == 0 && C_EL % 4 == 0, "aligned regions");
 static_assert(PSMEM <= 227 * 1024, "fits an SM");
 static_assert(S_XZ % 16 == 0 && S_RED % 16 == 0 && BR * XZP * 4 >= 2 * (BR / 8) * 32 * 16 && 16 * 48 * 4 >= (BR / 16) * 32 * 16,
@@ -559,6 +567,7 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
                              ::"r"(sm_addr(ring + r * STP * 4)), "l"(ssm_ptr(l) + ((long long)r * PEI + ch0) * PNS),
                              "r"(PCH * PNS * 4), "r"(sm_addr(bar_st)) : "memory");
         }
+        STAMP(16);
 #else
         __syncthreads();
         if (warp == 0) {            // this layer's SSM states of the CTA's channels into the ring (used in P3)
@@ -681,9 +690,51 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
         bar_wait(bar_st, l & 1);
         __syncthreads();
         STAMP(12);
+#if DTM
+        float* dt_s = reinterpret_cast<float*>(ring + S_DBL + BR * DBP * 4);   // [BR][PCH]: softplus(dt)
+        {   // dt: A = W_dt (channels x ranks, hi and lo parts), B = dt_low^T (ranks x rows 8w..8w+7), 4 k-steps
+            const float* wd = cl + C_WDT;
+            const float* db = dbl_s + (8 * warp + g) * DBP + 2 * t;
+            float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+            for (int ks = 0; ks < PRK / 16; ++ks) {
+                float2 w[4];                                   // a0 (g, 2t..), a1 (g+8, 2t..), a2 (g, 2t+8..), a3 (g+8, 2t+8..)
+#pragma unroll
+                for (int j = 0; j < 4; ++j)
+                    w[j] = *reinterpret_cast<const float2*>(wd + (g + 8 * (j & 1)) * PRK + 16 * ks + 2 * t + 8 * (j >> 1));
+                uint4 hi, lo;
+                unsigned* h = &hi.x;
+                unsigned* o = &lo.x;
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    h[j] = pack2(w[j].x, w[j].y);
+                    o[j] = pack2(w[j].x - rnd(w[j].x), w[j].y - rnd(w[j].y));
+                }
+                const unsigned b0 = pack2(db[16 * ks], db[16 * ks + 1]), b1 = pack2(db[16 * ks + 8], db[16 * ks + 9]);
+                mma16816(acc, hi, b0, b1);
+                mma16816(acc, lo, b0, b1);
+            }
+            const int row = 8 * warp + 2 * t;                  // C: (channel g, rows row / row+1), (g+8, ..)
+            const float b0 = cl[C_DTB + g], b8 = cl[C_DTB + g + 8];
+#if P3F
+#define DTSP(v) softplus_fast(v)
+#else
+#define DTSP(v) ((v) <= 20.f ? log1pf(__expf(v)) : (v))
+#endif
+            dt_s[row * PCH + g] = DTSP(acc[0] + b0);
+            dt_s[(row + 1) * PCH + g] = DTSP(acc[1] + b0);
+            dt_s[row * PCH + g + 8] = DTSP(acc[2] + b8);
+            dt_s[(row + 1) * PCH + g + 8] = DTSP(acc[3] + b8);
+#undef DTSP
+        }
+        __syncthreads();
+#endif
         {
+#if !DTM
             const float* wdt = cl + C_WDT + sc * PRK;
-            const float dtb = cl[C_DTB + sc], Dd = cl[C_D + sc];
+            const float dtb = cl[C_DTB + sc];
+#endif
+            const float Dd = cl[C_D + sc];
             float A[PNS];
 #pragma unroll
             for (int n = 0; n < PNS; ++n) A[n] = cl[C_A + sc * PNS + n] * (P3F ? 1.4426950408889634f : 1.f);
@@ -694,6 +745,10 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
             for (int i = 0; i < 4; ++i) {
                 const int r = sr + 16 * i;
                 const float* db = dbl_s + r * DBP;
+#if DTM
+                const float d = dt_s[r * PCH + sc];
+#define P3EXP(v) (P3F ? ex2_fast(v) : __expf(v))
+#else
 #if DT4
                 float d4[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
@@ -725,6 +780,7 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
 #else
                 d = d <= 20.f ? log1pf(__expf(d)) : d;                 // softplus, PyTorch's threshold
 #define P3EXP(v) __expf(v)
+#endif
 #endif
                 const float x = to_f(xc_s[r * XCP + sc]);
                 const float dx = d * x;
@@ -758,6 +814,7 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
 #if SBULK
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory");   // the states: generic writes, then copies
         __syncthreads();
+        STAMP(18);
         {   // the updated states back, a row (16 channels x 16 states, 1 KB) a copy: warp w rows 8w..8w+7, lanes 0..7
             // (a copy takes uniform operands: a warp's lanes issue one after another, so every warp takes 8)
             const int r = warp * (BR / NWARP) + lane;
@@ -789,6 +846,7 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
         asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");  // the state copies have read the ring
         __syncthreads();                                                // (each thread waits for its own)
 #endif
+        STAMP(17);
         if (tid == 0) {
             asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
             for (int i = 0; i < NSLOT && i < Y_CHUNKS; ++i)
