@@ -92,14 +92,14 @@
 // P3F 1: P3's exps on ex2.approx.ftz (A times log2 e once a layer), softplus and the z gate's SiLU on the MUFU unit
 //        (fused_common.cuh softplus_fast / silu_fast: ~1/3 of P3's instructions fewer; another rounding of dt)
 #ifndef P3F
-#define P3F 0
+#define P3F 1
 #endif
 // DTM 1: P3's dt (W_dt 16 x 64 times the rows' dt_low) on the tensor cores, W_dt split into in_t hi + lo parts (two mma,
 //        ~16 bits of W_dt; dt_low is in_t already): warp w computes rows 8w..8w+7 of all 16 channels, softplus, into
 //        dt_s (4 KB at the ring's end); the state threads read one float instead of a 64-long dot each (which was
 //        32 shared-memory loads a row: P3 was bound by shared-memory wavefronts)
 #ifndef DTM
-#define DTM 0
+#define DTM 1
 #endif
 #if WI_AT != 3 && WI_AT != 4
 #error "WI_AT: 3 or 4"
@@ -114,7 +114,7 @@
 //        ring. Ownership (channels, residual columns), P2, P3 and the conv are as with PCL 1. Weights packed for it
 //        (persistent_step.py pack_persistent(W, pcl=2)); launched with cluster dims (2, 1, 1).
 #ifndef PCL
-#define PCL 1
+#define PCL 2
 #endif
 #if PCL != 1 && PCL != 2
 #error "PCL: 1 or 2"

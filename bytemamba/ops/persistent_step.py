@@ -30,7 +30,7 @@ NCTA = 128                      # CTAs (one per SM): d_inner / 16 channels
 MAX_BATCH = 64                  # rows the kernel carries (fewer are masked)
 MAX_LAYERS = 128                # the kernel keeps the state pointers in shared memory
 C_EL = 1408                     # fp32 constants per (layer, CTA): see cuda/decode_persistent.cu
-PCL_DEFAULT = 1                 # the kernel's clusters (PCL): 1, or 2 (in_proj / out_proj split along K in pairs)
+PCL_DEFAULT = 2                 # the kernel's clusters (PCL): 2 (in_proj / out_proj split along K in pairs), or 1
 _DTYPE_CODE = {torch.bfloat16: 1, torch.float16: 2}
 WHO = "persistent step"         # how its error messages start
 
@@ -246,11 +246,11 @@ def persistent_step_fn(ids, W: FusedWeights, conv_states, ssm_states, P: Persist
 
 
 def profile(device, dtype) -> list:
-    """The PROFILE=1 build's per-phase clock64 sums (thread 0 of CTA 0), read and zeroed: 16 slots (the kernel's
+    """The PROFILE=1 build's per-phase clock64 sums (thread 0 of CTA 0), read and zeroed: 32 slots (the kernel's
     PROFILE comment says which part of which phase each holds)."""
     import cupy
     K = module(device, dtype)
     with cupy.cuda.Device(device.index):
-        out = cupy.zeros(16, dtype=cupy.int64)
+        out = cupy.zeros(32, dtype=cupy.int64)
         K["persistent_prof"]((1,), (32,), (out,))
         return [int(v) for v in out.get()]

@@ -62,6 +62,7 @@ def b_tile(frag):
 
 
 def test_packed_weights_are_the_mma_fragments_of_each_ctas_slice():
+    """pcl 1 (the PCL=1 build): CTA c holds in_proj rows x / z 16c.. and out_proj rows 8c.. over all of K."""
     torch.manual_seed(0)
     L, e, d, r, n = 2, SHAPE["d_inner"], SHAPE["d_model"], SHAPE["dt_rank"], SHAPE["d_state"]
     layers = [dict(in_proj=torch.randn(2 * e, d), conv_w=torch.randn(e, 1, 4), conv_b=torch.randn(e),
@@ -69,7 +70,7 @@ def test_packed_weights_are_the_mma_fragments_of_each_ctas_slice():
                    A_log=torch.randn(e, n), D=torch.randn(e), out_proj=torch.randn(d, e)) for _ in range(L)]
     norms = [torch.randn(d) for _ in range(L + 1)]
     W = pack_weights(torch.randn(256, d), torch.randn(256, d), norms, layers, 1e-5, torch.float32)
-    P = pack_persistent(W)
+    P = pack_persistent(W, pcl=1)
     assert P.Wi.shape == (L, NCTA, 32 * d) and P.Wo.shape == (L, NCTA, 8 * e) and P.C.shape == (L, NCTA, C_EL)
     for l, c in ((0, 0), (1, 77), (1, 127)):
         wi = P.Wi[l, c].reshape(2, d // 16, 32, 8)                 # [m-tile][k-step][lane][8]
