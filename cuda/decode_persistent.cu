@@ -101,6 +101,19 @@
 #ifndef DTM
 #define DTM 1
 #endif
+// WBP 1 (needs DTM, SBULK): P3's state update by warp-owned rows (warp w rows 8w..8w+7, two at a step: lane / 16 the
+//        row, lane % 16 the channel; a channel's float4s taken in the order (j + channel / 2) % 4, so 8 lanes hit 8
+//        bank groups), each pair of rows written back (bulk copies) as soon as its warp is done with it, not all 64
+//        after a CTA barrier (the copies' issue took 1.6 us a layer there, after the math)
+#ifndef WBP
+#define WBP 0
+#endif
+// STE 1 (needs PCL 2, STIN8): P1 issues the state copies into the ring as soon as every warp is done with its G chunks
+//        (before the in_proj exchange and the xz sums), not after the conv's constants: the issue (0.7 us a layer)
+//        overlaps the wait for the peer's partials
+#ifndef STE
+#define STE 0
+#endif
 #if WI_AT != 3 && WI_AT != 4
 #error "WI_AT: 3 or 4"
 #endif
@@ -192,6 +205,8 @@ static_assert(NWARP * BR * PRP * 4 <= NSLOT * SLOT_BYTES, "in_proj partials fit 
 static_assert(S_DBL + BR * DBP * 4 + (DTM ? BR * PCH * 4 : 0) <= NSLOT * SLOT_BYTES && NWARP * BR * OCOL * 4 <= NSLOT * SLOT_BYTES, "scratch");
 static_assert(S_RING % 128 == 0 && S_C % 16 == 0 && S_BAR % 16 == 0 && C_EL % 4 == 0, "aligned regions");
 static_assert(PSMEM <= 227 * 1024, "fits an SM");
+static_assert(!WBP || (DTM && SBULK), "WBP needs DTM and SBULK");
+static_assert(!STE || (PCL == 2 && STIN8), "STE needs PCL 2 and STIN8");
 static_assert(S_XZ % 16 == 0 && S_RED % 16 == 0 && BR * XZP * 4 >= 2 * (BR / 8) * 32 * 16 && 16 * 48 * 4 >= (BR / 16) * 32 * 16,
               "PCL 2 receives the peer's partials in xz_s (8 KB) and red_s (2 KB)");
 
@@ -375,7 +390,9 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
 
     // mapping T (conv, P1): channel tc, rows tr + 16 i; mapping S (P3): channel sc, rows sr + 16 i
     const int tc = tid & 15, tr = tid >> 4;
+#if !WBP
     const int sc = tid >> 4, sr = tid & 15;
+#endif
 
     for (int l = 0; l < L; ++l) {
         const float* cl = c_s + (l & 1) * C_EL;
@@ -455,7 +472,22 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
                     send4(rx + (((mt & 1) * (BR / 8) + nb + n) * 32 + lane) * 4, peer, v[n][0], v[n][1], v[n][2], v[n][3],
                           bar_xi);
             }
+#if STE
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");   // (the ring: generic reads, then copies)
+#endif
             __syncthreads();                                    // red_s (the sums of squares) complete
+#if STE
+            {   // this layer's SSM states into the ring (every warp is done with it): warp w rows 8w.., lanes 0..7
+                if (tid == 0)
+                    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
+                                 ::"r"(sm_addr(bar_st)), "r"((unsigned)(batch * PCH * PNS * 4)) : "memory");
+                const int r = warp * (BR / NWARP) + lane;
+                if (lane < BR / NWARP && r < batch)
+                    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                                 ::"r"(sm_addr(ring + r * STP * 4)), "l"(ssm_ptr(l) + ((long long)r * PEI + ch0) * PNS),
+                                 "r"(PCH * PNS * 4), "r"(sm_addr(bar_st)) : "memory");
+            }
+#endif
             if (tid < BR) inv_s[tid] = rsqrtf((red_s[tid] + red_s[BR + tid] + red_s[2 * BR + tid] + red_s[3 * BR + tid])
                                               / (float)PDM + eps);
             if (own) {
@@ -555,7 +587,9 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
         STAMP(9);
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory");   // (the ring: generic writes, then copies)
         bar_wait(bar_c + (l & 1), (l >> 1) & 1);
-#if STIN8
+#if STE
+        __syncthreads();                                        // xz_s complete (the states were issued above)
+#elif STIN8
         if (tid == 0)               // (bar_st's last phase was waited for at P3 of the last layer)
             asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
                          ::"r"(sm_addr(bar_st)), "r"((unsigned)(batch * PCH * PNS * 4)) : "memory");
@@ -729,6 +763,60 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
         }
         __syncthreads();
 #endif
+#if WBP
+        {
+            const int wc = lane & 15, rot = (wc >> 1) & 3;
+            const float Dd = cl[C_D + wc];
+            float4 Ar[4];                                              // A of channel wc, float4 (j + rot) % 4 at j
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                Ar[j] = *reinterpret_cast<const float4*>(cl + C_A + wc * PNS + 4 * ((j + rot) & 3));
+                if (P3F) {
+                    Ar[j].x *= 1.4426950408889634f; Ar[j].y *= 1.4426950408889634f;
+                    Ar[j].z *= 1.4426950408889634f; Ar[j].w *= 1.4426950408889634f;
+                }
+            }
+#define P3EXP(v) (P3F ? ex2_fast(v) : __expf(v))
+#pragma unroll
+            for (int i = 0; i < BR / NWARP / 2; ++i) {
+                const int r = warp * (BR / NWARP) + 2 * i + (lane >> 4);
+                const float* db = dbl_s + r * DBP;
+                const float d = dt_s[r * PCH + wc];
+                const float x = to_f(xc_s[r * XCP + wc]);
+                const float dx = d * x;
+                float y = 0.f;
+#pragma unroll
+                for (int j = 0; j < PNS / 4; ++j) {
+                    const int jj = (j + rot) & 3;
+                    const float4 Bv = *reinterpret_cast<const float4*>(db + PRK + 4 * jj);
+                    const float4 Cv = *reinterpret_cast<const float4*>(db + PRK + PNS + 4 * jj);
+                    float* sp = st_s + r * STP + wc * PNS + 4 * jj;
+                    float4 s = r < batch ? *reinterpret_cast<const float4*>(sp) : make_float4(0.f, 0.f, 0.f, 0.f);
+                    s.x = fmaf(P3EXP(d * Ar[j].x), s.x, dx * Bv.x);
+                    s.y = fmaf(P3EXP(d * Ar[j].y), s.y, dx * Bv.y);
+                    s.z = fmaf(P3EXP(d * Ar[j].z), s.z, dx * Bv.z);
+                    s.w = fmaf(P3EXP(d * Ar[j].w), s.w, dx * Bv.w);
+                    *reinterpret_cast<float4*>(sp) = s;
+                    y = fmaf(s.x, Cv.x, y);
+                    y = fmaf(s.y, Cv.y, y);
+                    y = fmaf(s.z, Cv.z, y);
+                    y = fmaf(s.w, Cv.w, y);
+                }
+                y = fmaf(Dd, x, y);
+                y_s[r * PCH + wc] = from_f(y * (P3F ? silu_fast(xz_s[r * XZP + PCH + wc]) : silu_f(xz_s[r * XZP + PCH + wc])));
+                // this warp's two rows are done: back to global by two bulk copies (generic writes, then the copies)
+                asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+                __syncwarp();
+                const int rw = warp * (BR / NWARP) + 2 * i + lane;
+                if (lane < 2 && rw < batch)
+                    asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;"
+                                 ::"l"(ssm_ptr(l) + ((long long)rw * PEI + ch0) * PNS), "r"(sm_addr(st_s + rw * STP)),
+                                 "r"(PCH * PNS * 4) : "memory");
+            }
+#undef P3EXP
+            asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+        }
+#else
         {
 #if !DTM
             const float* wdt = cl + C_WDT + sc * PRK;
@@ -810,8 +898,12 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
 #undef P3EXP
             }
         }
+#endif  // WBP
         STAMP(13);
-#if SBULK
+#if WBP
+        __syncthreads();                                               // y_s complete (the states went row by row)
+        STAMP(18);
+#elif SBULK
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory");   // the states: generic writes, then copies
         __syncthreads();
         STAMP(18);
