@@ -106,16 +106,23 @@
 //        bank groups), each pair of rows written back (bulk copies) as soon as its warp is done with it, not all 64
 //        after a CTA barrier (the copies' issue took 1.6 us a layer there, after the math)
 #ifndef WBP
-#define WBP 0
+#define WBP 1
 #endif
 // STE 1 (needs PCL 2, STIN8): P1 issues the state copies into the ring as soon as every warp is done with its G chunks
 //        (before the in_proj exchange and the xz sums), not after the conv's constants: the issue (0.7 us a layer)
 //        overlaps the wait for the peer's partials
 #ifndef STE
-#define STE 0
+#define STE 1
 #endif
-#if WI_AT != 3 && WI_AT != 4
-#error "WI_AT: 3 or 4"
+// WI_AT 1 (PCL 2): the next layer's in_proj copy issued in P1, as soon as every warp is done with this layer's (after
+//        the G stream), so that its 8 MB of HBM reads fall in the light B2 / P2 / B3 window rather than on P4's Y
+//        stream (WI_AT 3, at P3's start, moved 0.7 us off P4 but slowed P3's x_proj loads by 0.9: 14:33 UTC)
+// WO_AT 1 (PCL 2): this layer's out_proj copy issued at the same place, not at P1's start beside the G stream
+#ifndef WO_AT
+#define WO_AT 0
+#endif
+#if WI_AT != 1 && WI_AT != 3 && WI_AT != 4
+#error "WI_AT: 1, 3 or 4"
 #endif
 #define SLOT_BYTES 16384        // a chunk: 8 k-steps x 64 rows of in_t
 // PCL 2: CTAs in clusters of 2 (pair p = CTAs 2p, 2p+1; rank k = c & 1) split in_proj and out_proj along K, so each
@@ -184,7 +191,8 @@ extern "C" __global__ void persistent_smem(int* out) {
 // [10] state copies issued + conv, [0] x_proj partials; P3 = [11] x_proj outputs loaded, [12] the states' wait,
 // [13] dt + state update + y, [14] state write-back issued, [4] Y stored; P4 = [15] Y stream + out_proj mma, [6]
 // partials -> residual -> G; and within those: [16] (of P1's [10]) the state copies issued, [17] (of P4's [15]) the
-// wait for the state write-back's reads of the ring, [18] (of P3's [14]) the CTA barrier after the update
+// wait for the state write-back's reads of the ring, [18] (of P3's [14]) the CTA barrier after the update, [19] (of
+// P1's [8]) the G stream's issue and the rows' sums of squares, [20] (of P1's [8]) the wait for the in_proj weights
 #ifndef PROFILE
 #define PROFILE 0
 #endif
@@ -207,6 +215,7 @@ static_assert(S_RING % 128 == 0 && S_C % 16 == 0 && S_BAR % 16 == 0 && C_EL % 4 
 static_assert(PSMEM <= 227 * 1024, "fits an SM");
 static_assert(!WBP || (DTM && SBULK), "WBP needs DTM and SBULK");
 static_assert(!STE || (PCL == 2 && STIN8), "STE needs PCL 2 and STIN8");
+static_assert((WI_AT != 1 && !WO_AT) || PCL == 2, "WI_AT 1 / WO_AT 1 need PCL 2");
 static_assert(S_XZ % 16 == 0 && S_RED % 16 == 0 && BR * XZP * 4 >= 2 * (BR / 8) * 32 * 16 && 16 * 48 * 4 >= (BR / 16) * 32 * 16,
               "PCL 2 receives the peer's partials in xz_s (8 KB) and red_s (2 KB)");
 
@@ -404,7 +413,7 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
 #if PCL == 2
             mbar_expect(bar_xi, (BR / 8) * 2 * 32 * 16);               // the peer's in_proj partials, this layer
 #endif
-            if (l > 0) copy_in(smem + S_WO, wo_src(l), WO_EL * 2, bar_wo);   // out_proj(l-1) done before B1
+            if (l > 0 && !WO_AT) copy_in(smem + S_WO, wo_src(l), WO_EL * 2, bar_wo);   // out_proj(l-1) done before B1
         }
         float cs[4][PKC - 1];
         {
@@ -427,7 +436,9 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
             for (int j = 0; j < NCTA_P / 4; ++j) s += v[j];
             red_s[grp * BR + row] = s;
         }
+        STAMP(19);
         bar_wait(bar_wi, l & 1);
+        STAMP(20);
 #if PCL == 2
         {   // in_proj, the pair's 64 outputs over this CTA's half of K: warp w m-tile w / 2, n-tiles 4 (w % 2) ..
             // +3, every k-step (even / odd k-steps in two accumulator chains); warps 4k'..4k'+3 hold rank k's outputs
@@ -476,6 +487,12 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
             asm volatile("fence.proxy.async.shared::cta;" ::: "memory");   // (the ring: generic reads, then copies)
 #endif
             __syncthreads();                                    // red_s (the sums of squares) complete
+#if WI_AT == 1 || WO_AT
+            if (tid == 0) {                                     // (every warp is done with this layer's in_proj)
+                if (WI_AT == 1 && l + 1 < L) copy_in(smem + S_WI, wi_src(l + 1), WI_EL * 2, bar_wi);
+                if (WO_AT && l > 0) copy_in(smem + S_WO, wo_src(l), WO_EL * 2, bar_wo);
+            }
+#endif
 #if STE
             {   // this layer's SSM states into the ring (every warp is done with it): warp w rows 8w.., lanes 0..7
                 if (tid == 0)
