@@ -114,15 +114,16 @@
 #ifndef STE
 #define STE 1
 #endif
-// WI_AT 1 (PCL 2): the next layer's in_proj copy issued in P1, as soon as every warp is done with this layer's (after
-//        the G stream), so that its 8 MB of HBM reads fall in the light B2 / P2 / B3 window rather than on P4's Y
-//        stream (WI_AT 3, at P3's start, moved 0.7 us off P4 but slowed P3's x_proj loads by 0.9: 14:33 UTC)
-// WO_AT 1 (PCL 2): this layer's out_proj copy issued at the same place, not at P1's start beside the G stream
-#ifndef WO_AT
-#define WO_AT 0
+// SSL 1 (needs PCL 2): P1's 32 loads a thread of the rows' partial sums of squares (32 KB a CTA from L2) issued as now,
+//        before the G stream, but summed after it: their L2 round trip overlaps the stream instead of preceding it
+//        (1.7 us a layer in the profile of 14:36 UTC)
+#ifndef SSL
+#define SSL 0
 #endif
-#if WI_AT != 1 && WI_AT != 3 && WI_AT != 4
-#error "WI_AT: 1, 3 or 4"
+// WI_AT 5 (PCL 2): the next layer's in_proj copy issued in P4 right after the Y stream's last refill, so the Y chunks
+//        are ahead of it in the copy queue and on the memory system
+#if WI_AT != 3 && WI_AT != 4 && WI_AT != 5
+#error "WI_AT: 3, 4 or 5"
 #endif
 #define SLOT_BYTES 16384        // a chunk: 8 k-steps x 64 rows of in_t
 // PCL 2: CTAs in clusters of 2 (pair p = CTAs 2p, 2p+1; rank k = c & 1) split in_proj and out_proj along K, so each
@@ -215,7 +216,8 @@ static_assert(S_RING % 128 == 0 && S_C % 16 == 0 && S_BAR % 16 == 0 && C_EL % 4 
 static_assert(PSMEM <= 227 * 1024, "fits an SM");
 static_assert(!WBP || (DTM && SBULK), "WBP needs DTM and SBULK");
 static_assert(!STE || (PCL == 2 && STIN8), "STE needs PCL 2 and STIN8");
-static_assert((WI_AT != 1 && !WO_AT) || PCL == 2, "WI_AT 1 / WO_AT 1 need PCL 2");
+static_assert(!SSL || PCL == 2, "SSL needs PCL 2");
+static_assert(WI_AT != 5 || PCL == 2, "WI_AT 5 needs PCL 2");
 static_assert(S_XZ % 16 == 0 && S_RED % 16 == 0 && BR * XZP * 4 >= 2 * (BR / 8) * 32 * 16 && 16 * 48 * 4 >= (BR / 16) * 32 * 16,
               "PCL 2 receives the peer's partials in xz_s (8 KB) and red_s (2 KB)");
 
@@ -413,7 +415,7 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
 #if PCL == 2
             mbar_expect(bar_xi, (BR / 8) * 2 * 32 * 16);               // the peer's in_proj partials, this layer
 #endif
-            if (l > 0 && !WO_AT) copy_in(smem + S_WO, wo_src(l), WO_EL * 2, bar_wo);   // out_proj(l-1) done before B1
+            if (l > 0) copy_in(smem + S_WO, wo_src(l), WO_EL * 2, bar_wo);   // out_proj(l-1) done before B1
         }
         float cs[4][PKC - 1];
         {
@@ -426,16 +428,16 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
                     cs[i][p] = r < batch ? base[((long long)r * PEI + ch0 + tc) * (PKC - 1) + p] : 0.f;
             }
         }
-        {   // 1 / rms of every row: row tid % 64, partials of CTAs 32 (tid / 64) ..
-            const int row = tid & 63, grp = tid >> 6;
-            float v[NCTA_P / 4];
-#pragma unroll
-            for (int j = 0; j < NCTA_P / 4; ++j) v[j] = __ldcg(sspart + (grp * (NCTA_P / 4) + j) * BR + row);
+        float ssv[NCTA_P / 4];                                  // 1 / rms of every row: row tid % 64, partials
+#pragma unroll                                                  // of CTAs 32 (tid / 64) .. (summed into red_s)
+        for (int j = 0; j < NCTA_P / 4; ++j) ssv[j] = __ldcg(sspart + ((tid >> 6) * (NCTA_P / 4) + j) * BR + (tid & 63));
+        auto sum_squares = [&]() {
             float s = 0.f;
 #pragma unroll
-            for (int j = 0; j < NCTA_P / 4; ++j) s += v[j];
-            red_s[grp * BR + row] = s;
-        }
+            for (int j = 0; j < NCTA_P / 4; ++j) s += ssv[j];
+            red_s[(tid >> 6) * BR + (tid & 63)] = s;
+        };
+        if (!SSL) sum_squares();
         STAMP(19);
         bar_wait(bar_wi, l & 1);
         STAMP(20);
@@ -469,6 +471,7 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
                     issue(q + NSLOT, reinterpret_cast<const unsigned char*>(Gbuf) + (long long)(G_OFF + i + NSLOT) * SLOT_BYTES);
             }
             STAMP(8);
+            if (SSL) sum_squares();
             float v[4][4];
 #pragma unroll
             for (int n = 0; n < 4; ++n)
@@ -487,12 +490,6 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
             asm volatile("fence.proxy.async.shared::cta;" ::: "memory");   // (the ring: generic reads, then copies)
 #endif
             __syncthreads();                                    // red_s (the sums of squares) complete
-#if WI_AT == 1 || WO_AT
-            if (tid == 0) {                                     // (every warp is done with this layer's in_proj)
-                if (WI_AT == 1 && l + 1 < L) copy_in(smem + S_WI, wi_src(l + 1), WI_EL * 2, bar_wi);
-                if (WO_AT && l > 0) copy_in(smem + S_WO, wo_src(l), WO_EL * 2, bar_wo);
-            }
-#endif
 #if STE
             {   // this layer's SSM states into the ring (every warp is done with it): warp w rows 8w.., lanes 0..7
                 if (tid == 0)
@@ -990,6 +987,10 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
                 if (lane == 0) bar_arrive(empty + slot);
                 if (tid == 0 && i + NSLOT < Y_CHUNKS)
                     issue(q + NSLOT, reinterpret_cast<const unsigned char*>(Ybuf) + (long long)(Y_OFF + i + NSLOT) * SLOT_BYTES);
+#if WI_AT == 5
+                if (tid == 0 && i == (Y_CHUNKS > NSLOT ? Y_CHUNKS - NSLOT - 1 : 0) && l + 1 < L)
+                    copy_in(smem + S_WI, wi_src(l + 1), WI_EL * 2, bar_wi);
+#endif
             }
             STAMP(15);
             float o[4];
