@@ -81,7 +81,7 @@
 #define SBULK 1
 #endif
 #ifndef WI_AT
-#define WI_AT 4
+#define WI_AT 5
 #endif
 #ifndef DT4
 #define DT4 1
@@ -114,11 +114,23 @@
 #ifndef STE
 #define STE 1
 #endif
-// SSL 1 (needs PCL 2): P1's 32 loads a thread of the rows' partial sums of squares (32 KB a CTA from L2) issued as now,
-//        before the G stream, but summed after it: their L2 round trip overlaps the stream instead of preceding it
-//        (1.7 us a layer in the profile of 14:36 UTC)
+// SSL 1 (needs PCL 2): P1's loads of the rows' partial sums of squares (32 KB a CTA) and of the conv states (12 KB)
+//        issued right after the G stream, not before it (where they queue in L2 with every CTA's G copies: "P1 ss",
+//        1.7 us a layer at 14:39 UTC); their round trip overlaps the in_proj exchange. (Issued before and summed
+//        after the stream, 14:39 UTC: slower, 22.2 vs 21.6 us a layer.)
 #ifndef SSL
 #define SSL 0
+#endif
+// WBS 1 (needs WBP): each warp writes its two finished rows of states back from shared memory with coalesced 16-byte
+//        stores (2 KB: 4 a lane, whole sectors), not with two 1 KB bulk copies (the copy engine drains ~40 GB/s of
+//        1 KB copies; P3's math with the copies' issue is 2.7 us a layer)
+#ifndef WBS
+#define WBS 0
+#endif
+// GBR 1: the grid barrier's spin reads the counter relaxed (ld.relaxed.gpu) and takes one fence.acq_rel.gpu after
+//        it has seen the target, instead of an acquire load every round
+#ifndef GBR
+#define GBR 0
 #endif
 // WI_AT 5 (PCL 2): the next layer's in_proj copy issued in P4 right after the Y stream's last refill, so the Y chunks
 //        are ahead of it in the copy queue and on the memory system
@@ -218,6 +230,7 @@ static_assert(!WBP || (DTM && SBULK), "WBP needs DTM and SBULK");
 static_assert(!STE || (PCL == 2 && STIN8), "STE needs PCL 2 and STIN8");
 static_assert(!SSL || PCL == 2, "SSL needs PCL 2");
 static_assert(WI_AT != 5 || PCL == 2, "WI_AT 5 needs PCL 2");
+static_assert(!WBS || WBP, "WBS needs WBP");
 static_assert(S_XZ % 16 == 0 && S_RED % 16 == 0 && BR * XZP * 4 >= 2 * (BR / 8) * 32 * 16 && 16 * 48 * 4 >= (BR / 16) * 32 * 16,
               "PCL 2 receives the peer's partials in xz_s (8 KB) and red_s (2 KB)");
 
@@ -267,6 +280,11 @@ __device__ __forceinline__ void send4(const float* dst, unsigned rank, float a, 
                  ::"r"(remote(dst, rank)), "r"(__float_as_uint(a)), "r"(__float_as_uint(b)), "r"(__float_as_uint(c)),
                  "r"(__float_as_uint(d)), "r"(remote(bar, rank)) : "memory");
 }
+__device__ __forceinline__ unsigned ld_relaxed(const unsigned* p) {
+    unsigned v;
+    asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
 __device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
     unsigned v;
     asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
@@ -282,8 +300,14 @@ __device__ __forceinline__ void grid_sync(unsigned* bars, unsigned k) {
     if (threadIdx.x == 0) {
         asm volatile("red.release.gpu.global.add.u32 [%0], %1;" ::"l"(bars), "r"(1u) : "memory");
         const unsigned target = NCTA_P * (k + 1);
+#if GBR
+        for (unsigned n = 0; ld_relaxed(bars) < target; ++n)
+            if (n == (1u << 26)) __trap();
+        asm volatile("fence.acq_rel.gpu;" ::: "memory");
+#else
         for (unsigned n = 0; ld_acquire(bars) < target; ++n)
             if (n == (1u << 26)) __trap();
+#endif
         asm volatile("fence.proxy.async.global;" ::: "memory");
     }
     __syncthreads();
@@ -418,7 +442,9 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
             if (l > 0) copy_in(smem + S_WO, wo_src(l), WO_EL * 2, bar_wo);   // out_proj(l-1) done before B1
         }
         float cs[4][PKC - 1];
-        {
+        // the conv states of rows tr + 16 i and the rows' partial sums of squares (row tid % 64, the partials of
+        // CTAs 32 (tid / 64) ..), summed into red_s for 1 / rms
+        auto load_conv_and_squares = [&]() {
             const float* base = conv_ptr(l);
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
@@ -427,17 +453,15 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
                 for (int p = 0; p < PKC - 1; ++p)
                     cs[i][p] = r < batch ? base[((long long)r * PEI + ch0 + tc) * (PKC - 1) + p] : 0.f;
             }
-        }
-        float ssv[NCTA_P / 4];                                  // 1 / rms of every row: row tid % 64, partials
-#pragma unroll                                                  // of CTAs 32 (tid / 64) .. (summed into red_s)
-        for (int j = 0; j < NCTA_P / 4; ++j) ssv[j] = __ldcg(sspart + ((tid >> 6) * (NCTA_P / 4) + j) * BR + (tid & 63));
-        auto sum_squares = [&]() {
+            float ssv[NCTA_P / 4];
+#pragma unroll
+            for (int j = 0; j < NCTA_P / 4; ++j) ssv[j] = __ldcg(sspart + ((tid >> 6) * (NCTA_P / 4) + j) * BR + (tid & 63));
             float s = 0.f;
 #pragma unroll
             for (int j = 0; j < NCTA_P / 4; ++j) s += ssv[j];
             red_s[(tid >> 6) * BR + (tid & 63)] = s;
         };
-        if (!SSL) sum_squares();
+        if (!SSL) load_conv_and_squares();
         STAMP(19);
         bar_wait(bar_wi, l & 1);
         STAMP(20);
@@ -471,7 +495,6 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
                     issue(q + NSLOT, reinterpret_cast<const unsigned char*>(Gbuf) + (long long)(G_OFF + i + NSLOT) * SLOT_BYTES);
             }
             STAMP(8);
-            if (SSL) sum_squares();
             float v[4][4];
 #pragma unroll
             for (int n = 0; n < 4; ++n)
@@ -486,6 +509,7 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
                     send4(rx + (((mt & 1) * (BR / 8) + nb + n) * 32 + lane) * 4, peer, v[n][0], v[n][1], v[n][2], v[n][3],
                           bar_xi);
             }
+            if (SSL) load_conv_and_squares();
 #if STE
             asm volatile("fence.proxy.async.shared::cta;" ::: "memory");   // (the ring: generic reads, then copies)
 #endif
@@ -818,6 +842,21 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
                 }
                 y = fmaf(Dd, x, y);
                 y_s[r * PCH + wc] = from_f(y * (P3F ? silu_fast(xz_s[r * XZP + PCH + wc]) : silu_f(xz_s[r * XZP + PCH + wc])));
+#if WBS
+                // this warp's two rows are done: back to global, lane q the float4s q, q + 32 of row 2i + j
+                __syncwarp();
+#pragma unroll
+                for (int j = 0; j < 2; ++j) {
+                    const int rw = warp * (BR / NWARP) + 2 * i + j;
+                    if (rw < batch) {
+                        float4* dst = reinterpret_cast<float4*>(ssm_ptr(l) + ((long long)rw * PEI + ch0) * PNS);
+                        const float4* src = reinterpret_cast<const float4*>(st_s + rw * STP);
+                        const float4 a = src[lane], b = src[lane + 32];
+                        dst[lane] = a;
+                        dst[lane + 32] = b;
+                    }
+                }
+#else
                 // this warp's two rows are done: back to global by two bulk copies (generic writes, then the copies)
                 asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
                 __syncwarp();
@@ -826,6 +865,7 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
                     asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;"
                                  ::"l"(ssm_ptr(l) + ((long long)rw * PEI + ch0) * PNS), "r"(sm_addr(st_s + rw * STP)),
                                  "r"(PCH * PNS * 4) : "memory");
+#endif
             }
 #undef P3EXP
             asm volatile("cp.async.bulk.commit_group;" ::: "memory");
