@@ -114,24 +114,24 @@
 #ifndef STE
 #define STE 1
 #endif
-// SSL 1 (needs PCL 2): P1's loads of the rows' partial sums of squares (32 KB a CTA) and of the conv states (12 KB)
-//        issued right after the G stream, not before it (where they queue in L2 with every CTA's G copies: "P1 ss",
-//        1.7 us a layer at 14:39 UTC); their round trip overlaps the in_proj exchange. (Issued before and summed
-//        after the stream, 14:39 UTC: slower, 22.2 vs 21.6 us a layer.)
-#ifndef SSL
-#define SSL 0
-#endif
 // WBS 1 (needs WBP): each warp writes its two finished rows of states back from shared memory with coalesced 16-byte
 //        stores (2 KB: 4 a lane, whole sectors), not with two 1 KB bulk copies (the copy engine drains ~40 GB/s of
 //        1 KB copies; P3's math with the copies' issue is 2.7 us a layer)
 #ifndef WBS
-#define WBS 0
+#define WBS 1
 #endif
-// GBR 1: the grid barrier's spin reads the counter relaxed (ld.relaxed.gpu) and takes one fence.acq_rel.gpu after
-//        it has seen the target, instead of an acquire load every round
-#ifndef GBR
-#define GBR 0
+// SCA 1 (needs STE, WBS): P1 brings the SSM states into the ring by 16 cp.async.cg of 16 bytes a thread (the load/store
+//        unit), not by 64 bulk copies of 1 KB (each a copy-engine descriptor: their issue took ~0.7 us a layer); P3
+//        waits for its own cp.async groups, then the CTA barrier
+#ifndef SCA
+#define SCA 0
 #endif
+// CVV 1: the conv states of the CTA's channels (64 rows x 48 floats) loaded and stored as 16-byte vectors (3 a
+//        thread, staged through the ring's free x_proj-output space) instead of 12 + 12 scalar accesses a thread
+#ifndef CVV
+#define CVV 0
+#endif
+
 // WI_AT 5 (PCL 2): the next layer's in_proj copy issued in P4 right after the Y stream's last refill, so the Y chunks
 //        are ahead of it in the copy queue and on the memory system
 #if WI_AT != 3 && WI_AT != 4 && WI_AT != 5
@@ -228,9 +228,10 @@ static_assert(S_RING % 128 == 0 && S_C % 16 == 0 && S_BAR % 16 == 0 && C_EL % 4 
 static_assert(PSMEM <= 227 * 1024, "fits an SM");
 static_assert(!WBP || (DTM && SBULK), "WBP needs DTM and SBULK");
 static_assert(!STE || (PCL == 2 && STIN8), "STE needs PCL 2 and STIN8");
-static_assert(!SSL || PCL == 2, "SSL needs PCL 2");
 static_assert(WI_AT != 5 || PCL == 2, "WI_AT 5 needs PCL 2");
 static_assert(!WBS || WBP, "WBS needs WBP");
+static_assert(!SCA || (STE && WBS), "SCA needs STE and WBS");
+static_assert(!CVV || S_DBL + BR * PCH * (PKC - 1) * 4 <= NSLOT * SLOT_BYTES, "CVV stages the conv windows in the ring");
 static_assert(S_XZ % 16 == 0 && S_RED % 16 == 0 && BR * XZP * 4 >= 2 * (BR / 8) * 32 * 16 && 16 * 48 * 4 >= (BR / 16) * 32 * 16,
               "PCL 2 receives the peer's partials in xz_s (8 KB) and red_s (2 KB)");
 
@@ -280,11 +281,6 @@ __device__ __forceinline__ void send4(const float* dst, unsigned rank, float a, 
                  ::"r"(remote(dst, rank)), "r"(__float_as_uint(a)), "r"(__float_as_uint(b)), "r"(__float_as_uint(c)),
                  "r"(__float_as_uint(d)), "r"(remote(bar, rank)) : "memory");
 }
-__device__ __forceinline__ unsigned ld_relaxed(const unsigned* p) {
-    unsigned v;
-    asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-    return v;
-}
 __device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
     unsigned v;
     asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
@@ -300,14 +296,8 @@ __device__ __forceinline__ void grid_sync(unsigned* bars, unsigned k) {
     if (threadIdx.x == 0) {
         asm volatile("red.release.gpu.global.add.u32 [%0], %1;" ::"l"(bars), "r"(1u) : "memory");
         const unsigned target = NCTA_P * (k + 1);
-#if GBR
-        for (unsigned n = 0; ld_relaxed(bars) < target; ++n)
-            if (n == (1u << 26)) __trap();
-        asm volatile("fence.acq_rel.gpu;" ::: "memory");
-#else
         for (unsigned n = 0; ld_acquire(bars) < target; ++n)
             if (n == (1u << 26)) __trap();
-#endif
         asm volatile("fence.proxy.async.global;" ::: "memory");
     }
     __syncthreads();
@@ -338,7 +328,9 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
     unsigned long long* bar_wo = bar_wi + 1;
     unsigned long long* bar_wx = bar_wi + 2;
     unsigned long long* bar_c = bar_wi + 3;                        // [2]
+#if !SCA
     unsigned long long* bar_st = bar_wi + 5;                       // the SSM states in the ring
+#endif
 #if PCL == 2
     unsigned long long* bar_xi = bar_wi + 6;                       // the peer's in_proj partials (in xz_s)
     unsigned long long* bar_px = bar_wi + 7;                       // the peer's out_proj partials (in red_s)
@@ -441,10 +433,21 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
 #endif
             if (l > 0) copy_in(smem + S_WO, wo_src(l), WO_EL * 2, bar_wo);   // out_proj(l-1) done before B1
         }
+#if CVV
+        constexpr int CVQ = PCH * (PKC - 1) / 4;                // float4s of a row's conv windows: 12
+        float4 cvr[BR * CVQ / PTHR];                            // float4 tid + 256 m of [row][12]
+        {
+            const float* base = conv_ptr(l) + (long long)ch0 * (PKC - 1);
+#pragma unroll
+            for (int m = 0; m < BR * CVQ / PTHR; ++m) {
+                const int f = tid + m * PTHR, r = f / CVQ, q = f % CVQ;
+                cvr[m] = r < batch ? *reinterpret_cast<const float4*>(base + (long long)r * PEI * (PKC - 1) + 4 * q)
+                                   : make_float4(0.f, 0.f, 0.f, 0.f);
+            }
+        }
+#else
         float cs[4][PKC - 1];
-        // the conv states of rows tr + 16 i and the rows' partial sums of squares (row tid % 64, the partials of
-        // CTAs 32 (tid / 64) ..), summed into red_s for 1 / rms
-        auto load_conv_and_squares = [&]() {
+        {
             const float* base = conv_ptr(l);
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
@@ -453,15 +456,18 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
                 for (int p = 0; p < PKC - 1; ++p)
                     cs[i][p] = r < batch ? base[((long long)r * PEI + ch0 + tc) * (PKC - 1) + p] : 0.f;
             }
-            float ssv[NCTA_P / 4];
+        }
+#endif
+        {   // 1 / rms of every row: row tid % 64, partials of CTAs 32 (tid / 64) ..
+            const int row = tid & 63, grp = tid >> 6;
+            float v[NCTA_P / 4];
 #pragma unroll
-            for (int j = 0; j < NCTA_P / 4; ++j) ssv[j] = __ldcg(sspart + ((tid >> 6) * (NCTA_P / 4) + j) * BR + (tid & 63));
+            for (int j = 0; j < NCTA_P / 4; ++j) v[j] = __ldcg(sspart + (grp * (NCTA_P / 4) + j) * BR + row);
             float s = 0.f;
 #pragma unroll
-            for (int j = 0; j < NCTA_P / 4; ++j) s += ssv[j];
-            red_s[(tid >> 6) * BR + (tid & 63)] = s;
-        };
-        if (!SSL) load_conv_and_squares();
+            for (int j = 0; j < NCTA_P / 4; ++j) s += v[j];
+            red_s[grp * BR + row] = s;
+        }
         STAMP(19);
         bar_wait(bar_wi, l & 1);
         STAMP(20);
@@ -509,12 +515,25 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
                     send4(rx + (((mt & 1) * (BR / 8) + nb + n) * 32 + lane) * 4, peer, v[n][0], v[n][1], v[n][2], v[n][3],
                           bar_xi);
             }
-            if (SSL) load_conv_and_squares();
 #if STE
             asm volatile("fence.proxy.async.shared::cta;" ::: "memory");   // (the ring: generic reads, then copies)
 #endif
             __syncthreads();                                    // red_s (the sums of squares) complete
 #if STE
+#if SCA
+            {   // this layer's SSM states into the ring (every warp is done with it): float4 tid + 256 m of [row][64]
+                const float* src0 = ssm_ptr(l) + (long long)ch0 * PNS;
+#pragma unroll
+                for (int m = 0; m < BR * PCH * PNS / 4 / PTHR; ++m) {
+                    const int f = tid + m * PTHR, r = f / (PCH * PNS / 4), q = f % (PCH * PNS / 4);
+                    const unsigned dst = sm_addr(ring + r * STP * 4 + q * 16);
+                    const float* src = src0 + (long long)r * PEI * PNS + 4 * q;
+                    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"    // rows past the batch: zeros
+                                 ::"r"(dst), "l"(src), "r"(r < batch ? 16 : 0) : "memory");
+                }
+                asm volatile("cp.async.commit_group;" ::: "memory");
+            }
+#else
             {   // this layer's SSM states into the ring (every warp is done with it): warp w rows 8w.., lanes 0..7
                 if (tid == 0)
                     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
@@ -525,6 +544,7 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
                                  ::"r"(sm_addr(ring + r * STP * 4)), "l"(ssm_ptr(l) + ((long long)r * PEI + ch0) * PNS),
                                  "r"(PCH * PNS * 4), "r"(sm_addr(bar_st)) : "memory");
             }
+#endif  // SCA
 #endif
             if (tid < BR) inv_s[tid] = rsqrtf((red_s[tid] + red_s[BR + tid] + red_s[2 * BR + tid] + red_s[3 * BR + tid])
                                               / (float)PDM + eps);
@@ -654,6 +674,39 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
                              "r"(PCH * PNS * 4), "r"(sm_addr(bar_st)) : "memory");
         }
 #endif
+#if CVV
+        {   // conv step + SiLU, mapping T, on the windows staged in the ring; then the shifted windows back, as float4s
+            float* cv_s = reinterpret_cast<float*>(ring + S_DBL);     // [BR][48]
+#pragma unroll
+            for (int m = 0; m < BR * CVQ / PTHR; ++m) *reinterpret_cast<float4*>(cv_s + 4 * (tid + m * PTHR)) = cvr[m];
+            __syncthreads();
+            const float* w = cl + C_CW + tc * PKC;
+            const float cb = cl[C_CB + tc];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int r = tr + 16 * i;
+                float* cw = cv_s + r * (4 * CVQ) + tc * (PKC - 1);
+                const float x = xz_s[r * XZP + tc], c0 = cw[0], c1 = cw[1], c2 = cw[2];
+                float a = c0 * w[0];
+                a = fmaf(c1, w[1], a);
+                a = fmaf(c2, w[2], a);
+                a = fmaf(x, w[3], a);
+                cw[0] = c1;
+                cw[1] = c2;
+                cw[2] = x;
+                xc_s[r * XCP + tc] = from_f(silu_f(a + cb));
+            }
+            __syncthreads();
+            float* base = conv_ptr(l) + (long long)ch0 * (PKC - 1);
+#pragma unroll
+            for (int m = 0; m < BR * CVQ / PTHR; ++m) {
+                const int f = tid + m * PTHR, r = f / CVQ, q = f % CVQ;
+                if (r < batch)
+                    *reinterpret_cast<float4*>(base + (long long)r * PEI * (PKC - 1) + 4 * q) =
+                        *reinterpret_cast<const float4*>(cv_s + 4 * f);
+            }
+        }
+#else
         {   // conv step + SiLU, mapping T; the window shifted into the conv state
             const float* w = cl + C_CW + tc * PKC;
             const float cb = cl[C_CB + tc];
@@ -675,6 +728,7 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
                 xc_s[r * XCP + tc] = from_f(silu_f(a + cb));
             }
         }
+#endif
         __syncthreads();
         STAMP(10);
         {   // x_proj partials over the 16 channels: warp w = rows 8w..8w+7, 6 m-tiles of the 96 outputs
@@ -759,7 +813,11 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
         }
 #endif
         STAMP(11);
+#if SCA
+        asm volatile("cp.async.wait_group 0;" ::: "memory");           // this thread's state copies are in
+#else
         bar_wait(bar_st, l & 1);
+#endif
         __syncthreads();
         STAMP(12);
 #if DTM
