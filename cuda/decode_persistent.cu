@@ -120,16 +120,24 @@
 #ifndef WBS
 #define WBS 1
 #endif
-// SCA 1 (needs STE, WBS): P1 brings the SSM states into the ring by 16 cp.async.cg of 16 bytes a thread (the load/store
-//        unit), not by 64 bulk copies of 1 KB (each a copy-engine descriptor: their issue took ~0.7 us a layer); P3
-//        waits for its own cp.async groups, then the CTA barrier
-#ifndef SCA
-#define SCA 0
-#endif
 // CVV 1: the conv states of the CTA's channels (64 rows x 48 floats) loaded and stored as 16-byte vectors (3 a
 //        thread, staged through the ring's free x_proj-output space) instead of 12 + 12 scalar accesses a thread
 #ifndef CVV
-#define CVV 0
+#define CVV 1
+#endif
+// CVE 1 (needs CVV): the next layer's conv-state loads issued before the grid barrier that ends a layer (their latency
+//        overlaps the barrier's wait instead of joining the burst of L2 reads that starts P1)
+// WOE 1 (needs PCL 2): the next layer's out_proj copy issued at the end of P4 (before that barrier), not at P1's start
+// WB8 1 (needs WBS): a warp writes its 8 rows of states back after all 4 steps of its update, not 2 rows after each
+//        (the steps' arithmetic can interleave)
+#ifndef CVE
+#define CVE 0
+#endif
+#ifndef WOE
+#define WOE 0
+#endif
+#ifndef WB8
+#define WB8 0
 #endif
 
 // WI_AT 5 (PCL 2): the next layer's in_proj copy issued in P4 right after the Y stream's last refill, so the Y chunks
@@ -230,7 +238,9 @@ static_assert(!WBP || (DTM && SBULK), "WBP needs DTM and SBULK");
 static_assert(!STE || (PCL == 2 && STIN8), "STE needs PCL 2 and STIN8");
 static_assert(WI_AT != 5 || PCL == 2, "WI_AT 5 needs PCL 2");
 static_assert(!WBS || WBP, "WBS needs WBP");
-static_assert(!SCA || (STE && WBS), "SCA needs STE and WBS");
+static_assert(!CVE || CVV, "CVE needs CVV");
+static_assert(!WOE || PCL == 2, "WOE needs PCL 2");
+static_assert(!WB8 || WBS, "WB8 needs WBS");
 static_assert(!CVV || S_DBL + BR * PCH * (PKC - 1) * 4 <= NSLOT * SLOT_BYTES, "CVV stages the conv windows in the ring");
 static_assert(S_XZ % 16 == 0 && S_RED % 16 == 0 && BR * XZP * 4 >= 2 * (BR / 8) * 32 * 16 && 16 * 48 * 4 >= (BR / 16) * 32 * 16,
               "PCL 2 receives the peer's partials in xz_s (8 KB) and red_s (2 KB)");
@@ -328,9 +338,7 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
     unsigned long long* bar_wo = bar_wi + 1;
     unsigned long long* bar_wx = bar_wi + 2;
     unsigned long long* bar_c = bar_wi + 3;                        // [2]
-#if !SCA
     unsigned long long* bar_st = bar_wi + 5;                       // the SSM states in the ring
-#endif
 #if PCL == 2
     unsigned long long* bar_xi = bar_wi + 6;                       // the peer's in_proj partials (in xz_s)
     unsigned long long* bar_px = bar_wi + 7;                       // the peer's out_proj partials (in red_s)
@@ -406,6 +414,22 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
         const int idx = (((c >> 1) * (BR / 8) + (er >> 3)) * 32 + (er & 7) * 4 + ep) * 2 + (c & 1);
         reinterpret_cast<unsigned*>(Gbuf)[idx] = pack2(r0 * nw[2 * ep], r1 * nw[2 * ep + 1]);
     };
+#if CVV
+    constexpr int CVQ = PCH * (PKC - 1) / 4;                    // float4s of a row's conv windows: 12
+    float4 cvr[BR * CVQ / PTHR];                                // float4 tid + 256 m of [row][12]
+    auto load_cv = [&](int layer) {                             // layer's conv windows of the CTA's channels
+        const float* base = conv_ptr(layer) + (long long)ch0 * (PKC - 1);
+#pragma unroll
+        for (int m = 0; m < BR * CVQ / PTHR; ++m) {
+            const int f = tid + m * PTHR, r = f / CVQ, q = f % CVQ;
+            cvr[m] = r < batch ? *reinterpret_cast<const float4*>(base + (long long)r * PEI * (PKC - 1) + 4 * q)
+                               : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+    };
+#endif
+#if CVE
+    load_cv(0);
+#endif
     {
         float2 v = make_float2(0.f, 0.f);
         if (er < batch) v = *reinterpret_cast<const float2*>(emb + ids[er] * PDM + c * OCOL + 2 * ep);
@@ -431,20 +455,10 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
 #if PCL == 2
             mbar_expect(bar_xi, (BR / 8) * 2 * 32 * 16);               // the peer's in_proj partials, this layer
 #endif
-            if (l > 0) copy_in(smem + S_WO, wo_src(l), WO_EL * 2, bar_wo);   // out_proj(l-1) done before B1
+            if (l > 0 && !WOE) copy_in(smem + S_WO, wo_src(l), WO_EL * 2, bar_wo);   // out_proj(l-1) done before B1
         }
 #if CVV
-        constexpr int CVQ = PCH * (PKC - 1) / 4;                // float4s of a row's conv windows: 12
-        float4 cvr[BR * CVQ / PTHR];                            // float4 tid + 256 m of [row][12]
-        {
-            const float* base = conv_ptr(l) + (long long)ch0 * (PKC - 1);
-#pragma unroll
-            for (int m = 0; m < BR * CVQ / PTHR; ++m) {
-                const int f = tid + m * PTHR, r = f / CVQ, q = f % CVQ;
-                cvr[m] = r < batch ? *reinterpret_cast<const float4*>(base + (long long)r * PEI * (PKC - 1) + 4 * q)
-                                   : make_float4(0.f, 0.f, 0.f, 0.f);
-            }
-        }
+        if (!CVE) load_cv(l);
 #else
         float cs[4][PKC - 1];
         {
@@ -520,20 +534,6 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
 #endif
             __syncthreads();                                    // red_s (the sums of squares) complete
 #if STE
-#if SCA
-            {   // this layer's SSM states into the ring (every warp is done with it): float4 tid + 256 m of [row][64]
-                const float* src0 = ssm_ptr(l) + (long long)ch0 * PNS;
-#pragma unroll
-                for (int m = 0; m < BR * PCH * PNS / 4 / PTHR; ++m) {
-                    const int f = tid + m * PTHR, r = f / (PCH * PNS / 4), q = f % (PCH * PNS / 4);
-                    const unsigned dst = sm_addr(ring + r * STP * 4 + q * 16);
-                    const float* src = src0 + (long long)r * PEI * PNS + 4 * q;
-                    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"    // rows past the batch: zeros
-                                 ::"r"(dst), "l"(src), "r"(r < batch ? 16 : 0) : "memory");
-                }
-                asm volatile("cp.async.commit_group;" ::: "memory");
-            }
-#else
             {   // this layer's SSM states into the ring (every warp is done with it): warp w rows 8w.., lanes 0..7
                 if (tid == 0)
                     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
@@ -544,7 +544,6 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
                                  ::"r"(sm_addr(ring + r * STP * 4)), "l"(ssm_ptr(l) + ((long long)r * PEI + ch0) * PNS),
                                  "r"(PCH * PNS * 4), "r"(sm_addr(bar_st)) : "memory");
             }
-#endif  // SCA
 #endif
             if (tid < BR) inv_s[tid] = rsqrtf((red_s[tid] + red_s[BR + tid] + red_s[2 * BR + tid] + red_s[3 * BR + tid])
                                               / (float)PDM + eps);
@@ -813,11 +812,7 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
         }
 #endif
         STAMP(11);
-#if SCA
-        asm volatile("cp.async.wait_group 0;" ::: "memory");           // this thread's state copies are in
-#else
         bar_wait(bar_st, l & 1);
-#endif
         __syncthreads();
         STAMP(12);
 #if DTM
@@ -900,7 +895,9 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
                 }
                 y = fmaf(Dd, x, y);
                 y_s[r * PCH + wc] = from_f(y * (P3F ? silu_fast(xz_s[r * XZP + PCH + wc]) : silu_f(xz_s[r * XZP + PCH + wc])));
-#if WBS
+#if WBS && WB8
+                (void)0;                                               // (written back after the 4 steps, below)
+#elif WBS
                 // this warp's two rows are done: back to global, lane q the float4s q, q + 32 of row 2i + j
                 __syncwarp();
 #pragma unroll
@@ -926,6 +923,20 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
 #endif
             }
 #undef P3EXP
+#if WBS && WB8
+            __syncwarp();                                              // the warp's 8 rows back to global
+#pragma unroll
+            for (int j = 0; j < BR / NWARP; ++j) {
+                const int rw = warp * (BR / NWARP) + j;
+                if (rw < batch) {
+                    float4* dst = reinterpret_cast<float4*>(ssm_ptr(l) + ((long long)rw * PEI + ch0) * PNS);
+                    const float4* src = reinterpret_cast<const float4*>(st_s + rw * STP);
+                    const float4 a = src[lane], b = src[lane + 32];
+                    dst[lane] = a;
+                    dst[lane + 32] = b;
+                }
+            }
+#endif
             asm volatile("cp.async.bulk.commit_group;" ::: "memory");
         }
 #else
@@ -1097,6 +1108,9 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
             const bool own = (unsigned)nt == rk;
             if (!own) send4(red_s + (mt * 32 + lane) * 4, peer, o[0], o[1], o[2], o[3], bar_px);
             __syncthreads();                                    // every warp is done with the ring's chunks
+#if WOE
+            if (tid == 0 && l + 1 < L) copy_in(smem + S_WO, wo_src(l + 1), WO_EL * 2, bar_wo);   // (wo_s is free)
+#endif
             float* os = reinterpret_cast<float*>(ring);         // [row][col]: this CTA's 8 columns, the pair's sums
             if (own) {
                 bar_wait(bar_px, l & 1);
@@ -1156,6 +1170,9 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
             if (l + 1 < L) emit(cl + C_NW);
         }
         STAMP(6);
+#if CVE
+        if (l + 1 < L) load_cv(l + 1);                          // (used at the next layer's conv)
+#endif
         if (l + 1 < L) grid_sync(bars, nbar++);
         STAMP(7);
     }
