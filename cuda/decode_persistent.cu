@@ -125,20 +125,6 @@
 #ifndef CVV
 #define CVV 1
 #endif
-// CVE 1 (needs CVV): the next layer's conv-state loads issued before the grid barrier that ends a layer (their latency
-//        overlaps the barrier's wait instead of joining the burst of L2 reads that starts P1)
-// WOE 1 (needs PCL 2): the next layer's out_proj copy issued at the end of P4 (before that barrier), not at P1's start
-// WB8 1 (needs WBS): a warp writes its 8 rows of states back after all 4 steps of its update, not 2 rows after each
-//        (the steps' arithmetic can interleave)
-#ifndef CVE
-#define CVE 0
-#endif
-#ifndef WOE
-#define WOE 0
-#endif
-#ifndef WB8
-#define WB8 0
-#endif
 
 // WI_AT 5 (PCL 2): the next layer's in_proj copy issued in P4 right after the Y stream's last refill, so the Y chunks
 //        are ahead of it in the copy queue and on the memory system
@@ -238,9 +224,6 @@ static_assert(!WBP || (DTM && SBULK), "WBP needs DTM and SBULK");
 static_assert(!STE || (PCL == 2 && STIN8), "STE needs PCL 2 and STIN8");
 static_assert(WI_AT != 5 || PCL == 2, "WI_AT 5 needs PCL 2");
 static_assert(!WBS || WBP, "WBS needs WBP");
-static_assert(!CVE || CVV, "CVE needs CVV");
-static_assert(!WOE || PCL == 2, "WOE needs PCL 2");
-static_assert(!WB8 || WBS, "WB8 needs WBS");
 static_assert(!CVV || S_DBL + BR * PCH * (PKC - 1) * 4 <= NSLOT * SLOT_BYTES, "CVV stages the conv windows in the ring");
 static_assert(S_XZ % 16 == 0 && S_RED % 16 == 0 && BR * XZP * 4 >= 2 * (BR / 8) * 32 * 16 && 16 * 48 * 4 >= (BR / 16) * 32 * 16,
               "PCL 2 receives the peer's partials in xz_s (8 KB) and red_s (2 KB)");
@@ -427,9 +410,6 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
         }
     };
 #endif
-#if CVE
-    load_cv(0);
-#endif
     {
         float2 v = make_float2(0.f, 0.f);
         if (er < batch) v = *reinterpret_cast<const float2*>(emb + ids[er] * PDM + c * OCOL + 2 * ep);
@@ -455,10 +435,10 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
 #if PCL == 2
             mbar_expect(bar_xi, (BR / 8) * 2 * 32 * 16);               // the peer's in_proj partials, this layer
 #endif
-            if (l > 0 && !WOE) copy_in(smem + S_WO, wo_src(l), WO_EL * 2, bar_wo);   // out_proj(l-1) done before B1
+            if (l > 0) copy_in(smem + S_WO, wo_src(l), WO_EL * 2, bar_wo);   // out_proj(l-1) done before B1
         }
 #if CVV
-        if (!CVE) load_cv(l);
+        load_cv(l);
 #else
         float cs[4][PKC - 1];
         {
@@ -895,9 +875,7 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
                 }
                 y = fmaf(Dd, x, y);
                 y_s[r * PCH + wc] = from_f(y * (P3F ? silu_fast(xz_s[r * XZP + PCH + wc]) : silu_f(xz_s[r * XZP + PCH + wc])));
-#if WBS && WB8
-                (void)0;                                               // (written back after the 4 steps, below)
-#elif WBS
+#if WBS
                 // this warp's two rows are done: back to global, lane q the float4s q, q + 32 of row 2i + j
                 __syncwarp();
 #pragma unroll
@@ -923,20 +901,6 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
 #endif
             }
 #undef P3EXP
-#if WBS && WB8
-            __syncwarp();                                              // the warp's 8 rows back to global
-#pragma unroll
-            for (int j = 0; j < BR / NWARP; ++j) {
-                const int rw = warp * (BR / NWARP) + j;
-                if (rw < batch) {
-                    float4* dst = reinterpret_cast<float4*>(ssm_ptr(l) + ((long long)rw * PEI + ch0) * PNS);
-                    const float4* src = reinterpret_cast<const float4*>(st_s + rw * STP);
-                    const float4 a = src[lane], b = src[lane + 32];
-                    dst[lane] = a;
-                    dst[lane + 32] = b;
-                }
-            }
-#endif
             asm volatile("cp.async.bulk.commit_group;" ::: "memory");
         }
 #else
@@ -1108,9 +1072,6 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
             const bool own = (unsigned)nt == rk;
             if (!own) send4(red_s + (mt * 32 + lane) * 4, peer, o[0], o[1], o[2], o[3], bar_px);
             __syncthreads();                                    // every warp is done with the ring's chunks
-#if WOE
-            if (tid == 0 && l + 1 < L) copy_in(smem + S_WO, wo_src(l + 1), WO_EL * 2, bar_wo);   // (wo_s is free)
-#endif
             float* os = reinterpret_cast<float*>(ring);         // [row][col]: this CTA's 8 columns, the pair's sums
             if (own) {
                 bar_wait(bar_px, l & 1);
@@ -1170,9 +1131,6 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
             if (l + 1 < L) emit(cl + C_NW);
         }
         STAMP(6);
-#if CVE
-        if (l + 1 < L) load_cv(l + 1);                          // (used at the next layer's conv)
-#endif
         if (l + 1 < L) grid_sync(bars, nbar++);
         STAMP(7);
     }

@@ -195,8 +195,7 @@ V3 = ("-DRED4=1", "-DDBL1=1", "-DSTIN8=1", "-DDT4=1", "-DSBULK=1")       # the v
                                                 (1, ("-DPROFILE=1", "-DPCL=2", "-DP3F=1")), (1, ("-DDTM=1",)),
                                                 (2, ("-DDTM=1", "-DPCL=2", "-DP3F=1")), (1, ("-DWBP=1", "-DSTE=1")),
                                                 (2, ("-DWBP=1",)), (1, ("-DPROFILE=1", "-DSTE=1", "-DWBP=1")),
-                                                (1, ("-DWI_AT=5",)), (2, ("-DWBS=1",)), (1, ("-DCVE=1", "-DWOE=1", "-DWB8=1")),
-                                                (2, ("-DPROFILE=1", "-DCVE=1", "-DWOE=1", "-DWB8=1"))])
+                                                (1, ("-DWI_AT=5",)), (2, ("-DWBS=1",))])
 def test_kernel_compiles_for_sm90_without_spills(dtype_code, defines, tmp_path):
     r = subprocess.run(["nvcc", "-arch=sm_90", "-std=c++17", "-cubin", "-o", str(tmp_path / "k.cubin"),
                         "-Xptxas", "-v", "-Werror", "all-warnings", f"-DIN_DTYPE={dtype_code}", *defines, str(SRC)],
