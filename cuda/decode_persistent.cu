@@ -1,41 +1,52 @@
 // decode_persistent.cu -- every layer of one decoding step of byte353m-shaped ByteMambaLMs (d_model 1024,
 // d_inner 2048, d_state 16, dt_rank 64, d_conv 4; bf16 or fp16 compute: -DIN_DTYPE 1 / 2) for up to 64 batch
-// rows, as ONE persistent kernel: 128 CTAs (one per SM, all resident: cooperative launch), grid-wide barriers
-// between the phases of a layer. For bytemamba.
+// rows, as ONE persistent kernel: 128 CTAs (one per SM, all resident: cooperative launch) in clusters of 2, grid-wide
+// barriers between the phases of a layer. For bytemamba.
 //
 // What it computes: the embedding lookup and, for every layer, RMSNorm, in_proj, conv step + SiLU, x_proj,
 // dt_proj + softplus + state update + D skip + z gate, out_proj, residual add; the residual stream (fp32) is
 // left in `residual` (the final norm and the head run after it, in PyTorch / cuBLAS). The PyTorch reference is
 // bytemamba.ops.fused_step.fused_step_ref (the same roundings to in_t where autocast stores: xz, the conv
-// output, x_proj's output, y, out_proj's output). One difference of order: the norm's 1 / rms multiplies
-// in_proj's fp32 output (in_proj(rnd(res * w)) / rms), not its input (in_proj(rnd(res * w / rms))).
+// output, x_proj's output, y, out_proj's output). Differences of order only: the norm's 1 / rms multiplies
+// in_proj's fp32 output (in_proj(rnd(res * w)) / rms), not its input; dt_proj runs on the tensor cores with W_dt
+// split into in_t hi + lo parts (~16 bits of W_dt; dt_low is in_t already); the exps, softplus and the gate's SiLU
+// use the MUFU forms of fused_common.cuh (ex2_fast, softplus_fast, silu_fast).
 //
-// Ownership (CTA c of 128): channels 16c..16c+15 (in_proj x / z rows, conv and SSM states, dt_proj rows, A, D,
-// x_proj's columns), residual columns 8c..8c+7 (out_proj's rows, the residual, kept in shared memory). Per
-// layer, phases between grid barriers (4 barriers a layer):
-//   P1 in_proj (32 x 1024 x 64 rows, mma.sync m16n8k16; the normed activations G (64 x 1024, in mma B-fragment
-//      order, written by the column owners) stream from L2 through a ring of 16 KB shared-memory slots by bulk
-//      copies; warp w takes k-step w of every 8-k-step chunk, the 8 warps' sums reduced in shared memory),
-//      the rows' 1/rms from the owners' partial sums of squares, conv step + SiLU, x_proj partial sums over
-//      the CTA's 16 channels (96 x 64) -> global partials
+// Ownership (CTA c of 128, pair p = c / 2, rank k = c % 2 in its cluster): channels 16c..16c+15 (conv and SSM
+// states, dt_proj rows, A, D, x_proj's columns), residual columns 8c..8c+7 (the residual, kept in shared memory).
+// A pair splits in_proj and out_proj along K, so each CTA streams half of G and of Y from L2: in_proj's 64 outputs
+// of the pair (x / z of CTA 2p, then of 2p+1) over k-steps 32k..32k+31, out_proj's 16 columns of the pair over
+// channels 1024k..; each CTA sends the partial sums of its peer's outputs by st.async into the peer's shared memory
+// (xz_s, red_s: free then) and adds the peer's to its own. Per layer, phases between grid barriers (4 a layer):
+//   P1 in_proj (mma.sync m16n8k16; the normed activations G, 64 x 1024 in mma B-fragment order, written by the
+//      column owners, stream from L2 through a ring of 16 KB shared-memory slots by bulk copies; warp w: m-tile
+//      w / 2, n-tiles 4 (w % 2)..+3), the exchange, the rows' 1/rms from the owners' partial sums of squares; the
+//      SSM states come into the ring by 64 bulk copies of 1 KB as soon as the G stream is done; conv step + SiLU
+//      (the windows as float4s staged in the ring); x_proj partial sums over the CTA's 16 channels -> global
 //   P2 reduce-scatter: CTA c sums 48 of the 6144 x_proj outputs over the 128 partials (fixed order)
-//   P3 dt (64-rank dot, softplus), state update (fp32 states in registers, loaded from L2 during P2), y, gate;
-//      y (64 x 16 channels) -> global Y in mma A-fragment order
-//   P4 out_proj rows 8c..8c+7 (8 x 2048 x 64: Y streamed through the ring as in P1), residual add, the next
-//      layer's rnd(res * norm weight) -> G and the rows' partial sums of squares
+//   P3 dt for the CTA's 16 channels by mma (+ softplus) into shared memory; the state update by warp-owned rows
+//      (warp w rows 8w..8w+7, two a step: lane / 16 the row, lane % 16 the channel, a channel's float4s in the order
+//      (j + channel / 2) % 4 so that 8 lanes hit 8 bank groups), y and the gate; each pair of finished rows written
+//      back by its warp with coalesced 16-byte stores; y (64 x 16) -> global Y in mma A-fragment order
+//   P4 out_proj (Y streamed through the ring as G in P1; warp w: m-tile w % 4, n-tile w / 4), the exchange,
+//      residual add, the next layer's rnd(res * norm weight) -> G and the rows' partial sums of squares
 // Weights pre-packed per (layer, CTA) by bytemamba/ops/persistent_step.py (pack_persistent) in fragment order,
-// one bulk copy each, issued a phase or more before use (in_proj's a layer ahead at P2, out_proj's at P1, the
-// fp32 constants double-buffered); the states are prefetched into L2 a layer ahead.
+// one bulk copy each: in_proj's for the next layer in P4 right after the Y stream's last refill, out_proj's at
+// P1's start, x_proj's and the fp32 constants (double-buffered) at P3's start.
 //
-// How it is launched: grid NCTA_P (128) CTAs x 256 threads, PSMEM bytes of dynamic shared memory
-// (persistent_smem() reports it), cooperative (every CTA resident: the grid barriers spin). Scratch (the
-// launcher owns it): G, Y, the x_proj partials and sums, the partial sums of squares, 2 barrier counters that
-// the kernel leaves at zero.
-// Measured on an H200 (docs/PERF.md, "byte353m batch 64: persistent step kernel"): 53 layers, kernel alone,
-// 1551 us at 64 rows (29.2 us a layer), 1281 us at 8; the whole step 1.594 ms at b 64 against 1.799 ms for the
-// cuBLAS step. Per layer at 64 rows (clock64 of CTA 0): P1 8.3, P2 0.7, P3 8.6, P4 4.4 us, the 4 barriers 5.7 us.
-// Tried and removed (commit db6e7d7 has them): clusters of 2 with multicast G / Y streams (38.3 us a layer:
-// P1 and P4 slower, each slot refill waits for both CTAs), full fences in the grid barrier (30.8 us a layer).
+// How it is launched: grid NCTA_P (128) CTAs x 256 threads, cluster dims (2, 1, 1), PSMEM bytes of dynamic
+// shared memory (persistent_smem() reports it and the cluster size), cooperative (every CTA resident: the grid
+// barriers spin). Scratch (the launcher owns it): G, Y, the x_proj partials and sums, the partial sums of
+// squares, 2 barrier counters that the kernel leaves at zero.
+// Measured on an H200 (docs/PERF.md, "byte353m batch 64: persistent step kernel", v4, 2026-11-29 14:48 UTC): 53
+// layers, kernel alone, 1080 us at 64 rows (20.3 us a layer), 949 us at 8; the whole step 1.102 ms at b 64.
+// Tried and removed (measured slower; git has them): clusters of 2 with multicast G / Y streams and full fences
+// in the grid barrier (commit db6e7d7); per-chunk counters instead of two grid barriers (92877aa); the v3 kernel
+// without clusters and its v2 alternatives (RED4 / DBL1 / SBULK / STIN8 / DT4 / WI_AT 3, 4), the dt dot on the
+// FMA pipes, the update by rows spread over every warp with the write-back after it by bulk copies (commit
+// 779a591 has all these behind defines); the weight copies after P1's G stream, the sums of squares or the conv
+// states loaded after it, a relaxed spin in the grid barrier, the states by cp.async, the next layer's conv states
+// or out_proj copy before the closing barrier, the write-back after all 4 steps (the PERF section's tables).
 
 #define FUSED_COMMON_NO_SHAPE 1  // in_t (-DIN_DTYPE 1 bf16 / 2 fp16), to_f, from_f, rnd, silu_f, MMA_TYPE, mbarriers
 #include "fused_common.cuh"
@@ -55,103 +66,14 @@
 #ifndef NSLOT
 #define NSLOT 6                 // ring slots of 16 KB
 #endif
-// v3 (all on by default since the lead's H200 call at 12:45 UTC: 1582 -> 1391 us a step alone at b 64, its GPU
-// tests passed; 0 / WI_AT 3 give the v2 code, e.g. through BYTEMAMBA_PERSISTENT_DEFINES):
-//   RED4 1: P1's reduction of the 8 warps' in_proj partials reads float4s (the scalar reads hit 4-way bank
-//           conflicts: row pitch 36, 8 rows x 4 column groups of a warp fall on 8 banks); same sums, same order
-//   DBL1 1: P3 loads x_proj's outputs (24 KB) in one round trip (6 float4 loads a thread, then the shared stores;
-//           the loop of v2 compiles to 2..3 dependent round trips)
-//   SBULK 1: P3 updates the SSM states in place in the ring and writes them back by bulk copies (64 rows x 1 KB,
-//           shared -> global, 8 a warp) instead of 16 float4 stores a thread into half-sectors; P4 waits for
-//           the copies' reads (then one CTA barrier) before it refills the ring
-//   STIN8 1: P1's 64 bulk copies of the SSM states into the ring issued 8 a warp, not 64 by warp 0 (a copy takes
-//           uniform operands: a warp's copies are issued one after another, ~8 instructions each, on the path
-//           to the conv step's barrier)
-//   DT4 1:  P3's rank-64 dot for dt in 4 chains of 16 FMAs, not one chain of 64 (~4 x 4 cycles x 48 a row saved
-//           on each thread's critical path; another fp32 summation order, so bits differ from v2)
-//   WI_AT 4: the next layer's in_proj weight copy (64 KB a CTA) issued at P4 (after the Y stream starts), not at
-//           the start of P3 where it meets the state write-back on HBM (3: v2)
-#ifndef RED4
-#define RED4 1
-#endif
-#ifndef DBL1
-#define DBL1 1
-#endif
-#ifndef SBULK
-#define SBULK 1
-#endif
-#ifndef WI_AT
-#define WI_AT 5
-#endif
-#ifndef DT4
-#define DT4 1
-#endif
-#ifndef STIN8
-#define STIN8 1
-#endif
-// P3F 1: P3's exps on ex2.approx.ftz (A times log2 e once a layer), softplus and the z gate's SiLU on the MUFU unit
-//        (fused_common.cuh softplus_fast / silu_fast: ~1/3 of P3's instructions fewer; another rounding of dt)
-#ifndef P3F
-#define P3F 1
-#endif
-// DTM 1: P3's dt (W_dt 16 x 64 times the rows' dt_low) on the tensor cores, W_dt split into in_t hi + lo parts (two mma,
-//        ~16 bits of W_dt; dt_low is in_t already): warp w computes rows 8w..8w+7 of all 16 channels, softplus, into
-//        dt_s (4 KB at the ring's end); the state threads read one float instead of a 64-long dot each (which was
-//        32 shared-memory loads a row: P3 was bound by shared-memory wavefronts)
-#ifndef DTM
-#define DTM 1
-#endif
-// WBP 1 (needs DTM, SBULK): P3's state update by warp-owned rows (warp w rows 8w..8w+7, two at a step: lane / 16 the
-//        row, lane % 16 the channel; a channel's float4s taken in the order (j + channel / 2) % 4, so 8 lanes hit 8
-//        bank groups), each pair of rows written back (bulk copies) as soon as its warp is done with it, not all 64
-//        after a CTA barrier (the copies' issue took 1.6 us a layer there, after the math)
-#ifndef WBP
-#define WBP 1
-#endif
-// STE 1 (needs PCL 2, STIN8): P1 issues the state copies into the ring as soon as every warp is done with its G chunks
-//        (before the in_proj exchange and the xz sums), not after the conv's constants: the issue (0.7 us a layer)
-//        overlaps the wait for the peer's partials
-#ifndef STE
-#define STE 1
-#endif
-// WBS 1 (needs WBP): each warp writes its two finished rows of states back from shared memory with coalesced 16-byte
-//        stores (2 KB: 4 a lane, whole sectors), not with two 1 KB bulk copies (the copy engine drains ~40 GB/s of
-//        1 KB copies; P3's math with the copies' issue is 2.7 us a layer)
-#ifndef WBS
-#define WBS 1
-#endif
-// CVV 1: the conv states of the CTA's channels (64 rows x 48 floats) loaded and stored as 16-byte vectors (3 a
-//        thread, staged through the ring's free x_proj-output space) instead of 12 + 12 scalar accesses a thread
-#ifndef CVV
-#define CVV 1
-#endif
-
-// WI_AT 5 (PCL 2): the next layer's in_proj copy issued in P4 right after the Y stream's last refill, so the Y chunks
-//        are ahead of it in the copy queue and on the memory system
-#if WI_AT != 3 && WI_AT != 4 && WI_AT != 5
-#error "WI_AT: 3, 4 or 5"
-#endif
 #define SLOT_BYTES 16384        // a chunk: 8 k-steps x 64 rows of in_t
-// PCL 2: CTAs in clusters of 2 (pair p = CTAs 2p, 2p+1; rank k = c & 1) split in_proj and out_proj along K, so each
-//        CTA streams half of G (64 KB) and half of Y (128 KB) from L2 instead of all of it (the probe of 2026-11-29:
-//        128 CTAs read a shared 256 KB by bulk copies in 2.1 us, 128 KB in 1.2 us). in_proj: the pair's 64 outputs (x /
-//        z of CTA 2p, then of 2p+1) over k-steps 32k..32k+31; out_proj: the pair's 16 residual columns over channels
-//        1024k..1024k+1023. Each CTA sends the partial sums of its peer's outputs (8 KB, 2 KB) by st.async into the
-//        peer's shared memory (xz_s, red_s: free then) and adds the peer's to its own: no 8-warp reduction through the
-//        ring. Ownership (channels, residual columns), P2, P3 and the conv are as with PCL 1. Weights packed for it
-//        (persistent_step.py pack_persistent(W, pcl=2)); launched with cluster dims (2, 1, 1).
-#ifndef PCL
-#define PCL 2
-#endif
-#if PCL != 1 && PCL != 2
-#error "PCL: 1 or 2"
-#endif
-#define G_CHUNKS (PDM / 128 / PCL)   // 8 (4: half of G)
-#define Y_CHUNKS (PEI / 128 / PCL)   // 16 (8: half of Y)
+#define PCL 2                   // CTAs a cluster (a pair splits in_proj and out_proj along K)
+#define G_CHUNKS (PDM / 128 / PCL)   // 4 chunks: half of G
+#define Y_CHUNKS (PEI / 128 / PCL)   // 8 chunks: half of Y
 
 // packed sizes per (layer, CTA), elements
-#define WI_EL (2 * PCH * PDM)   // in_proj A fragments: [m-tile 2][k-step 64][lane][8]
-#define WO_EL (OCOL * PEI)      // out_proj B fragments: [k-step 128][lane][4]
+#define WI_EL (2 * PCH * PDM)   // in_proj A fragments: [m-tile 4][k-step 32][lane][8] (the pair's rows, half of K)
+#define WO_EL (OCOL * PEI)      // out_proj B fragments: [n-tile 2][k-step 64][lane][4] (the pair's rows, half of K)
 #define WX_EL (PNX * PCH)       // x_proj A fragments: [m-tile 6][lane][8]
 // the fp32 constants of a (layer, CTA), offsets in floats
 #define C_WDT 0                         // [PCH][PRK]
@@ -166,7 +88,6 @@
 #define XZP 33                  // xz row pitch (float): x 0..15, z 16..31
 #define XCP 24                  // xc row pitch (in_t)
 #define DBP 100                 // dbl row pitch (float)
-#define PRP 36                  // in_proj partials' row pitch (float)
 #define STP 260                 // SSM state row pitch in the ring (float): 1 KB + 16 B, conflict-free float4 reads
 #define S_DBL (BR * STP * 4)    // dbl's place in the ring (after the states)
 #define S_WI 0
@@ -194,12 +115,11 @@ extern "C" __global__ void persistent_smem(int* out) {
 
 // PROFILE 1: clock64() deltas of thread 0 of CTA 0 per phase (and barrier) summed into pers_prof, read and
 // zeroed by persistent_prof: [0] P1, [1] B2, [2] P2, [3] B3, [4] P3, [5] B4, [6] P4, [7] B1; the phases split
-// further (each slot the time since the stamp before): P1 = [8] G stream + in_proj mma, [9] partials -> xz,
-// [10] state copies issued + conv, [0] x_proj partials; P3 = [11] x_proj outputs loaded, [12] the states' wait,
-// [13] dt + state update + y, [14] state write-back issued, [4] Y stored; P4 = [15] Y stream + out_proj mma, [6]
-// partials -> residual -> G; and within those: [16] (of P1's [10]) the state copies issued, [17] (of P4's [15]) the
-// wait for the state write-back's reads of the ring, [18] (of P3's [14]) the CTA barrier after the update, [19] (of
-// P1's [8]) the G stream's issue and the rows' sums of squares, [20] (of P1's [8]) the wait for the in_proj weights
+// further (each slot the time since the stamp before): P1 = [19] the G stream's issue, the conv windows' loads
+// and the rows' sums of squares, [20] the wait for the in_proj weights, [8] G stream + in_proj mma, [9] the state
+// copies' issue, the exchange and xz, [10] conv, [0] x_proj partials; P3 = [11] x_proj outputs loaded, [12] the
+// states' wait, [13] dt + state update + y + write-back, [14] the CTA barrier after it, [4] Y stored; P4 = [15] Y
+// stream + out_proj mma, [6] the exchange, residual -> G
 #ifndef PROFILE
 #define PROFILE 0
 #endif
@@ -216,17 +136,13 @@ extern "C" __global__ void persistent_prof(long long* out) {
 
 static_assert(PDM == OCOL * NCTA_P && OCOL == 8 && PCH == 16, "mappings below");
 static_assert(PNX == 96 && (BR * PNX) % NCTA_P == 0 && BR * PNX / NCTA_P == 48, "x_proj reduce-scatter mapping");
-static_assert(NWARP * BR * PRP * 4 <= NSLOT * SLOT_BYTES, "in_proj partials fit the ring");
-static_assert(S_DBL + BR * DBP * 4 + (DTM ? BR * PCH * 4 : 0) <= NSLOT * SLOT_BYTES && NWARP * BR * OCOL * 4 <= NSLOT * SLOT_BYTES, "scratch");
+static_assert(S_DBL + BR * DBP * 4 + BR * PCH * 4 <= NSLOT * SLOT_BYTES && BR * OCOL * 4 <= S_DBL, "scratch in the ring");
 static_assert(S_RING % 128 == 0 && S_C % 16 == 0 && S_BAR % 16 == 0 && C_EL % 4 == 0, "aligned regions");
 static_assert(PSMEM <= 227 * 1024, "fits an SM");
-static_assert(!WBP || (DTM && SBULK), "WBP needs DTM and SBULK");
-static_assert(!STE || (PCL == 2 && STIN8), "STE needs PCL 2 and STIN8");
-static_assert(WI_AT != 5 || PCL == 2, "WI_AT 5 needs PCL 2");
-static_assert(!WBS || WBP, "WBS needs WBP");
-static_assert(!CVV || S_DBL + BR * PCH * (PKC - 1) * 4 <= NSLOT * SLOT_BYTES, "CVV stages the conv windows in the ring");
+static_assert(S_DBL + BR * PCH * (PKC - 1) * 4 <= NSLOT * SLOT_BYTES, "the conv windows staged in the ring");
+static_assert(PCL == 2 && G_CHUNKS <= NSLOT, "the pair's split below; P1's chunks issued at once");
 static_assert(S_XZ % 16 == 0 && S_RED % 16 == 0 && BR * XZP * 4 >= 2 * (BR / 8) * 32 * 16 && 16 * 48 * 4 >= (BR / 16) * 32 * 16,
-              "PCL 2 receives the peer's partials in xz_s (8 KB) and red_s (2 KB)");
+              "the peer's partials arrive in xz_s (8 KB) and red_s (2 KB)");
 
 __device__ __forceinline__ void bar_arrive(unsigned long long* b) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(sm_addr(b)) : "memory");
@@ -263,11 +179,11 @@ __device__ __forceinline__ unsigned pack2(float lo, float hi) {
     return (unsigned)*reinterpret_cast<const unsigned short*>(&a) |
            ((unsigned)*reinterpret_cast<const unsigned short*>(&b) << 16);
 }
-// every thread of both CTAs of the cluster (PCL 2)
+// every thread of both CTAs of the cluster
 __device__ __forceinline__ void cluster_sync() {
     asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
 }
-// 16 bytes into CTA `rank`'s copy of dst, credited to that CTA's copy of mbarrier bar (PCL 2)
+// 16 bytes into CTA `rank`'s copy of dst, credited to that CTA's copy of mbarrier bar
 __device__ __forceinline__ void send4(const float* dst, unsigned rank, float a, float b, float c, float d,
                                       unsigned long long* bar) {
     asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, [%5];"
@@ -314,7 +230,7 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
     in_t* xc_s = reinterpret_cast<in_t*>(smem + S_XC);             // [BR][XCP]
     in_t* y_s = reinterpret_cast<in_t*>(smem + S_Y);               // [BR][PCH]
     float* inv_s = reinterpret_cast<float*>(smem + S_INV);         // [BR]
-    float* red_s = reinterpret_cast<float*>(smem + S_RED);         // [4][BR] or [16][48]
+    float* red_s = reinterpret_cast<float*>(smem + S_RED);         // [4][BR], [16][48] or the peer's out_proj sums
     unsigned long long* full = reinterpret_cast<unsigned long long*>(smem + S_BAR);
     unsigned long long* empty = full + NSLOT;
     unsigned long long* bar_wi = full + 2 * NSLOT;
@@ -322,10 +238,8 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
     unsigned long long* bar_wx = bar_wi + 2;
     unsigned long long* bar_c = bar_wi + 3;                        // [2]
     unsigned long long* bar_st = bar_wi + 5;                       // the SSM states in the ring
-#if PCL == 2
     unsigned long long* bar_xi = bar_wi + 6;                       // the peer's in_proj partials (in xz_s)
     unsigned long long* bar_px = bar_wi + 7;                       // the peer's out_proj partials (in red_s)
-#endif
     long long* ptr_s = reinterpret_cast<long long*>(smem + S_PTR);
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
@@ -352,7 +266,7 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
             mbar_init(full + i, 1);
             mbar_init(empty + i, NWARP);
         }
-        for (int i = 0; i < (PCL == 2 ? 8 : 6); ++i) mbar_init(bar_wi + i, 1);
+        for (int i = 0; i < 8; ++i) mbar_init(bar_wi + i, 1);
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
         copy_in(smem + S_WI, wi_src(0), WI_EL * 2, bar_wi);
@@ -361,15 +275,10 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
         copy_in(c_s, c_src(0), C_EL * 4, bar_c);
     }
     __syncthreads();
-#if PCL == 2
     const unsigned rk = cluster_rank(), peer = rk ^ 1;
     cluster_sync();                                                // the peer's mbarriers exist before we send
 #define G_OFF ((int)rk * G_CHUNKS)                                 // the first G / Y chunk this CTA streams
 #define Y_OFF ((int)rk * Y_CHUNKS)
-#else
-#define G_OFF 0
-#define Y_OFF 0
-#endif
 
 #if PROFILE
     const bool prof = tid == 0 && c == 0;
@@ -397,7 +306,6 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
         const int idx = (((c >> 1) * (BR / 8) + (er >> 3)) * 32 + (er & 7) * 4 + ep) * 2 + (c & 1);
         reinterpret_cast<unsigned*>(Gbuf)[idx] = pack2(r0 * nw[2 * ep], r1 * nw[2 * ep + 1]);
     };
-#if CVV
     constexpr int CVQ = PCH * (PKC - 1) / 4;                    // float4s of a row's conv windows: 12
     float4 cvr[BR * CVQ / PTHR];                                // float4 tid + 256 m of [row][12]
     auto load_cv = [&](int layer) {                             // layer's conv windows of the CTA's channels
@@ -409,7 +317,6 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
                                : make_float4(0.f, 0.f, 0.f, 0.f);
         }
     };
-#endif
     {
         float2 v = make_float2(0.f, 0.f);
         if (er < batch) v = *reinterpret_cast<const float2*>(emb + ids[er] * PDM + c * OCOL + 2 * ep);
@@ -419,11 +326,8 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
     }
     grid_sync(bars, nbar++);
 
-    // mapping T (conv, P1): channel tc, rows tr + 16 i; mapping S (P3): channel sc, rows sr + 16 i
+    // mapping T (conv, P1): channel tc, rows tr + 16 i
     const int tc = tid & 15, tr = tid >> 4;
-#if !WBP
-    const int sc = tid >> 4, sr = tid & 15;
-#endif
 
     for (int l = 0; l < L; ++l) {
         const float* cl = c_s + (l & 1) * C_EL;
@@ -432,26 +336,10 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
             asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
             for (int i = 0; i < NSLOT && i < G_CHUNKS; ++i)
                 issue(q + i, reinterpret_cast<const unsigned char*>(Gbuf) + (long long)(G_OFF + i) * SLOT_BYTES);
-#if PCL == 2
             mbar_expect(bar_xi, (BR / 8) * 2 * 32 * 16);               // the peer's in_proj partials, this layer
-#endif
             if (l > 0) copy_in(smem + S_WO, wo_src(l), WO_EL * 2, bar_wo);   // out_proj(l-1) done before B1
         }
-#if CVV
         load_cv(l);
-#else
-        float cs[4][PKC - 1];
-        {
-            const float* base = conv_ptr(l);
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const int r = tr + 16 * i;
-#pragma unroll
-                for (int p = 0; p < PKC - 1; ++p)
-                    cs[i][p] = r < batch ? base[((long long)r * PEI + ch0 + tc) * (PKC - 1) + p] : 0.f;
-            }
-        }
-#endif
         {   // 1 / rms of every row: row tid % 64, partials of CTAs 32 (tid / 64) ..
             const int row = tid & 63, grp = tid >> 6;
             float v[NCTA_P / 4];
@@ -465,7 +353,6 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
         STAMP(19);
         bar_wait(bar_wi, l & 1);
         STAMP(20);
-#if PCL == 2
         {   // in_proj, the pair's 64 outputs over this CTA's half of K: warp w m-tile w / 2, n-tiles 4 (w % 2) ..
             // +3, every k-step (even / odd k-steps in two accumulator chains); warps 4k'..4k'+3 hold rank k's outputs
             const int mt = warp >> 1, nb = (warp & 1) * 4;
@@ -509,11 +396,8 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
                     send4(rx + (((mt & 1) * (BR / 8) + nb + n) * 32 + lane) * 4, peer, v[n][0], v[n][1], v[n][2], v[n][3],
                           bar_xi);
             }
-#if STE
             asm volatile("fence.proxy.async.shared::cta;" ::: "memory");   // (the ring: generic reads, then copies)
-#endif
             __syncthreads();                                    // red_s (the sums of squares) complete
-#if STE
             {   // this layer's SSM states into the ring (every warp is done with it): warp w rows 8w.., lanes 0..7
                 if (tid == 0)
                     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
@@ -524,7 +408,6 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
                                  ::"r"(sm_addr(ring + r * STP * 4)), "l"(ssm_ptr(l) + ((long long)r * PEI + ch0) * PNS),
                                  "r"(PCH * PNS * 4), "r"(sm_addr(bar_st)) : "memory");
             }
-#endif
             if (tid < BR) inv_s[tid] = rsqrtf((red_s[tid] + red_s[BR + tid] + red_s[2 * BR + tid] + red_s[3 * BR + tid])
                                               / (float)PDM + eps);
             if (own) {
@@ -548,112 +431,9 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
                 }
             }
         }
-#else
-        float acc[2][BR / 8][4];
-#pragma unroll
-        for (int m = 0; m < 2; ++m)
-#pragma unroll
-            for (int n = 0; n < BR / 8; ++n)
-#pragma unroll
-                for (int j = 0; j < 4; ++j) acc[m][n][j] = 0.f;
-        for (int i = 0; i < G_CHUNKS; ++i, ++q) {
-            const unsigned slot = q % NSLOT;
-            bar_wait(full + slot, (q / NSLOT) & 1);
-            const int ks = i * 8 + warp;
-            const uint4 a0 = wi_s[(0 * (PDM / 16) + ks) * 32 + lane];
-            const uint4 a1 = wi_s[(1 * (PDM / 16) + ks) * 32 + lane];
-            const uint2* bp = reinterpret_cast<const uint2*>(ring + slot * SLOT_BYTES) + warp * (BR / 8) * 32 + lane;
-#pragma unroll
-            for (int n = 0; n < BR / 8; ++n) {
-                const uint2 b = bp[n * 32];
-                mma16816(acc[0][n], a0, b.x, b.y);
-                mma16816(acc[1][n], a1, b.x, b.y);
-            }
-            __syncwarp();
-            if (lane == 0) bar_arrive(empty + slot);
-            if (tid == 0 && i + NSLOT < G_CHUNKS)
-                issue(q + NSLOT, reinterpret_cast<const unsigned char*>(Gbuf) + (long long)(i + NSLOT) * SLOT_BYTES);
-        }
-        STAMP(8);
-        __syncthreads();                                        // the ring is free: the warps' partial sums
-        {
-            float* pr = reinterpret_cast<float*>(ring) + warp * BR * PRP;   // [row][m]
-#pragma unroll
-            for (int m = 0; m < 2; ++m)
-#pragma unroll
-                for (int n = 0; n < BR / 8; ++n) {
-                    const int row = n * 8 + 2 * t, mm = m * 16 + g;
-                    pr[row * PRP + mm] = acc[m][n][0];
-                    pr[(row + 1) * PRP + mm] = acc[m][n][1];
-                    pr[row * PRP + mm + 8] = acc[m][n][2];
-                    pr[(row + 1) * PRP + mm + 8] = acc[m][n][3];
-                }
-        }
-        if (tid < BR) inv_s[tid] = rsqrtf((red_s[tid] + red_s[BR + tid] + red_s[2 * BR + tid] + red_s[3 * BR + tid])
-                                          / (float)PDM + eps);
-        __syncthreads();
-        {   // xz = rnd(inv * sum of the 8 warps' partials): row tid / 4, columns 8 (tid % 4) ..
-            const int row = tid >> 2, m0 = (tid & 3) * 8;
-            const float* pr = reinterpret_cast<const float*>(ring);
-            const float inv = inv_s[row];
-#if RED4
-            static_assert(PRP % 4 == 0, "float4 rows of the partials");
-            float s[8];
-#pragma unroll
-            for (int j = 0; j < 8; ++j) s[j] = 0.f;
-#pragma unroll
-            for (int w = 0; w < NWARP; ++w) {
-                const float4 u = *reinterpret_cast<const float4*>(pr + (w * BR + row) * PRP + m0);
-                const float4 v = *reinterpret_cast<const float4*>(pr + (w * BR + row) * PRP + m0 + 4);
-                s[0] += u.x; s[1] += u.y; s[2] += u.z; s[3] += u.w;
-                s[4] += v.x; s[5] += v.y; s[6] += v.z; s[7] += v.w;
-            }
-#pragma unroll
-            for (int j = 0; j < 8; ++j) xz_s[row * XZP + m0 + j] = rnd(s[j] * inv);
-#else
-#pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                float s = 0.f;
-#pragma unroll
-                for (int w = 0; w < NWARP; ++w) s += pr[(w * BR + row) * PRP + m0 + j];
-                xz_s[row * XZP + m0 + j] = rnd(s * inv);
-            }
-#endif
-        }
-#endif  // PCL
         STAMP(9);
-        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");   // (the ring: generic writes, then copies)
         bar_wait(bar_c + (l & 1), (l >> 1) & 1);
-#if STE
         __syncthreads();                                        // xz_s complete (the states were issued above)
-#elif STIN8
-        if (tid == 0)               // (bar_st's last phase was waited for at P3 of the last layer)
-            asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
-                         ::"r"(sm_addr(bar_st)), "r"((unsigned)(batch * PCH * PNS * 4)) : "memory");
-        __syncthreads();
-        {   // this layer's SSM states of the CTA's channels into the ring (used in P3): warp w rows 8w.., lanes 0..7
-            const int r = warp * (BR / NWARP) + lane;
-            if (lane < BR / NWARP && r < batch)
-                asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-                             ::"r"(sm_addr(ring + r * STP * 4)), "l"(ssm_ptr(l) + ((long long)r * PEI + ch0) * PNS),
-                             "r"(PCH * PNS * 4), "r"(sm_addr(bar_st)) : "memory");
-        }
-        STAMP(16);
-#else
-        __syncthreads();
-        if (warp == 0) {            // this layer's SSM states of the CTA's channels into the ring (used in P3)
-            const float* base = ssm_ptr(l) + (long long)ch0 * PNS;
-            if (lane == 0)
-                asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
-                             ::"r"(sm_addr(bar_st)), "r"((unsigned)(batch * PCH * PNS * 4)) : "memory");
-            __syncwarp();
-            for (int r = lane; r < batch; r += 32)
-                asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-                             ::"r"(sm_addr(ring + r * STP * 4)), "l"(base + (long long)r * PEI * PNS),
-                             "r"(PCH * PNS * 4), "r"(sm_addr(bar_st)) : "memory");
-        }
-#endif
-#if CVV
         {   // conv step + SiLU, mapping T, on the windows staged in the ring; then the shifted windows back, as float4s
             float* cv_s = reinterpret_cast<float*>(ring + S_DBL);     // [BR][48]
 #pragma unroll
@@ -685,29 +465,6 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
                         *reinterpret_cast<const float4*>(cv_s + 4 * f);
             }
         }
-#else
-        {   // conv step + SiLU, mapping T; the window shifted into the conv state
-            const float* w = cl + C_CW + tc * PKC;
-            const float cb = cl[C_CB + tc];
-            float* base = conv_ptr(l);
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const int r = tr + 16 * i;
-                const float x = xz_s[r * XZP + tc];
-                float a = cs[i][0] * w[0];
-                a = fmaf(cs[i][1], w[1], a);
-                a = fmaf(cs[i][2], w[2], a);
-                a = fmaf(x, w[3], a);
-                if (r < batch) {
-                    float* p = base + ((long long)r * PEI + ch0 + tc) * (PKC - 1);
-                    p[0] = cs[i][1];
-                    p[1] = cs[i][2];
-                    p[2] = x;
-                }
-                xc_s[r * XCP + tc] = from_f(silu_f(a + cb));
-            }
-        }
-#endif
         __syncthreads();
         STAMP(10);
         {   // x_proj partials over the 16 channels: warp w = rows 8w..8w+7, 6 m-tiles of the 96 outputs
@@ -760,19 +517,11 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
 
         // ======== P3: dt, state update, y ========
         if (tid == 0 && l + 1 < L) {    // the next layer's in_proj / x_proj / constants (their buffers are free)
-#if WI_AT == 3
-            copy_in(smem + S_WI, wi_src(l + 1), WI_EL * 2, bar_wi);
-#endif
             copy_in(smem + S_WX, wx_src(l + 1), WX_EL * 2, bar_wx);
             copy_in(c_s + ((l + 1) & 1) * C_EL, c_src(l + 1), C_EL * 4, bar_c + ((l + 1) & 1));
         }
         float* dbl_s = reinterpret_cast<float*>(ring + S_DBL);         // [BR][DBP]
-#if SBULK
         float* st_s = reinterpret_cast<float*>(ring);                  // [BR][STP]: row r, channel j, state n
-#else
-        const float* st_s = reinterpret_cast<const float*>(ring);      // [BR][STP]: row r, channel j, state n
-#endif
-#if DBL1
         {
             static_assert((BR * PNX / 4) % PTHR == 0, "whole float4s a thread");
             constexpr int NV = BR * PNX / 4 / PTHR;                    // 6
@@ -785,17 +534,10 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
                 *reinterpret_cast<float4*>(&dbl_s[row * DBP + 4 * c4]) = v[k];
             }
         }
-#else
-        for (int idx = tid; idx < BR * PNX / 4; idx += PTHR) {
-            const int row = idx / (PNX / 4), c4 = idx % (PNX / 4);
-            *reinterpret_cast<float4*>(&dbl_s[row * DBP + 4 * c4]) = __ldcg(reinterpret_cast<const float4*>(dbl) + idx);
-        }
-#endif
         STAMP(11);
         bar_wait(bar_st, l & 1);
         __syncthreads();
         STAMP(12);
-#if DTM
         float* dt_s = reinterpret_cast<float*>(ring + S_DBL + BR * DBP * 4);   // [BR][PCH]: softplus(dt)
         {   // dt: A = W_dt (channels x ranks, hi and lo parts), B = dt_low^T (ranks x rows 8w..8w+7), 4 k-steps
             const float* wd = cl + C_WDT;
@@ -821,11 +563,7 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
             }
             const int row = 8 * warp + 2 * t;                  // C: (channel g, rows row / row+1), (g+8, ..)
             const float b0 = cl[C_DTB + g], b8 = cl[C_DTB + g + 8];
-#if P3F
 #define DTSP(v) softplus_fast(v)
-#else
-#define DTSP(v) ((v) <= 20.f ? log1pf(__expf(v)) : (v))
-#endif
             dt_s[row * PCH + g] = DTSP(acc[0] + b0);
             dt_s[(row + 1) * PCH + g] = DTSP(acc[1] + b0);
             dt_s[row * PCH + g + 8] = DTSP(acc[2] + b8);
@@ -833,8 +571,6 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
 #undef DTSP
         }
         __syncthreads();
-#endif
-#if WBP
         {
             const int wc = lane & 15, rot = (wc >> 1) & 3;
             const float Dd = cl[C_D + wc];
@@ -842,12 +578,11 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
                 Ar[j] = *reinterpret_cast<const float4*>(cl + C_A + wc * PNS + 4 * ((j + rot) & 3));
-                if (P3F) {
-                    Ar[j].x *= 1.4426950408889634f; Ar[j].y *= 1.4426950408889634f;
-                    Ar[j].z *= 1.4426950408889634f; Ar[j].w *= 1.4426950408889634f;
-                }
+                Ar[j].x *= 1.4426950408889634f;                        // (ex2)
+                Ar[j].y *= 1.4426950408889634f;
+                Ar[j].z *= 1.4426950408889634f;
+                Ar[j].w *= 1.4426950408889634f;
             }
-#define P3EXP(v) (P3F ? ex2_fast(v) : __expf(v))
 #pragma unroll
             for (int i = 0; i < BR / NWARP / 2; ++i) {
                 const int r = warp * (BR / NWARP) + 2 * i + (lane >> 4);
@@ -863,10 +598,10 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
                     const float4 Cv = *reinterpret_cast<const float4*>(db + PRK + PNS + 4 * jj);
                     float* sp = st_s + r * STP + wc * PNS + 4 * jj;
                     float4 s = r < batch ? *reinterpret_cast<const float4*>(sp) : make_float4(0.f, 0.f, 0.f, 0.f);
-                    s.x = fmaf(P3EXP(d * Ar[j].x), s.x, dx * Bv.x);
-                    s.y = fmaf(P3EXP(d * Ar[j].y), s.y, dx * Bv.y);
-                    s.z = fmaf(P3EXP(d * Ar[j].z), s.z, dx * Bv.z);
-                    s.w = fmaf(P3EXP(d * Ar[j].w), s.w, dx * Bv.w);
+                    s.x = fmaf(ex2_fast(d * Ar[j].x), s.x, dx * Bv.x);
+                    s.y = fmaf(ex2_fast(d * Ar[j].y), s.y, dx * Bv.y);
+                    s.z = fmaf(ex2_fast(d * Ar[j].z), s.z, dx * Bv.z);
+                    s.w = fmaf(ex2_fast(d * Ar[j].w), s.w, dx * Bv.w);
                     *reinterpret_cast<float4*>(sp) = s;
                     y = fmaf(s.x, Cv.x, y);
                     y = fmaf(s.y, Cv.y, y);
@@ -874,8 +609,7 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
                     y = fmaf(s.w, Cv.w, y);
                 }
                 y = fmaf(Dd, x, y);
-                y_s[r * PCH + wc] = from_f(y * (P3F ? silu_fast(xz_s[r * XZP + PCH + wc]) : silu_f(xz_s[r * XZP + PCH + wc])));
-#if WBS
+                y_s[r * PCH + wc] = from_f(y * silu_fast(xz_s[r * XZP + PCH + wc]));
                 // this warp's two rows are done: back to global, lane q the float4s q, q + 32 of row 2i + j
                 __syncwarp();
 #pragma unroll
@@ -889,123 +623,10 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
                         dst[lane + 32] = b;
                     }
                 }
-#else
-                // this warp's two rows are done: back to global by two bulk copies (generic writes, then the copies)
-                asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-                __syncwarp();
-                const int rw = warp * (BR / NWARP) + 2 * i + lane;
-                if (lane < 2 && rw < batch)
-                    asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;"
-                                 ::"l"(ssm_ptr(l) + ((long long)rw * PEI + ch0) * PNS), "r"(sm_addr(st_s + rw * STP)),
-                                 "r"(PCH * PNS * 4) : "memory");
-#endif
-            }
-#undef P3EXP
-            asm volatile("cp.async.bulk.commit_group;" ::: "memory");
-        }
-#else
-        {
-#if !DTM
-            const float* wdt = cl + C_WDT + sc * PRK;
-            const float dtb = cl[C_DTB + sc];
-#endif
-            const float Dd = cl[C_D + sc];
-            float A[PNS];
-#pragma unroll
-            for (int n = 0; n < PNS; ++n) A[n] = cl[C_A + sc * PNS + n] * (P3F ? 1.4426950408889634f : 1.f);
-#if !SBULK
-            float* base = ssm_ptr(l);
-#endif
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const int r = sr + 16 * i;
-                const float* db = dbl_s + r * DBP;
-#if DTM
-                const float d = dt_s[r * PCH + sc];
-#define P3EXP(v) (P3F ? ex2_fast(v) : __expf(v))
-#else
-#if DT4
-                float d4[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-                for (int k4 = 0; k4 < PRK / 4; ++k4) {
-                    const float4 w = *reinterpret_cast<const float4*>(wdt + 4 * k4);
-                    const float4 v = *reinterpret_cast<const float4*>(db + 4 * k4);
-                    d4[0] = fmaf(w.x, v.x, d4[0]);
-                    d4[1] = fmaf(w.y, v.y, d4[1]);
-                    d4[2] = fmaf(w.z, v.z, d4[2]);
-                    d4[3] = fmaf(w.w, v.w, d4[3]);
-                }
-                float d = (d4[0] + d4[1]) + (d4[2] + d4[3]);
-#else
-                float d = 0.f;
-#pragma unroll
-                for (int k4 = 0; k4 < PRK / 4; ++k4) {
-                    const float4 w = *reinterpret_cast<const float4*>(wdt + 4 * k4);
-                    const float4 v = *reinterpret_cast<const float4*>(db + 4 * k4);
-                    d = fmaf(w.x, v.x, d);
-                    d = fmaf(w.y, v.y, d);
-                    d = fmaf(w.z, v.z, d);
-                    d = fmaf(w.w, v.w, d);
-                }
-#endif
-                d += dtb;
-#if P3F
-                d = softplus_fast(d);
-#define P3EXP(v) ex2_fast(v)
-#else
-                d = d <= 20.f ? log1pf(__expf(d)) : d;                 // softplus, PyTorch's threshold
-#define P3EXP(v) __expf(v)
-#endif
-#endif
-                const float x = to_f(xc_s[r * XCP + sc]);
-                const float dx = d * x;
-                float y = 0.f;
-#pragma unroll
-                for (int j = 0; j < PNS / 4; ++j) {
-                    const float4 Bv = *reinterpret_cast<const float4*>(db + PRK + 4 * j);
-                    const float4 Cv = *reinterpret_cast<const float4*>(db + PRK + PNS + 4 * j);
-                    float4 s = r < batch ? *reinterpret_cast<const float4*>(st_s + r * STP + sc * PNS + 4 * j)
-                                         : make_float4(0.f, 0.f, 0.f, 0.f);
-                    s.x = fmaf(P3EXP(d * A[4 * j]), s.x, dx * Bv.x);
-                    s.y = fmaf(P3EXP(d * A[4 * j + 1]), s.y, dx * Bv.y);
-                    s.z = fmaf(P3EXP(d * A[4 * j + 2]), s.z, dx * Bv.z);
-                    s.w = fmaf(P3EXP(d * A[4 * j + 3]), s.w, dx * Bv.w);
-#if SBULK
-                    *reinterpret_cast<float4*>(st_s + r * STP + sc * PNS + 4 * j) = s;     // in place (own slot)
-#else
-                    if (r < batch) *reinterpret_cast<float4*>(base + ((long long)r * PEI + ch0 + sc) * PNS + 4 * j) = s;
-#endif
-                    y = fmaf(s.x, Cv.x, y);
-                    y = fmaf(s.y, Cv.y, y);
-                    y = fmaf(s.z, Cv.z, y);
-                    y = fmaf(s.w, Cv.w, y);
-                }
-                y = fmaf(Dd, x, y);
-                y_s[r * PCH + sc] = from_f(y * (P3F ? silu_fast(xz_s[r * XZP + PCH + sc]) : silu_f(xz_s[r * XZP + PCH + sc])));
-#undef P3EXP
             }
         }
-#endif  // WBP
         STAMP(13);
-#if WBP
         __syncthreads();                                               // y_s complete (the states went row by row)
-        STAMP(18);
-#elif SBULK
-        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");   // the states: generic writes, then copies
-        __syncthreads();
-        STAMP(18);
-        {   // the updated states back, a row (16 channels x 16 states, 1 KB) a copy: warp w rows 8w..8w+7, lanes 0..7
-            // (a copy takes uniform operands: a warp's lanes issue one after another, so every warp takes 8)
-            const int r = warp * (BR / NWARP) + lane;
-            if (lane < BR / NWARP && r < batch)
-                asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;"
-                             ::"l"(ssm_ptr(l) + ((long long)r * PEI + ch0) * PNS), "r"(sm_addr(st_s + r * STP)),
-                             "r"(PCH * PNS * 4) : "memory");
-            asm volatile("cp.async.bulk.commit_group;" ::: "memory");
-        }
-#else
-        __syncthreads();
-#endif
         STAMP(14);
         {   // y -> Y in A-fragment order: k-step c, m-tile mt, lane, register j (rows g / g+8, columns 2t / 2t+8)
 #pragma unroll
@@ -1021,24 +642,13 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
         STAMP(5);
 
         // ======== P4: out_proj rows 8c..8c+7, residual add, the next layer's G ========
-#if SBULK
-        asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");  // the state copies have read the ring
-        __syncthreads();                                                // (each thread waits for its own)
-#endif
-        STAMP(17);
         if (tid == 0) {
             asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
             for (int i = 0; i < NSLOT && i < Y_CHUNKS; ++i)
                 issue(q + i, reinterpret_cast<const unsigned char*>(Ybuf) + (long long)(Y_OFF + i) * SLOT_BYTES);
-#if PCL == 2
             mbar_expect(bar_px, (BR / 16) * 32 * 16);                  // the peer's out_proj partials, this layer
-#endif
-#if WI_AT == 4
-            if (l + 1 < L) copy_in(smem + S_WI, wi_src(l + 1), WI_EL * 2, bar_wi);
-#endif
         }
         bar_wait(bar_wo, l & 1);
-#if PCL == 2
         {   // out_proj, the pair's 16 columns over this CTA's half of the channels: warp w m-tile w % 4, n-tile w / 4
             // (= the rank whose columns), every k-step in 4 accumulator chains; the peer's n-tile goes to its red_s
             const int mt = warp & 3, nt = warp >> 2;
@@ -1060,10 +670,8 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
                 if (lane == 0) bar_arrive(empty + slot);
                 if (tid == 0 && i + NSLOT < Y_CHUNKS)
                     issue(q + NSLOT, reinterpret_cast<const unsigned char*>(Ybuf) + (long long)(Y_OFF + i + NSLOT) * SLOT_BYTES);
-#if WI_AT == 5
                 if (tid == 0 && i == (Y_CHUNKS > NSLOT ? Y_CHUNKS - NSLOT - 1 : 0) && l + 1 < L)
                     copy_in(smem + S_WI, wi_src(l + 1), WI_EL * 2, bar_wi);
-#endif
             }
             STAMP(15);
             float o[4];
@@ -1085,47 +693,6 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
         {
             const float* os = reinterpret_cast<const float*>(ring);
             const float o0 = os[er * OCOL + 2 * ep], o1 = os[er * OCOL + 2 * ep + 1];
-#else
-        float oacc[BR / 16][4];
-#pragma unroll
-        for (int m = 0; m < BR / 16; ++m)
-#pragma unroll
-            for (int j = 0; j < 4; ++j) oacc[m][j] = 0.f;
-        for (int i = 0; i < Y_CHUNKS; ++i, ++q) {
-            const unsigned slot = q % NSLOT;
-            bar_wait(full + slot, (q / NSLOT) & 1);
-            const int ks = i * 8 + warp;
-            const uint2 b = wo_s[ks * 32 + lane];
-            const uint4* ap = reinterpret_cast<const uint4*>(ring + slot * SLOT_BYTES) + warp * (BR / 16) * 32 + lane;
-#pragma unroll
-            for (int m = 0; m < BR / 16; ++m) mma16816(oacc[m], ap[m * 32], b.x, b.y);
-            __syncwarp();
-            if (lane == 0) bar_arrive(empty + slot);
-            if (tid == 0 && i + NSLOT < Y_CHUNKS)
-                issue(q + NSLOT, reinterpret_cast<const unsigned char*>(Ybuf) + (long long)(i + NSLOT) * SLOT_BYTES);
-        }
-        STAMP(15);
-        __syncthreads();
-        {
-            float* pr = reinterpret_cast<float*>(ring) + warp * BR * OCOL;     // [row][col]
-#pragma unroll
-            for (int m = 0; m < BR / 16; ++m) {
-                const int row = m * 16 + g;
-                *reinterpret_cast<float2*>(&pr[row * OCOL + 2 * t]) = make_float2(oacc[m][0], oacc[m][1]);
-                *reinterpret_cast<float2*>(&pr[(row + 8) * OCOL + 2 * t]) = make_float2(oacc[m][2], oacc[m][3]);
-            }
-        }
-        __syncthreads();
-        {
-            const float* pr = reinterpret_cast<const float*>(ring);
-            float o0 = 0.f, o1 = 0.f;
-#pragma unroll
-            for (int w = 0; w < NWARP; ++w) {
-                const float2 v = *reinterpret_cast<const float2*>(&pr[(w * BR + er) * OCOL + 2 * ep]);
-                o0 += v.x;
-                o1 += v.y;
-            }
-#endif  // PCL
             res_s[er * OCOL + 2 * ep] += rnd(o0);
             res_s[er * OCOL + 2 * ep + 1] += rnd(o1);
             if (l + 1 < L) emit(cl + C_NW);
@@ -1137,12 +704,8 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
     if (er < batch)
         *reinterpret_cast<float2*>(residual + (long long)er * PDM + c * OCOL + 2 * ep) =
             make_float2(res_s[er * OCOL + 2 * ep], res_s[er * OCOL + 2 * ep + 1]);
-#if SBULK
     asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");       // the last states written
-#endif
-#if PCL == 2
     cluster_sync();                                                // no CTA leaves while its peer may still send
-#endif
     // the last CTA out resets the counters for the next launch (every CTA has passed the last barrier)
     __syncthreads();
     if (tid == 0) {

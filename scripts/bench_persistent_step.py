@@ -25,9 +25,9 @@ from bytemamba.ops import persistent_step as ps  # noqa: E402
 
 PHASES = ["P1 in_proj+conv+x_proj", "B2", "P2 x_proj reduce", "B3", "P3 dt+state+y", "B4", "P4 out_proj+resid", "B1"]
 # the phases' parts (the kernel's slots 8..15 and the rest of each phase), as (name, slots summed)
-PARTS = [("P1 ss", (19,)), ("P1 Wi wait", (20,)), ("P1 G+mma", (8,)), ("P1 xz", (9,)), ("P1 st issue", (16,)), ("P1 conv", (10,)), ("P1 x_proj", (0,)),
-         ("P3 dbl", (11,)), ("P3 st wait", (12,)), ("P3 math", (13,)), ("P3 sync", (18,)), ("P3 wb", (14,)),
-         ("P3 Y", (4,)), ("P4 st read", (17,)), ("P4 Y+mma", (15,)), ("P4 resid", (6,))]
+PARTS = [("P1 start", (19,)), ("P1 Wi wait", (20,)), ("P1 G+mma", (8,)), ("P1 st+xz", (9,)), ("P1 conv", (10,)),
+         ("P1 x_proj", (0,)), ("P3 dbl", (11,)), ("P3 st wait", (12,)), ("P3 math", (13,)), ("P3 sync", (14,)),
+         ("P3 Y", (4,)), ("P4 Y+mma", (15,)), ("P4 resid", (6,))]
 GHZ = 1.98
 
 
@@ -66,8 +66,6 @@ def main():
         res = torch.empty(b, 1024, device="cuda")
         for name, defines in variants:
             os.environ["BYTEMAMBA_PERSISTENT_DEFINES"] = defines
-            if P.pcl != ps.build_pcl():                 # (a build with other clusters: its own packing)
-                P = ps.pack_persistent(W)
             t = {}
             try:
                 for L in (a.layers, 1):
@@ -94,8 +92,6 @@ def main():
                 if not any(r[:2] == (b, name) for r in rows):
                     continue
                 conv, ssm = [s.conv for s in cache.layers], [s.ssm for s in cache.layers]
-                if P.pcl != ps.build_pcl():
-                    P = ps.pack_persistent(W)
                 ps.persistent_layers_fn(ids, P, W, conv, ssm, res)
                 torch.cuda.synchronize()
                 ps.profile(res.device, dt)
@@ -106,7 +102,7 @@ def main():
                 prof = ps.profile(res.device, dt)
                 per = [v / n / a.layers / (GHZ * 1e3) for v in prof]
                 whole = per[:8]                              # the phases: slots 0..7 plus their parts 8..15
-                for ph, parts in ((0, (8, 9, 10, 16, 19, 20)), (4, (11, 12, 13, 14, 18)), (6, (15, 17))):
+                for ph, parts in ((0, (8, 9, 10, 19, 20)), (4, (11, 12, 13, 14)), (6, (15,))):
                     whole[ph] += sum(per[i] for i in parts)
                 profiles.append((b, name, whole, per))
             os.environ["BYTEMAMBA_PERSISTENT_DEFINES"] = ""

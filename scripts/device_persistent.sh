@@ -3,7 +3,8 @@
 #   bash scripts/device_persistent.sh        its GPU tests, the kernel bench (per-phase profile at b 64;
 #                                            BENCH_VARIANTS: more NAME=DEF+DEF builds), then `bench generate` on the
 #                                            persistent path and on the path it replaces (persistent off)
-#   bash scripts/device_persistent.sh v3     the v3 candidates (CANDS: NAME=DEF+DEF ...; the kernel's opening
+#   CANDS="a=X=1 b=Y=1" bash scripts/device_persistent.sh cand
+#                                            candidate builds (CANDS: NAME=DEF+DEF ...; the kernel's opening
 #                                            comment says what each define does): the GPU tests of each candidate
 #                                            (parallel processes), then the kernel bench of the default and every
 #                                            candidate at b 8 and 64, the per-phase profile of the default and the
@@ -11,8 +12,8 @@
 #                                            more GPU test files, run beside the candidates' tests
 export OMP_NUM_THREADS=4
 O=${OUT:-/tmp}
-if [ "$1" = v3 ]; then
-    CANDS=${CANDS:-"v3a=RED4=1+DBL1=1+STIN8=1 v3b=RED4=1+DBL1=1+STIN8=1+DT4=1+SBULK=1 v3c=RED4=1+DBL1=1+STIN8=1+DT4=1+SBULK=1+WI_AT=4"}
+if [ "$1" = cand ]; then
+    [ -n "$CANDS" ] || { echo "device_persistent.sh cand: set CANDS (NAME=DEF+DEF ...)"; exit 1; }
     for c in $CANDS; do
         BYTEMAMBA_PERSISTENT_DEFINES=${c#*=} timeout 58 python3 -m pytest -q -m gpu tests/ops/test_persistent_step.py \
             -p no:cacheprovider > $O/tests_${c%%=*}.log 2>&1 &

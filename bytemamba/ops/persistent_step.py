@@ -1,6 +1,7 @@
 """Every layer of one decoding step of a byte353m-shaped Mamba LM as ONE persistent kernel
-(cuda/decode_persistent.cu): 128 CTAs, one per SM, grid-wide barriers between the phases of a layer, each
-CTA's weight slices brought into shared memory by bulk copies a phase or more ahead. For `SHAPE` only (d_model
+(cuda/decode_persistent.cu): 128 CTAs, one per SM, in clusters of 2 (a pair splits in_proj and out_proj along K),
+grid-wide barriers between the phases of a layer, each CTA's weight slices brought into shared memory by bulk
+copies a phase or more ahead. For `SHAPE` only (d_model
 1024, d_inner 2048, d_state 16, dt_rank 64, d_conv 4), 1..64 batch rows, bf16 or fp16 compute, no in_proj /
 out_proj biases, a GPU of compute capability 9.0+ with at least 128 SMs.
 
@@ -30,7 +31,7 @@ NCTA = 128                      # CTAs (one per SM): d_inner / 16 channels
 MAX_BATCH = 64                  # rows the kernel carries (fewer are masked)
 MAX_LAYERS = 128                # the kernel keeps the state pointers in shared memory
 C_EL = 1408                     # fp32 constants per (layer, CTA): see cuda/decode_persistent.cu
-PCL_DEFAULT = 2                 # the kernel's clusters (PCL): 2 (in_proj / out_proj split along K in pairs), or 1
+PCL = 2                         # CTAs a cluster: a pair splits in_proj and out_proj along K (the kernel's PCL)
 _DTYPE_CODE = {torch.bfloat16: 1, torch.float16: 2}
 WHO = "persistent step"         # how its error messages start
 
@@ -62,17 +63,16 @@ def unsupported_reason(*, d_model, d_inner, d_state, dt_rank, d_conv, dtype, bat
 
 @dataclass
 class PersistentWeights:
-    """The weights sliced per CTA (CTA c: channels 16c..16c+15, residual columns 8c..8c+7), in mma fragment order.
-    pcl 2 (the kernel's PCL 2 build): CTA c = 2p + k holds half of K of its pair's in_proj rows (those of CTAs 2p
-    and 2p+1) and of its pair's 16 out_proj rows."""
-    Wi: torch.Tensor          # (L, 128, 32 * d) dtype: in_proj rows [x 16c.. | z e+16c..], A fragments
-                              #   (pcl 2: [x, z of 2p | x, z of 2p+1] x columns k d/2.., A fragments)
-    Wo: torch.Tensor          # (L, 128, 8 * e) dtype: out_proj rows 8c..8c+7, B fragments (b_fragments)
-                              #   (pcl 2: rows 16p..16p+15 as 2 n-tiles x columns k e/2..)
+    """The weights sliced per CTA in mma fragment order. CTA c (pair p = c // 2, rank k = c % 2) owns channels
+    16c..16c+15 and residual columns 8c..8c+7; it holds half of K (half k) of its pair's in_proj rows (those of CTAs
+    2p and 2p+1) and of its pair's 16 out_proj rows."""
+    Wi: torch.Tensor          # (L, 128, 32 * d) dtype: in_proj rows [x, z of 2p | x, z of 2p+1] x columns k d/2..
+                              #   as 4 m-tiles of A fragments
+    Wo: torch.Tensor          # (L, 128, 8 * e) dtype: out_proj rows 16p..16p+15 (2 n-tiles) x columns k e/2.., B
+                              #   fragments (b_fragments)
     Wx: torch.Tensor          # (L, 128, (r + 2n) * 16) dtype: x_proj columns 16c.., A fragments
     C: torch.Tensor           # (L, 128, C_EL) float32: W_dt, A, conv_w, conv_b, dt_b, D, next norm weight
     norm0: torch.Tensor       # (d,) float32: layer 0's norm weight
-    pcl: int = 1              # the kernel build these are packed for (PCL)
 
 
 def b_fragments(w: torch.Tensor) -> torch.Tensor:
@@ -84,12 +84,8 @@ def b_fragments(w: torch.Tensor) -> torch.Tensor:
     return v.permute(0, 2, 1, 4, 3, 5).reshape(*lead, N * K)
 
 
-def pack_persistent(W: FusedWeights, pcl: int | None = None) -> PersistentWeights:
-    """W (fused_step.pack_weights) in the persistent kernel's layout (copies), for clusters of `pcl` (default: the
-    build's, build_pcl())."""
-    pcl = build_pcl() if pcl is None else pcl
-    if pcl not in (1, 2):
-        raise ValueError(f"persistent step: clusters of {pcl} (the kernel is built for 1 or 2)")
+def pack_persistent(W: FusedWeights) -> PersistentWeights:
+    """W (fused_step.pack_weights) in the persistent kernel's layout (copies)."""
     L = W.n_layer
     e, d = W.W_in.shape[1] // 2, W.W_in.shape[2]
     ch, oc = e // NCTA, d // NCTA
@@ -97,21 +93,17 @@ def pack_persistent(W: FusedWeights, pcl: int | None = None) -> PersistentWeight
         def per_cta(t):                                          # (L, e, ...) -> (L, 128, 16 * ...)
             return t.reshape(L, NCTA, -1)
         rows = torch.cat([W.W_in[:, :e].reshape(L, NCTA, ch, d), W.W_in[:, e:].reshape(L, NCTA, ch, d)], dim=2)
-        if pcl == 1:
-            Wi = mma_fragments(rows)
-            Wo = b_fragments(W.W_out.reshape(L, NCTA, oc, e))
-        else:                                                    # pair p, rank k: K half k of the pair's rows
-            half = rows.reshape(L, NCTA // 2, 4 * ch, 2, d // 2).transpose(2, 3)      # (L, p, k, 64, d/2)
-            Wi = mma_fragments(half.reshape(L, NCTA, 4 * ch, d // 2))
-            wo = W.W_out.reshape(L, NCTA // 2, 2 * oc, 2, e // 2).transpose(2, 3)    # (L, p, k, 16, e/2)
-            Wo = b_fragments(wo.reshape(L, NCTA, 2, oc, e // 2)).reshape(L, NCTA, oc * e)
+        half = rows.reshape(L, NCTA // PCL, PCL * 2 * ch, PCL, d // PCL).transpose(2, 3)   # (L, p, k, 64, d/2)
+        Wi = mma_fragments(half.reshape(L, NCTA, PCL * 2 * ch, d // PCL))
+        wo = W.W_out.reshape(L, NCTA // PCL, PCL * oc, PCL, e // PCL).transpose(2, 3)       # (L, p, k, 16, e/2)
+        Wo = b_fragments(wo.reshape(L, NCTA, PCL, oc, e // PCL)).reshape(L, NCTA, oc * e)
         Wx = mma_fragments(W.W_x.reshape(L, -1, NCTA, ch).transpose(1, 2))
         nxt = W.norm_w[1:L + 1].reshape(L, NCTA, oc)
         C = torch.cat([per_cta(W.W_dt), per_cta(W.A), per_cta(W.conv_w), per_cta(W.conv_b), per_cta(W.dt_b),
                        per_cta(W.D), nxt, torch.zeros(L, NCTA, 8, device=nxt.device)], dim=2).float()
         assert C.shape[2] == C_EL, C.shape
         return PersistentWeights(Wi=Wi.contiguous(), Wo=Wo.contiguous(), Wx=Wx.contiguous(), C=C.contiguous(),
-                                 norm0=W.norm_w[0].contiguous(), pcl=pcl)
+                                 norm0=W.norm_w[0].contiguous())
 
 
 # ---- CUDA launcher ------------------------------------------------------------------------------------------
@@ -124,14 +116,6 @@ def _defines() -> tuple:
     return tuple(f"-D{x}" for x in v.replace("+", " ").split() if x)
 
 
-def build_pcl() -> int:
-    """The clusters of the build `module` compiles now: PCL among the defines, else the kernel's default."""
-    for x in _defines():
-        if x.startswith("-DPCL="):
-            return int(x[len("-DPCL="):])
-    return PCL_DEFAULT
-
-
 def module(device, dtype):
     """The compiled kernel, its dynamic shared memory set (K["smem"])."""
     K = compile_module("decode_persistent.cu", (f"-DIN_DTYPE={_DTYPE_CODE[dtype]}",) + _defines(), device,
@@ -142,11 +126,11 @@ def module(device, dtype):
             out = cupy.zeros(8, dtype=cupy.int32)
             K["persistent_smem"]((1,), (1,), (out,))
             smem, ncta, nthr, rows, cel, pcl = (int(v) for v in out.get()[:6])
-        if (ncta, rows, cel) != (NCTA, MAX_BATCH, C_EL):
-            raise RuntimeError(f"persistent step: the kernel reports {ncta} CTAs, {rows} rows, {cel} constants; "
-                               f"the launcher expects {NCTA}, {MAX_BATCH}, {C_EL}")
+        if (ncta, rows, cel, pcl) != (NCTA, MAX_BATCH, C_EL, PCL):
+            raise RuntimeError(f"persistent step: the kernel reports {ncta} CTAs, {rows} rows, {cel} constants, "
+                               f"clusters of {pcl}; the launcher expects {NCTA}, {MAX_BATCH}, {C_EL}, {PCL}")
         K["persistent_step"].max_dynamic_shared_size_bytes = smem
-        K["smem"], K["threads"], K["pcl"] = smem, nthr, pcl
+        K["smem"], K["threads"] = smem, nthr
     return K
 
 
@@ -214,13 +198,10 @@ def persistent_layers_fn(ids, P: PersistentWeights, W: FusedWeights, conv_states
     S = _get_scratch(dev, W.dtype)
     table = state_table(conv_states, ssm_states, dev, WHO)
     K = module(dev, W.dtype)
-    if P.pcl != K["pcl"]:
-        raise ValueError(f"persistent step: the weights are packed for clusters of {P.pcl}, the kernel is built for "
-                         f"{K['pcl']} (pack_persistent(W, pcl={K['pcl']}))")
     _launch(dev, K["persistent_step"], NCTA, K["threads"],
             (ptr(ids), ptr(W.emb), ptr(P.norm0), np.float32(W.eps), ptr(P.Wi), ptr(P.Wo), ptr(P.Wx), ptr(P.C),
              ptr(table), np.int32(L), np.int32(b), ptr(residual), ptr(S.G), ptr(S.Y), ptr(S.xpart), ptr(S.dbl),
-             ptr(S.sspart), ptr(S.bars)), K["smem"], coop=cooperative(), cluster=K["pcl"])
+             ptr(S.sspart), ptr(S.bars)), K["smem"], coop=cooperative(), cluster=PCL)
     return residual
 
 
@@ -230,7 +211,7 @@ def persistent_step_fn(ids, W: FusedWeights, conv_states, ssm_states, P: Persist
     the first call and kept there, as the rows kernel keeps W.rows)."""
     from bytemamba.ops.step import add_rmsnorm_fn
     if P is None:
-        if W.persistent is None or W.persistent.pcl != build_pcl():
+        if W.persistent is None:
             if torch.cuda.is_current_stream_capturing():
                 raise RuntimeError("persistent step: first call inside a graph capture (run one step eagerly first)")
             W.persistent = pack_persistent(W)

@@ -62,7 +62,9 @@ def b_tile(frag):
 
 
 def test_packed_weights_are_the_mma_fragments_of_each_ctas_slice():
-    """pcl 1 (the PCL=1 build): CTA c holds in_proj rows x / z 16c.. and out_proj rows 8c.. over all of K."""
+    """CTA c = 2p + k holds k-half k of the in_proj rows of CTAs 2p and 2p+1 (x, z of 2p, then x, z of 2p+1: 4
+    m-tiles) and of out_proj rows 16p..16p+15 (2 n-tiles); x_proj's columns and the fp32 constants of its own 16
+    channels; the next norm's weight of its 8 residual columns."""
     torch.manual_seed(0)
     L, e, d, r, n = 2, SHAPE["d_inner"], SHAPE["d_model"], SHAPE["dt_rank"], SHAPE["d_state"]
     layers = [dict(in_proj=torch.randn(2 * e, d), conv_w=torch.randn(e, 1, 4), conv_b=torch.randn(e),
@@ -70,16 +72,20 @@ def test_packed_weights_are_the_mma_fragments_of_each_ctas_slice():
                    A_log=torch.randn(e, n), D=torch.randn(e), out_proj=torch.randn(d, e)) for _ in range(L)]
     norms = [torch.randn(d) for _ in range(L + 1)]
     W = pack_weights(torch.randn(256, d), torch.randn(256, d), norms, layers, 1e-5, torch.float32)
-    P = pack_persistent(W, pcl=1)
+    P = pack_persistent(W)
     assert P.Wi.shape == (L, NCTA, 32 * d) and P.Wo.shape == (L, NCTA, 8 * e) and P.C.shape == (L, NCTA, C_EL)
-    for l, c in ((0, 0), (1, 77), (1, 127)):
-        wi = P.Wi[l, c].reshape(2, d // 16, 32, 8)                 # [m-tile][k-step][lane][8]
-        for mt, ks in ((0, 0), (1, 5), (0, 63), (1, 63)):
-            rows = (c * 16 if mt == 0 else e + c * 16) + torch.arange(16)
-            assert torch.equal(a_tile(wi[mt, ks]), layers[l]["in_proj"][rows][:, ks * 16:ks * 16 + 16])
-        wo = P.Wo[l, c].reshape(e // 16, 32, 4)                     # [k-step][lane][4]
-        for ks in (0, 17, 127):
-            assert torch.equal(b_tile(wo[ks]), layers[l]["out_proj"][8 * c:8 * c + 8, ks * 16:ks * 16 + 16].t())
+    for l, c in ((0, 0), (0, 1), (1, 77), (1, 126), (1, 127)):
+        p, k = divmod(c, 2)
+        wi = P.Wi[l, c].reshape(4, d // 32, 32, 8)                 # [m-tile][k-step][lane][8]
+        for mt, ks in ((0, 0), (1, 3), (2, 31), (3, 17)):
+            owner, part = 2 * p + mt // 2, mt % 2
+            rows = part * e + owner * 16 + torch.arange(16)
+            cols = slice(k * d // 2 + ks * 16, k * d // 2 + ks * 16 + 16)
+            assert torch.equal(a_tile(wi[mt, ks]), layers[l]["in_proj"][rows][:, cols])
+        wo = P.Wo[l, c].reshape(2, e // 32, 32, 4)                 # [n-tile][k-step][lane][4]
+        for nt, ks in ((0, 0), (1, 5), (0, 63), (1, 63)):
+            cols = slice(k * e // 2 + ks * 16, k * e // 2 + ks * 16 + 16)
+            assert torch.equal(b_tile(wo[nt, ks]), layers[l]["out_proj"][16 * p + 8 * nt:16 * p + 8 * nt + 8, cols].t())
         wx = P.Wx[l, c].reshape(6, 32, 8)                           # [m-tile][lane][8]
         for mt in range(6):
             assert torch.equal(a_tile(wx[mt]), layers[l]["x_proj"][mt * 16:mt * 16 + 16, c * 16:c * 16 + 16])
@@ -95,40 +101,11 @@ def test_packed_weights_are_the_mma_fragments_of_each_ctas_slice():
     assert b_fragments(torch.arange(8 * 32.).reshape(8, 32)).shape == (256,)
 
 
-def test_packed_weights_for_pairs_split_in_proj_and_out_proj_along_k():
-    """pcl 2 (the PCL=2 build): CTA c = 2p + k holds k-half k of the in_proj rows of CTAs 2p and 2p+1 (x, z of
-    2p, then x, z of 2p+1: 4 m-tiles) and of out_proj rows 16p..16p+15 (2 n-tiles); the rest as with pcl 1."""
-    torch.manual_seed(1)
-    L, e, d, r, n = 1, SHAPE["d_inner"], SHAPE["d_model"], SHAPE["dt_rank"], SHAPE["d_state"]
-    layers = [dict(in_proj=torch.randn(2 * e, d), conv_w=torch.randn(e, 1, 4), conv_b=torch.randn(e),
-                   x_proj=torch.randn(r + 2 * n, e), dt_w=torch.randn(e, r), dt_b=torch.randn(e),
-                   A_log=torch.randn(e, n), D=torch.randn(e), out_proj=torch.randn(d, e))]
-    W = pack_weights(torch.randn(256, d), torch.randn(256, d), [torch.randn(d), torch.randn(d)], layers, 1e-5,
-                     torch.float32)
-    P1, P2 = pack_persistent(W, pcl=1), pack_persistent(W, pcl=2)
-    assert P2.pcl == 2 and P2.Wi.shape == P1.Wi.shape and P2.Wo.shape == P1.Wo.shape
-    assert torch.equal(P2.Wx, P1.Wx) and torch.equal(P2.C, P1.C)
-    for c in (0, 1, 77, 126, 127):
-        p, k = divmod(c, 2)
-        wi = P2.Wi[0, c].reshape(4, d // 32, 32, 8)                # [m-tile][k-step][lane][8]
-        for mt, ks in ((0, 0), (1, 3), (2, 31), (3, 17)):
-            owner, part = 2 * p + mt // 2, mt % 2
-            rows = part * e + owner * 16 + torch.arange(16)
-            cols = slice(k * d // 2 + ks * 16, k * d // 2 + ks * 16 + 16)
-            assert torch.equal(a_tile(wi[mt, ks]), layers[0]["in_proj"][rows][:, cols])
-        wo = P2.Wo[0, c].reshape(2, e // 32, 32, 4)                # [n-tile][k-step][lane][4]
-        for nt, ks in ((0, 0), (1, 5), (0, 63), (1, 63)):
-            cols = slice(k * e // 2 + ks * 16, k * e // 2 + ks * 16 + 16)
-            want = layers[0]["out_proj"][16 * p + 8 * nt:16 * p + 8 * nt + 8, cols].t()
-            assert torch.equal(b_tile(wo[nt, ks]), want)
-    with pytest.raises(ValueError, match="clusters of 4"):
-        pack_persistent(W, pcl=4)
-
-
 def test_activation_layouts_of_the_kernel_are_mma_fragments():
     """The kernel's index formulas (transcribed from cuda/decode_persistent.cu): G written by the residual
     owners (emit) and read by in_proj's warps as B fragments; Y written by the channel owners and read by
-    out_proj's warps as A fragments; both through 16 KB chunks of the ring."""
+    out_proj's warps as A fragments; both through 16 KB chunks of the ring (chunk i holds k-steps 8i..8i+7; below,
+    w is the k-step within the chunk)."""
     BR, d, e = MAX_BATCH, SHAPE["d_model"], SHAPE["d_inner"]
     h = torch.randn(BR, d)
     G = torch.full((BR * d,), float("nan"))
@@ -183,19 +160,8 @@ def test_model_takes_the_persistent_path_only_where_asked(monkeypatch):
         assert "turned off" in m.persistent_step_reason(64, torch.device("cpu"))
 
 
-V3 = ("-DRED4=1", "-DDBL1=1", "-DSTIN8=1", "-DDT4=1", "-DSBULK=1")       # the v3 candidates (the kernel's opening defines)
-
-
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
-@pytest.mark.parametrize("dtype_code,defines", [(1, ()), (2, ()), (1, ("-DPROFILE=1",)),
-                                                (1, ("-DRED4=1", "-DDBL1=1", "-DSTIN8=1")), (1, V3), (2, V3),
-                                                (1, V3 + ("-DWI_AT=4",)), (2, V3 + ("-DWI_AT=4",)),
-                                                (1, ("-DPROFILE=1",) + V3 + ("-DWI_AT=4",)),
-                                                (1, ("-DPCL=2",)), (2, ("-DPCL=2", "-DP3F=1")),
-                                                (1, ("-DPROFILE=1", "-DPCL=2", "-DP3F=1")), (1, ("-DDTM=1",)),
-                                                (2, ("-DDTM=1", "-DPCL=2", "-DP3F=1")), (1, ("-DWBP=1", "-DSTE=1")),
-                                                (2, ("-DWBP=1",)), (1, ("-DPROFILE=1", "-DSTE=1", "-DWBP=1")),
-                                                (1, ("-DWI_AT=5",)), (2, ("-DWBS=1",))])
+@pytest.mark.parametrize("dtype_code,defines", [(1, ()), (2, ()), (1, ("-DPROFILE=1",)), (2, ("-DPROFILE=1",))])
 def test_kernel_compiles_for_sm90_without_spills(dtype_code, defines, tmp_path):
     r = subprocess.run(["nvcc", "-arch=sm_90", "-std=c++17", "-cubin", "-o", str(tmp_path / "k.cubin"),
                         "-Xptxas", "-v", "-Werror", "all-warnings", f"-DIN_DTYPE={dtype_code}", *defines, str(SRC)],
@@ -208,8 +174,8 @@ def test_kernel_compiles_for_sm90_without_spills(dtype_code, defines, tmp_path):
 # ---- GPU --------------------------------------------------------------------------------------------------
 
 # the build under test: BYTEMAMBA_PERSISTENT_DEFINES as pytest finds it (unset: the default build), e.g.
-# BYTEMAMBA_PERSISTENT_DEFINES="RED4=1+DBL1=1" python3 -m pytest -q -m gpu tests/ops/test_persistent_step.py
-# (scripts/device_persistent.sh v3 runs the file once per candidate); the model-path tests read the same variable
+# BYTEMAMBA_PERSISTENT_DEFINES="PROFILE=1" python3 -m pytest -q -m gpu tests/ops/test_persistent_step.py
+# (scripts/device_persistent.sh cand runs the file once per candidate); the model-path tests read the same variable
 BUILDS = {"default": os.environ.get("BYTEMAMBA_PERSISTENT_DEFINES", "")}
 CASES = [("default", torch.bfloat16, 64), ("default", torch.bfloat16, 37), ("default", torch.bfloat16, 1),
          ("default", torch.float16, 64)]
