@@ -66,17 +66,6 @@
 #ifndef NSLOT
 #define NSLOT 6                 // ring slots of 16 KB
 #endif
-// Candidates (default 0; not yet the code): CVF 1: the conv's SiLU as silu_fast; Y2 1: P3's y in two FMA chains
-// (even / odd float4s) instead of one of 16; WBL 1: P3 writes a warp's rows of step i back during step i + 1
-#ifndef CVF
-#define CVF 0
-#endif
-#ifndef Y2
-#define Y2 0
-#endif
-#ifndef WBL
-#define WBL 0
-#endif
 #define SLOT_BYTES 16384        // a chunk: 8 k-steps x 64 rows of in_t
 #define PCL 2                   // CTAs a cluster (a pair splits in_proj and out_proj along K)
 #define G_CHUNKS (PDM / 128 / PCL)   // 4 chunks: half of G
@@ -464,11 +453,7 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
                 cw[0] = c1;
                 cw[1] = c2;
                 cw[2] = x;
-#if CVF
-                xc_s[r * XCP + tc] = from_f(silu_fast(a + cb));
-#else
                 xc_s[r * XCP + tc] = from_f(silu_f(a + cb));
-#endif
             }
             __syncthreads();
             float* base = conv_ptr(l) + (long long)ch0 * (PKC - 1);
@@ -606,12 +591,6 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
                 const float x = to_f(xc_s[r * XCP + wc]);
                 const float dx = d * x;
                 float y = 0.f;
-#if Y2
-                float y1 = 0.f;
-#define YACC(j) (((j) & 1) ? y1 : y)
-#else
-#define YACC(j) y
-#endif
 #pragma unroll
                 for (int j = 0; j < PNS / 4; ++j) {
                     const int jj = (j + rot) & 3;
@@ -624,30 +603,18 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
                     s.z = fmaf(ex2_fast(d * Ar[j].z), s.z, dx * Bv.z);
                     s.w = fmaf(ex2_fast(d * Ar[j].w), s.w, dx * Bv.w);
                     *reinterpret_cast<float4*>(sp) = s;
-                    YACC(j) = fmaf(s.x, Cv.x, YACC(j));
-                    YACC(j) = fmaf(s.y, Cv.y, YACC(j));
-                    YACC(j) = fmaf(s.z, Cv.z, YACC(j));
-                    YACC(j) = fmaf(s.w, Cv.w, YACC(j));
+                    y = fmaf(s.x, Cv.x, y);
+                    y = fmaf(s.y, Cv.y, y);
+                    y = fmaf(s.z, Cv.z, y);
+                    y = fmaf(s.w, Cv.w, y);
                 }
-#undef YACC
-#if Y2
-                y += y1;
-#endif
                 y = fmaf(Dd, x, y);
                 y_s[r * PCH + wc] = from_f(y * silu_fast(xz_s[r * XZP + PCH + wc]));
                 // this warp's two rows are done: back to global, lane q the float4s q, q + 32 of row 2i + j
-                // (WBL: those of step i - 1, then after the loop the last)
-#if WBL
-                if (i > 0) {
-                    const int ib = i - 1;
-#else
-                {
-                    const int ib = i;
-#endif
                 __syncwarp();
 #pragma unroll
                 for (int j = 0; j < 2; ++j) {
-                    const int rw = warp * (BR / NWARP) + 2 * ib + j;
+                    const int rw = warp * (BR / NWARP) + 2 * i + j;
                     if (rw < batch) {
                         float4* dst = reinterpret_cast<float4*>(ssm_ptr(l) + ((long long)rw * PEI + ch0) * PNS);
                         const float4* src = reinterpret_cast<const float4*>(st_s + rw * STP);
@@ -656,22 +623,7 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
                         dst[lane + 32] = b;
                     }
                 }
-                }
             }
-#if WBL
-            __syncwarp();
-#pragma unroll
-            for (int j = 0; j < 2; ++j) {
-                const int rw = warp * (BR / NWARP) + BR / NWARP - 2 + j;
-                if (rw < batch) {
-                    float4* dst = reinterpret_cast<float4*>(ssm_ptr(l) + ((long long)rw * PEI + ch0) * PNS);
-                    const float4* src = reinterpret_cast<const float4*>(st_s + rw * STP);
-                    const float4 a = src[lane], b = src[lane + 32];
-                    dst[lane] = a;
-                    dst[lane + 32] = b;
-                }
-            }
-#endif
         }
         STAMP(13);
         __syncthreads();                                               // y_s complete (the states went row by row)
