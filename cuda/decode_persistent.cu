@@ -38,8 +38,8 @@
 // shared memory (persistent_smem() reports it and the cluster size), cooperative (every CTA resident: the grid
 // barriers spin). Scratch (the launcher owns it): G, Y, the x_proj partials and sums, the partial sums of
 // squares, 2 barrier counters that the kernel leaves at zero.
-// Measured on an H200 (docs/PERF.md, "byte353m batch 64: persistent step kernel", v4, 2026-11-29 14:48 UTC): 53
-// layers, kernel alone, 1080 us at 64 rows (20.3 us a layer), 949 us at 8; the whole step 1.102 ms at b 64.
+// Measured on an H200 (docs/PERF.md, "byte353m batch 64: persistent step kernel", v5, 2026-11-29 14:55 UTC): 53
+// layers, kernel alone, 1081 us at 64 rows (20.3 us a layer), 943 us at 8; the whole step 1.098 ms at b 64.
 // Tried and removed (measured slower; git has them): clusters of 2 with multicast G / Y streams and full fences
 // in the grid barrier (commit db6e7d7); per-chunk counters instead of two grid barriers (92877aa); the v3 kernel
 // without clusters and its v2 alternatives (RED4 / DBL1 / SBULK / STIN8 / DT4 / WI_AT 3, 4), the dt dot on the

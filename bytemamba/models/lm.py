@@ -182,8 +182,8 @@ class ByteMambaLM(nn.Module):
     # Batches in this range (inclusive) run every layer of the step as ONE persistent kernel where the model has
     # its shape (byte353m's: bytemamba.ops.persistent_step.SHAPE) and the step computes in bf16/fp16,
     # cuda/decode_persistent.cu (`last_step_path` "persistent"). Measured on an H200 (docs/PERF.md, "byte353m
-    # batch 64: persistent step kernel", v4): b 64 1.10 ms vs 1.80 ms (cuBLAS step), b 8 kernel alone 0.95 ms vs
-    # ~1.42 ms a step; b 1 keeps the GEMV step (0.77 ms); the kernel takes at most 64 rows.
+    # batch 64: persistent step kernel", v5): b 64 1.10 ms a step vs 1.80 ms (cuBLAS step), b 8 0.96 ms vs 1.41;
+    # b 1 keeps the GEMV step (0.77 ms); the kernel takes at most 64 rows.
     # BYTEMAMBA_PERSISTENT_STEP=1 forces it on at every batch it supports, =0 off.
     persistent_batches: tuple = (8, 64)
 
