@@ -20,9 +20,11 @@
 // (xz_s, red_s: free then) and adds the peer's to its own. Per layer, phases between grid barriers (4 a layer):
 //   P1 in_proj (mma.sync m16n8k16; the normed activations G, 64 x 1024 in mma B-fragment order, written by the
 //      column owners, stream from L2 through a ring of 16 KB shared-memory slots by bulk copies; warp w: m-tile
-//      w / 2, n-tiles 4 (w % 2)..+3), the exchange, the rows' 1/rms from the owners' partial sums of squares; the
-//      SSM states come into the ring by 64 bulk copies of 1 KB as soon as the G stream is done; conv step + SiLU
-//      (the windows as float4s staged in the ring); x_proj partial sums over the CTA's 16 channels -> global
+//      w / 2, n-tiles 4 (w % 2)..+3), the exchange, the rows' 1/rms (each CTA of a pair sums the owners' partial
+//      sums of squares of one half of the CTAs and sends the 64 half-sums with its in_proj partials); the SSM
+//      states come into the ring by 64 bulk copies of 1 KB as soon as the G stream is done; conv step + SiLU (the
+//      windows loaded as float4s, staged in the ring before the exchange's CTA barrier, written back after x_proj);
+//      x_proj partial sums over the CTA's 16 channels -> global
 //   P2 reduce-scatter: CTA c sums 48 of the 6144 x_proj outputs over the 128 partials (fixed order)
 //   P3 dt for the CTA's 16 channels by mma (+ softplus) into shared memory; the state update by warp-owned rows
 //      (warp w rows 8w..8w+7, two a step: lane / 16 the row, lane % 16 the channel, a channel's float4s in the order
@@ -38,15 +40,16 @@
 // shared memory (persistent_smem() reports it and the cluster size), cooperative (every CTA resident: the grid
 // barriers spin). Scratch (the launcher owns it): G, Y, the x_proj partials and sums, the partial sums of
 // squares, 2 barrier counters that the kernel leaves at zero.
-// Measured on an H200 (docs/PERF.md, "byte353m batch 64: persistent step kernel", v5, 2026-11-29 14:55 UTC): 53
-// layers, kernel alone, 1081 us at 64 rows (20.3 us a layer), 943 us at 8; the whole step 1.098 ms at b 64.
+// Measured on an H200 (docs/PERF.md, "byte353m batch 64: persistent step kernel", v5, 2026-11-29 15:00 UTC): 53
+// layers, kernel alone, 1073 us at 64 rows (20.2 us a layer), 938 us at 8; the whole step 1.094 ms at b 64.
 // Tried and removed (measured slower; git has them): clusters of 2 with multicast G / Y streams and full fences
 // in the grid barrier (commit db6e7d7); per-chunk counters instead of two grid barriers (92877aa); the v3 kernel
 // without clusters and its v2 alternatives (RED4 / DBL1 / SBULK / STIN8 / DT4 / WI_AT 3, 4), the dt dot on the
 // FMA pipes, the update by rows spread over every warp with the write-back after it by bulk copies (commit
 // 779a591 has all these behind defines); the weight copies after P1's G stream, the sums of squares or the conv
 // states loaded after it, a relaxed spin in the grid barrier, the states by cp.async, the next layer's conv states
-// or out_proj copy before the closing barrier, the write-back after all 4 steps (the PERF section's tables).
+// or out_proj copy before the closing barrier, the write-back after all 4 steps or a step late, y in 2 chains, the
+// conv's SiLU on MUFU (the PERF section's tables).
 
 #define FUSED_COMMON_NO_SHAPE 1  // in_t (-DIN_DTYPE 1 bf16 / 2 fp16), to_f, from_f, rnd, silu_f, MMA_TYPE, mbarriers
 #include "fused_common.cuh"
@@ -65,16 +68,6 @@
 #define NWARP (PTHR / 32)
 #ifndef NSLOT
 #define NSLOT 6                 // ring slots of 16 KB
-#endif
-// Candidate (default 0): CVS 1: the conv windows staged before the in_proj exchange's CTA barrier and written back
-// after x_proj's mma, so the conv needs 2 CTA barriers instead of 4
-#ifndef CVS
-#define CVS 0
-#endif
-// Candidate (default 0): SSX 1: a CTA reads the rows' partial sums of squares of half the CTAs (those of its rank's
-// half, 16 KB) and sends its 64 half-sums to its peer with the in_proj partials: half of P1's 4 MB of such L2 reads
-#ifndef SSX
-#define SSX 0
 #endif
 #define SLOT_BYTES 16384        // a chunk: 8 k-steps x 64 rows of in_t
 #define PCL 2                   // CTAs a cluster (a pair splits in_proj and out_proj along K)
@@ -151,7 +144,7 @@ static_assert(S_RING % 128 == 0 && S_C % 16 == 0 && S_BAR % 16 == 0 && C_EL % 4 
 static_assert(PSMEM <= 227 * 1024, "fits an SM");
 static_assert(S_DBL + BR * PCH * (PKC - 1) * 4 <= NSLOT * SLOT_BYTES, "the conv windows staged in the ring");
 static_assert(PCL == 2 && G_CHUNKS <= NSLOT, "the pair's split below; P1's chunks issued at once");
-static_assert(!SSX || BR * XZP >= 2 * (BR / 8) * 32 * 4 + BR, "SSX: the peer's half-sums after its partials in xz_s");
+static_assert(BR * XZP >= 2 * (BR / 8) * 32 * 4 + BR, "the peer's half-sums of squares after its partials in xz_s");
 static_assert(S_XZ % 16 == 0 && S_RED % 16 == 0 && BR * XZP * 4 >= 2 * (BR / 8) * 32 * 16 && 16 * 48 * 4 >= (BR / 16) * 32 * 16,
               "the peer's partials arrive in xz_s (8 KB) and red_s (2 KB)");
 
@@ -347,11 +340,10 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
             asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
             for (int i = 0; i < NSLOT && i < G_CHUNKS; ++i)
                 issue(q + i, reinterpret_cast<const unsigned char*>(Gbuf) + (long long)(G_OFF + i) * SLOT_BYTES);
-            mbar_expect(bar_xi, (BR / 8) * 2 * 32 * 16 + (SSX ? BR * 4 : 0));   // the peer's in_proj partials (+ half-sums)
+            mbar_expect(bar_xi, (BR / 8) * 2 * 32 * 16 + BR * 4);     // the peer's in_proj partials and half-sums
             if (l > 0) copy_in(smem + S_WO, wo_src(l), WO_EL * 2, bar_wo);   // out_proj(l-1) done before B1
         }
         load_cv(l);
-#if SSX
         {   // half-sums of squares of every row: row tid % 64, partials of CTAs 64 rk + 16 (tid / 64) ..
             const int row = tid & 63, grp = tid >> 6;
             float v[NCTA_P / 8];
@@ -363,18 +355,6 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
             for (int j = 0; j < NCTA_P / 8; ++j) s += v[j];
             red_s[grp * BR + row] = s;
         }
-#else
-        {   // 1 / rms of every row: row tid % 64, partials of CTAs 32 (tid / 64) ..
-            const int row = tid & 63, grp = tid >> 6;
-            float v[NCTA_P / 4];
-#pragma unroll
-            for (int j = 0; j < NCTA_P / 4; ++j) v[j] = __ldcg(sspart + (grp * (NCTA_P / 4) + j) * BR + row);
-            float s = 0.f;
-#pragma unroll
-            for (int j = 0; j < NCTA_P / 4; ++j) s += v[j];
-            red_s[grp * BR + row] = s;
-        }
-#endif
         STAMP(19);
         bar_wait(bar_wi, l & 1);
         STAMP(20);
@@ -422,13 +402,11 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
                           bar_xi);
             }
             asm volatile("fence.proxy.async.shared::cta;" ::: "memory");   // (the ring: generic reads, then copies)
-#if CVS
             {
                 float* cv_s = reinterpret_cast<float*>(ring + S_DBL);     // [BR][48]: the conv windows (free in P1)
 #pragma unroll
                 for (int m = 0; m < BR * CVQ / PTHR; ++m) *reinterpret_cast<float4*>(cv_s + 4 * (tid + m * PTHR)) = cvr[m];
             }
-#endif
             __syncthreads();                                    // red_s (the sums of squares) complete
             {   // this layer's SSM states into the ring (every warp is done with it): warp w rows 8w.., lanes 0..7
                 if (tid == 0)
@@ -440,7 +418,6 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
                                  ::"r"(sm_addr(ring + r * STP * 4)), "l"(ssm_ptr(l) + ((long long)r * PEI + ch0) * PNS),
                                  "r"(PCH * PNS * 4), "r"(sm_addr(bar_st)) : "memory");
             }
-#if SSX
             if (tid < BR) {   // this half's sum of row tid; 4 rows a message into the peer's xz_s past its partials
                 const float h = red_s[tid] + red_s[BR + tid] + red_s[2 * BR + tid] + red_s[3 * BR + tid];
                 const float h1 = __shfl_down_sync(0xffffffffu, h, 1), h2 = __shfl_down_sync(0xffffffffu, h, 2),
@@ -449,10 +426,6 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
                 bar_wait(bar_xi, l & 1);
                 inv_s[tid] = rsqrtf((h + xz_s[2 * (BR / 8) * 32 * 4 + tid]) / (float)PDM + eps);
             }
-#else
-            if (tid < BR) inv_s[tid] = rsqrtf((red_s[tid] + red_s[BR + tid] + red_s[2 * BR + tid] + red_s[3 * BR + tid])
-                                              / (float)PDM + eps);
-#endif
             if (own) {
                 bar_wait(bar_xi, l & 1);
 #pragma unroll
@@ -479,11 +452,6 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
         __syncthreads();                                        // xz_s complete (the states were issued above)
         {   // conv step + SiLU, mapping T, on the windows staged in the ring; then the shifted windows back, as float4s
             float* cv_s = reinterpret_cast<float*>(ring + S_DBL);     // [BR][48]
-#if !CVS
-#pragma unroll
-            for (int m = 0; m < BR * CVQ / PTHR; ++m) *reinterpret_cast<float4*>(cv_s + 4 * (tid + m * PTHR)) = cvr[m];
-            __syncthreads();
-#endif
             const float* w = cl + C_CW + tc * PKC;
             const float cb = cl[C_CB + tc];
 #pragma unroll
@@ -500,17 +468,6 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
                 cw[2] = x;
                 xc_s[r * XCP + tc] = from_f(silu_f(a + cb));
             }
-#if !CVS
-            __syncthreads();
-            float* base = conv_ptr(l) + (long long)ch0 * (PKC - 1);
-#pragma unroll
-            for (int m = 0; m < BR * CVQ / PTHR; ++m) {
-                const int f = tid + m * PTHR, r = f / CVQ, q = f % CVQ;
-                if (r < batch)
-                    *reinterpret_cast<float4*>(base + (long long)r * PEI * (PKC - 1) + 4 * q) =
-                        *reinterpret_cast<const float4*>(cv_s + 4 * f);
-            }
-#endif
         }
         __syncthreads();
         STAMP(10);
@@ -530,7 +487,6 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
                 dst[(row + 1) * PNX + m + 8] = a[3];
             }
         }
-#if CVS
         {   // the shifted windows back to global as float4s (the barrier before x_proj ordered the conv's writes)
             const float* cv_s = reinterpret_cast<const float*>(ring + S_DBL);
             float* base = conv_ptr(l) + (long long)ch0 * (PKC - 1);
@@ -542,7 +498,6 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
                         *reinterpret_cast<const float4*>(cv_s + 4 * f);
             }
         }
-#endif
         STAMP(0);
         grid_sync(bars, nbar++);
         STAMP(1);
