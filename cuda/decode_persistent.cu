@@ -49,7 +49,7 @@
 // 779a591 has all these behind defines); the weight copies after P1's G stream, the sums of squares or the conv
 // states loaded after it, a relaxed spin in the grid barrier, the states by cp.async, the next layer's conv states
 // or out_proj copy before the closing barrier, the write-back after all 4 steps or a step late, y in 2 chains, the
-// conv's SiLU on MUFU (the PERF section's tables).
+// conv's SiLU on MUFU, the states by one 2-D tensor-map copy (commit aa53e14's TMS; the PERF section's tables).
 
 #define FUSED_COMMON_NO_SHAPE 1  // in_t (-DIN_DTYPE 1 bf16 / 2 fp16), to_f, from_f, rnd, silu_f, MMA_TYPE, mbarriers
 #include "fused_common.cuh"
@@ -91,18 +91,7 @@
 #define XZP 33                  // xz row pitch (float): x 0..15, z 16..31
 #define XCP 24                  // xc row pitch (in_t)
 #define DBP 100                 // dbl row pitch (float)
-// Candidate (default 0): TMS 1: P1 brings the CTA's SSM states (64 rows x 1 KB) into the ring by ONE 2-D tensor-map
-// copy (cp.async.bulk.tensor: box 256 floats x 64 rows, rows past the batch zero-filled; the launcher encodes a
-// CUtensorMap per layer, the `tmaps` argument) instead of 64 bulk copies of 1 KB (64 copy-engine descriptors);
-// the rows land dense (pitch 1 KB: P3's lanes over channels stay conflict-free)
-#ifndef TMS
-#define TMS 0
-#endif
-#if TMS
-#define STP 256                 // SSM state row pitch in the ring (float): the tensor copy's dense rows
-#else
 #define STP 260                 // SSM state row pitch in the ring (float): 1 KB + 16 B, conflict-free float4 reads
-#endif
 #define S_DBL (BR * STP * 4)    // dbl's place in the ring (after the states)
 #define S_WI 0
 #define S_WO (S_WI + WI_EL * 2)
@@ -124,7 +113,7 @@
 
 // out: dynamic shared memory, CTAs, threads, rows, fp32 constants per (layer, CTA)
 extern "C" __global__ void persistent_smem(int* out) {
-    out[0] = PSMEM; out[1] = NCTA_P; out[2] = PTHR; out[3] = BR; out[4] = C_EL; out[5] = PCL; out[6] = TMS;
+    out[0] = PSMEM; out[1] = NCTA_P; out[2] = PTHR; out[3] = BR; out[4] = C_EL; out[5] = PCL;
 }
 
 // PROFILE 1: clock64() deltas of thread 0 of CTA 0 per phase (and barrier) summed into pers_prof, read and
@@ -232,11 +221,7 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
     float eps, const in_t* __restrict__ Wi_p, const in_t* __restrict__ Wo_p, const in_t* __restrict__ Wx_p,
     const float* __restrict__ C_p, const long long* __restrict__ state_ptrs, int L, int batch,
     float* __restrict__ residual, in_t* __restrict__ Gbuf, in_t* __restrict__ Ybuf, float* __restrict__ xpart,
-    float* __restrict__ dbl, float* __restrict__ sspart, unsigned* __restrict__ bars
-#if TMS
-    , const unsigned char* __restrict__ tmaps                      // [L][128]: the layers' SSM-state tensor maps
-#endif
-    )
+    float* __restrict__ dbl, float* __restrict__ sspart, unsigned* __restrict__ bars)
 {
     extern __shared__ __align__(128) unsigned char smem[];
     const uint4* wi_s = reinterpret_cast<const uint4*>(smem + S_WI);
@@ -423,16 +408,6 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
                 for (int m = 0; m < BR * CVQ / PTHR; ++m) *reinterpret_cast<float4*>(cv_s + 4 * (tid + m * PTHR)) = cvr[m];
             }
             __syncthreads();                                    // red_s (the sums of squares) complete
-#if TMS
-            if (tid == 0) {   // this layer's SSM states into the ring (every warp is done with it): one 2-D tensor copy
-                const unsigned long long tm = reinterpret_cast<unsigned long long>(tmaps + (long long)l * 128);
-                asm volatile("fence.proxy.tensormap::generic.acquire.gpu [%0], 128;" ::"l"(tm) : "memory");
-                asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
-                             ::"r"(sm_addr(bar_st)), "r"((unsigned)(BR * PCH * PNS * 4)) : "memory");
-                asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];"
-                             ::"r"(sm_addr(ring)), "l"(tm), "r"(ch0 * PNS), "r"(0), "r"(sm_addr(bar_st)) : "memory");
-            }
-#else
             {   // this layer's SSM states into the ring (every warp is done with it): warp w rows 8w.., lanes 0..7
                 if (tid == 0)
                     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
@@ -443,7 +418,6 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
                                  ::"r"(sm_addr(ring + r * STP * 4)), "l"(ssm_ptr(l) + ((long long)r * PEI + ch0) * PNS),
                                  "r"(PCH * PNS * 4), "r"(sm_addr(bar_st)) : "memory");
             }
-#endif
             if (tid < BR) {   // this half's sum of row tid; 4 rows a message into the peer's xz_s past its partials
                 const float h = red_s[tid] + red_s[BR + tid] + red_s[2 * BR + tid] + red_s[3 * BR + tid];
                 const float h1 = __shfl_down_sync(0xffffffffu, h, 1), h2 = __shfl_down_sync(0xffffffffu, h, 2),

@@ -15,7 +15,6 @@ out_proj biases, a GPU of compute capability 9.0+ with at least 128 SMs.
 
 from __future__ import annotations
 
-import ctypes
 import os
 from dataclasses import dataclass
 
@@ -24,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from bytemamba.ops._cupy import (LAUNCH_CLUSTER_DIM, LAUNCH_COOPERATIVE, compile_module, cupy_stream, launch_ex,
-                                 libcuda, num_sms, ptr)
+                                 num_sms, ptr)
 from bytemamba.ops.fused_step import FusedWeights, check_state, mma_fragments, state_table
 
 SHAPE = dict(d_model=1024, d_inner=2048, d_state=16, dt_rank=64, d_conv=4)
@@ -126,12 +125,12 @@ def module(device, dtype):
         with cupy.cuda.Device(device.index):
             out = cupy.zeros(8, dtype=cupy.int32)
             K["persistent_smem"]((1,), (1,), (out,))
-            smem, ncta, nthr, rows, cel, pcl, tms = (int(v) for v in out.get()[:7])
+            smem, ncta, nthr, rows, cel, pcl = (int(v) for v in out.get()[:6])
         if (ncta, rows, cel, pcl) != (NCTA, MAX_BATCH, C_EL, PCL):
             raise RuntimeError(f"persistent step: the kernel reports {ncta} CTAs, {rows} rows, {cel} constants, "
                                f"clusters of {pcl}; the launcher expects {NCTA}, {MAX_BATCH}, {C_EL}, {PCL}")
         K["persistent_step"].max_dynamic_shared_size_bytes = smem
-        K["smem"], K["threads"], K["tms"] = smem, nthr, tms
+        K["smem"], K["threads"] = smem, nthr
     return K
 
 
@@ -161,42 +160,6 @@ def _get_scratch(device, dtype) -> _Scratch:
                      sspart=torch.zeros(NCTA * MAX_BATCH, **z), bars=torch.zeros(4, dtype=torch.int32, **z))
         _scratch[key] = s
     return s
-
-
-_tmaps: dict = {}
-
-
-def tensor_maps(ssm_states, device) -> torch.Tensor:
-    """The TMS build's argument: one CUtensorMap (128 bytes) a layer for its SSM state (b, e, n) seen as b rows of
-    e * n floats, box 256 floats x 64 rows (a CTA's 16 channels of every row; rows past b read as zeros), built once
-    per set of state buffers (cuTensorMapEncodeTiled) and kept on the device, as state_table keeps the pointers."""
-    b, e, n = ssm_states[0].shape
-    key = (device.index, tuple(t.data_ptr() for t in ssm_states), b)
-    t = _tmaps.get(key)
-    if t is None:
-        if torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"{WHO}: first call with these state buffers inside a graph capture (run one step "
-                               "eagerly first)")
-        lib = libcuda()
-        f = lib.cuTensorMapEncodeTiled
-        f.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint64),
-                      ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_uint32),
-                      ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
-        blob = bytearray()
-        for s in ssm_states:
-            buf = (ctypes.c_uint8 * 192)()                       # a CUtensorMap is 128 bytes, 64-byte aligned
-            off = (-ctypes.addressof(buf)) % 64
-            rc = f(ctypes.addressof(buf) + off, 7, 2, s.data_ptr(),              # 7: CU_TENSOR_MAP_DATA_TYPE_FLOAT32
-                   (ctypes.c_uint64 * 2)(e * n, b), (ctypes.c_uint64 * 1)(e * n * 4),
-                   (ctypes.c_uint32 * 2)(16 * n, MAX_BATCH), (ctypes.c_uint32 * 2)(1, 1), 0, 0, 0, 0)
-            if rc != 0:
-                raise RuntimeError(f"{WHO}: cuTensorMapEncodeTiled failed with CUresult {rc}")
-            blob += bytes(buf)[off:off + 128]
-        if len(_tmaps) > 64:
-            _tmaps.clear()
-        t = torch.frombuffer(blob, dtype=torch.uint8).to(device)
-        _tmaps[key] = t
-    return t
 
 
 def cooperative() -> bool:
@@ -235,12 +198,10 @@ def persistent_layers_fn(ids, P: PersistentWeights, W: FusedWeights, conv_states
     S = _get_scratch(dev, W.dtype)
     table = state_table(conv_states, ssm_states, dev, WHO)
     K = module(dev, W.dtype)
-    args = (ptr(ids), ptr(W.emb), ptr(P.norm0), np.float32(W.eps), ptr(P.Wi), ptr(P.Wo), ptr(P.Wx), ptr(P.C),
-            ptr(table), np.int32(L), np.int32(b), ptr(residual), ptr(S.G), ptr(S.Y), ptr(S.xpart), ptr(S.dbl),
-            ptr(S.sspart), ptr(S.bars))
-    if K["tms"]:
-        args += (ptr(tensor_maps(ssm_states, dev)),)
-    _launch(dev, K["persistent_step"], NCTA, K["threads"], args, K["smem"], coop=cooperative(), cluster=PCL)
+    _launch(dev, K["persistent_step"], NCTA, K["threads"],
+            (ptr(ids), ptr(W.emb), ptr(P.norm0), np.float32(W.eps), ptr(P.Wi), ptr(P.Wo), ptr(P.Wx), ptr(P.C),
+             ptr(table), np.int32(L), np.int32(b), ptr(residual), ptr(S.G), ptr(S.Y), ptr(S.xpart), ptr(S.dbl),
+             ptr(S.sspart), ptr(S.bars)), K["smem"], coop=cooperative(), cluster=PCL)
     return residual
 
 

@@ -161,8 +161,7 @@ def test_model_takes_the_persistent_path_only_where_asked(monkeypatch):
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
-@pytest.mark.parametrize("dtype_code,defines", [(1, ()), (2, ()), (1, ("-DPROFILE=1",)), (2, ("-DPROFILE=1",)),
-                                                (1, ("-DTMS=1",))])
+@pytest.mark.parametrize("dtype_code,defines", [(1, ()), (2, ()), (1, ("-DPROFILE=1",)), (2, ("-DPROFILE=1",))])
 def test_kernel_compiles_for_sm90_without_spills(dtype_code, defines, tmp_path):
     r = subprocess.run(["nvcc", "-arch=sm_90", "-std=c++17", "-cubin", "-o", str(tmp_path / "k.cubin"),
                         "-Xptxas", "-v", "-Werror", "all-warnings", f"-DIN_DTYPE={dtype_code}", *defines, str(SRC)],
