@@ -69,11 +69,6 @@
 #ifndef NSLOT
 #define NSLOT 6                 // ring slots of 16 KB
 #endif
-// DIAG (timing only, WRONG results, never for use): 1 P3 skips the state write-back, 2 P3's exps become multiplies,
-// 4 P3 skips the state loads and stores in the ring (bits add up)
-#ifndef DIAG
-#define DIAG 0
-#endif
 #define SLOT_BYTES 16384        // a chunk: 8 k-steps x 64 rows of in_t
 #define PCL 2                   // CTAs a cluster (a pair splits in_proj and out_proj along K)
 #define G_CHUNKS (PDM / 128 / PCL)   // 4 chunks: half of G
@@ -617,25 +612,12 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
                     const float4 Bv = *reinterpret_cast<const float4*>(db + PRK + 4 * jj);
                     const float4 Cv = *reinterpret_cast<const float4*>(db + PRK + PNS + 4 * jj);
                     float* sp = st_s + r * STP + wc * PNS + 4 * jj;
-#if DIAG & 4
-                    float4 s = make_float4(Bv.y, Bv.z, Bv.w, Bv.x);
-                    (void)sp;
-#else
                     float4 s = r < batch ? *reinterpret_cast<const float4*>(sp) : make_float4(0.f, 0.f, 0.f, 0.f);
-#endif
-#if DIAG & 2
-#define EXD(v) (v)
-#else
-#define EXD(v) ex2_fast(v)
-#endif
-                    s.x = fmaf(EXD(d * Ar[j].x), s.x, dx * Bv.x);
-                    s.y = fmaf(EXD(d * Ar[j].y), s.y, dx * Bv.y);
-                    s.z = fmaf(EXD(d * Ar[j].z), s.z, dx * Bv.z);
-                    s.w = fmaf(EXD(d * Ar[j].w), s.w, dx * Bv.w);
-#undef EXD
-#if !(DIAG & 4)
+                    s.x = fmaf(ex2_fast(d * Ar[j].x), s.x, dx * Bv.x);
+                    s.y = fmaf(ex2_fast(d * Ar[j].y), s.y, dx * Bv.y);
+                    s.z = fmaf(ex2_fast(d * Ar[j].z), s.z, dx * Bv.z);
+                    s.w = fmaf(ex2_fast(d * Ar[j].w), s.w, dx * Bv.w);
                     *reinterpret_cast<float4*>(sp) = s;
-#endif
                     y = fmaf(s.x, Cv.x, y);
                     y = fmaf(s.y, Cv.y, y);
                     y = fmaf(s.z, Cv.z, y);
@@ -644,7 +626,6 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
                 y = fmaf(Dd, x, y);
                 y_s[r * PCH + wc] = from_f(y * silu_fast(xz_s[r * XZP + PCH + wc]));
                 // this warp's two rows are done: back to global, lane q the float4s q, q + 32 of row 2i + j
-#if !(DIAG & 1)
                 __syncwarp();
 #pragma unroll
                 for (int j = 0; j < 2; ++j) {
@@ -657,7 +638,6 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
                         dst[lane + 32] = b;
                     }
                 }
-#endif
             }
         }
         STAMP(13);
