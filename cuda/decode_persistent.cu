@@ -69,14 +69,6 @@
 #ifndef NSLOT
 #define NSLOT 6                 // ring slots of 16 KB
 #endif
-// Candidates (default 0): CSW 1: the state write-back as streaming stores (st.global.cs: evict first from L2);
-// CSL 1: the state copies into the ring with an L2 evict-first cache policy (each state is read once a step)
-#ifndef CSW
-#define CSW 0
-#endif
-#ifndef CSL
-#define CSL 0
-#endif
 #define SLOT_BYTES 16384        // a chunk: 8 k-steps x 64 rows of in_t
 #define PCL 2                   // CTAs a cluster (a pair splits in_proj and out_proj along K)
 #define G_CHUNKS (PDM / 128 / PCL)   // 4 chunks: half of G
@@ -421,19 +413,10 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
                     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
                                  ::"r"(sm_addr(bar_st)), "r"((unsigned)(batch * PCH * PNS * 4)) : "memory");
                 const int r = warp * (BR / NWARP) + lane;
-#if CSL
-                unsigned long long pol;
-                asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
-                if (lane < BR / NWARP && r < batch)
-                    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;"
-                                 ::"r"(sm_addr(ring + r * STP * 4)), "l"(ssm_ptr(l) + ((long long)r * PEI + ch0) * PNS),
-                                 "r"(PCH * PNS * 4), "r"(sm_addr(bar_st)), "l"(pol) : "memory");
-#else
                 if (lane < BR / NWARP && r < batch)
                     asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
                                  ::"r"(sm_addr(ring + r * STP * 4)), "l"(ssm_ptr(l) + ((long long)r * PEI + ch0) * PNS),
                                  "r"(PCH * PNS * 4), "r"(sm_addr(bar_st)) : "memory");
-#endif
             }
             if (tid < BR) {   // this half's sum of row tid; 4 rows a message into the peer's xz_s past its partials
                 const float h = red_s[tid] + red_s[BR + tid] + red_s[2 * BR + tid] + red_s[3 * BR + tid];
@@ -651,13 +634,8 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
                         float4* dst = reinterpret_cast<float4*>(ssm_ptr(l) + ((long long)rw * PEI + ch0) * PNS);
                         const float4* src = reinterpret_cast<const float4*>(st_s + rw * STP);
                         const float4 a = src[lane], b = src[lane + 32];
-#if CSW
-                        __stcs(dst + lane, a);
-                        __stcs(dst + lane + 32, b);
-#else
                         dst[lane] = a;
                         dst[lane + 32] = b;
-#endif
                     }
                 }
             }
