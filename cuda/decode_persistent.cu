@@ -49,7 +49,8 @@
 // 779a591 has all these behind defines); the weight copies after P1's G stream, the sums of squares or the conv
 // states loaded after it, a relaxed spin in the grid barrier, the states by cp.async, the next layer's conv states
 // or out_proj copy before the closing barrier, the write-back after all 4 steps or a step late, y in 2 chains, the
-// conv's SiLU on MUFU, the states by one 2-D tensor-map copy (commit aa53e14's TMS; the PERF section's tables).
+// conv's SiLU on MUFU, the states by one 2-D tensor-map copy (commit aa53e14's TMS), L2 cache hints on the state
+// traffic (5a3eec9); the PERF section's tables.
 
 #define FUSED_COMMON_NO_SHAPE 1  // in_t (-DIN_DTYPE 1 bf16 / 2 fp16), to_f, from_f, rnd, silu_f, MMA_TYPE, mbarriers
 #include "fused_common.cuh"
