@@ -24,7 +24,7 @@ from bytemamba.models.lm import ByteMambaLM  # noqa: E402
 from bytemamba.ops import persistent_step as ps  # noqa: E402
 
 PHASES = ["P1 in_proj+conv+x_proj", "B2", "P2 x_proj reduce", "B3", "P3 dt+state+y", "B4", "P4 out_proj+resid", "B1"]
-# the phases' parts (the kernel's slots 8..15 and the rest of each phase), as (name, slots summed)
+# the phases' parts (the kernel's slots 8..20 and the rest of each phase), as (name, slots summed)
 PARTS = [("P1 start", (19,)), ("P1 Wi wait", (20,)), ("P1 G+mma", (8,)), ("P1 st+xz", (9,)), ("P1 conv", (10,)),
          ("P1 x_proj", (0,)), ("P3 dbl", (11,)), ("P3 st wait", (12,)), ("P3 math", (13,)), ("P3 sync", (14,)),
          ("P3 Y", (4,)), ("P4 Y+mma", (15,)), ("P4 resid", (6,))]
@@ -101,7 +101,7 @@ def main():
                 torch.cuda.synchronize()
                 prof = ps.profile(res.device, dt)
                 per = [v / n / a.layers / (GHZ * 1e3) for v in prof]
-                whole = per[:8]                              # the phases: slots 0..7 plus their parts 8..15
+                whole = per[:8]                              # the phases: slots 0..7 plus their parts 8..20
                 for ph, parts in ((0, (8, 9, 10, 19, 20)), (4, (11, 12, 13, 14)), (6, (15,))):
                     whole[ph] += sum(per[i] for i in parts)
                 profiles.append((b, name, whole, per))

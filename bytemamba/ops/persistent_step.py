@@ -1,9 +1,9 @@
 """Every layer of one decoding step of a byte353m-shaped Mamba LM as ONE persistent kernel
 (cuda/decode_persistent.cu): 128 CTAs, one per SM, in clusters of 2 (a pair splits in_proj and out_proj along K),
 grid-wide barriers between the phases of a layer, each CTA's weight slices brought into shared memory by bulk
-copies a phase or more ahead. For `SHAPE` only (d_model
-1024, d_inner 2048, d_state 16, dt_rank 64, d_conv 4), 1..64 batch rows, bf16 or fp16 compute, no in_proj /
-out_proj biases, a GPU of compute capability 9.0+ with at least 128 SMs.
+copies a phase or more ahead. For `SHAPE` only (d_model 1024, d_inner 2048, d_state 16, dt_rank 64, d_conv 4),
+1..64 batch rows, bf16 or fp16 compute, no in_proj / out_proj biases, a GPU of compute capability 9.0+ with at
+least 128 SMs (the cooperative launch refuses, with the driver's error, a GPU that cannot hold 64 pairs at once).
 
     pack_persistent(W: FusedWeights) -> PersistentWeights     (fused_step.pack_weights stacks W; once per model)
     persistent_step_fn(ids, W, conv_states, ssm_states, logits=None) -> logits (b, V) float32   (CUDA)
