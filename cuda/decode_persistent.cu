@@ -282,8 +282,7 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
     __syncthreads();
     const unsigned rk = cluster_rank(), peer = rk ^ 1;
     cluster_sync();                                                // the peer's mbarriers exist before we send
-#define G_OFF ((int)rk * G_CHUNKS)                                 // the first G / Y chunk this CTA streams
-#define Y_OFF ((int)rk * Y_CHUNKS)
+    const int g_off = (int)rk * G_CHUNKS, y_off = (int)rk * Y_CHUNKS;   // the first G / Y chunk this CTA streams
 
 #if PROFILE
     const bool prof = tid == 0 && c == 0;
@@ -340,7 +339,7 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
         if (tid == 0) {
             asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
             for (int i = 0; i < NSLOT && i < G_CHUNKS; ++i)
-                issue(q + i, reinterpret_cast<const unsigned char*>(Gbuf) + (long long)(G_OFF + i) * SLOT_BYTES);
+                issue(q + i, reinterpret_cast<const unsigned char*>(Gbuf) + (long long)(g_off + i) * SLOT_BYTES);
             mbar_expect(bar_xi, (BR / 8) * 2 * 32 * 16 + BR * 4);     // the peer's in_proj partials and half-sums
             if (l > 0) copy_in(smem + S_WO, wo_src(l), WO_EL * 2, bar_wo);   // out_proj(l-1) done before B1
         }
@@ -385,7 +384,7 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
                 __syncwarp();
                 if (lane == 0) bar_arrive(empty + slot);
                 if (tid == 0 && i + NSLOT < G_CHUNKS)
-                    issue(q + NSLOT, reinterpret_cast<const unsigned char*>(Gbuf) + (long long)(G_OFF + i + NSLOT) * SLOT_BYTES);
+                    issue(q + NSLOT, reinterpret_cast<const unsigned char*>(Gbuf) + (long long)(g_off + i + NSLOT) * SLOT_BYTES);
             }
             STAMP(8);
             float v[4][4];
@@ -579,12 +578,10 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
             }
             const int row = 8 * warp + 2 * t;                  // C: (channel g, rows row / row+1), (g+8, ..)
             const float b0 = cl[C_DTB + g], b8 = cl[C_DTB + g + 8];
-#define DTSP(v) softplus_fast(v)
-            dt_s[row * PCH + g] = DTSP(acc[0] + b0);
-            dt_s[(row + 1) * PCH + g] = DTSP(acc[1] + b0);
-            dt_s[row * PCH + g + 8] = DTSP(acc[2] + b8);
-            dt_s[(row + 1) * PCH + g + 8] = DTSP(acc[3] + b8);
-#undef DTSP
+            dt_s[row * PCH + g] = softplus_fast(acc[0] + b0);
+            dt_s[(row + 1) * PCH + g] = softplus_fast(acc[1] + b0);
+            dt_s[row * PCH + g + 8] = softplus_fast(acc[2] + b8);
+            dt_s[(row + 1) * PCH + g + 8] = softplus_fast(acc[3] + b8);
         }
         __syncthreads();
         {
@@ -661,7 +658,7 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
         if (tid == 0) {
             asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
             for (int i = 0; i < NSLOT && i < Y_CHUNKS; ++i)
-                issue(q + i, reinterpret_cast<const unsigned char*>(Ybuf) + (long long)(Y_OFF + i) * SLOT_BYTES);
+                issue(q + i, reinterpret_cast<const unsigned char*>(Ybuf) + (long long)(y_off + i) * SLOT_BYTES);
             mbar_expect(bar_px, (BR / 16) * 32 * 16);                  // the peer's out_proj partials, this layer
         }
         bar_wait(bar_wo, l & 1);
@@ -685,7 +682,7 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
                 __syncwarp();
                 if (lane == 0) bar_arrive(empty + slot);
                 if (tid == 0 && i + NSLOT < Y_CHUNKS)
-                    issue(q + NSLOT, reinterpret_cast<const unsigned char*>(Ybuf) + (long long)(Y_OFF + i + NSLOT) * SLOT_BYTES);
+                    issue(q + NSLOT, reinterpret_cast<const unsigned char*>(Ybuf) + (long long)(y_off + i + NSLOT) * SLOT_BYTES);
                 if (tid == 0 && i == (Y_CHUNKS > NSLOT ? Y_CHUNKS - NSLOT - 1 : 0) && l + 1 < L)
                     copy_in(smem + S_WI, wi_src(l + 1), WI_EL * 2, bar_wi);
             }
