@@ -1,19 +1,23 @@
 """Training checkpoints that survive crashes: written under a temporary name, renamed, verified on load.
 
-    OUT/checkpoints/checkpoint_K/     Accelerate state (model.safetensors, optimizer.bin, random_states_R.pkl,
-                                      custom_checkpoint_0.pkl) + manifest.json
+    OUT/checkpoints/checkpoint_K/     Accelerate state (model.safetensors, optimizer.bin, random_states_R.pkl)
+                                      + manifest.json
     OUT/.checkpoints-tmp/             where a checkpoint is written before it is renamed into checkpoints/
 
 `checkpoint_K` is Accelerate's own automatic name (K = `accelerator.save_iteration`), so the folder also
 works with `accelerator.load_state()`. A checkpoint exists only once its manifest is in place: the manifest
-(sizes and sha256 of every file, step, data seen, the model config, a parameter fingerprint per rank) is
-written last, inside the temporary folder, which is then renamed in one step. A `kill -9` at any point
+(sizes and sha256 of every file, the training counters, the model config, a parameter fingerprint per rank)
+is written last, inside the temporary folder, which is then renamed in one step. A `kill -9` at any point
 leaves either the whole checkpoint or nothing under checkpoints/.
 
 On load the manifest is checked file by file; a damaged checkpoint is refused with a message that names
 the file, and resume falls back to the previous good one. Checkpoints are ordered by the iteration in their
-manifests (not by parsing folder names). Accelerate reads its files with `torch.load(weights_only=True)`;
-nothing is loaded before its checksum has been verified.
+manifests (not by parsing folder names). Nothing is loaded before its checksum has been verified, and
+nothing is unpickled with arbitrary code: Accelerate reads optimizer.bin and random_states_R.pkl with
+`torch.load(weights_only=True)`, and the training counters (step, symbols seen, skipped steps, the last
+validation figure) come back from the manifest's JSON. Format version 1 also kept those counters in
+Accelerate's `custom_checkpoint_0.pkl`, which Accelerate would load with `weights_only=False`; such a
+checkpoint is resumed through a folder of links that leaves that file out (`Checkpoints._load_state`).
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ from bytemamba.models.io import CheckpointError
 
 MANIFEST = "manifest.json"
 FORMAT = "bytemamba-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)      # 1: the counters also in custom_checkpoint_0.pkl (never read now)
 CKPT_SUBDIR = "checkpoints"
 TMP_SUBDIR = ".checkpoints-tmp"
 
@@ -101,6 +106,9 @@ def read_manifest(folder: Path) -> dict:
     if not isinstance(m, dict) or m.get("format") != FORMAT or not isinstance(m.get("files"), dict) \
             or not isinstance(m.get("iteration"), int):
         raise CheckpointError(f"{mfile} is not a bytemamba checkpoint manifest")
+    if m.get("format_version") not in READABLE_VERSIONS:
+        raise CheckpointError(f"{mfile} has format_version {m.get('format_version')!r}: written by another "
+                              f"bytemamba (this one reads versions {', '.join(map(str, READABLE_VERSIONS))})")
     return m
 
 
@@ -308,6 +316,36 @@ class Checkpoints:
                     if k != "scan_backend" and now.get(k) != saved_model[k]]
             if diff:
                 raise CheckpointError(f"--resume: {choice[0]} was written for another model ({'; '.join(diff)})")
-        acc.load_state(choice[0])
+        self._load_state(Path(choice[0]))
         acc.project_configuration.iteration = choice[1]["iteration"] + 1
+        restore_counters(state, choice[1])
         return {"path": choice[0], **choice[1]}
+
+    def _load_state(self, folder: Path) -> None:
+        """accelerator.load_state(folder), except that a version-1 checkpoint's custom_checkpoint_*.pkl is
+        never opened: Accelerate unpickles those with weights_only=False (and refuses a count of them that
+        differs from the objects registered for checkpointing, none now). Such a folder is loaded through a
+        private folder of links to everything else in it."""
+        pickles = sorted(folder.glob("custom_checkpoint_*.pkl"))
+        if not pickles:
+            self.acc.load_state(str(folder))
+            return
+        view = self.tmp_root / f"load-{folder.name}-rank{self.acc.process_index}-{os.getpid()}"
+        shutil.rmtree(view, ignore_errors=True)
+        view.mkdir(parents=True)
+        try:
+            for entry in folder.iterdir():
+                if entry not in pickles:
+                    (view / entry.name).symlink_to(entry.resolve())
+            self.acc.load_state(str(view))
+        finally:
+            shutil.rmtree(view, ignore_errors=True)
+
+
+def restore_counters(state, manifest: dict) -> None:
+    """The training counters a checkpoint's manifest holds (written by Checkpoints._finish) back into `state`."""
+    state.step = int(manifest["step"])
+    state.symbols_seen = int(manifest.get("symbols_seen", 0))
+    state.bad_steps = int(manifest.get("bad_steps", 0))
+    v = manifest.get("last_val_bits_per_symbol")
+    state.last_val_bpb = float("nan") if v is None else float(v)

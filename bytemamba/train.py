@@ -42,7 +42,8 @@ LN2 = math.log(2.0)
 
 
 class TrainState:
-    """Counters that travel inside Accelerate checkpoints."""
+    """The training counters; a checkpoint's manifest keeps them (bytemamba.checkpoint: written by
+    Checkpoints.save, read back by restore_counters)."""
 
     def __init__(self):
         self.step = 0            # optimizer steps completed
@@ -50,13 +51,6 @@ class TrainState:
         self.symbols_seen = 0    # training symbols consumed, all ranks
         self.bad_steps = 0       # non-finite losses skipped, in total
         self.last_val_bpb = float("nan")
-
-    def state_dict(self):
-        return dict(vars(self))
-
-    def load_state_dict(self, d):
-        for k, v in d.items():
-            setattr(self, k, v)
 
 
 # ---- optimisation ---------------------------------------------------------------------------------
@@ -271,8 +265,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
     model = ByteMambaLM(cfg.model)
     optimizer = build_optimizer(model, cfg.optim)
     model, optimizer = accelerator.prepare(model, optimizer)
-    state = TrainState()
-    accelerator.register_for_checkpointing(state)
+    state = TrainState()         # saved in each checkpoint's manifest, not by Accelerate (no pickle to load)
 
     previous = out_dir / "checkpoints"
     if not resume and previous.is_dir() and any(previous.iterdir()):   # every rank sees the same files

@@ -2,6 +2,8 @@
 
 - `kill -9` mid-run, then `--resume`: the losses after the resume point equal an uninterrupted run's.
 - A damaged newest checkpoint is refused, naming the file, and resume falls back to the previous one.
+- A format-1 checkpoint (counters also in Accelerate's custom_checkpoint_0.pkl) resumes without that pickle
+  ever being opened.
 - SIGTERM: the step finishes, a checkpoint is saved, exit status 0 with a message.
 - A non-finite loss skips the update on every rank and is counted; K in a row abort with the step and offsets.
 """
@@ -21,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bytemamba.checkpoint import CKPT_SUBDIR, list_checkpoints, verify
+from bytemamba.checkpoint import CKPT_SUBDIR, MANIFEST, CheckpointError, list_checkpoints, read_manifest, verify
 from bytemamba.config import load_config
 from bytemamba.errors import UserError
 
@@ -91,7 +93,9 @@ def test_uninterrupted_run_keeps_last_k_verified_checkpoints(reference):
     assert sorted(_checkpoint_steps(out)) == [STEPS - 4, STEPS - 2, STEPS]   # keep_checkpoints=3 of 15 saves
     for d in (out / CKPT_SUBDIR).iterdir():
         m = verify(d)
-        assert {"model.safetensors", "optimizer.bin", "custom_checkpoint_0.pkl"} <= set(m["files"])
+        assert {"model.safetensors", "optimizer.bin", "random_states_0.pkl"} <= set(m["files"])
+        assert not [f for f in m["files"] if f.startswith("custom_checkpoint")]   # counters: the manifest's JSON
+        assert m["format_version"] == 2 and m["symbols_seen"] == m["step"] * 4 * 32
     assert not any((out / ".checkpoints-tmp").glob("checkpoint_*"))    # nothing left half-written
     assert sorted(_losses(out)) == list(range(1, STEPS + 1))
 
@@ -309,3 +313,55 @@ def test_nonfinite_losses_in_a_row_abort_with_step_and_offsets(reference, tmp_pa
     assert isinstance(e.value, UserError)
     assert "aborting at step 4" in msg and "3 non-finite losses in a row" in msg
     assert str([_train_offsets(ov, 3)[2]]) in msg
+
+
+class _Trap:
+    """Unpickled, it creates the file `path` (what a malicious custom_checkpoint_0.pkl could do)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def test_format1_checkpoint_resumes_without_unpickling_its_custom_state(reference, tmp_path):
+    data, ref = reference
+    out = tmp_path / "format1"
+    shutil.copytree(ref, out)
+    good, _ = list_checkpoints(out / CKPT_SUBDIR)
+    for d, _m in good[:2]:                                               # resume from step STEPS - 4
+        shutil.rmtree(d)
+    old, m = good[2]
+    marker = tmp_path / "unpickled"
+    torch.save({"step": 0, "trap": _Trap(marker)}, old / "custom_checkpoint_0.pkl")
+    from bytemamba.checkpoint import file_table
+    m.update(format_version=1, files=file_table(old))                   # as version 1 wrote it: the pickle listed
+    (old / MANIFEST).write_text(json.dumps(m))
+    verify(old)
+
+    _train(_overrides(data, out), resume=True)
+    assert not marker.exists()
+    want, got = _losses(ref), _losses(out)
+    assert [s for s in got if s > m["step"]] == list(range(m["step"] + 1, STEPS + 1))
+    for s in range(m["step"] + 1, STEPS + 1):
+        assert math.isclose(got[s], want[s], rel_tol=0, abs_tol=1e-5), (s, got[s], want[s])
+    counters = json.loads((out / "model" / "config.json").read_text())["training"]
+    assert counters == json.loads((ref / "model" / "config.json").read_text())["training"]
+    assert counters["symbols_seen"] == STEPS * 4 * 32
+    assert (old / "custom_checkpoint_0.pkl").is_file()                  # the old checkpoint is left as it was
+    assert not any((out / ".checkpoints-tmp").glob("load-*"))          # the folder of links is gone
+    torch.load(old / "custom_checkpoint_0.pkl", weights_only=False)    # the trap is armed: opening it springs it
+    assert marker.exists()
+
+
+def test_manifest_of_an_unknown_format_version_is_refused(reference, tmp_path):
+    _, ref = reference
+    d = tmp_path / "ckpt"
+    shutil.copytree(list_checkpoints(ref / CKPT_SUBDIR)[0][0][0], d)
+    m = json.loads((d / MANIFEST).read_text())
+    m["format_version"] = 3
+    (d / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(CheckpointError, match=r"format_version 3: written by another bytemamba \(this one reads "
+                                              r"versions 1, 2\)"):
+        read_manifest(d)
