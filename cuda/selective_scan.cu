@@ -34,6 +34,10 @@
 // default: the forward's softplus as ln 2 * lg2(1 + e), two MUFU ops and half the instructions, for bf16 / fp16
 // only; fp32 keeps FWD_SPP). FWD_SPL + FWD_SIG: 1.049 -> 1.016 ms at the main shape (lead's H200 call, 12:47
 // UTC). The v8a mapping (FWD_SPT=2: 2 states a thread, 1.286 ms) was deleted; it is in git at commit 1e19b9e.
+// Candidates (session 6, written and compiled, not yet run on a GPU): FWD_CPT (channels a thread, default 1: 2 or 4
+// let one thread's B / C loads serve that many channels; ncu found the forward bound by the L1 data pipe, ~86% of
+// its wavefronts busy, 77% of them the scan loop's 16-byte loads) and FWD_PAD (conflict-free staging stores), see
+// the defines below; scripts/device_scan_fwd.sh tests and times them.
 // What it shares with the backward (in_t and its conversions, ex2 / softplus / sigmoid, cp.async, the block
 // mapping, the flags) is in scan_common.cuh.
 
@@ -44,9 +48,27 @@
 #define POLY_J 0
 #endif
 
-#ifndef FWD_UNR
-#define FWD_UNR 16
+#ifndef FWD_CPT
+#define FWD_CPT 1                  // channels a forward thread scans (4 states of each): B / C loads serve them all
 #endif
+#define FCPB (CPB * FWD_CPT)       // forward channels a block; thread (c, sg) scans channels c, c + CPB, ...
+#ifndef FWD_UNR
+#define FWD_UNR (FWD_CPT > 2 ? 8 : 16)
+#endif
+// FWD_PAD=1: staging stores without bank conflicts (ncu, 2026-11-29 session 6: the 16-byte stores of the dl / du
+// rows and of the B / C float rows are 2-way conflicted, 8 wavefronts a STS.128 instead of 4, ~10% of the forward's
+// L1 wavefronts, and the L1 data pipe is what bounds it). The dl / du rows get 4 floats of padding after each
+// thread's EPT positions (where EPT >= 8): position t at column dcol(t), row stride RSD. The B / C rows get 4 floats
+// after every 32 positions (bcol(t)) and a row stride of 100 floats, which keeps the scan loop's row reads
+// conflict-free for NT 4 / 8 / 16 (a stride of 72 would not).
+#ifndef FWD_PAD
+#define FWD_PAD 0
+#endif
+#define PADG ((FWD_PAD && EPT >= 8) ? 4 : 0)
+#define RSD (TL + NT * PADG + (PADG ? 0 : 4))   // dl / du row stride (RS without padding)
+#define RSB (FWD_PAD ? TL + 36 : RS)             // B / C row stride
+__device__ __forceinline__ int dcol(int t) { return t + PADG * (t / EPT); }
+__device__ __forceinline__ int bcol(int t) { return FWD_PAD ? t + 4 * (t / 32) : t; }
 #define UNR ((NT > FWD_UNR) ? NT : FWD_UNR)   // forward inner unroll (a multiple of NT)
 #ifndef FWD_SPP
 #define FWD_SPP 1
@@ -233,39 +255,44 @@ __device__ __forceinline__ float sigmoid_fwd(float x) {
 // Forward.
 
 struct FwdSmem {
-  float dl[CPB * RS];         // softplus(delta + bias)
-  float du[CPB * RS];         // dl * u; overwritten by y = <C, x> as the scan passes
-  float B[NPAD * RS];          // state n in row (n % 4) * NT + n / 4, positions along the row
-  float C[NPAD * RS];
+  float dl[FCPB * RSD];       // softplus(delta + bias); position t at column dcol(t)
+  float du[FCPB * RSD];       // dl * u; overwritten by y = <C, x> as the scan passes
+  float B[NPAD * RSB];         // state n in row (n % 4) * NT + n / 4, position t at column bcol(t)
+  float C[NPAD * RSB];
   float m[TL];                 // 0 where reset, else 1
-  alignas(16) in_t ru[CPB * RRS];  // raw next tile (cp.async destinations)
-  alignas(16) in_t rd[CPB * RRS];
-  alignas(16) in_t rz[CPB * RRS];
+  alignas(16) in_t ru[FCPB * RRS];  // raw next tile (cp.async destinations)
+  alignas(16) in_t rd[FCPB * RRS];
+  alignas(16) in_t rz[FCPB * RRS];
   alignas(16) in_t rB[NPAD * RRS];
   alignas(16) in_t rC[NPAD * RRS];
   alignas(16) u8 rr[TL + 16];
 };
 
-// One forward tile of a thread's 4 states. AGG: no outputs (sum of dl and reset seen are tracked).
+// One forward tile of a thread's channels (4 states each). AGG: no outputs (sum of dl and reset seen are tracked).
 template <bool AGG>
-__device__ __forceinline__ void fwd_tile_scan(const FwdSmem& s, int c, int sg, int lane, const float (&A2)[4],
-                                              float (&x)[4], float& sumdl, float& keep, float* ysm) {
+__device__ __forceinline__ void fwd_tile_scan(const FwdSmem& s, int c, int sg, int lane,
+                                              const float (&A2)[FWD_CPT][4], float (&x)[FWD_CPT][4],
+                                              float (&sumdl)[FWD_CPT], float& keep, float* ysm) {
 #pragma unroll 1
   for (int t0 = 0; t0 < TL; t0 += UNR) {
-    float yv[UNR];
+    float yv[FWD_CPT][UNR];
 #pragma unroll
     for (int tt = 0; tt < UNR; tt += 4) {
-      float4 dl4 = *reinterpret_cast<const float4*>(&s.dl[c * RS + t0 + tt]);
-      float4 du4 = *reinterpret_cast<const float4*>(&s.du[c * RS + t0 + tt]);
-      float dls[4] = {dl4.x, dl4.y, dl4.z, dl4.w};
-      float dus[4] = {du4.x, du4.y, du4.z, du4.w};
+      float dls[FWD_CPT][4], dus[FWD_CPT][4];
+#pragma unroll
+      for (int k = 0; k < FWD_CPT; ++k) {
+        float4 dl4 = *reinterpret_cast<const float4*>(&s.dl[(c + k * CPB) * RSD + dcol(t0 + tt)]);
+        float4 du4 = *reinterpret_cast<const float4*>(&s.du[(c + k * CPB) * RSD + dcol(t0 + tt)]);
+        dls[k][0] = dl4.x; dls[k][1] = dl4.y; dls[k][2] = dl4.z; dls[k][3] = dl4.w;
+        dus[k][0] = du4.x; dus[k][1] = du4.y; dus[k][2] = du4.z; dus[k][3] = du4.w;
+      }
       float bq[4][4], cq[4][4];  // [state j][position q]: one 16-byte load per state and 4 positions
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        float4 b4 = *reinterpret_cast<const float4*>(&s.B[(j * NT + sg) * RS + t0 + tt]);
+        float4 b4 = *reinterpret_cast<const float4*>(&s.B[(j * NT + sg) * RSB + bcol(t0 + tt)]);
         bq[j][0] = b4.x; bq[j][1] = b4.y; bq[j][2] = b4.z; bq[j][3] = b4.w;
         if (!AGG) {
-          float4 c4 = *reinterpret_cast<const float4*>(&s.C[(j * NT + sg) * RS + t0 + tt]);
+          float4 c4 = *reinterpret_cast<const float4*>(&s.C[(j * NT + sg) * RSB + bcol(t0 + tt)]);
           cq[j][0] = c4.x; cq[j][1] = c4.y; cq[j][2] = c4.z; cq[j][3] = c4.w;
         }
       }
@@ -276,35 +303,41 @@ __device__ __forceinline__ void fwd_tile_scan(const FwdSmem& s, int c, int sg, i
         float bb[4];
 #pragma unroll
         for (int j = 0; j < 4; ++j) bb[j] = bq[j][q];
-        float dl = dls[q], du = dus[q];
 #if HAS_RESET
         float mk = s.m[t];
         if (AGG) keep *= mk;
 #endif
-        float a[4];
-        a[0] = ex2_j<0>(dl * A2[0]);
-        a[1] = ex2_j<1>(dl * A2[1]);
-        a[2] = ex2_j<2>(dl * A2[2]);
-        a[3] = ex2_j<3>(dl * A2[3]);
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
+        for (int k = 0; k < FWD_CPT; ++k) {
+          float dl = dls[k][q], du = dus[k][q];
+          float a[4];
+          a[0] = ex2_j<0>(dl * A2[k][0]);
+          a[1] = ex2_j<1>(dl * A2[k][1]);
+          a[2] = ex2_j<2>(dl * A2[k][2]);
+          a[3] = ex2_j<3>(dl * A2[k][3]);
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
 #if HAS_RESET
-          a[j] *= mk;
+            a[j] *= mk;
 #endif
-          x[j] = fmaf(a[j], x[j], du * bb[j]);
-        }
-        if (AGG) {
-          sumdl += dl;
-          yv[tt + q] = 0.0f;
-        } else {
-          yv[tt + q] = fmaf(cq[3][q], x[3], fmaf(cq[2][q], x[2], fmaf(cq[1][q], x[1], cq[0][q] * x[0])));
+            x[k][j] = fmaf(a[j], x[k][j], du * bb[j]);
+          }
+          if (AGG) {
+            sumdl[k] += dl;
+            yv[k][tt + q] = 0.0f;
+          } else {
+            yv[k][tt + q] = fmaf(cq[3][q], x[k][3], fmaf(cq[2][q], x[k][2], fmaf(cq[1][q], x[k][1], cq[0][q] * x[k][0])));
+          }
         }
       }
     }
     if (!AGG) {
-      reduce_scatter<UNR>(yv, lane);
 #pragma unroll
-      for (int g = 0; g < UNR / NT; ++g) ysm[c * RS + t0 + g * NT + sg] = yv[g];
+      for (int k = 0; k < FWD_CPT; ++k) {
+        reduce_scatter<UNR>(yv[k], lane);
+#pragma unroll
+        for (int g = 0; g < UNR / NT; ++g) ysm[(c + k * CPB) * RSD + dcol(t0 + g * NT + sg)] = yv[k][g];
+      }
     }
   }
 }
@@ -315,12 +348,12 @@ __device__ __forceinline__ void fwd_issue(FwdSmem& s, const in_t* __restrict__ u
                                           const in_t* __restrict__ Cm, const u8* __restrict__ reset, int bi, int dim,
                                           int db, int n, i64 L, int k, bool aligned, bool raligned) {
   const i64 l0 = (i64)k * TL;
-  const i64 row0 = (i64)bi * dim + (i64)db * CPB;
-  const int nvalid = min(CPB, dim - db * CPB);
-  load_rows(s.ru, u + row0 * L, CPB, nvalid, L, l0, aligned);
-  load_rows(s.rd, delta + row0 * L, CPB, nvalid, L, l0, aligned);
+  const i64 row0 = (i64)bi * dim + (i64)db * FCPB;
+  const int nvalid = min(FCPB, dim - db * FCPB);
+  load_rows(s.ru, u + row0 * L, FCPB, nvalid, L, l0, aligned);
+  load_rows(s.rd, delta + row0 * L, FCPB, nvalid, L, l0, aligned);
 #if HAS_Z
-  if (!AGG) load_rows(s.rz, z + row0 * L, CPB, nvalid, L, l0, aligned);
+  if (!AGG) load_rows(s.rz, z + row0 * L, FCPB, nvalid, L, l0, aligned);
 #endif
   load_rows(s.rB, Bm + (i64)bi * n * L, NPAD, n, L, l0, aligned);
   if (!AGG) load_rows(s.rC, Cm + (i64)bi * n * L, NPAD, n, L, l0, aligned);
@@ -346,10 +379,10 @@ __device__ __forceinline__ void fwd_issue5(FwdSmem& s, const in_t* __restrict__ 
   const i64 l0 = (i64)k * TL;
   if (aligned && fullc && l0 + TL <= L) {
     const int tid = threadIdx.x, kc = tid % CPR, rc = tid / CPR;
-    const i64 g = ((i64)bi * dim + (i64)db * CPB + rc) * L + l0 + kc * CHK;
+    const i64 g = ((i64)bi * dim + (i64)db * FCPB + rc) * L + l0 + kc * CHK;
 #pragma unroll
-    for (int r = 0; r < CPB; r += RSTEP) {
-      if (CPB % RSTEP == 0 || r + rc < CPB) {
+    for (int r = 0; r < FCPB; r += RSTEP) {
+      if (FCPB % RSTEP == 0 || r + rc < FCPB) {
         const i64 o = g + (i64)r * L;
         const int so = (r + rc) * RRS + kc * CHK;
         cp_async16(&s.ru[so], u + o);
@@ -389,7 +422,7 @@ __device__ __forceinline__ void convert_BC(float* dst, const in_t* raw, int n) {
     uint4 w = *reinterpret_cast<const uint4*>(&raw[r * RRS + kc * CHK]);
     if (r >= n) w = make_uint4(0u, 0u, 0u, 0u);
     const in_t* e = reinterpret_cast<const in_t*>(&w);
-    float* d = &dst[((r & 3) * NT + (r >> 2)) * RS + kc * CHK];
+    float* d = &dst[((r & 3) * NT + (r >> 2)) * RSB + bcol(kc * CHK)];
 #pragma unroll
     for (int i = 0; i < CHK; i += 4)
       *reinterpret_cast<float4*>(d + i) = make_float4(to_f(e[i]), to_f(e[i + 1]), to_f(e[i + 2]), to_f(e[i + 3]));
@@ -407,75 +440,96 @@ __device__ __forceinline__ void fwd_body(
   FwdSmem& s = *reinterpret_cast<FwdSmem*>(smem_raw);
   const int tid = threadIdx.x, lane = tid & 31;
   const int c = tid / NT, sg = tid % NT;
-  const int dblocks = (dim + CPB - 1) / CPB;
+  const int dblocks = (dim + FCPB - 1) / FCPB;
   const int bi = blockIdx.x / dblocks, db = blockIdx.x % dblocks;
-  const int d = db * CPB + c;
-  const bool valid = d < dim;
-  const i64 ch = (i64)bi * dim + (valid ? d : 0);
+  int d[FWD_CPT];        // the thread's channels: c, c + CPB, ... of the block
+  bool valid[FWD_CPT];
+  i64 ch[FWD_CPT];
+#pragma unroll
+  for (int k = 0; k < FWD_CPT; ++k) {
+    d[k] = db * FCPB + k * CPB + c;
+    valid[k] = d[k] < dim;
+    ch[k] = (i64)bi * dim + (valid[k] ? d[k] : 0);
+  }
   const int seg = blockIdx.y;
   const bool softplus = flags & F_SOFTPLUS, aligned = flags & F_ALIGNED, raligned = flags & F_RALIGNED;
   const float LOG2E = 1.4426950408889634f;
 
-  float A2[4], x[4];
+  float A2[FWD_CPT][4], x[FWD_CPT][4], bias_d[FWD_CPT], D_d[FWD_CPT];
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const int nn = sg * 4 + j;
-    A2[j] = (valid && nn < n) ? A[(i64)d * n + nn] * LOG2E : 0.0f;
-    x[j] = 0.0f;
+  for (int k = 0; k < FWD_CPT; ++k) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int nn = sg * 4 + j;
+      A2[k][j] = (valid[k] && nn < n) ? A[(i64)d[k] * n + nn] * LOG2E : 0.0f;
+      x[k][j] = 0.0f;
+    }
+    bias_d[k] = (valid[k] && bias) ? bias[d[k]] : 0.0f;
+    D_d[k] = (valid[k] && Dv) ? Dv[d[k]] : 0.0f;
   }
-  const float bias_d = (valid && bias) ? bias[d] : 0.0f;
-  const float D_d = (valid && Dv) ? Dv[d] : 0.0f;
   if (!AGG) {
-    if (init && valid) {
 #pragma unroll
-      for (int j = 0; j < 4; ++j)
-        if (sg * 4 + j < n) x[j] = init[ch * n + sg * 4 + j];
-    }
-    for (int k = 0; k < seg; ++k) {      // fold the aggregates of the segments before this one
-      const float* ag = agg + (ch * (nseg - 1) + k) * 2 * NPAD;
+    for (int k = 0; k < FWD_CPT; ++k) {
+      if (init && valid[k]) {
 #pragma unroll
-      for (int j = 0; j < 4; ++j) x[j] = fmaf(ag[sg * 4 + j], x[j], ag[NPAD + sg * 4 + j]);
+        for (int j = 0; j < 4; ++j)
+          if (sg * 4 + j < n) x[k][j] = init[ch[k] * n + sg * 4 + j];
+      }
+      for (int sp = 0; sp < seg; ++sp) {   // fold the aggregates of the segments before this one
+        const float* ag = agg + (ch[k] * (nseg - 1) + sp) * 2 * NPAD;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) x[k][j] = fmaf(ag[sg * 4 + j], x[k][j], ag[NPAD + sg * 4 + j]);
+      }
     }
   }
-  float sumdl = 0.0f, keep = 1.0f;
+  float sumdl[FWD_CPT], keep = 1.0f;
+#pragma unroll
+  for (int k = 0; k < FWD_CPT; ++k) sumdl[k] = 0.0f;
   const int k0 = seg * seg_tiles, k1 = min(ntiles, k0 + seg_tiles);
 
-  const bool fullc = dim - db * CPB >= CPB;
+  const bool fullc = dim - db * FCPB >= FCPB;
 #define FWD_ISSUE(kk) fwd_issue5<AGG>(s, u, delta, z, Bm, Cm, reset, bi, dim, db, n, L, kk, aligned, raligned, fullc)
   FWD_ISSUE(k0);
-  for (int k = k0; k < k1; ++k) {
-    const i64 l0 = (i64)k * TL;
+  for (int kt = k0; kt < k1; ++kt) {
+    const i64 l0 = (i64)kt * TL;
     const i64 p0 = l0 + sg * EPT;
-    const i64 avail = valid ? L - p0 : 0;
+    i64 avail[FWD_CPT];
+#pragma unroll
+    for (int k = 0; k < FWD_CPT; ++k) avail[k] = valid[k] ? L - p0 : 0;
     cp_async_wait_all();
-    __syncthreads();                                 // raw tile k is in; the previous tile is done
-    float uv[EPT], dv[EPT];
+    __syncthreads();                                 // raw tile kt is in; the previous tile is done
     // u and z stay raw (packed) in registers until the epilogue: half the registers in bf16/fp16.
-    unsigned uw[RW], zw[RW];
+    unsigned uw[FWD_CPT][RW], zw[FWD_CPT][RW];
     (void)zw;
-    raw_words(&s.ru[c * RRS + sg * EPT], uw);
 #pragma unroll
-    for (int e = 0; e < EPT; ++e) uv[e] = word_f(uw, e);
+    for (int k = 0; k < FWD_CPT; ++k) {
+      const int row = c + k * CPB;
+      float uv[EPT], dv[EPT];
+      raw_words(&s.ru[row * RRS + sg * EPT], uw[k]);
+#pragma unroll
+      for (int e = 0; e < EPT; ++e) uv[e] = word_f(uw[k], e);
 #if HAS_Z
-    if (!AGG) raw_words(&s.rz[c * RRS + sg * EPT], zw);
+      if (!AGG) raw_words(&s.rz[row * RRS + sg * EPT], zw[k]);
 #endif
-    load_vec(&s.rd[c * RRS + sg * EPT], dv);
-    // Positions past L (last tile only) are masked in a separate branch, with 32-bit compares.
+      load_vec(&s.rd[row * RRS + sg * EPT], dv);
+      // Positions past L (last tile only) are masked in a separate branch, with 32-bit compares.
 #pragma unroll
-    for (int e = 0; e < EPT; ++e) {
-      const float xv = dv[e] + bias_d;
-      dv[e] = softplus ? softplus_fwd(xv) : xv;
-    }
-    if (avail < EPT) {
-      const int av = (int)max(avail, (i64)0);
+      for (int e = 0; e < EPT; ++e) {
+        const float xv = dv[e] + bias_d[k];
+        dv[e] = softplus ? softplus_fwd(xv) : xv;
+      }
+      if (avail[k] < EPT) {
+        const int av = (int)max(avail[k], (i64)0);
 #pragma unroll
-      for (int e = 0; e < EPT; ++e) dv[e] = e < av ? dv[e] : 0.0f;
-    }
+        for (int e = 0; e < EPT; ++e) dv[e] = e < av ? dv[e] : 0.0f;
+      }
 #pragma unroll
-    for (int e = 0; e < EPT; e += 4) {
-      *reinterpret_cast<float4*>(&s.dl[c * RS + sg * EPT + e]) = make_float4(dv[e], dv[e + 1], dv[e + 2], dv[e + 3]);
-      *reinterpret_cast<float4*>(&s.du[c * RS + sg * EPT + e]) =
-          make_float4(dv[e] * uv[e], dv[e + 1] * uv[e + 1], dv[e + 2] * uv[e + 2], dv[e + 3] * uv[e + 3]);
+      for (int e = 0; e < EPT; e += 4) {
+        *reinterpret_cast<float4*>(&s.dl[row * RSD + sg * (EPT + PADG) + e]) =
+            make_float4(dv[e], dv[e + 1], dv[e + 2], dv[e + 3]);
+        *reinterpret_cast<float4*>(&s.du[row * RSD + sg * (EPT + PADG) + e]) =
+            make_float4(dv[e] * uv[e], dv[e + 1] * uv[e + 1], dv[e + 2] * uv[e + 2], dv[e + 3] * uv[e + 3]);
+      }
     }
     convert_BC(s.B, s.rB, n);
     if (!AGG) convert_BC(s.C, s.rC, n);
@@ -483,46 +537,69 @@ __device__ __forceinline__ void fwd_body(
     for (int t = tid; t < TL; t += NTHREADS) s.m[t] = s.rr[t] ? 0.0f : 1.0f;
 #endif
     __syncthreads();                                 // staged floats ready; the raw buffer is free
-    if (k + 1 < k1) FWD_ISSUE(k + 1);
-    if (!AGG && valid) {
-      float4 xs = make_float4(x[0], x[1], x[2], x[3]);
-      *reinterpret_cast<float4*>(&ckpt[(ch * ntiles + k) * NPAD + sg * 4]) = xs;
+    if (kt + 1 < k1) FWD_ISSUE(kt + 1);
+    if (!AGG) {
+#pragma unroll
+      for (int k = 0; k < FWD_CPT; ++k) {
+        if (valid[k]) {
+          float4 xs = make_float4(x[k][0], x[k][1], x[k][2], x[k][3]);
+          *reinterpret_cast<float4*>(&ckpt[(ch[k] * ntiles + kt) * NPAD + sg * 4]) = xs;
+        }
+      }
     }
     fwd_tile_scan<AGG>(s, c, sg, lane, A2, x, sumdl, keep, s.du);
     if (!AGG) {
       __syncthreads();
-      float ov[EPT];
 #pragma unroll
-      for (int e = 0; e < EPT; e += 4) {
-        const float4 y4 = *reinterpret_cast<const float4*>(&s.du[c * RS + sg * EPT + e]);
-        const float ys[4] = {y4.x, y4.y, y4.z, y4.w};
+      for (int k = 0; k < FWD_CPT; ++k) {
+        const int row = c + k * CPB;
+        float ov[EPT];
 #pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          float yv = fmaf(D_d, word_f(uw, e + q), ys[q]);
+        for (int e = 0; e < EPT; e += 4) {
+          const float4 y4 = *reinterpret_cast<const float4*>(&s.du[row * RSD + sg * (EPT + PADG) + e]);
+          const float ys[4] = {y4.x, y4.y, y4.z, y4.w};
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            float yv = fmaf(D_d[k], word_f(uw[k], e + q), ys[q]);
 #if HAS_Z
-          const float zz = word_f(zw, e + q);
-          yv *= zz * sigmoid_fwd(zz);
+            const float zz = word_f(zw[k], e + q);
+            yv *= zz * sigmoid_fwd(zz);
 #endif
-          ov[e + q] = yv;
+            ov[e + q] = yv;
+          }
         }
+        store_row(out + ch[k] * L + p0, avail[k], aligned, ov);
       }
-      store_row(out + ch * L + p0, avail, aligned, ov);
     }
   }
 #undef FWD_ISSUE
   if (AGG) {
-    if (valid) {
-      float* ag = agg + (ch * (nseg - 1) + seg) * 2 * NPAD;
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        ag[sg * 4 + j] = keep * ex2_mufu(A2[j] * sumdl);
-        ag[NPAD + sg * 4 + j] = x[j];
+    for (int k = 0; k < FWD_CPT; ++k) {
+      if (valid[k]) {
+        float* ag = agg + (ch[k] * (nseg - 1) + seg) * 2 * NPAD;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          ag[sg * 4 + j] = keep * ex2_mufu(A2[k][j] * sumdl[k]);
+          ag[NPAD + sg * 4 + j] = x[k][j];
+        }
       }
     }
-  } else if (final_state && valid && seg == nseg - 1) {
+  } else {
+    // channel 0 apart: the single-channel build (FWD_CPT 1) keeps the machine code it was timed with
+    if (final_state && valid[0] && seg == nseg - 1) {
 #pragma unroll
-    for (int j = 0; j < 4; ++j)
-      if (sg * 4 + j < n) final_state[ch * n + sg * 4 + j] = x[j];
+      for (int j = 0; j < 4; ++j)
+        if (sg * 4 + j < n) final_state[ch[0] * n + sg * 4 + j] = x[0][j];
+    }
+#pragma unroll
+    for (int k = 1; k < FWD_CPT; ++k) {
+      if (final_state && valid[k] && seg == nseg - 1) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          if (sg * 4 + j < n) final_state[ch[k] * n + sg * 4 + j] = x[k][j];
+      }
+    }
   }
 }
 
@@ -537,10 +614,13 @@ __device__ __forceinline__ void fwd_body(
   u, delta, z, Bm, Cm, A, Dv, bias, init, reset, out, ckpt, final_state, agg, batch, dim, L, n, ntiles, seg_tiles, nseg, flags
 
 #ifndef FWD_MINB
-#define FWD_MINB 4
+#define FWD_MINB (FWD_CPT == 1 ? 4 : 2)
 #endif
 extern "C" __global__ void __launch_bounds__(NTHREADS, FWD_MINB) ss_fwd(FWD_PARAMS) { fwd_body<false>(FWD_ARGS); }
 extern "C" __global__ void __launch_bounds__(NTHREADS) ss_fwd_agg(FWD_PARAMS) { fwd_body<true>(FWD_ARGS); }
 
-// Shared-memory bytes of the forward, read once by the launcher.
-extern "C" __global__ void ss_fwd_smem(int* out) { out[0] = (int)sizeof(FwdSmem); }
+// Shared-memory bytes of the forward and its channels a block, read once by the launcher.
+extern "C" __global__ void ss_fwd_smem(int* out) {
+  out[0] = (int)sizeof(FwdSmem);
+  out[1] = FCPB;
+}

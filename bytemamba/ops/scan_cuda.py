@@ -92,23 +92,24 @@ def _variant() -> tuple:
 def _load(source: str, opts: tuple, device_index: int, names: tuple, smem_name: str, grow: str = ""):
     """The kernels `names` of `source` compiled with `opts` (``_cupy.compile_module``) with their launch settings,
     worked out once per specialisation: {name: kernel, "smem": the dynamic shared memory a block needs (the
-    kernel `smem_name` reports it), "bps": {name: resident blocks per SM}}. Kernel `grow` may be launched
-    with more shared memory than it needs (to cap the blocks an SM)."""
+    kernel `smem_name` reports it), "cpb": channels a block (the forward's reports it; 0 where not reported),
+    "bps": {name: resident blocks per SM}}. Kernel `grow` may be launched with more shared memory than it
+    needs (to cap the blocks an SM)."""
     import cupy
 
     device = torch.device("cuda", device_index)
     fns = compile_module(source, opts, device, (*names, smem_name))
     with cupy.cuda.Device(device_index):
-        size = cupy.zeros(1, dtype=cupy.int32)
+        size = cupy.zeros(2, dtype=cupy.int32)
         fns[smem_name]((1,), (1,), (size,))
-        smem = int(size.get()[0])
+        smem, cpb = (int(v) for v in size.get())
     props = torch.cuda.get_device_properties(device)
     smem_sm = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
     smem_blk = getattr(props, "shared_memory_per_block_optin", 227 * 1024)
     if smem > smem_blk:
         raise RuntimeError(f"selective_scan (cuda): {names[0]} needs {smem} bytes of shared memory, "
                            f"the device allows {smem_blk} per block")
-    mod = {"smem": smem, "bps": {}}
+    mod = {"smem": smem, "cpb": cpb, "bps": {}}
     for name in names:
         k = mod[name] = fns[name]
         if name == grow:
@@ -173,7 +174,7 @@ def _fwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
     npad = _npad(n)
     dev = u.device
     K = _get_kernels(_DTYPE_CODE[u.dtype], npad, z is not None, reset is not None, dev)
-    dblocks = -(-d // (NTHREADS // (npad // 4)))      # channels a block: npad / 4 lanes a channel
+    dblocks = -(-d // K["cpb"])                       # channels a block (FWD_CPT x 128 / (npad / 4))
     ntiles = -(-L // TL)
     nseg, seg_tiles = _segments(K["bps"]["ss_fwd"], _num_sms(dev), b * dblocks, ntiles)
 

@@ -11,6 +11,8 @@ SOURCES = sorted(CUDA_DIR.glob("*.cu"))
 PACKAGES = sorted(p.parent for p in (CUDA_DIR.parent / "bytemamba").rglob("__init__.py"))
 # The specialisations the launchers compile: (IN_DTYPE, NPAD, HAS_Z, HAS_RESET, POLY_J).
 VARIANTS = [(1, 16, 1, 0, 0), (0, 64, 0, 1, 5), (2, 32, 1, 1, 0)]
+# Candidate builds behind knobs, compiled at the first specialisation (docs/PERF.md names what each is for).
+KNOB_BUILDS = {"selective_scan.cu": [["-DFWD_CPT=2", "-DFWD_PAD=1"], ["-DFWD_CPT=4"]]}
 
 
 def _nvrtc():
@@ -26,31 +28,35 @@ def _defines(v):
     return [f"-DIN_DTYPE={dt}", f"-DNPAD={npad}", f"-DHAS_Z={hz}", f"-DHAS_RESET={hr}", f"-DPOLY_J={poly}"]
 
 
+def _builds(src):
+    return [_defines(v) for v in VARIANTS] + [_defines(VARIANTS[0]) + k for k in KNOB_BUILDS.get(src.name, [])]
+
+
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 @pytest.mark.parametrize("src", SOURCES, ids=[p.name for p in SOURCES])
 def test_cu_compiles(src, arch, tmp_path):
     nvcc = shutil.which("nvcc")
     if nvcc:
-        for v in VARIANTS:
+        for defs in _builds(src):
             r = subprocess.run([nvcc, f"-arch={arch}", "-std=c++17", "-c", str(src), "-o", str(tmp_path / "k.o"),
-                                "-Werror", "all-warnings", *_defines(v)], capture_output=True, text=True)
-            assert r.returncode == 0, f"{src.name} {arch} {v}:\n{r.stderr}"
+                                "-Werror", "all-warnings", *defs], capture_output=True, text=True)
+            assert r.returncode == 0, f"{src.name} {arch} {defs}:\n{r.stderr}"
         return
     nvrtc = _nvrtc()
     if nvrtc is None:
         pytest.skip("neither nvcc nor NVRTC (cuda-bindings) is available to compile CUDA sources")
     from bytemamba.ops._cupy import read_source
     code = read_source(src.name).encode()              # what the launchers hand NVRTC: headers pasted in
-    for v in VARIANTS:
+    for defs in _builds(src):
         err, prog = nvrtc.nvrtcCreateProgram(code, src.name.encode(), 0, [], [])
         assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS
-        opts = [b"--std=c++17", f"-arch={arch}".encode(), *[s.encode() for s in _defines(v)]]
+        opts = [b"--std=c++17", f"-arch={arch}".encode(), *[s.encode() for s in defs]]
         (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
         if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
             _, size = nvrtc.nvrtcGetProgramLogSize(prog)
             log = b" " * size
             nvrtc.nvrtcGetProgramLog(prog, log)
-            pytest.fail(f"{src.name} {arch} {v}:\n{log.decode(errors='replace')}")
+            pytest.fail(f"{src.name} {arch} {defs}:\n{log.decode(errors='replace')}")
 
 
 # ---- the kernel sources ship with the package ------------------------------------------------------------
