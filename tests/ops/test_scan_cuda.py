@@ -165,6 +165,30 @@ def test_polynomial_exp_variant(monkeypatch):
         assert rel(gk[k], gr[k]) < 1e-4, k
 
 
+@pytest.mark.parametrize("defines", ["FWD_CPT=2", "FWD_PAD=1", "FWD_CPT=2+FWD_PAD=1", "FWD_CPT=4"])
+def test_forward_candidate_builds(monkeypatch, defines):
+    """The forward's candidate builds (several channels a thread, padded staging rows) compute the same function:
+    channel blocks that run past dim, n padded to 16 and 64, initial state, resets, parallel L-segments (the
+    aggregate kernel), fp32 against float64 and bf16 within twice PyTorch's own bf16 error."""
+    monkeypatch.setenv("BYTEMAMBA_SCAN_DEFINES", defines)
+    for shape, nseg in (((2, 70, 300, 16), "0"), ((1, 37, 200, 33), "0"), ((1, 70, 2000, 16), "3")):
+        monkeypatch.setenv("BYTEMAMBA_SCAN_NSEG", nseg)
+        ins = make_inputs(*shape, init=True, reset=True, seed=21)
+        out, fin, gk = grads(cuda_fn, ins)
+        ro, rf, gr = grads(selective_scan_chunked, ref64(ins))
+        assert rel(out, ro) < 2e-5 and rel(fin, rf) < 2e-5, (shape, rel(out, ro), rel(fin, rf))
+        for k in gr:
+            assert rel(gk[k], gr[k]) < 1e-4, (shape, k)
+    monkeypatch.setenv("BYTEMAMBA_SCAN_NSEG", "0")
+    ins32 = make_inputs(2, 130, 1000, 16, init=True, reset=True, seed=22)
+    ins = {k: (v.to(torch.bfloat16) if k in ("u", "delta", "B", "C", "z") else v) for k, v in ins32.items()}
+    out, fin, gk = grads(cuda_fn, ins)
+    tout, tfin, gt = grads(selective_scan_chunked, ins)
+    ro, rf, gr = grads(selective_scan_chunked, ref64(ins))
+    assert rel(out, ro) <= 2 * rel(tout, ro) + 1e-6, (rel(out, ro), rel(tout, ro))
+    assert rel(fin, rf) <= 2 * rel(tfin, rf) + 1e-5
+
+
 def test_deterministic_mode_same_bits():
     from bytemamba.ops import scan_cuda
     ins = make_inputs(2, 256, 3000, 16, dtype=torch.bfloat16, seed=13)
