@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Device run: Nsight Compute counters of the persistent decode-step kernel (byte353m, batch 64). Kernel replay of its
+# cooperative cluster launch fails (LaunchFailed, 2026-11-29), so this replays the whole application once per pass
+# (scripts/profile_persistent.py; CuPy's on-disk kernel cache keeps the later passes short) with a few sections only.
+# Logs and CSVs under $OUT; a summary prints last.
+set -o pipefail
+export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-$PWD}
+OUT=${OUT:-/tmp/bytemamba_out}
+mkdir -p "$OUT"
+python3 scripts/profile_persistent.py > "$OUT/warm.log" 2>&1     # fills the kernel cache before the replays
+timeout -k 3 "${NCU_TIMEOUT:-400}" ncu --replay-mode application --clock-control none --section SpeedOfLight \
+  --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats --section LaunchStats \
+  -k persistent_step -s 3 -c 1 -o "$OUT/pers" python3 scripts/profile_persistent.py > "$OUT/ncu.log" 2>&1
+echo "ncu rc $?"; tail -5 "$OUT/ncu.log"
+ncu -i "$OUT/pers.ncu-rep" --page details --csv > "$OUT/pers_details.csv" 2> "$OUT/pers_details.err"
+python3 - "$OUT/pers_details.csv" <<'PY'
+import csv, sys
+rows = list(csv.reader(open(sys.argv[1])))
+if len(rows) < 2:
+    sys.exit(print("no ncu rows"))
+h = rows[0]
+for r in rows[1:]:
+    d = dict(zip(h, r))
+    if d.get("Metric Value"):
+        print(f"{d.get('Section Name', '')[:28]:28s} {d.get('Metric Name', '')[:48]:48s} {d.get('Metric Unit', ''):>10s} "
+              f"{d['Metric Value']}")
+PY
