@@ -48,6 +48,9 @@ def main():
                    help="profile only the default and the fastest variant (53 layers) at each --profile batch")
     p.add_argument("--layers", type=int, default=53)
     p.add_argument("--no-model", dest="model", action="store_false", help="skip the model-step comparison")
+    p.add_argument("--launches", type=int, default=0,
+                   help="only launch the default build this many times at the first batch, then exit (for ncu: "
+                        "scripts/device_ncu_persistent.sh)")
     a = p.parse_args()
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -64,6 +67,14 @@ def main():
             s.ssm.normal_().mul_(0.1)
         ids = torch.randint(0, 256, (b,), device="cuda")
         res = torch.empty(b, 1024, device="cuda")
+        if a.launches:
+            conv, ssm = [s.conv for s in cache.layers], [s.ssm for s in cache.layers]
+            for _ in range(a.launches):
+                ps.persistent_layers_fn(ids, P, W, conv, ssm, res)
+            torch.cuda.synchronize()
+            assert torch.isfinite(res).all()
+            print(f"{a.launches} launches at batch {b}, {a.layers} layers")
+            return
         for name, defines in variants:
             os.environ["BYTEMAMBA_PERSISTENT_DEFINES"] = defines
             t = {}

@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # Device run: Nsight Compute counters of the persistent decode-step kernel (byte353m, batch 64). Kernel replay of its
 # cooperative cluster launch fails (LaunchFailed, 2026-11-29), so this replays the whole application once per pass
-# (scripts/profile_persistent.py; CuPy's on-disk kernel cache keeps the later passes short) with a few sections only.
+# (bench_persistent_step.py --launches 4 --batches 64; CuPy's on-disk kernel cache keeps later passes short) with a
+# few sections only.
 # Logs and CSVs under $OUT; a summary prints last.
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-$PWD}
 OUT=${OUT:-/tmp/bytemamba_out}
 mkdir -p "$OUT"
-python3 scripts/profile_persistent.py > "$OUT/warm.log" 2>&1     # fills the kernel cache before the replays
+python3 scripts/bench_persistent_step.py --launches 4 --batches 64 > "$OUT/warm.log" 2>&1     # fills the kernel cache before the replays
 timeout -k 3 "${NCU_TIMEOUT:-400}" ncu --replay-mode application --clock-control none --section SpeedOfLight \
   --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats --section LaunchStats \
-  -k persistent_step -s 3 -c 1 -o "$OUT/pers" python3 scripts/profile_persistent.py > "$OUT/ncu.log" 2>&1
+  -k persistent_step -s 3 -c 1 -o "$OUT/pers" python3 scripts/bench_persistent_step.py --launches 4 --batches 64 > "$OUT/ncu.log" 2>&1
 echo "ncu rc $?"; tail -5 "$OUT/ncu.log"
 ncu -i "$OUT/pers.ncu-rep" --page details --csv > "$OUT/pers_details.csv" 2> "$OUT/pers_details.err"
 python3 - "$OUT/pers_details.csv" <<'PY'
