@@ -6,8 +6,9 @@
 // buffer per block. cp.async copies at once (its waits are no-ops). The PTX the kernels write inline is replaced
 // before compiling (cuda_emu.py) by the functions below: ex2 / lg2 / tanh by the C library's (not the MUFU
 // approximations: tests compare with tolerances), the 2-byte float conversions round to nearest even.
-// Not emulated: anything the scan kernels do not use (atomics, async barriers, tensor cores, clusters).
+// Not emulated: anything the scan kernels do not use (async barriers, tensor cores, clusters, most atomics).
 #pragma once
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -112,10 +113,13 @@ inline uint16_t f2bf(float f) {                       // round to nearest even (
   u += 0x7fffu + ((u >> 16) & 1u);
   return uint16_t(u >> 16);
 }
+inline float4 lds4(unsigned addr) { return *reinterpret_cast<const float4*>((const char*)cur->smem.data() + addr); }
 inline unsigned smem_addr(const void* p) { return unsigned((const char*)p - (const char*)cur->smem.data()); }
 inline void cp16(unsigned dst, const void* src) { std::memcpy((char*)cur->smem.data() + dst, src, 16); }
 
 }  // namespace emu
+
+inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
 
 #define threadIdx (emu::tid_)
 #define blockIdx (emu::bid_)

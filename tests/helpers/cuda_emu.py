@@ -32,6 +32,8 @@ _PTX = {
     "cvt.rn.bf16.f32": lambda o, i: f"{o[0]} = emu::f2bf({i[0]})",
     "cvt.rn.f16.f32": lambda o, i: f"{o[0]} = emu::f2h({i[0]})",
     "cvta.to.shared.u64": lambda o, i: f"{o[0]} = emu::smem_addr({i[0]})",
+    "ld.shared.v4.f32": lambda o, i: (f"{{ const float4 emu_v = emu::lds4({i[0]}); {o[0]} = emu_v.x; {o[1]} = emu_v.y; "
+                                      f"{o[2]} = emu_v.z; {o[3]} = emu_v.w; }}"),
     "cp.async.cg.shared.global": lambda o, i: f"emu::cp16({i[0]}, {i[1]})",
     "cp.async.commit_group": lambda o, i: "(void)0",
     "cp.async.wait_group": lambda o, i: "(void)0",

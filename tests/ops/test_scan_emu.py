@@ -1,11 +1,14 @@
-"""The CUDA scan forward (cuda/selective_scan.cu: ss_fwd, ss_fwd_agg, ss_fwd_smem) run on the CPU through the
-emulation in tests/helpers/cuda_emu.h, against the reference: its index logic checked where there is no GPU.
+"""The CUDA scan (cuda/selective_scan.cu: ss_fwd, ss_fwd_agg; cuda/scan_bwd.cu: scan_bwd, scan_bwd_agg) run on the
+CPU through the emulation in tests/helpers/cuda_emu.h, against the definition: the kernels' logic checked where
+there is no GPU (CI).
 
-Every build the launcher can pick is covered: the default and the candidate knobs (FWD_CPT: channels a thread,
-FWD_PAD: padded staging rows), with channel blocks that run past dim, n padded to 16 and to 64, an initial state,
-resets, parallel L-segments (the aggregate kernel), fp32 and bf16 inputs. The outputs, the final state and the
-checkpoints (the state before each tile, which the backward reads) are compared. The launch sequence mirrors
-bytemamba/ops/scan_cuda.py `_fwd_impl`. exp, log and tanh are the C library's here, not MUFU's approximations.
+Forward: the default build and the candidate knobs (FWD_CPT: channels a thread, FWD_PAD: padded staging rows), with
+channel blocks that run past dim, n padded to 16 and to 64, an initial state, resets, parallel L-segments (the
+aggregate kernel), fp32 and bf16 inputs; outputs, final state and the checkpoints (the state before each tile, which
+the backward reads). Backward: the launcher's two builds (3 and 2 blocks an SM), dB / dC by atomics and by per-block
+partials (deterministic mode), segments, fp32 and bf16 (the 2-an-SM build's prefetch); every gradient. The launch
+sequences mirror bytemamba/ops/scan_cuda.py `_fwd_impl` / `_bwd_impl`. exp, log and tanh are the C library's here,
+not MUFU's approximations; timing and bank conflicts are not emulated (the GPU tests and benchmarks own those).
 """
 
 import ctypes
@@ -117,3 +120,100 @@ def test_forward_bf16_matches_definition(knobs):
     assert out.dtype == torch.bfloat16
     assert rel(out, ro) < 8e-3, rel(out, ro)            # the bf16 rounding of the output, ~2^-9
     assert rel(final, rf) < 2e-5, rel(final, rf)       # states are float32 from the same bf16 inputs
+
+
+# ---- the backward (cuda/scan_bwd.cu: scan_bwd, scan_bwd_agg), mirroring scan_cuda._bwd_impl -----------------------
+
+BWD_WRAPPERS = """
+#define EMU_BWD_ARGS u, delta, z, Bm, Cm, A, Dv, bias, reset, dout, ckpt, dfinal, agg, du_o, ddelta_o, dz_o, dB_o, \\
+    dC_o, dA_p, dD_p, dbias_p, dinit, batch, dim, L, n, ntiles, seg_tiles, nseg, flags
+extern "C" void emu_bwd(int emu_agg_pass, int gx, int gy, int smem, BWD_PARAMS) {
+  emu::launch(gx, gy, NTHREADS, smem, [&] { if (emu_agg_pass) scan_bwd_agg(EMU_BWD_ARGS); else scan_bwd(EMU_BWD_ARGS); });
+}
+extern "C" void emu_bwd_smem(int* out) { scan_bwd_smem(out); }
+"""
+# The launcher's two builds (scan_cuda._BWD_BUILDS: 3 blocks an SM, 2 blocks an SM).
+BWD_BUILDS = [{"BWD_MINB": 3, "BWD_FP": 8, "BWD_DBC": 0},
+              {"BWD_MINB": 2, "BWD_FP": 16, "BWD_DBC": 1, "BWD_PWB": 2, "BWD_PF": 1}]
+
+
+def emu_backward(ins, build, dout, dfinal, nseg=1, deterministic=False):
+    """The gradients of <out, dout> + <final, dfinal> from the emulated backward (checkpoints from the emulated
+    default forward): {name: gradient}."""
+    u, delta, A, B, C, D, z, bias, init, reset = (ins[k] for k in ("u", "delta", "A", "B", "C", "D", "z",
+                                                                    "delta_bias", "initial_state", "reset"))
+    b, d, L = u.shape
+    n = A.shape[1]
+    npad = 16 if n <= 16 else 32 if n <= 32 else 64
+    _, _, ckpt = emu_forward(ins, {}, 1)
+    defines = {"IN_DTYPE": _DTYPE_CODE[u.dtype], "NPAD": npad, "HAS_Z": int(z is not None),
+               "HAS_RESET": int(reset is not None), **build}
+    lib = cuda_emu.build("scan_bwd.cu", defines, BWD_WRAPPERS)
+    lib.emu_bwd.argtypes = [ctypes.c_int] * 4 + [ctypes.c_void_p] * 22 + [ctypes.c_int, ctypes.c_int,
+                                                                          ctypes.c_longlong] + [ctypes.c_int] * 5
+    info = (ctypes.c_int * 2)()
+    lib.emu_bwd_smem(info)
+    smem = info[0]
+    dblocks, ntiles = -(-d // (128 // (npad // 4))), -(-L // TL)
+    seg_tiles = -(-ntiles // nseg)
+    nseg = -(-ntiles // seg_tiles)
+    du, ddelta = torch.empty_like(u), torch.empty_like(delta)
+    dz = torch.empty_like(z) if z is not None else None
+    part = (dblocks,) if deterministic else ()
+    dBp, dCp = torch.zeros(*part, b, n, L), torch.zeros(*part, b, n, L)
+    dA_p, dD_p, db_p = torch.empty(nseg, b, d, n), torch.empty(nseg, b, d), torch.empty(nseg, b, d)
+    dinit = torch.empty(b, d, n)
+    agg = torch.empty(max(1, b * d * (nseg - 1) * 2 * npad))
+    reset8 = reset.to(torch.uint8).contiguous() if reset is not None else None
+    dout = dout.to(u.dtype).contiguous()
+    es = u.element_size()
+    aligned = (L * es) % 16 == 0 and all(t is None or t.data_ptr() % 16 == 0
+                                         for t in (u, delta, z, dout, B, C, du, ddelta, dz))
+    flags = 1 | (2 if aligned else 0) | (0 if deterministic else 4)
+    p = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    args = [p(u), p(delta), p(z), p(B), p(C), p(A), p(D), p(bias), p(reset8), p(dout), p(ckpt), p(dfinal), p(agg),
+            p(du), p(ddelta), p(dz), p(dBp), p(dCp), p(dA_p), p(dD_p), p(db_p), p(dinit),
+            b, d, L, n, ntiles, seg_tiles, nseg, flags]
+    if nseg > 1:
+        lib.emu_bwd(1, b * dblocks, nseg - 1, smem, *args)
+    lib.emu_bwd(0, b * dblocks, nseg, smem, *args)
+    return {"u": du, "delta": ddelta, "z": dz, "B": dBp.sum(0) if deterministic else dBp,
+            "C": dCp.sum(0) if deterministic else dCp, "A": dA_p.sum((0, 1)), "D": dD_p.sum((0, 1)),
+            "delta_bias": db_p.sum((0, 1)), "initial_state": dinit}
+
+
+def reference_grads(ins, dout, dfinal):
+    f = {k: (v.double().requires_grad_(True) if v is not None and v.is_floating_point() else v)
+         for k, v in ins.items()}
+    out, final = selective_scan_ref(f["u"], f["delta"], f["A"], f["B"], f["C"], f["D"], f["z"], f["delta_bias"],
+                                    delta_softplus=True, initial_state=f["initial_state"], return_final_state=True,
+                                    reset=f["reset"])
+    ((out * dout.double()).sum() + (final * dfinal.double()).sum()).backward()
+    return {k: v.grad for k, v in f.items() if v is not None and v.is_floating_point()}
+
+
+@pytest.mark.parametrize("build", BWD_BUILDS, ids=["3-an-SM", "2-an-SM"])
+@pytest.mark.parametrize("shape, nseg, deterministic", [((2, 40, 150, 16), 1, False), ((1, 37, 130, 33), 1, True),
+                                                         ((1, 40, 330, 16), 3, True)],
+                         ids=["atomics", "npad64-deterministic", "segments"])
+def test_backward_fp32_matches_definition(build, shape, nseg, deterministic):
+    ins = make_inputs(*shape, seed=sum(shape) + 1)
+    g = torch.Generator().manual_seed(7)
+    b, d, L, n = shape
+    dout, dfinal = torch.randn(b, d, L, generator=g), torch.randn(b, d, n, generator=g)
+    got = emu_backward(ins, build, dout, dfinal, nseg, deterministic)
+    want = reference_grads(ins, dout, dfinal)
+    for k, w in want.items():
+        assert rel(got[k], w) < 1e-4, (k, rel(got[k], w))
+
+
+@pytest.mark.parametrize("build", BWD_BUILDS, ids=["3-an-SM", "2-an-SM"])
+def test_backward_bf16_matches_definition(build):
+    """2-byte inputs take the 2-an-SM build's cp.async prefetch of the next tile (BWD_PF)."""
+    ins = make_inputs(2, 40, 200, 16, dtype=torch.bfloat16, seed=4)
+    g = torch.Generator().manual_seed(8)
+    dout, dfinal = torch.randn(2, 40, 200, generator=g).bfloat16(), torch.randn(2, 40, 16, generator=g)
+    got = emu_backward(ins, build, dout, dfinal)
+    want = reference_grads(ins, dout, dfinal)
+    for k, w in want.items():                         # du, ddelta, dz are rounded to bf16 (~2^-9)
+        assert rel(got[k], w) < (8e-3 if k in ("u", "delta", "z") else 1e-4), (k, rel(got[k], w))
