@@ -3,13 +3,13 @@
 #   1. the GPU tests of each candidate build, in parallel (BYTEMAMBA_SCAN_DEFINES=<candidate>);
 #   2. `bytemamba bench scan` of the default and every candidate in one process (forward + backward, 4 shapes);
 #   3. ncu counters of each build's ss_fwd at the main shape (time, L1 data-pipe wavefronts, MUFU, issue, warps).
-#   CANDS="FWD_PAD=1 FWD_CPT=2 FWD_CPT=2+FWD_PAD=1 FWD_CPT=4+FWD_PAD=1"   the candidates ('+' joins defines)
+#   CANDS="FWD_PAD=1 FWD_CPT=2 FWD_CPT=2+FWD_PAD=1 FWD_CPT=2+FWD_MINB=3 FWD_CPT=4+FWD_PAD=1"   the candidates ('+' joins defines)
 # Logs under $OUT (t_<i>.log, bench.log, ncu_<i>.csv); a summary prints last.
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-$PWD}
 OUT=${OUT:-/tmp/bytemamba_out}
 mkdir -p "$OUT"
-CANDS=${CANDS:-"FWD_PAD=1 FWD_CPT=2 FWD_CPT=2+FWD_PAD=1 FWD_CPT=4+FWD_PAD=1"}
+CANDS=${CANDS:-"FWD_PAD=1 FWD_CPT=2 FWD_CPT=2+FWD_PAD=1 FWD_CPT=2+FWD_MINB=3 FWD_CPT=4+FWD_PAD=1"}
 PT="python3 -m pytest -q -m gpu --tb=short -p no:cacheprovider tests/ops/test_scan_cuda.py"
 i=0
 for c in $CANDS; do
