@@ -4,7 +4,7 @@ there is no GPU (CI).
 
 Forward: the default build and the candidate knobs (FWD_CPT: channels a thread, FWD_PAD: padded staging rows), with
 channel blocks that run past dim, n padded to 16 and to 64, an initial state, resets, parallel L-segments (the
-aggregate kernel), fp32 and bf16 inputs; outputs, final state and the checkpoints (the state before each tile, which
+aggregate kernel), fp32, bf16 and fp16 (n padded to 32) inputs; outputs, final state and the checkpoints (the state before each tile, which
 the backward reads). Backward: the launcher's two builds (3 and 2 blocks an SM), dB / dC by atomics and by per-block
 partials (deterministic mode), segments, fp32 and bf16 (the 2-an-SM build's prefetch); every gradient. The launch
 sequences mirror bytemamba/ops/scan_cuda.py `_fwd_impl` / `_bwd_impl`. exp, log and tanh are the C library's here,
@@ -113,13 +113,14 @@ def test_forward_fp32_matches_definition(knobs, shape, nseg):
 
 
 @pytest.mark.parametrize("knobs", [{}, {"FWD_CPT": 2, "FWD_PAD": 1}], ids=["default", "FWD_CPT=2+FWD_PAD=1"])
-def test_forward_bf16_matches_definition(knobs):
-    ins = make_inputs(2, 40, 200, 16, dtype=torch.bfloat16, seed=3)
+@pytest.mark.parametrize("dtype, n", [(torch.bfloat16, 16), (torch.float16, 20)], ids=["bf16", "fp16-npad32"])
+def test_forward_low_precision_matches_definition(knobs, dtype, n):
+    ins = make_inputs(2, 40, 200, n, dtype=dtype, seed=3)
     out, final, _ = emu_forward(ins, knobs)
     ro, rf = reference(ins)
-    assert out.dtype == torch.bfloat16
-    assert rel(out, ro) < 8e-3, rel(out, ro)            # the bf16 rounding of the output, ~2^-9
-    assert rel(final, rf) < 2e-5, rel(final, rf)       # states are float32 from the same bf16 inputs
+    assert out.dtype == dtype
+    assert rel(out, ro) < 8e-3, rel(out, ro)            # the output's own rounding (bf16 ~2^-9, fp16 ~2^-12)
+    assert rel(final, rf) < 2e-5, rel(final, rf)       # states are float32 from the same rounded inputs
 
 
 # ---- the backward (cuda/scan_bwd.cu: scan_bwd, scan_bwd_agg), mirroring scan_cuda._bwd_impl -----------------------
