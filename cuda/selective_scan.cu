@@ -65,7 +65,7 @@
 #define FWD_PAD 0
 #endif
 #define PADG ((FWD_PAD && EPT >= 8) ? 4 : 0)
-#define RSD (TL + NT * PADG + (PADG ? 0 : 4))   // dl / du row stride (RS without padding)
+#define RSD (PADG ? TL + NT * PADG : RS)         // dl / du row stride
 #define RSB (FWD_PAD ? TL + 36 : RS)             // B / C row stride
 __device__ __forceinline__ int dcol(int t) { return t + PADG * (t / EPT); }
 __device__ __forceinline__ int bcol(int t) { return FWD_PAD ? t + 4 * (t / 32) : t; }

@@ -18,19 +18,23 @@ import pytest
 import torch
 
 from bytemamba.ops.scan import selective_scan_ref
+from bytemamba.ops.scan_cuda import _DTYPE_CODE, NTHREADS, TL, _aligned, _npad, _segments
 from helpers import cuda_emu
 from helpers.kernel_checks import rel
 
 pytestmark = pytest.mark.skipif(cuda_emu.compiler() is None, reason="needs g++ (C++20) to build the CPU emulation")
 
-TL = 64
 WRAPPERS = """
 extern "C" void emu_fwd(int emu_agg_pass, int gx, int gy, int smem, FWD_PARAMS) {
   emu::launch(gx, gy, NTHREADS, smem, [&] { if (emu_agg_pass) ss_fwd_agg(FWD_ARGS); else ss_fwd(FWD_ARGS); });
 }
 extern "C" void emu_fwd_smem(int* out) { ss_fwd_smem(out); }
 """
-_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def _segments_of(nseg, ntiles):
+    """The launcher's segment arithmetic (scan_cuda._segments) asked for `nseg` segments: (nseg, tiles a segment)."""
+    return _segments(bps_max=nseg, sms=1, channel_blocks=1, ntiles=ntiles)
 
 
 def _lib(dtype, npad, has_z, has_reset, knobs):
@@ -48,23 +52,19 @@ def emu_forward(ins, knobs, nseg=1):
                                                                     "delta_bias", "initial_state", "reset"))
     b, d, L = u.shape
     n = A.shape[1]
-    npad = 16 if n <= 16 else 32 if n <= 32 else 64
+    npad = _npad(n)
     lib = _lib(u.dtype, npad, z is not None, reset is not None, knobs)
     info = (ctypes.c_int * 2)()
     lib.emu_fwd_smem(info)
     smem, cpb = info[0], info[1]
     dblocks, ntiles = -(-d // cpb), -(-L // TL)
-    seg_tiles = -(-ntiles // nseg)
-    nseg = -(-ntiles // seg_tiles)
+    nseg, seg_tiles = _segments_of(nseg, ntiles)
     out = torch.empty_like(u)
     ckpt = torch.full((b * d, ntiles, npad), float("nan"))
     final = torch.empty(b, d, n)
     agg = torch.empty(max(1, b * d * (nseg - 1) * 2 * npad))
     reset8 = reset.to(torch.uint8).contiguous() if reset is not None else None
-    es = u.element_size()
-    aligned = (L * es) % 16 == 0 and all(t is None or t.data_ptr() % 16 == 0 for t in (u, delta, z, B, C, out))
-    raligned = L % 16 == 0 and (reset8 is None or reset8.data_ptr() % 16 == 0)
-    flags = 1 | (2 if aligned else 0) | (8 if raligned else 0)
+    flags = 1 | (2 if _aligned(L, u.element_size(), u, delta, z, B, C, out) else 0) | (8 if _aligned(L, 1, reset8) else 0)
     p = lambda t: None if t is None else t.data_ptr()  # noqa: E731
     args = [p(u), p(delta), p(z), p(B), p(C), p(A), p(D), p(bias), p(init), p(reset8), p(out), p(ckpt), p(final),
             p(agg), b, d, L, n, ntiles, seg_tiles, nseg, flags]
@@ -145,7 +145,7 @@ def emu_backward(ins, build, dout, dfinal, nseg=1, deterministic=False):
                                                                     "delta_bias", "initial_state", "reset"))
     b, d, L = u.shape
     n = A.shape[1]
-    npad = 16 if n <= 16 else 32 if n <= 32 else 64
+    npad = _npad(n)
     _, _, ckpt = emu_forward(ins, {}, 1)
     defines = {"IN_DTYPE": _DTYPE_CODE[u.dtype], "NPAD": npad, "HAS_Z": int(z is not None),
                "HAS_RESET": int(reset is not None), **build}
@@ -155,9 +155,8 @@ def emu_backward(ins, build, dout, dfinal, nseg=1, deterministic=False):
     info = (ctypes.c_int * 2)()
     lib.emu_bwd_smem(info)
     smem = info[0]
-    dblocks, ntiles = -(-d // (128 // (npad // 4))), -(-L // TL)
-    seg_tiles = -(-ntiles // nseg)
-    nseg = -(-ntiles // seg_tiles)
+    dblocks, ntiles = -(-d // (NTHREADS // (npad // 4))), -(-L // TL)
+    nseg, seg_tiles = _segments_of(nseg, ntiles)
     du, ddelta = torch.empty_like(u), torch.empty_like(delta)
     dz = torch.empty_like(z) if z is not None else None
     part = (dblocks,) if deterministic else ()
@@ -167,10 +166,8 @@ def emu_backward(ins, build, dout, dfinal, nseg=1, deterministic=False):
     agg = torch.empty(max(1, b * d * (nseg - 1) * 2 * npad))
     reset8 = reset.to(torch.uint8).contiguous() if reset is not None else None
     dout = dout.to(u.dtype).contiguous()
-    es = u.element_size()
-    aligned = (L * es) % 16 == 0 and all(t is None or t.data_ptr() % 16 == 0
-                                         for t in (u, delta, z, dout, B, C, du, ddelta, dz))
-    flags = 1 | (2 if aligned else 0) | (0 if deterministic else 4)
+    flags = 1 | (2 if _aligned(L, u.element_size(), u, delta, z, dout, B, C, du, ddelta, dz) else 0) \
+        | (0 if deterministic else 4)
     p = lambda t: None if t is None else t.data_ptr()  # noqa: E731
     args = [p(u), p(delta), p(z), p(B), p(C), p(A), p(D), p(bias), p(reset8), p(dout), p(ckpt), p(dfinal), p(agg),
             p(du), p(ddelta), p(dz), p(dBp), p(dCp), p(dA_p), p(dD_p), p(db_p), p(dinit),
