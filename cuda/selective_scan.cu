@@ -49,26 +49,25 @@
 #endif
 
 #ifndef FWD_CPT
-#define FWD_CPT 1                  // channels a forward thread scans (4 states of each): B / C loads serve them all
+#define FWD_CPT 2                  // channels a forward thread scans (4 states of each): B / C loads serve them all
 #endif
 #define FCPB (CPB * FWD_CPT)       // forward channels a block; thread (c, sg) scans channels c, c + CPB, ...
 #ifndef FWD_UNR
 #define FWD_UNR (FWD_CPT > 2 ? 8 : 16)
 #endif
-// FWD_PAD=1: staging stores without bank conflicts (ncu, 2026-11-29 session 6: the 16-byte stores of the dl / du
-// rows and of the B / C float rows are 2-way conflicted, 8 wavefronts a STS.128 instead of 4, ~10% of the forward's
-// L1 wavefronts, and the L1 data pipe is what bounds it). The dl / du rows get 4 floats of padding after each
-// thread's EPT positions (where EPT >= 8): position t at column dcol(t), row stride RSD. The B / C rows get 4 floats
-// after every 32 positions (bcol(t)) and a row stride of 100 floats, which keeps the scan loop's row reads
-// conflict-free for NT 4 / 8 / 16 (a stride of 72 would not).
-#ifndef FWD_PAD
-#define FWD_PAD 0
+// FWD_BCH=1 (candidate, session 7): the scan loop reads B and C straight from the raw (in_t) tiles that cp.async
+// filled, double-buffered, instead of from float rows that the staging converted: 8 positions of a state a 16-byte
+// load in bf16 / fp16 (4 in fp32) instead of 4, no conversion pass in the staging. ncu (session 6) found the forward
+// bound by its L1 data pipe with 77% of its shared wavefronts in the loop's 16-byte loads; this cuts the loop's
+// loads a (lane, position) from 2.5 to 1.5 for 8 more ALU ops (the bf16 -> float unpack) a (lane, position). A lane
+// then owns states sg, sg + NT, sg + 2 NT, sg + 3 NT (adjacent raw rows for the NT lanes of a channel: distinct bank
+// groups, raw rows being 144 / 272 bytes apart) instead of 4 sg .. 4 sg + 3.
+#ifndef FWD_BCH
+#define FWD_BCH 0
 #endif
-#define PADG ((FWD_PAD && EPT >= 8) ? 4 : 0)
-#define RSD (PADG ? TL + NT * PADG : RS)         // dl / du row stride
-#define RSB (FWD_PAD ? TL + 36 : RS)             // B / C row stride
-__device__ __forceinline__ int dcol(int t) { return t + PADG * (t / EPT); }
-__device__ __forceinline__ int bcol(int t) { return FWD_PAD ? t + 4 * (t / 32) : t; }
+#define NBUF (FWD_BCH ? 2 : 1)     // raw B / C tile buffers
+// The state a thread's j-th register holds (j < 4).
+__device__ __forceinline__ int stt(int sg, int j) { return FWD_BCH ? j * NT + sg : sg * 4 + j; }
 #define UNR ((NT > FWD_UNR) ? NT : FWD_UNR)   // forward inner unroll (a multiple of NT)
 #ifndef FWD_SPP
 #define FWD_SPP 1
@@ -254,47 +253,85 @@ __device__ __forceinline__ float sigmoid_fwd(float x) {
 // ------------------------------------------------------------------------------------------------
 // Forward.
 
+// Element e of a 16-byte chunk of raw in_t values, as a float (FWD_BCH). bf16: one shift or one mask.
+__device__ __forceinline__ float raw_elem(const uint4& w, int e) {
+  const unsigned* v = reinterpret_cast<const unsigned*>(&w);
+#if IN_DTYPE == 0
+  return __uint_as_float(v[e]);
+#elif IN_DTYPE == 1
+  return __uint_as_float((e & 1) ? (v[e >> 1] & 0xffff0000u) : (v[e >> 1] << 16));
+#else
+  return to_f((u16)((e & 1) ? (v[e >> 1] >> 16) : (v[e >> 1] & 0xffffu)));
+#endif
+}
+
 struct FwdSmem {
-  float dl[FCPB * RSD];       // softplus(delta + bias); position t at column dcol(t)
-  float du[FCPB * RSD];       // dl * u; overwritten by y = <C, x> as the scan passes
-  float B[NPAD * RSB];         // state n in row (n % 4) * NT + n / 4, position t at column bcol(t)
-  float C[NPAD * RSB];
+  float dl[FCPB * RS];         // softplus(delta + bias)
+  float du[FCPB * RS];         // dl * u; overwritten by y = <C, x> as the scan passes
+#if !FWD_BCH
+  float B[NPAD * RS];          // state n in row (n % 4) * NT + n / 4
+  float C[NPAD * RS];
+#endif
   float m[TL];                 // 0 where reset, else 1
   alignas(16) in_t ru[FCPB * RRS];  // raw next tile (cp.async destinations)
   alignas(16) in_t rd[FCPB * RRS];
   alignas(16) in_t rz[FCPB * RRS];
-  alignas(16) in_t rB[NPAD * RRS];
-  alignas(16) in_t rC[NPAD * RRS];
+  alignas(16) in_t rB[NBUF][NPAD * RRS];   // FWD_BCH: buffer kt % 2 holds tile kt
+  alignas(16) in_t rC[NBUF][NPAD * RRS];
   alignas(16) u8 rr[TL + 16];
 };
 
 // One forward tile of a thread's channels (4 states each). AGG: no outputs (sum of dl and reset seen are tracked).
 template <bool AGG>
-__device__ __forceinline__ void fwd_tile_scan(const FwdSmem& s, int c, int sg, int lane,
+__device__ __forceinline__ void fwd_tile_scan(const FwdSmem& s, const in_t* rB, const in_t* rC, int c, int sg, int lane,
                                               const float (&A2)[FWD_CPT][4], float (&x)[FWD_CPT][4],
                                               float (&sumdl)[FWD_CPT], float& keep, float* ysm) {
 #pragma unroll 1
   for (int t0 = 0; t0 < TL; t0 += UNR) {
     float yv[FWD_CPT][UNR];
+#if FWD_BCH
+    constexpr int BW = 16 / (int)sizeof(in_t);   // positions of a state a 16-byte load
+#else
+    constexpr int BW = 4;
+#endif
 #pragma unroll
-    for (int tt = 0; tt < UNR; tt += 4) {
+    for (int tb = 0; tb < UNR; tb += BW) {
+#if FWD_BCH
+      uint4 bw[4], cw[4];  // [state j]: BW positions of state stt(sg, j), raw
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        bw[j] = *reinterpret_cast<const uint4*>(&rB[(j * NT + sg) * RRS + t0 + tb]);
+        if (!AGG) cw[j] = *reinterpret_cast<const uint4*>(&rC[(j * NT + sg) * RRS + t0 + tb]);
+      }
+#endif
+#pragma unroll
+    for (int tt = tb; tt < tb + BW; tt += 4) {
       float dls[FWD_CPT][4], dus[FWD_CPT][4];
 #pragma unroll
       for (int k = 0; k < FWD_CPT; ++k) {
-        float4 dl4 = *reinterpret_cast<const float4*>(&s.dl[(c + k * CPB) * RSD + dcol(t0 + tt)]);
-        float4 du4 = *reinterpret_cast<const float4*>(&s.du[(c + k * CPB) * RSD + dcol(t0 + tt)]);
+        float4 dl4 = *reinterpret_cast<const float4*>(&s.dl[(c + k * CPB) * RS + t0 + tt]);
+        float4 du4 = *reinterpret_cast<const float4*>(&s.du[(c + k * CPB) * RS + t0 + tt]);
         dls[k][0] = dl4.x; dls[k][1] = dl4.y; dls[k][2] = dl4.z; dls[k][3] = dl4.w;
         dus[k][0] = du4.x; dus[k][1] = du4.y; dus[k][2] = du4.z; dus[k][3] = du4.w;
       }
-      float bq[4][4], cq[4][4];  // [state j][position q]: one 16-byte load per state and 4 positions
+      float bq[4][4], cq[4][4];  // [state j][position q]
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        float4 b4 = *reinterpret_cast<const float4*>(&s.B[(j * NT + sg) * RSB + bcol(t0 + tt)]);
+#if FWD_BCH
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          bq[j][q] = raw_elem(bw[j], tt - tb + q);
+          if (!AGG) cq[j][q] = raw_elem(cw[j], tt - tb + q);
+        }
+#else
+        // one 16-byte load per state and 4 positions
+        float4 b4 = *reinterpret_cast<const float4*>(&s.B[(j * NT + sg) * RS + t0 + tt]);
         bq[j][0] = b4.x; bq[j][1] = b4.y; bq[j][2] = b4.z; bq[j][3] = b4.w;
         if (!AGG) {
-          float4 c4 = *reinterpret_cast<const float4*>(&s.C[(j * NT + sg) * RSB + bcol(t0 + tt)]);
+          float4 c4 = *reinterpret_cast<const float4*>(&s.C[(j * NT + sg) * RS + t0 + tt]);
           cq[j][0] = c4.x; cq[j][1] = c4.y; cq[j][2] = c4.z; cq[j][3] = c4.w;
         }
+#endif
       }
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
@@ -331,12 +368,13 @@ __device__ __forceinline__ void fwd_tile_scan(const FwdSmem& s, int c, int sg, i
         }
       }
     }
+    }
     if (!AGG) {
 #pragma unroll
       for (int k = 0; k < FWD_CPT; ++k) {
         reduce_scatter<UNR>(yv[k], lane);
 #pragma unroll
-        for (int g = 0; g < UNR / NT; ++g) ysm[(c + k * CPB) * RSD + dcol(t0 + g * NT + sg)] = yv[k][g];
+        for (int g = 0; g < UNR / NT; ++g) ysm[(c + k * CPB) * RS + t0 + g * NT + sg] = yv[k][g];
       }
     }
   }
@@ -347,6 +385,8 @@ __device__ __forceinline__ void fwd_issue(FwdSmem& s, const in_t* __restrict__ u
                                           const in_t* __restrict__ z, const in_t* __restrict__ Bm,
                                           const in_t* __restrict__ Cm, const u8* __restrict__ reset, int bi, int dim,
                                           int db, int n, i64 L, int k, bool aligned, bool raligned) {
+  in_t* rB = s.rB[NBUF == 2 ? (k & 1) : 0];
+  in_t* rC = s.rC[NBUF == 2 ? (k & 1) : 0];
   const i64 l0 = (i64)k * TL;
   const i64 row0 = (i64)bi * dim + (i64)db * FCPB;
   const int nvalid = min(FCPB, dim - db * FCPB);
@@ -355,8 +395,8 @@ __device__ __forceinline__ void fwd_issue(FwdSmem& s, const in_t* __restrict__ u
 #if HAS_Z
   if (!AGG) load_rows(s.rz, z + row0 * L, FCPB, nvalid, L, l0, aligned);
 #endif
-  load_rows(s.rB, Bm + (i64)bi * n * L, NPAD, n, L, l0, aligned);
-  if (!AGG) load_rows(s.rC, Cm + (i64)bi * n * L, NPAD, n, L, l0, aligned);
+  load_rows(rB, Bm + (i64)bi * n * L, NPAD, n, L, l0, aligned);
+  if (!AGG) load_rows(rC, Cm + (i64)bi * n * L, NPAD, n, L, l0, aligned);
 #if HAS_RESET
   load_rows(s.rr, reset + (i64)bi * L, 1, 1, L, l0, raligned);
 #endif
@@ -366,7 +406,7 @@ __device__ __forceinline__ void fwd_issue(FwdSmem& s, const in_t* __restrict__ u
 // Issue of the next raw tile: where the tile is whole, aligned and the block's channels all exist (the common case), each
 // thread copies fixed 16-byte chunks (its row rc and chunk kc, rows rc + i*RSTEP), with no per-chunk
 // index arithmetic beyond one 64-bit add; otherwise the general path above. Raw B/C rows >= n are never
-// read (convert_BC writes zeros for them), so the fast path skips them.
+// read (convert_BC writes zeros for them; with FWD_BCH they were zeroed once at the start), so the fast path skips them.
 constexpr int CHK = 16 / (int)sizeof(in_t);     // elements per 16-byte chunk
 constexpr int CPR = TL / CHK;                    // chunks per row
 constexpr int RSTEP = NTHREADS / CPR;               // rows covered by one pass of the block
@@ -393,13 +433,15 @@ __device__ __forceinline__ void fwd_issue5(FwdSmem& s, const in_t* __restrict__ 
       }
     }
     const i64 gb = ((i64)bi * n + rc) * L + l0 + kc * CHK;
+    in_t* rB = s.rB[NBUF == 2 ? (k & 1) : 0];
+    in_t* rC = s.rC[NBUF == 2 ? (k & 1) : 0];
 #pragma unroll
     for (int r = 0; r < NPAD; r += RSTEP) {
       if (r + rc < n) {
         const i64 o = gb + (i64)r * L;
         const int so = (r + rc) * RRS + kc * CHK;
-        cp_async16(&s.rB[so], Bm + o);
-        if (!AGG) cp_async16(&s.rC[so], Cm + o);
+        cp_async16(&rB[so], Bm + o);
+        if (!AGG) cp_async16(&rC[so], Cm + o);
       }
     }
 #if HAS_RESET
@@ -422,7 +464,7 @@ __device__ __forceinline__ void convert_BC(float* dst, const in_t* raw, int n) {
     uint4 w = *reinterpret_cast<const uint4*>(&raw[r * RRS + kc * CHK]);
     if (r >= n) w = make_uint4(0u, 0u, 0u, 0u);
     const in_t* e = reinterpret_cast<const in_t*>(&w);
-    float* d = &dst[((r & 3) * NT + (r >> 2)) * RSB + bcol(kc * CHK)];
+    float* d = &dst[((r & 3) * NT + (r >> 2)) * RS + kc * CHK];
 #pragma unroll
     for (int i = 0; i < CHK; i += 4)
       *reinterpret_cast<float4*>(d + i) = make_float4(to_f(e[i]), to_f(e[i + 1]), to_f(e[i + 2]), to_f(e[i + 3]));
@@ -460,7 +502,7 @@ __device__ __forceinline__ void fwd_body(
   for (int k = 0; k < FWD_CPT; ++k) {
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const int nn = sg * 4 + j;
+      const int nn = stt(sg, j);
       A2[k][j] = (valid[k] && nn < n) ? A[(i64)d[k] * n + nn] * LOG2E : 0.0f;
       x[k][j] = 0.0f;
     }
@@ -473,12 +515,12 @@ __device__ __forceinline__ void fwd_body(
       if (init && valid[k]) {
 #pragma unroll
         for (int j = 0; j < 4; ++j)
-          if (sg * 4 + j < n) x[k][j] = init[ch[k] * n + sg * 4 + j];
+          if (stt(sg, j) < n) x[k][j] = init[ch[k] * n + stt(sg, j)];
       }
       for (int sp = 0; sp < seg; ++sp) {   // fold the aggregates of the segments before this one
         const float* ag = agg + (ch[k] * (nseg - 1) + sp) * 2 * NPAD;
 #pragma unroll
-        for (int j = 0; j < 4; ++j) x[k][j] = fmaf(ag[sg * 4 + j], x[k][j], ag[NPAD + sg * 4 + j]);
+        for (int j = 0; j < 4; ++j) x[k][j] = fmaf(ag[stt(sg, j)], x[k][j], ag[NPAD + stt(sg, j)]);
       }
     }
   }
@@ -489,6 +531,13 @@ __device__ __forceinline__ void fwd_body(
 
   const bool fullc = dim - db * FCPB >= FCPB;
 #define FWD_ISSUE(kk) fwd_issue5<AGG>(s, u, delta, z, Bm, Cm, reset, bi, dim, db, n, L, kk, aligned, raligned, fullc)
+#if FWD_BCH
+  // Raw B / C rows >= n are read by the scan loop (their A is 0) but never copied: zero them once, in both buffers.
+  for (int i = n * RRS + tid; i < NPAD * RRS; i += NTHREADS) {
+#pragma unroll
+    for (int bf = 0; bf < NBUF; ++bf) { s.rB[bf][i] = (in_t)0; s.rC[bf][i] = (in_t)0; }
+  }
+#endif
   FWD_ISSUE(k0);
   for (int kt = k0; kt < k1; ++kt) {
     const i64 l0 = (i64)kt * TL;
@@ -525,14 +574,16 @@ __device__ __forceinline__ void fwd_body(
       }
 #pragma unroll
       for (int e = 0; e < EPT; e += 4) {
-        *reinterpret_cast<float4*>(&s.dl[row * RSD + sg * (EPT + PADG) + e]) =
+        *reinterpret_cast<float4*>(&s.dl[row * RS + sg * EPT + e]) =
             make_float4(dv[e], dv[e + 1], dv[e + 2], dv[e + 3]);
-        *reinterpret_cast<float4*>(&s.du[row * RSD + sg * (EPT + PADG) + e]) =
+        *reinterpret_cast<float4*>(&s.du[row * RS + sg * EPT + e]) =
             make_float4(dv[e] * uv[e], dv[e + 1] * uv[e + 1], dv[e + 2] * uv[e + 2], dv[e + 3] * uv[e + 3]);
       }
     }
-    convert_BC(s.B, s.rB, n);
-    if (!AGG) convert_BC(s.C, s.rC, n);
+#if !FWD_BCH
+    convert_BC(s.B, s.rB[0], n);
+    if (!AGG) convert_BC(s.C, s.rC[0], n);
+#endif
 #if HAS_RESET
     for (int t = tid; t < TL; t += NTHREADS) s.m[t] = s.rr[t] ? 0.0f : 1.0f;
 #endif
@@ -542,12 +593,18 @@ __device__ __forceinline__ void fwd_body(
 #pragma unroll
       for (int k = 0; k < FWD_CPT; ++k) {
         if (valid[k]) {
+#if FWD_BCH
+#pragma unroll
+          for (int j = 0; j < 4; ++j) ckpt[(ch[k] * ntiles + kt) * NPAD + stt(sg, j)] = x[k][j];
+#else
           float4 xs = make_float4(x[k][0], x[k][1], x[k][2], x[k][3]);
           *reinterpret_cast<float4*>(&ckpt[(ch[k] * ntiles + kt) * NPAD + sg * 4]) = xs;
+#endif
         }
       }
     }
-    fwd_tile_scan<AGG>(s, c, sg, lane, A2, x, sumdl, keep, s.du);
+    fwd_tile_scan<AGG>(s, s.rB[NBUF == 2 ? (kt & 1) : 0], s.rC[NBUF == 2 ? (kt & 1) : 0], c, sg, lane, A2, x, sumdl,
+                       keep, s.du);
     if (!AGG) {
       __syncthreads();
 #pragma unroll
@@ -556,7 +613,7 @@ __device__ __forceinline__ void fwd_body(
         float ov[EPT];
 #pragma unroll
         for (int e = 0; e < EPT; e += 4) {
-          const float4 y4 = *reinterpret_cast<const float4*>(&s.du[row * RSD + sg * (EPT + PADG) + e]);
+          const float4 y4 = *reinterpret_cast<const float4*>(&s.du[row * RS + sg * EPT + e]);
           const float ys[4] = {y4.x, y4.y, y4.z, y4.w};
 #pragma unroll
           for (int q = 0; q < 4; ++q) {
@@ -580,24 +637,18 @@ __device__ __forceinline__ void fwd_body(
         float* ag = agg + (ch[k] * (nseg - 1) + seg) * 2 * NPAD;
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          ag[sg * 4 + j] = keep * ex2_mufu(A2[k][j] * sumdl[k]);
-          ag[NPAD + sg * 4 + j] = x[k][j];
+          ag[stt(sg, j)] = keep * ex2_mufu(A2[k][j] * sumdl[k]);
+          ag[NPAD + stt(sg, j)] = x[k][j];
         }
       }
     }
   } else {
-    // channel 0 apart: the single-channel build (FWD_CPT 1) keeps the machine code it was timed with
-    if (final_state && valid[0] && seg == nseg - 1) {
 #pragma unroll
-      for (int j = 0; j < 4; ++j)
-        if (sg * 4 + j < n) final_state[ch[0] * n + sg * 4 + j] = x[0][j];
-    }
-#pragma unroll
-    for (int k = 1; k < FWD_CPT; ++k) {
+    for (int k = 0; k < FWD_CPT; ++k) {
       if (final_state && valid[k] && seg == nseg - 1) {
 #pragma unroll
         for (int j = 0; j < 4; ++j)
-          if (sg * 4 + j < n) final_state[ch[k] * n + sg * 4 + j] = x[k][j];
+          if (stt(sg, j) < n) final_state[ch[k] * n + stt(sg, j)] = x[k][j];
       }
     }
   }
@@ -614,7 +665,7 @@ __device__ __forceinline__ void fwd_body(
   u, delta, z, Bm, Cm, A, Dv, bias, init, reset, out, ckpt, final_state, agg, batch, dim, L, n, ntiles, seg_tiles, nseg, flags
 
 #ifndef FWD_MINB
-#define FWD_MINB (FWD_CPT == 1 ? 4 : 2)
+#define FWD_MINB (FWD_CPT == 1 ? 4 : FWD_CPT == 2 ? 3 : 2)
 #endif
 extern "C" __global__ void __launch_bounds__(NTHREADS, FWD_MINB) ss_fwd(FWD_PARAMS) { fwd_body<false>(FWD_ARGS); }
 extern "C" __global__ void __launch_bounds__(NTHREADS) ss_fwd_agg(FWD_PARAMS) { fwd_body<true>(FWD_ARGS); }

@@ -1,24 +1,25 @@
 #!/usr/bin/env bash
-# Device run for the scan forward's candidate builds (docs/PERF.md, "Selective scan", session 6): one call.
+# Device run for the scan forward's candidate builds (docs/PERF.md, "Selective scan", sessions 6 and 7): one call.
 #   1. `bytemamba bench scan` of the default and every candidate in one process (forward + backward, 4 shapes);
-#   2. the GPU tests of each candidate build, in parallel (BYTEMAMBA_SCAN_DEFINES=<candidate>), in the background
+#   2. the GPU tests of the default and each candidate build, in parallel (BYTEMAMBA_SCAN_DEFINES=<candidate>), in the background
 #      while ncu runs (the bench's timings come first, on an idle GPU);
 #   3. ncu counters of each build's ss_fwd at the main shape (time, L1 data-pipe wavefronts, MUFU, issue, warps).
-#   CANDS="FWD_PAD=1 FWD_CPT=2 FWD_CPT=2+FWD_PAD=1 FWD_CPT=2+FWD_MINB=3 FWD_CPT=4+FWD_PAD=1"   the candidates ('+' joins defines)
+#   CANDS="FWD_CPT=1 FWD_BCH=1 FWD_BCH=1+FWD_CPT=1"   the candidates ('+' joins defines; "default" is always added)
 # Logs under $OUT (t_<i>.log, bench.log, ncu_<i>.csv); a summary prints last.
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-$PWD}
 OUT=${OUT:-/tmp/bytemamba_out}
 mkdir -p "$OUT"
-CANDS=${CANDS:-"FWD_PAD=1 FWD_CPT=2 FWD_CPT=2+FWD_PAD=1 FWD_CPT=2+FWD_MINB=3 FWD_CPT=4+FWD_PAD=1"}
+CANDS=${CANDS:-"FWD_CPT=1 FWD_BCH=1 FWD_BCH=1+FWD_CPT=1"}
 PT="python3 -m pytest -q -m gpu --tb=short -p no:cacheprovider tests/ops/test_scan_cuda.py"
 variants=default
 for c in $CANDS; do variants="$variants,$c"; done
 timeout -k 3 "${BENCH_TIMEOUT:-300}" python3 -m bytemamba.bench scan --torch-max-gb 0 --variants "$variants" \
   > "$OUT/bench.log" 2>&1
 i=0
-for c in $CANDS; do
-  ( BYTEMAMBA_SCAN_DEFINES=$c timeout -k 3 "${TEST_TIMEOUT:-240}" $PT > "$OUT/t_$i.log" 2>&1 ) &
+for c in default $CANDS; do
+  d=$c; [ "$c" = default ] && d=""
+  ( BYTEMAMBA_SCAN_DEFINES=$d timeout -k 3 "${TEST_TIMEOUT:-240}" $PT > "$OUT/t_$i.log" 2>&1 ) &
   i=$((i + 1))
 done
 M=gpu__time_duration.sum,l1tex__data_pipe_lsu_wavefronts.avg.pct_of_peak_sustained_elapsed,l1tex__data_pipe_lsu_wavefronts_mem_shared.sum
@@ -34,7 +35,7 @@ done
 wait
 echo "## GPU tests (tests/ops/test_scan_cuda.py) per candidate"
 i=0
-for c in $CANDS; do echo "$c: $(grep -E 'passed|failed|error' "$OUT/t_$i.log" | tail -1)"; i=$((i + 1)); done
+for c in default $CANDS; do echo "$c: $(grep -E 'passed|failed|error' "$OUT/t_$i.log" | tail -1)"; i=$((i + 1)); done
 echo "## bench scan"
 grep -E "^\||variant|shape" "$OUT/bench.log" | tail -40
 echo "## ncu ss_fwd (8, 2048, 8192, 16)"

@@ -165,9 +165,9 @@ def test_polynomial_exp_variant(monkeypatch):
         assert rel(gk[k], gr[k]) < 1e-4, k
 
 
-@pytest.mark.parametrize("defines", ["FWD_CPT=2", "FWD_PAD=1", "FWD_CPT=2+FWD_PAD=1", "FWD_CPT=4"])
+@pytest.mark.parametrize("defines", ["FWD_CPT=1", "FWD_BCH=1", "FWD_BCH=1+FWD_CPT=1", "FWD_CPT=4"])
 def test_forward_candidate_builds(monkeypatch, defines):
-    """The forward's candidate builds (several channels a thread, padded staging rows) compute the same function:
+    """The forward's other builds (1 or 4 channels a thread, B / C read raw) compute the same function:
     channel blocks that run past dim, n padded to 16 and 64, initial state, resets, parallel L-segments (the
     aggregate kernel), fp32 against float64 and bf16 within twice PyTorch's own bf16 error."""
     monkeypatch.setenv("BYTEMAMBA_SCAN_DEFINES", defines)

@@ -2,7 +2,7 @@
 CPU through the emulation in tests/helpers/cuda_emu.h, against the definition: the kernels' logic checked where
 there is no GPU (CI).
 
-Forward: the default build and the candidate knobs (FWD_CPT: channels a thread, FWD_PAD: padded staging rows), with
+Forward: the default build (2 channels a thread) and the knobs (FWD_CPT: channels a thread, FWD_BCH: B and C read raw), with
 channel blocks that run past dim, n padded to 16 and to 64, an initial state, resets, parallel L-segments (the
 aggregate kernel), fp32, bf16 and fp16 (n padded to 32) inputs; outputs, final state and the checkpoints (the state before each tile, which
 the backward reads). Backward: the launcher's two builds (3 and 2 blocks an SM), dB / dC by atomics and by per-block
@@ -93,7 +93,7 @@ def reference(ins, upto=None):
                               reset=f["reset"])
 
 
-BUILDS = [{}, {"FWD_PAD": 1}, {"FWD_CPT": 2}, {"FWD_CPT": 2, "FWD_PAD": 1}, {"FWD_CPT": 4}]
+BUILDS = [{}, {"FWD_CPT": 1}, {"FWD_CPT": 4}, {"FWD_BCH": 1}, {"FWD_BCH": 1, "FWD_CPT": 1}]
 
 
 @pytest.mark.parametrize("knobs", BUILDS, ids=lambda k: "+".join(f"{a}={v}" for a, v in k.items()) or "default")
@@ -112,7 +112,8 @@ def test_forward_fp32_matches_definition(knobs, shape, nseg):
         assert rel(got, want) < 2e-5, (k, rel(got, want))
 
 
-@pytest.mark.parametrize("knobs", [{}, {"FWD_CPT": 2, "FWD_PAD": 1}], ids=["default", "FWD_CPT=2+FWD_PAD=1"])
+@pytest.mark.parametrize("knobs", [{}, {"FWD_CPT": 1}, {"FWD_BCH": 1}, {"FWD_BCH": 1, "FWD_CPT": 1}],
+                         ids=["default", "FWD_CPT=1", "FWD_BCH=1", "FWD_BCH=1+FWD_CPT=1"])
 @pytest.mark.parametrize("dtype, n", [(torch.bfloat16, 16), (torch.float16, 20)], ids=["bf16", "fp16-npad32"])
 def test_forward_low_precision_matches_definition(knobs, dtype, n):
     ins = make_inputs(2, 40, 200, n, dtype=dtype, seed=3)
