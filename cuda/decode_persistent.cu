@@ -204,34 +204,8 @@ __device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
 // Grid-wide barrier number k (0, 1, ... within the launch): every CTA adds 1 to bars[0] and waits until it
 // reaches NCTA_P (k + 1). Writes before it (any thread of any CTA) are visible after it, also to bulk copies;
 // the data other CTAs wrote is read with ld.global.cg (L2, never a stale L1 line) or by bulk copies.
-// GBH=g (candidate, session 7; 0 = the above): the pair meets at its cluster barrier first, then only rank 0 adds 1,
-// to counter pair % g (bars[32 (1 + i)], each on its own 128-byte line), and every CTA polls the g counters: half
-// the arrivals, spread over g L2 lines, since 128 same-address atomics serialize at one L2 slice (~0.5 us of a
-// barrier's ~1.2 us, v4 FLG notes). The peer's writes reach the other CTAs through the cluster barrier's release /
-// acquire, then rank 0's gpu-scope release (causality order is transitive).
-#ifndef GBH
-#define GBH 0
-#endif
-#if GBH
-static_assert((NCTA_P / PCL) % GBH == 0, "GBH must divide the number of CTA pairs");
-#endif
 __device__ __forceinline__ void grid_sync(unsigned* bars, unsigned k) {
     asm volatile("fence.proxy.async;" ::: "memory");
-#if GBH
-    cluster_sync();
-    if (threadIdx.x == 0) {
-        const unsigned pair = blockIdx.x / PCL;
-        if (blockIdx.x % PCL == 0)
-            asm volatile("red.release.gpu.global.add.u32 [%0], %1;" ::"l"(bars + 32 * (1 + pair % GBH)), "r"(1u)
-                         : "memory");
-        const unsigned target = (NCTA_P / PCL / GBH) * (k + 1);
-#pragma unroll 1
-        for (int i = 0; i < GBH; ++i)
-            for (unsigned n = 0; ld_acquire(bars + 32 * (1 + i)) < target; ++n)
-                if (n == (1u << 26)) __trap();
-        asm volatile("fence.proxy.async.global;" ::: "memory");
-    }
-#else
     __syncthreads();
     if (threadIdx.x == 0) {
         asm volatile("red.release.gpu.global.add.u32 [%0], %1;" ::"l"(bars), "r"(1u) : "memory");
@@ -240,7 +214,6 @@ __device__ __forceinline__ void grid_sync(unsigned* bars, unsigned k) {
             if (n == (1u << 26)) __trap();
         asm volatile("fence.proxy.async.global;" ::: "memory");
     }
-#endif
     __syncthreads();
 }
 
@@ -753,9 +726,6 @@ extern "C" __global__ void __launch_bounds__(PTHR, 1) persistent_step(
         if (done == NCTA_P - 1) {
             bars[0] = 0;
             bars[1] = 0;
-#if GBH
-            for (int i = 0; i < GBH; ++i) bars[32 * (1 + i)] = 0;
-#endif
             __threadfence();
         }
     }

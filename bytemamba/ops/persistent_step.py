@@ -157,7 +157,7 @@ def _get_scratch(device, dtype) -> _Scratch:
         z = dict(device=device)
         s = _Scratch(G=torch.zeros(MAX_BATCH * d, dtype=dtype, **z), Y=torch.zeros(MAX_BATCH * e, dtype=dtype, **z),
                      xpart=torch.zeros(NCTA * MAX_BATCH * nx, **z), dbl=torch.zeros(MAX_BATCH * nx, **z),
-                     sspart=torch.zeros(NCTA * MAX_BATCH, **z), bars=torch.zeros(32 * 17, dtype=torch.int32, **z))
+                     sspart=torch.zeros(NCTA * MAX_BATCH, **z), bars=torch.zeros(4, dtype=torch.int32, **z))
         _scratch[key] = s
     return s
 
