@@ -17,7 +17,9 @@
 #define HAS_RESET 0
 #endif
 
-#define NTHREADS 128
+#ifndef NTHREADS
+#define NTHREADS 128               // threads a block (the forward may set FWD_NTHR)
+#endif
 #define NT (NPAD / 4)              // lanes per channel (4 states each)
 #define CPB (NTHREADS / NT)        // channels per block
 #define TL 64                      // tile length = checkpoint interval

@@ -42,6 +42,13 @@
 // mapping, the flags) is in scan_common.cuh.
 
 #define SCAN_CVTA_ASM 1            // cp.async addresses by inline cvta (scan_common.cuh smem_u32)
+// FWD_NTHR=64 (candidate, session 7): 64-thread forward blocks (32 channels at n 16 with FWD_CPT 2): the same warps,
+// twice the blocks, so a block's barriers hold 2 warps, not 4, and more blocks interleave their staging and scan
+// phases on an SM (the main shape is latency-bound at 8 warps an SM). The launcher reads the block size from
+// ss_fwd_smem.
+#ifdef FWD_NTHR
+#define NTHREADS FWD_NTHR
+#endif
 #include "scan_common.cuh"
 
 #ifndef POLY_J
@@ -65,7 +72,13 @@
 #ifndef FWD_BCH
 #define FWD_BCH 0
 #endif
-#define NBUF (FWD_BCH ? 2 : 1)     // raw B / C tile buffers
+#define NBUF (FWD_BCH ? 2 : 1)
+// FWD_TU=1 (candidate, session 7): the tile's UNR-position steps unrolled too, so that the compiler may overlap one
+// step's y reduce-scatter and stores with the next step's loads and exps (the main shape runs 8 warps an SM, latency-
+// bound: issue 57%, L1 pipe 59%, MUFU 64% busy, ncu session 7).
+#ifndef FWD_TU
+#define FWD_TU 0
+#endif     // raw B / C tile buffers
 // The state a thread's j-th register holds (j < 4).
 __device__ __forceinline__ int stt(int sg, int j) { return FWD_BCH ? j * NT + sg : sg * 4 + j; }
 #define UNR ((NT > FWD_UNR) ? NT : FWD_UNR)   // forward inner unroll (a multiple of NT)
@@ -91,9 +104,14 @@ __device__ __forceinline__ float ex2_poly(float x) {
   return __int_as_float(__float_as_int(p) + (__float_as_int(t) << 23));
 }
 
-template <int J>
+// FWD_AGGP (candidate, session 7): the POLY_J mask of the segment-aggregate pass alone (ss_fwd_agg: no C, no y, so
+// MUFU-bound where the main pass is not; long L with few channels runs it over (nseg - 1) / nseg of the positions).
+#ifndef FWD_AGGP
+#define FWD_AGGP POLY_J
+#endif
+template <int J, bool AGG = false>
 __device__ __forceinline__ float ex2_j(float x) {
-  if ((POLY_J >> J) & 1) return ex2_poly(x);
+  if ((((AGG ? FWD_AGGP : POLY_J)) >> J) & 1) return ex2_poly(x);
   return ex2_mufu(x);
 }
 
@@ -286,7 +304,11 @@ template <bool AGG>
 __device__ __forceinline__ void fwd_tile_scan(const FwdSmem& s, const in_t* rB, const in_t* rC, int c, int sg, int lane,
                                               const float (&A2)[FWD_CPT][4], float (&x)[FWD_CPT][4],
                                               float (&sumdl)[FWD_CPT], float& keep, float* ysm) {
+#if FWD_TU
+#pragma unroll
+#else
 #pragma unroll 1
+#endif
   for (int t0 = 0; t0 < TL; t0 += UNR) {
     float yv[FWD_CPT][UNR];
 #if FWD_BCH
@@ -348,10 +370,10 @@ __device__ __forceinline__ void fwd_tile_scan(const FwdSmem& s, const in_t* rB, 
         for (int k = 0; k < FWD_CPT; ++k) {
           float dl = dls[k][q], du = dus[k][q];
           float a[4];
-          a[0] = ex2_j<0>(dl * A2[k][0]);
-          a[1] = ex2_j<1>(dl * A2[k][1]);
-          a[2] = ex2_j<2>(dl * A2[k][2]);
-          a[3] = ex2_j<3>(dl * A2[k][3]);
+          a[0] = ex2_j<0, AGG>(dl * A2[k][0]);
+          a[1] = ex2_j<1, AGG>(dl * A2[k][1]);
+          a[2] = ex2_j<2, AGG>(dl * A2[k][2]);
+          a[3] = ex2_j<3, AGG>(dl * A2[k][3]);
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
 #if HAS_RESET
@@ -665,13 +687,14 @@ __device__ __forceinline__ void fwd_body(
   u, delta, z, Bm, Cm, A, Dv, bias, init, reset, out, ckpt, final_state, agg, batch, dim, L, n, ntiles, seg_tiles, nseg, flags
 
 #ifndef FWD_MINB
-#define FWD_MINB (FWD_CPT == 1 ? 4 : FWD_CPT == 2 ? 3 : 2)
+#define FWD_MINB ((FWD_CPT == 1 ? 4 : FWD_CPT == 2 ? 3 : 2) * 128 / NTHREADS)
 #endif
 extern "C" __global__ void __launch_bounds__(NTHREADS, FWD_MINB) ss_fwd(FWD_PARAMS) { fwd_body<false>(FWD_ARGS); }
 extern "C" __global__ void __launch_bounds__(NTHREADS) ss_fwd_agg(FWD_PARAMS) { fwd_body<true>(FWD_ARGS); }
 
-// Shared-memory bytes of the forward and its channels a block, read once by the launcher.
+// Shared-memory bytes of the forward, its channels a block and its threads a block, read once by the launcher.
 extern "C" __global__ void ss_fwd_smem(int* out) {
   out[0] = (int)sizeof(FwdSmem);
   out[1] = FCPB;
+  out[2] = NTHREADS;
 }

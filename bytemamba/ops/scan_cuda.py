@@ -93,6 +93,7 @@ def _load(source: str, opts: tuple, device_index: int, names: tuple, smem_name: 
     """The kernels `names` of `source` compiled with `opts` (``_cupy.compile_module``) with their launch settings,
     worked out once per specialisation: {name: kernel, "smem": the dynamic shared memory a block needs (the
     kernel `smem_name` reports it), "cpb": channels a block (the forward's reports it; 0 where not reported),
+    "threads": threads a block (the forward's reports it; NTHREADS where not reported),
     "bps": {name: resident blocks per SM}}. Kernel `grow` may be launched with more shared memory than it
     needs (to cap the blocks an SM)."""
     import cupy
@@ -100,23 +101,24 @@ def _load(source: str, opts: tuple, device_index: int, names: tuple, smem_name: 
     device = torch.device("cuda", device_index)
     fns = compile_module(source, opts, device, (*names, smem_name))
     with cupy.cuda.Device(device_index):
-        size = cupy.zeros(2, dtype=cupy.int32)
+        size = cupy.zeros(3, dtype=cupy.int32)
         fns[smem_name]((1,), (1,), (size,))
-        smem, cpb = (int(v) for v in size.get())
+        smem, cpb, threads = (int(v) for v in size.get())
+    threads = threads or NTHREADS
     props = torch.cuda.get_device_properties(device)
     smem_sm = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
     smem_blk = getattr(props, "shared_memory_per_block_optin", 227 * 1024)
     if smem > smem_blk:
         raise RuntimeError(f"selective_scan (cuda): {names[0]} needs {smem} bytes of shared memory, "
                            f"the device allows {smem_blk} per block")
-    mod = {"smem": smem, "cpb": cpb, "bps": {}}
+    mod = {"smem": smem, "cpb": cpb, "threads": threads, "bps": {}}
     for name in names:
         k = mod[name] = fns[name]
         if name == grow:
             k.max_dynamic_shared_size_bytes = smem_blk
         elif smem > 48 * 1024:
             k.max_dynamic_shared_size_bytes = smem
-        mod["bps"][name] = max(1, min(smem_sm // (smem + 1024), 65536 // (max(1, int(k.num_regs)) * NTHREADS), 16))
+        mod["bps"][name] = max(1, min(smem_sm // (smem + 1024), 65536 // (max(1, int(k.num_regs)) * threads), 16))
     return mod
 
 
@@ -191,8 +193,8 @@ def _fwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
     import cupy
     with cupy.cuda.Device(dev.index), _cupy_stream(dev):
         if nseg > 1:
-            K["ss_fwd_agg"]((b * dblocks, nseg - 1), (NTHREADS,), args, shared_mem=K["smem"])
-        K["ss_fwd"]((b * dblocks, nseg), (NTHREADS,), args, shared_mem=K["smem"])
+            K["ss_fwd_agg"]((b * dblocks, nseg - 1), (K["threads"],), args, shared_mem=K["smem"])
+        K["ss_fwd"]((b * dblocks, nseg), (K["threads"],), args, shared_mem=K["smem"])
     return out, final, ckpt
 
 

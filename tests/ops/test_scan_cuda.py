@@ -165,7 +165,8 @@ def test_polynomial_exp_variant(monkeypatch):
         assert rel(gk[k], gr[k]) < 1e-4, k
 
 
-@pytest.mark.parametrize("defines", ["FWD_CPT=1", "FWD_BCH=1", "FWD_BCH=1+FWD_CPT=1", "FWD_CPT=4"])
+@pytest.mark.parametrize("defines", ["FWD_CPT=1", "FWD_BCH=1", "FWD_BCH=1+FWD_CPT=1", "FWD_CPT=4", "FWD_NTHR=64+FWD_MINB=4",
+                                     "FWD_TU=1+FWD_MINB=2", "FWD_AGGP=5"])
 def test_forward_candidate_builds(monkeypatch, defines):
     """The forward's other builds (1 or 4 channels a thread, B / C read raw) compute the same function:
     channel blocks that run past dim, n padded to 16 and 64, initial state, resets, parallel L-segments (the

@@ -25,7 +25,7 @@ from helpers.kernel_checks import rel
 pytestmark = pytest.mark.skipif(cuda_emu.compiler() is None, reason="needs g++ (C++20) to build the CPU emulation")
 
 WRAPPERS = """
-extern "C" void emu_fwd(int emu_agg_pass, int gx, int gy, int smem, FWD_PARAMS) {
+extern "C" void emu_fwd(int emu_agg_pass, int gx, int gy, int smem, FWD_PARAMS) {  // NTHREADS: the build's
   emu::launch(gx, gy, NTHREADS, smem, [&] { if (emu_agg_pass) ss_fwd_agg(FWD_ARGS); else ss_fwd(FWD_ARGS); });
 }
 extern "C" void emu_fwd_smem(int* out) { ss_fwd_smem(out); }
@@ -54,9 +54,9 @@ def emu_forward(ins, knobs, nseg=1):
     n = A.shape[1]
     npad = _npad(n)
     lib = _lib(u.dtype, npad, z is not None, reset is not None, knobs)
-    info = (ctypes.c_int * 2)()
+    info = (ctypes.c_int * 3)()
     lib.emu_fwd_smem(info)
-    smem, cpb = info[0], info[1]
+    smem, cpb = info[0], info[1]                        # info[2]: threads a block (the wrapper launches NTHREADS)
     dblocks, ntiles = -(-d // cpb), -(-L // TL)
     nseg, seg_tiles = _segments_of(nseg, ntiles)
     out = torch.empty_like(u)
@@ -93,7 +93,8 @@ def reference(ins, upto=None):
                               reset=f["reset"])
 
 
-BUILDS = [{}, {"FWD_CPT": 1}, {"FWD_CPT": 4}, {"FWD_BCH": 1}, {"FWD_BCH": 1, "FWD_CPT": 1}]
+BUILDS = [{}, {"FWD_CPT": 1}, {"FWD_CPT": 4}, {"FWD_BCH": 1}, {"FWD_BCH": 1, "FWD_CPT": 1}, {"FWD_NTHR": 64},
+          {"FWD_AGGP": 5}]
 
 
 @pytest.mark.parametrize("knobs", BUILDS, ids=lambda k: "+".join(f"{a}={v}" for a, v in k.items()) or "default")
