@@ -14,9 +14,10 @@
 //             (written by the forward, read by the backward: memory batch*dim*n*L/TL).
 // Arithmetic is float32 throughout.
 //
-// How it is launched: 128 threads per block. A channel is owned by NT = NPAD/4 adjacent lanes, each
-// holding 4 of its states in registers; a block holds CPB = 128/NT channels of one batch row
-// (grid.x = batch * ceil(dim/CPB), channels past dim are masked). Each block walks its positions in
+// How it is launched: 128 threads per block (64 in the launcher's second build). A channel is owned by NT = NPAD/4
+// adjacent lanes, each holding 4 of its states in registers, for FWD_CPT = 2 channels a thread; a block holds
+// FCPB = FWD_CPT * threads / NT channels of one batch row (grid.x = batch * ceil(dim/FCPB), channels past dim are
+// masked). Each block walks its positions in
 // tiles of TL = 64, staging coalesced tiles of the inputs through shared memory.
 //   ss_fwd_agg  (grid.y = nseg-1)  per L-segment: the segment's end state from zero and its decay
 //                                  product, so that segments can run in parallel (long L, few channels).
@@ -28,16 +29,17 @@
 // stay packed in registers until the epilogue (docs/PERF.md "Selective scan" has the instruction counts).
 // Compile-time knobs (-D): IN_DTYPE (0 f32, 1 bf16, 2 f16), NPAD, HAS_Z, HAS_RESET, POLY_J (bit mask of
 // the per-thread states j in 0..3 whose exp2 is a polynomial on the FMA pipes instead of MUFU.EX2),
-// FWD_UNR (forward positions per unrolled step, default 16), FWD_MINB (forward blocks per SM, default 4),
+// FWD_UNR (forward positions per unrolled step, default 16), FWD_MINB (forward blocks per SM, 3 x 128 / threads),
 // FWD_SPP (1, the default: the forward's softplus with one MUFU op, a polynomial log1p; 0: softplus_f),
 // FWD_SIG (1, the default: the forward's SiLU gate on one MUFU op, tanh.approx, for bf16 only), FWD_SPL (1, the
 // default: the forward's softplus as ln 2 * lg2(1 + e), two MUFU ops and half the instructions, for bf16 / fp16
 // only; fp32 keeps FWD_SPP). FWD_SPL + FWD_SIG: 1.049 -> 1.016 ms at the main shape (lead's H200 call, 12:47
 // UTC). The v8a mapping (FWD_SPT=2: 2 states a thread, 1.286 ms) was deleted; it is in git at commit 1e19b9e.
-// Candidates (session 6, written and compiled, not yet run on a GPU): FWD_CPT (channels a thread, default 1: 2 or 4
-// let one thread's B / C loads serve that many channels; ncu found the forward bound by the L1 data pipe, ~86% of
-// its wavefronts busy, 77% of them the scan loop's 16-byte loads) and FWD_PAD (conflict-free staging stores), see
-// the defines below; scripts/device_scan_fwd.sh tests and times them.
+// FWD_CPT (channels a thread, default 2 since session 7: one thread's B / C loads serve both; ncu had found the
+// single-channel forward bound by its L1 data pipe), FWD_NTHR (threads a block, default 128; the launcher picks a
+// 64-thread build where the 128-thread blocks leave an SM's third slot empty in a single wave, the main shape).
+// docs/PERF.md "Session 7" has the measurements, and the candidates measured slower and removed (FWD_PAD, FWD_BCH,
+// FWD_TU, FWD_AGGP: commit d54d1b1 has the last three).
 // What it shares with the backward (in_t and its conversions, ex2 / softplus / sigmoid, cp.async, the block
 // mapping, the flags) is in scan_common.cuh.
 
@@ -62,25 +64,6 @@
 #ifndef FWD_UNR
 #define FWD_UNR (FWD_CPT > 2 ? 8 : 16)
 #endif
-// FWD_BCH=1 (candidate, session 7): the scan loop reads B and C straight from the raw (in_t) tiles that cp.async
-// filled, double-buffered, instead of from float rows that the staging converted: 8 positions of a state a 16-byte
-// load in bf16 / fp16 (4 in fp32) instead of 4, no conversion pass in the staging. ncu (session 6) found the forward
-// bound by its L1 data pipe with 77% of its shared wavefronts in the loop's 16-byte loads; this cuts the loop's
-// loads a (lane, position) from 2.5 to 1.5 for 8 more ALU ops (the bf16 -> float unpack) a (lane, position). A lane
-// then owns states sg, sg + NT, sg + 2 NT, sg + 3 NT (adjacent raw rows for the NT lanes of a channel: distinct bank
-// groups, raw rows being 144 / 272 bytes apart) instead of 4 sg .. 4 sg + 3.
-#ifndef FWD_BCH
-#define FWD_BCH 0
-#endif
-#define NBUF (FWD_BCH ? 2 : 1)
-// FWD_TU=1 (candidate, session 7): the tile's UNR-position steps unrolled too, so that the compiler may overlap one
-// step's y reduce-scatter and stores with the next step's loads and exps (the main shape runs 8 warps an SM, latency-
-// bound: issue 57%, L1 pipe 59%, MUFU 64% busy, ncu session 7).
-#ifndef FWD_TU
-#define FWD_TU 0
-#endif     // raw B / C tile buffers
-// The state a thread's j-th register holds (j < 4).
-__device__ __forceinline__ int stt(int sg, int j) { return FWD_BCH ? j * NT + sg : sg * 4 + j; }
 #define UNR ((NT > FWD_UNR) ? NT : FWD_UNR)   // forward inner unroll (a multiple of NT)
 #ifndef FWD_SPP
 #define FWD_SPP 1
@@ -104,14 +87,9 @@ __device__ __forceinline__ float ex2_poly(float x) {
   return __int_as_float(__float_as_int(p) + (__float_as_int(t) << 23));
 }
 
-// FWD_AGGP (candidate, session 7): the POLY_J mask of the segment-aggregate pass alone (ss_fwd_agg: no C, no y, so
-// MUFU-bound where the main pass is not; long L with few channels runs it over (nseg - 1) / nseg of the positions).
-#ifndef FWD_AGGP
-#define FWD_AGGP POLY_J
-#endif
-template <int J, bool AGG = false>
+template <int J>
 __device__ __forceinline__ float ex2_j(float x) {
-  if ((((AGG ? FWD_AGGP : POLY_J)) >> J) & 1) return ex2_poly(x);
+  if ((POLY_J >> J) & 1) return ex2_poly(x);
   return ex2_mufu(x);
 }
 
@@ -271,63 +249,30 @@ __device__ __forceinline__ float sigmoid_fwd(float x) {
 // ------------------------------------------------------------------------------------------------
 // Forward.
 
-// Element e of a 16-byte chunk of raw in_t values, as a float (FWD_BCH). bf16: one shift or one mask.
-__device__ __forceinline__ float raw_elem(const uint4& w, int e) {
-  const unsigned* v = reinterpret_cast<const unsigned*>(&w);
-#if IN_DTYPE == 0
-  return __uint_as_float(v[e]);
-#elif IN_DTYPE == 1
-  return __uint_as_float((e & 1) ? (v[e >> 1] & 0xffff0000u) : (v[e >> 1] << 16));
-#else
-  return to_f((u16)((e & 1) ? (v[e >> 1] >> 16) : (v[e >> 1] & 0xffffu)));
-#endif
-}
-
 struct FwdSmem {
   float dl[FCPB * RS];         // softplus(delta + bias)
   float du[FCPB * RS];         // dl * u; overwritten by y = <C, x> as the scan passes
-#if !FWD_BCH
   float B[NPAD * RS];          // state n in row (n % 4) * NT + n / 4
   float C[NPAD * RS];
-#endif
   float m[TL];                 // 0 where reset, else 1
   alignas(16) in_t ru[FCPB * RRS];  // raw next tile (cp.async destinations)
   alignas(16) in_t rd[FCPB * RRS];
   alignas(16) in_t rz[FCPB * RRS];
-  alignas(16) in_t rB[NBUF][NPAD * RRS];   // FWD_BCH: buffer kt % 2 holds tile kt
-  alignas(16) in_t rC[NBUF][NPAD * RRS];
+  alignas(16) in_t rB[NPAD * RRS];
+  alignas(16) in_t rC[NPAD * RRS];
   alignas(16) u8 rr[TL + 16];
 };
 
 // One forward tile of a thread's channels (4 states each). AGG: no outputs (sum of dl and reset seen are tracked).
 template <bool AGG>
-__device__ __forceinline__ void fwd_tile_scan(const FwdSmem& s, const in_t* rB, const in_t* rC, int c, int sg, int lane,
+__device__ __forceinline__ void fwd_tile_scan(const FwdSmem& s, int c, int sg, int lane,
                                               const float (&A2)[FWD_CPT][4], float (&x)[FWD_CPT][4],
                                               float (&sumdl)[FWD_CPT], float& keep, float* ysm) {
-#if FWD_TU
-#pragma unroll
-#else
 #pragma unroll 1
-#endif
   for (int t0 = 0; t0 < TL; t0 += UNR) {
     float yv[FWD_CPT][UNR];
-#if FWD_BCH
-    constexpr int BW = 16 / (int)sizeof(in_t);   // positions of a state a 16-byte load
-#else
-    constexpr int BW = 4;
-#endif
 #pragma unroll
-    for (int tb = 0; tb < UNR; tb += BW) {
-#if FWD_BCH
-      uint4 bw[4], cw[4];  // [state j]: BW positions of state stt(sg, j), raw
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        bw[j] = *reinterpret_cast<const uint4*>(&rB[(j * NT + sg) * RRS + t0 + tb]);
-        if (!AGG) cw[j] = *reinterpret_cast<const uint4*>(&rC[(j * NT + sg) * RRS + t0 + tb]);
-      }
-#endif
-#pragma unroll
-    for (int tt = tb; tt < tb + BW; tt += 4) {
+    for (int tt = 0; tt < UNR; tt += 4) {
       float dls[FWD_CPT][4], dus[FWD_CPT][4];
 #pragma unroll
       for (int k = 0; k < FWD_CPT; ++k) {
@@ -336,24 +281,15 @@ __device__ __forceinline__ void fwd_tile_scan(const FwdSmem& s, const in_t* rB, 
         dls[k][0] = dl4.x; dls[k][1] = dl4.y; dls[k][2] = dl4.z; dls[k][3] = dl4.w;
         dus[k][0] = du4.x; dus[k][1] = du4.y; dus[k][2] = du4.z; dus[k][3] = du4.w;
       }
-      float bq[4][4], cq[4][4];  // [state j][position q]
+      float bq[4][4], cq[4][4];  // [state j][position q]: one 16-byte load per state and 4 positions
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-#if FWD_BCH
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          bq[j][q] = raw_elem(bw[j], tt - tb + q);
-          if (!AGG) cq[j][q] = raw_elem(cw[j], tt - tb + q);
-        }
-#else
-        // one 16-byte load per state and 4 positions
         float4 b4 = *reinterpret_cast<const float4*>(&s.B[(j * NT + sg) * RS + t0 + tt]);
         bq[j][0] = b4.x; bq[j][1] = b4.y; bq[j][2] = b4.z; bq[j][3] = b4.w;
         if (!AGG) {
           float4 c4 = *reinterpret_cast<const float4*>(&s.C[(j * NT + sg) * RS + t0 + tt]);
           cq[j][0] = c4.x; cq[j][1] = c4.y; cq[j][2] = c4.z; cq[j][3] = c4.w;
         }
-#endif
       }
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
@@ -370,10 +306,10 @@ __device__ __forceinline__ void fwd_tile_scan(const FwdSmem& s, const in_t* rB, 
         for (int k = 0; k < FWD_CPT; ++k) {
           float dl = dls[k][q], du = dus[k][q];
           float a[4];
-          a[0] = ex2_j<0, AGG>(dl * A2[k][0]);
-          a[1] = ex2_j<1, AGG>(dl * A2[k][1]);
-          a[2] = ex2_j<2, AGG>(dl * A2[k][2]);
-          a[3] = ex2_j<3, AGG>(dl * A2[k][3]);
+          a[0] = ex2_j<0>(dl * A2[k][0]);
+          a[1] = ex2_j<1>(dl * A2[k][1]);
+          a[2] = ex2_j<2>(dl * A2[k][2]);
+          a[3] = ex2_j<3>(dl * A2[k][3]);
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
 #if HAS_RESET
@@ -389,7 +325,6 @@ __device__ __forceinline__ void fwd_tile_scan(const FwdSmem& s, const in_t* rB, 
           }
         }
       }
-    }
     }
     if (!AGG) {
 #pragma unroll
@@ -407,8 +342,6 @@ __device__ __forceinline__ void fwd_issue(FwdSmem& s, const in_t* __restrict__ u
                                           const in_t* __restrict__ z, const in_t* __restrict__ Bm,
                                           const in_t* __restrict__ Cm, const u8* __restrict__ reset, int bi, int dim,
                                           int db, int n, i64 L, int k, bool aligned, bool raligned) {
-  in_t* rB = s.rB[NBUF == 2 ? (k & 1) : 0];
-  in_t* rC = s.rC[NBUF == 2 ? (k & 1) : 0];
   const i64 l0 = (i64)k * TL;
   const i64 row0 = (i64)bi * dim + (i64)db * FCPB;
   const int nvalid = min(FCPB, dim - db * FCPB);
@@ -417,8 +350,8 @@ __device__ __forceinline__ void fwd_issue(FwdSmem& s, const in_t* __restrict__ u
 #if HAS_Z
   if (!AGG) load_rows(s.rz, z + row0 * L, FCPB, nvalid, L, l0, aligned);
 #endif
-  load_rows(rB, Bm + (i64)bi * n * L, NPAD, n, L, l0, aligned);
-  if (!AGG) load_rows(rC, Cm + (i64)bi * n * L, NPAD, n, L, l0, aligned);
+  load_rows(s.rB, Bm + (i64)bi * n * L, NPAD, n, L, l0, aligned);
+  if (!AGG) load_rows(s.rC, Cm + (i64)bi * n * L, NPAD, n, L, l0, aligned);
 #if HAS_RESET
   load_rows(s.rr, reset + (i64)bi * L, 1, 1, L, l0, raligned);
 #endif
@@ -428,7 +361,7 @@ __device__ __forceinline__ void fwd_issue(FwdSmem& s, const in_t* __restrict__ u
 // Issue of the next raw tile: where the tile is whole, aligned and the block's channels all exist (the common case), each
 // thread copies fixed 16-byte chunks (its row rc and chunk kc, rows rc + i*RSTEP), with no per-chunk
 // index arithmetic beyond one 64-bit add; otherwise the general path above. Raw B/C rows >= n are never
-// read (convert_BC writes zeros for them; with FWD_BCH they were zeroed once at the start), so the fast path skips them.
+// read (convert_BC writes zeros for them), so the fast path skips them.
 constexpr int CHK = 16 / (int)sizeof(in_t);     // elements per 16-byte chunk
 constexpr int CPR = TL / CHK;                    // chunks per row
 constexpr int RSTEP = NTHREADS / CPR;               // rows covered by one pass of the block
@@ -455,15 +388,13 @@ __device__ __forceinline__ void fwd_issue5(FwdSmem& s, const in_t* __restrict__ 
       }
     }
     const i64 gb = ((i64)bi * n + rc) * L + l0 + kc * CHK;
-    in_t* rB = s.rB[NBUF == 2 ? (k & 1) : 0];
-    in_t* rC = s.rC[NBUF == 2 ? (k & 1) : 0];
 #pragma unroll
     for (int r = 0; r < NPAD; r += RSTEP) {
       if (r + rc < n) {
         const i64 o = gb + (i64)r * L;
         const int so = (r + rc) * RRS + kc * CHK;
-        cp_async16(&rB[so], Bm + o);
-        if (!AGG) cp_async16(&rC[so], Cm + o);
+        cp_async16(&s.rB[so], Bm + o);
+        if (!AGG) cp_async16(&s.rC[so], Cm + o);
       }
     }
 #if HAS_RESET
@@ -524,7 +455,7 @@ __device__ __forceinline__ void fwd_body(
   for (int k = 0; k < FWD_CPT; ++k) {
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const int nn = stt(sg, j);
+      const int nn = sg * 4 + j;
       A2[k][j] = (valid[k] && nn < n) ? A[(i64)d[k] * n + nn] * LOG2E : 0.0f;
       x[k][j] = 0.0f;
     }
@@ -537,12 +468,12 @@ __device__ __forceinline__ void fwd_body(
       if (init && valid[k]) {
 #pragma unroll
         for (int j = 0; j < 4; ++j)
-          if (stt(sg, j) < n) x[k][j] = init[ch[k] * n + stt(sg, j)];
+          if (sg * 4 + j < n) x[k][j] = init[ch[k] * n + sg * 4 + j];
       }
       for (int sp = 0; sp < seg; ++sp) {   // fold the aggregates of the segments before this one
         const float* ag = agg + (ch[k] * (nseg - 1) + sp) * 2 * NPAD;
 #pragma unroll
-        for (int j = 0; j < 4; ++j) x[k][j] = fmaf(ag[stt(sg, j)], x[k][j], ag[NPAD + stt(sg, j)]);
+        for (int j = 0; j < 4; ++j) x[k][j] = fmaf(ag[sg * 4 + j], x[k][j], ag[NPAD + sg * 4 + j]);
       }
     }
   }
@@ -553,13 +484,6 @@ __device__ __forceinline__ void fwd_body(
 
   const bool fullc = dim - db * FCPB >= FCPB;
 #define FWD_ISSUE(kk) fwd_issue5<AGG>(s, u, delta, z, Bm, Cm, reset, bi, dim, db, n, L, kk, aligned, raligned, fullc)
-#if FWD_BCH
-  // Raw B / C rows >= n are read by the scan loop (their A is 0) but never copied: zero them once, in both buffers.
-  for (int i = n * RRS + tid; i < NPAD * RRS; i += NTHREADS) {
-#pragma unroll
-    for (int bf = 0; bf < NBUF; ++bf) { s.rB[bf][i] = (in_t)0; s.rC[bf][i] = (in_t)0; }
-  }
-#endif
   FWD_ISSUE(k0);
   for (int kt = k0; kt < k1; ++kt) {
     const i64 l0 = (i64)kt * TL;
@@ -602,10 +526,8 @@ __device__ __forceinline__ void fwd_body(
             make_float4(dv[e] * uv[e], dv[e + 1] * uv[e + 1], dv[e + 2] * uv[e + 2], dv[e + 3] * uv[e + 3]);
       }
     }
-#if !FWD_BCH
-    convert_BC(s.B, s.rB[0], n);
-    if (!AGG) convert_BC(s.C, s.rC[0], n);
-#endif
+    convert_BC(s.B, s.rB, n);
+    if (!AGG) convert_BC(s.C, s.rC, n);
 #if HAS_RESET
     for (int t = tid; t < TL; t += NTHREADS) s.m[t] = s.rr[t] ? 0.0f : 1.0f;
 #endif
@@ -615,18 +537,12 @@ __device__ __forceinline__ void fwd_body(
 #pragma unroll
       for (int k = 0; k < FWD_CPT; ++k) {
         if (valid[k]) {
-#if FWD_BCH
-#pragma unroll
-          for (int j = 0; j < 4; ++j) ckpt[(ch[k] * ntiles + kt) * NPAD + stt(sg, j)] = x[k][j];
-#else
           float4 xs = make_float4(x[k][0], x[k][1], x[k][2], x[k][3]);
           *reinterpret_cast<float4*>(&ckpt[(ch[k] * ntiles + kt) * NPAD + sg * 4]) = xs;
-#endif
         }
       }
     }
-    fwd_tile_scan<AGG>(s, s.rB[NBUF == 2 ? (kt & 1) : 0], s.rC[NBUF == 2 ? (kt & 1) : 0], c, sg, lane, A2, x, sumdl,
-                       keep, s.du);
+    fwd_tile_scan<AGG>(s, c, sg, lane, A2, x, sumdl, keep, s.du);
     if (!AGG) {
       __syncthreads();
 #pragma unroll
@@ -659,8 +575,8 @@ __device__ __forceinline__ void fwd_body(
         float* ag = agg + (ch[k] * (nseg - 1) + seg) * 2 * NPAD;
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          ag[stt(sg, j)] = keep * ex2_mufu(A2[k][j] * sumdl[k]);
-          ag[NPAD + stt(sg, j)] = x[k][j];
+          ag[sg * 4 + j] = keep * ex2_mufu(A2[k][j] * sumdl[k]);
+          ag[NPAD + sg * 4 + j] = x[k][j];
         }
       }
     }
@@ -670,7 +586,7 @@ __device__ __forceinline__ void fwd_body(
       if (final_state && valid[k] && seg == nseg - 1) {
 #pragma unroll
         for (int j = 0; j < 4; ++j)
-          if (stt(sg, j) < n) final_state[ch[k] * n + stt(sg, j)] = x[k][j];
+          if (sg * 4 + j < n) final_state[ch[k] * n + sg * 4 + j] = x[k][j];
       }
     }
   }

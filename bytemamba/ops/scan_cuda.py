@@ -126,10 +126,36 @@ def _spec_opts(dtype_code: int, npad: int, has_z: bool, has_reset: bool) -> tupl
     return (f"-DIN_DTYPE={dtype_code}", f"-DNPAD={npad}", f"-DHAS_Z={int(has_z)}", f"-DHAS_RESET={int(has_reset)}")
 
 
-def _get_kernels(dtype_code: int, npad: int, has_z: bool, has_reset: bool, device: torch.device):
-    """ss_fwd / ss_fwd_agg of one specialisation (compiled once per process) with their launch settings."""
+# Two builds of the forward, chosen by the waves (measured on the H200, 2026-11-29, docs/PERF.md "Session 7"):
+# 128-thread blocks of 2 channels a thread, 3 blocks an SM (the default; 0.984 / 3.415 / 0.679 / 0.910 ms at the four
+# bench shapes), and, where those blocks fill at most 2 of an SM's slots in one wave (the main shape: 256 blocks on
+# 132 SMs), 64-thread blocks (4 an SM, by shared memory): half the warps behind each barrier, 0.965 ms there, but 3-6%
+# slower at the shapes of several waves. FWD_NTHR / FWD_MINB / FWD_CPT among the extra defines (bench variants) force
+# one build.
+_FWD_SMALL = ("FWD_NTHR=64", "FWD_MINB=4")
+
+
+def _fwd_plan(b: int, d: int, ntiles: int, cpb: int, bps_max: int, sms: int) -> tuple:
+    """The forward's grid: (channel blocks a batch row, L-segments, tiles a segment) for blocks of `cpb` channels."""
+    dblocks = -(-d // cpb)
+    return (dblocks, *_segments(bps_max, sms, b * dblocks, ntiles))
+
+
+def _fwd_wants_small(blocks: int, bps_max: int, sms: int) -> bool:
+    """The 64-thread build instead of the default: the default's `blocks` are one wave at <= 2 blocks an SM
+    while 3 could run."""
+    return blocks <= 2 * sms < bps_max * sms
+
+
+def _fwd_forced() -> bool:
+    return any(e.startswith(("FWD_NTHR=", "FWD_MINB=", "FWD_CPT=")) for e in _variant()[1])
+
+
+def _get_kernels(dtype_code: int, npad: int, has_z: bool, has_reset: bool, device: torch.device, build: tuple = ()):
+    """ss_fwd / ss_fwd_agg of one specialisation and build (compiled once per process) with their launch settings."""
     poly, extra = _variant()
-    opts = (*_spec_opts(dtype_code, npad, has_z, has_reset), f"-DPOLY_J={poly}", *(f"-D{d}" for d in extra))
+    opts = (*_spec_opts(dtype_code, npad, has_z, has_reset), f"-DPOLY_J={poly}",
+            *(f"-D{d}" for d in (*build, *extra)))
     return _load("selective_scan.cu", opts, device.index, ("ss_fwd", "ss_fwd_agg"), "ss_fwd_smem")
 
 
@@ -175,10 +201,13 @@ def _fwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
     n = A.shape[1]
     npad = _npad(n)
     dev = u.device
-    K = _get_kernels(_DTYPE_CODE[u.dtype], npad, z is not None, reset is not None, dev)
-    dblocks = -(-d // K["cpb"])                       # channels a block (FWD_CPT x 128 / (npad / 4))
-    ntiles = -(-L // TL)
-    nseg, seg_tiles = _segments(K["bps"]["ss_fwd"], _num_sms(dev), b * dblocks, ntiles)
+    spec = (_DTYPE_CODE[u.dtype], npad, z is not None, reset is not None, dev)
+    K = _get_kernels(*spec)
+    sms, ntiles = _num_sms(dev), -(-L // TL)
+    dblocks, nseg, seg_tiles = _fwd_plan(b, d, ntiles, K["cpb"], K["bps"]["ss_fwd"], sms)
+    if _fwd_wants_small(b * dblocks * nseg, K["bps"]["ss_fwd"], sms) and not _fwd_forced():
+        K = _get_kernels(*spec, build=_FWD_SMALL)
+        dblocks, nseg, seg_tiles = _fwd_plan(b, d, ntiles, K["cpb"], K["bps"]["ss_fwd"], sms)
 
     out = torch.empty_like(u)
     ckpt = torch.empty(b * d * ntiles * npad, device=dev, dtype=torch.float32)

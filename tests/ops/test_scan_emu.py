@@ -2,8 +2,8 @@
 CPU through the emulation in tests/helpers/cuda_emu.h, against the definition: the kernels' logic checked where
 there is no GPU (CI).
 
-Forward: the default build (2 channels a thread) and the knobs (FWD_CPT: channels a thread, FWD_BCH: B and C read raw), with
-channel blocks that run past dim, n padded to 16 and to 64, an initial state, resets, parallel L-segments (the
+Forward: the launcher's two builds (128- and 64-thread blocks, 2 channels a thread) and FWD_CPT 1 / 4,
+with channel blocks that run past dim, n padded to 16 and to 64, an initial state, resets, parallel L-segments (the
 aggregate kernel), fp32, bf16 and fp16 (n padded to 32) inputs; outputs, final state and the checkpoints (the state before each tile, which
 the backward reads). Backward: the launcher's two builds (3 and 2 blocks an SM), dB / dC by atomics and by per-block
 partials (deterministic mode), segments, fp32 and bf16 (the 2-an-SM build's prefetch); every gradient. The launch
@@ -93,8 +93,7 @@ def reference(ins, upto=None):
                               reset=f["reset"])
 
 
-BUILDS = [{}, {"FWD_CPT": 1}, {"FWD_CPT": 4}, {"FWD_BCH": 1}, {"FWD_BCH": 1, "FWD_CPT": 1}, {"FWD_NTHR": 64},
-          {"FWD_AGGP": 5}]
+BUILDS = [{}, {"FWD_NTHR": 64, "FWD_MINB": 4}, {"FWD_CPT": 1}, {"FWD_CPT": 4}]
 
 
 @pytest.mark.parametrize("knobs", BUILDS, ids=lambda k: "+".join(f"{a}={v}" for a, v in k.items()) or "default")
@@ -113,8 +112,8 @@ def test_forward_fp32_matches_definition(knobs, shape, nseg):
         assert rel(got, want) < 2e-5, (k, rel(got, want))
 
 
-@pytest.mark.parametrize("knobs", [{}, {"FWD_CPT": 1}, {"FWD_BCH": 1}, {"FWD_BCH": 1, "FWD_CPT": 1}],
-                         ids=["default", "FWD_CPT=1", "FWD_BCH=1", "FWD_BCH=1+FWD_CPT=1"])
+@pytest.mark.parametrize("knobs", [{}, {"FWD_NTHR": 64, "FWD_MINB": 4}, {"FWD_CPT": 1}],
+                         ids=["default", "FWD_NTHR=64+FWD_MINB=4", "FWD_CPT=1"])
 @pytest.mark.parametrize("dtype, n", [(torch.bfloat16, 16), (torch.float16, 20)], ids=["bf16", "fp16-npad32"])
 def test_forward_low_precision_matches_definition(knobs, dtype, n):
     ins = make_inputs(2, 40, 200, n, dtype=dtype, seed=3)
