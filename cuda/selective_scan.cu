@@ -263,68 +263,104 @@ struct FwdSmem {
   alignas(16) u8 rr[TL + 16];
 };
 
+// A group of 4 positions of a thread's scan inputs: dl, dl * u of its channels, B and C of its 4 states.
+struct FwdGrp {
+  float dl[FWD_CPT][4], du[FWD_CPT][4];
+  float b[4][4], c[4][4];  // [state j][position q]: one 16-byte load per state and 4 positions
+};
+
+template <bool AGG>
+__device__ __forceinline__ void fwd_load_grp(const FwdSmem& s, int c, int sg, int t, FwdGrp& g) {
+#pragma unroll
+  for (int k = 0; k < FWD_CPT; ++k) {
+    float4 dl4 = *reinterpret_cast<const float4*>(&s.dl[(c + k * CPB) * RS + t]);
+    float4 du4 = *reinterpret_cast<const float4*>(&s.du[(c + k * CPB) * RS + t]);
+    g.dl[k][0] = dl4.x; g.dl[k][1] = dl4.y; g.dl[k][2] = dl4.z; g.dl[k][3] = dl4.w;
+    g.du[k][0] = du4.x; g.du[k][1] = du4.y; g.du[k][2] = du4.z; g.du[k][3] = du4.w;
+  }
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    float4 b4 = *reinterpret_cast<const float4*>(&s.B[(j * NT + sg) * RS + t]);
+    g.b[j][0] = b4.x; g.b[j][1] = b4.y; g.b[j][2] = b4.z; g.b[j][3] = b4.w;
+    if (!AGG) {
+      float4 c4 = *reinterpret_cast<const float4*>(&s.C[(j * NT + sg) * RS + t]);
+      g.c[j][0] = c4.x; g.c[j][1] = c4.y; g.c[j][2] = c4.z; g.c[j][3] = c4.w;
+    }
+  }
+}
+
+// The scan over one group (positions t0 + tt .. + 3 of the tile); y partials into yv[k][tt + q].
+template <bool AGG>
+__device__ __forceinline__ void fwd_step_grp(const FwdSmem& s, const FwdGrp& g, int t0, int tt,
+                                             const float (&A2)[FWD_CPT][4], float (&x)[FWD_CPT][4],
+                                             float (&sumdl)[FWD_CPT], float& keep, float (&yv)[FWD_CPT][UNR]) {
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const int t = t0 + tt + q;
+    (void)t;
+#if HAS_RESET
+    float mk = s.m[t];
+    if (AGG) keep *= mk;
+#endif
+#pragma unroll
+    for (int k = 0; k < FWD_CPT; ++k) {
+      float dl = g.dl[k][q], du = g.du[k][q];
+      float a[4];
+      a[0] = ex2_j<0>(dl * A2[k][0]);
+      a[1] = ex2_j<1>(dl * A2[k][1]);
+      a[2] = ex2_j<2>(dl * A2[k][2]);
+      a[3] = ex2_j<3>(dl * A2[k][3]);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+#if HAS_RESET
+        a[j] *= mk;
+#endif
+        x[k][j] = fmaf(a[j], x[k][j], du * g.b[j][q]);
+      }
+      if (AGG) {
+        sumdl[k] += dl;
+        yv[k][tt + q] = 0.0f;
+      } else {
+        yv[k][tt + q] = fmaf(g.c[3][q], x[k][3], fmaf(g.c[2][q], x[k][2], fmaf(g.c[1][q], x[k][1], g.c[0][q] * x[k][0])));
+      }
+    }
+  }
+}
+
+// FWD_SWP=1 (candidate, session 7): the loop software-pipelined by hand, each group's loads issued one group ahead
+// (48 registers more at 2 channels a thread: for the builds of <= 2 blocks of 128 threads an SM, or the 64-thread
+// one). The main shape is latency-bound at 7.5 warps an SM (session 7), with short-scoreboard stalls (shared-memory
+// and MUFU results) the largest part in the last profile of the loop (session 6). The group after a tile's last is
+// read from the rows' padding columns TL .. TL + 3 and not used; the prefetch of the next step's first group reads
+// du columns the step's y stores (columns < t0 + UNR) do not touch.
+#ifndef FWD_SWP
+#define FWD_SWP 0
+#endif
+
 // One forward tile of a thread's channels (4 states each). AGG: no outputs (sum of dl and reset seen are tracked).
 template <bool AGG>
 __device__ __forceinline__ void fwd_tile_scan(const FwdSmem& s, int c, int sg, int lane,
                                               const float (&A2)[FWD_CPT][4], float (&x)[FWD_CPT][4],
                                               float (&sumdl)[FWD_CPT], float& keep, float* ysm) {
+#if FWD_SWP
+  FwdGrp cur;
+  fwd_load_grp<AGG>(s, c, sg, 0, cur);
+#endif
 #pragma unroll 1
   for (int t0 = 0; t0 < TL; t0 += UNR) {
     float yv[FWD_CPT][UNR];
 #pragma unroll
     for (int tt = 0; tt < UNR; tt += 4) {
-      float dls[FWD_CPT][4], dus[FWD_CPT][4];
-#pragma unroll
-      for (int k = 0; k < FWD_CPT; ++k) {
-        float4 dl4 = *reinterpret_cast<const float4*>(&s.dl[(c + k * CPB) * RS + t0 + tt]);
-        float4 du4 = *reinterpret_cast<const float4*>(&s.du[(c + k * CPB) * RS + t0 + tt]);
-        dls[k][0] = dl4.x; dls[k][1] = dl4.y; dls[k][2] = dl4.z; dls[k][3] = dl4.w;
-        dus[k][0] = du4.x; dus[k][1] = du4.y; dus[k][2] = du4.z; dus[k][3] = du4.w;
-      }
-      float bq[4][4], cq[4][4];  // [state j][position q]: one 16-byte load per state and 4 positions
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        float4 b4 = *reinterpret_cast<const float4*>(&s.B[(j * NT + sg) * RS + t0 + tt]);
-        bq[j][0] = b4.x; bq[j][1] = b4.y; bq[j][2] = b4.z; bq[j][3] = b4.w;
-        if (!AGG) {
-          float4 c4 = *reinterpret_cast<const float4*>(&s.C[(j * NT + sg) * RS + t0 + tt]);
-          cq[j][0] = c4.x; cq[j][1] = c4.y; cq[j][2] = c4.z; cq[j][3] = c4.w;
-        }
-      }
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const int t = t0 + tt + q;
-        (void)t;
-        float bb[4];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) bb[j] = bq[j][q];
-#if HAS_RESET
-        float mk = s.m[t];
-        if (AGG) keep *= mk;
+#if FWD_SWP
+      FwdGrp nxt;
+      fwd_load_grp<AGG>(s, c, sg, t0 + tt + 4, nxt);
+      fwd_step_grp<AGG>(s, cur, t0, tt, A2, x, sumdl, keep, yv);
+      cur = nxt;
+#else
+      FwdGrp g;
+      fwd_load_grp<AGG>(s, c, sg, t0 + tt, g);
+      fwd_step_grp<AGG>(s, g, t0, tt, A2, x, sumdl, keep, yv);
 #endif
-#pragma unroll
-        for (int k = 0; k < FWD_CPT; ++k) {
-          float dl = dls[k][q], du = dus[k][q];
-          float a[4];
-          a[0] = ex2_j<0>(dl * A2[k][0]);
-          a[1] = ex2_j<1>(dl * A2[k][1]);
-          a[2] = ex2_j<2>(dl * A2[k][2]);
-          a[3] = ex2_j<3>(dl * A2[k][3]);
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-#if HAS_RESET
-            a[j] *= mk;
-#endif
-            x[k][j] = fmaf(a[j], x[k][j], du * bb[j]);
-          }
-          if (AGG) {
-            sumdl[k] += dl;
-            yv[k][tt + q] = 0.0f;
-          } else {
-            yv[k][tt + q] = fmaf(cq[3][q], x[k][3], fmaf(cq[2][q], x[k][2], fmaf(cq[1][q], x[k][1], cq[0][q] * x[k][0])));
-          }
-        }
-      }
     }
     if (!AGG) {
 #pragma unroll
