@@ -327,40 +327,19 @@ __device__ __forceinline__ void fwd_step_grp(const FwdSmem& s, const FwdGrp& g, 
   }
 }
 
-// FWD_SWP=1 (candidate, session 7): the loop software-pipelined by hand, each group's loads issued one group ahead
-// (48 registers more at 2 channels a thread: for the builds of <= 2 blocks of 128 threads an SM, or the 64-thread
-// one). The main shape is latency-bound at 7.5 warps an SM (session 7), with short-scoreboard stalls (shared-memory
-// and MUFU results) the largest part in the last profile of the loop (session 6). The group after a tile's last is
-// read from the rows' padding columns TL .. TL + 3 and not used; the prefetch of the next step's first group reads
-// du columns the step's y stores (columns < t0 + UNR) do not touch.
-#ifndef FWD_SWP
-#define FWD_SWP 0
-#endif
-
 // One forward tile of a thread's channels (4 states each). AGG: no outputs (sum of dl and reset seen are tracked).
 template <bool AGG>
 __device__ __forceinline__ void fwd_tile_scan(const FwdSmem& s, int c, int sg, int lane,
                                               const float (&A2)[FWD_CPT][4], float (&x)[FWD_CPT][4],
                                               float (&sumdl)[FWD_CPT], float& keep, float* ysm) {
-#if FWD_SWP
-  FwdGrp cur;
-  fwd_load_grp<AGG>(s, c, sg, 0, cur);
-#endif
 #pragma unroll 1
   for (int t0 = 0; t0 < TL; t0 += UNR) {
     float yv[FWD_CPT][UNR];
 #pragma unroll
     for (int tt = 0; tt < UNR; tt += 4) {
-#if FWD_SWP
-      FwdGrp nxt;
-      fwd_load_grp<AGG>(s, c, sg, t0 + tt + 4, nxt);
-      fwd_step_grp<AGG>(s, cur, t0, tt, A2, x, sumdl, keep, yv);
-      cur = nxt;
-#else
       FwdGrp g;
       fwd_load_grp<AGG>(s, c, sg, t0 + tt, g);
       fwd_step_grp<AGG>(s, g, t0, tt, A2, x, sumdl, keep, yv);
-#endif
     }
     if (!AGG) {
 #pragma unroll

@@ -165,8 +165,7 @@ def test_polynomial_exp_variant(monkeypatch):
         assert rel(gk[k], gr[k]) < 1e-4, k
 
 
-@pytest.mark.parametrize("defines", ["FWD_MINB=3", "FWD_NTHR=64+FWD_MINB=4", "FWD_CPT=1", "FWD_CPT=4",
-                                     "FWD_SWP=1+FWD_NTHR=64+FWD_MINB=4"])
+@pytest.mark.parametrize("defines", ["FWD_MINB=3", "FWD_NTHR=64+FWD_MINB=4", "FWD_CPT=1", "FWD_CPT=4"])
 def test_forward_builds(monkeypatch, defines):
     """Each forward build forced (the launcher's two: 128- and 64-thread blocks; 1 or 4 channels a thread) computes
     the same function: channel blocks that run past dim, n padded to 16 and 64, initial state, resets, parallel L-segments (the

@@ -93,7 +93,7 @@ def reference(ins, upto=None):
                               reset=f["reset"])
 
 
-BUILDS = [{}, {"FWD_NTHR": 64, "FWD_MINB": 4}, {"FWD_CPT": 1}, {"FWD_CPT": 4}, {"FWD_SWP": 1, "FWD_NTHR": 64, "FWD_MINB": 4}]
+BUILDS = [{}, {"FWD_NTHR": 64, "FWD_MINB": 4}, {"FWD_CPT": 1}, {"FWD_CPT": 4}]
 
 
 @pytest.mark.parametrize("knobs", BUILDS, ids=lambda k: "+".join(f"{a}={v}" for a, v in k.items()) or "default")
@@ -112,8 +112,8 @@ def test_forward_fp32_matches_definition(knobs, shape, nseg):
         assert rel(got, want) < 2e-5, (k, rel(got, want))
 
 
-@pytest.mark.parametrize("knobs", [{}, {"FWD_NTHR": 64, "FWD_MINB": 4}, {"FWD_CPT": 1}, {"FWD_SWP": 1}],
-                         ids=["default", "FWD_NTHR=64+FWD_MINB=4", "FWD_CPT=1", "FWD_SWP=1"])
+@pytest.mark.parametrize("knobs", [{}, {"FWD_NTHR": 64, "FWD_MINB": 4}, {"FWD_CPT": 1}],
+                         ids=["default", "FWD_NTHR=64+FWD_MINB=4", "FWD_CPT=1"])
 @pytest.mark.parametrize("dtype, n", [(torch.bfloat16, 16), (torch.float16, 20)], ids=["bf16", "fp16-npad32"])
 def test_forward_low_precision_matches_definition(knobs, dtype, n):
     ins = make_inputs(2, 40, 200, n, dtype=dtype, seed=3)
