@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # Device run for the scan forward's candidate builds (docs/PERF.md, "Selective scan", sessions 6 and 7): one call.
 #   1. `bytemamba bench scan` of the default and every candidate in one process (forward + backward, 4 shapes);
-#   2. the GPU tests of the default and each candidate build, in parallel (BYTEMAMBA_SCAN_DEFINES=<candidate>), in the background
-#      while ncu runs (the bench's timings come first, on an idle GPU);
+#   2. the GPU tests of the default and each candidate build, in parallel (BYTEMAMBA_SCAN_DEFINES=<candidate>), in the
+#      background while ncu runs (the bench's timings come first, on an idle GPU);
 #   3. ncu counters of each build's ss_fwd at the main shape (time, L1 data-pipe wavefronts, MUFU, issue, warps).
-#   CANDS="FWD_CPT=1 FWD_BCH=1 FWD_BCH=1+FWD_CPT=1"   the candidates ('+' joins defines; "default" is always added)
+#   CANDS="FWD_MINB=3 FWD_NTHR=64+FWD_MINB=4 FWD_CPT=1"   the candidates ('+' joins defines; "default", the launcher's
+#   choice of build, is always added; these three force the 128-thread build, the 64-thread one, session 6's mapping)
 # Logs under $OUT (t_<i>.log, bench.log, ncu_<i>.csv); a summary prints last.
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-$PWD}
 OUT=${OUT:-/tmp/bytemamba_out}
 mkdir -p "$OUT"
-CANDS=${CANDS:-"FWD_CPT=1 FWD_BCH=1 FWD_BCH=1+FWD_CPT=1"}
+CANDS=${CANDS:-"FWD_MINB=3 FWD_NTHR=64+FWD_MINB=4 FWD_CPT=1"}
 PT="python3 -m pytest -q -m gpu --tb=short -p no:cacheprovider tests/ops/test_scan_cuda.py"
 variants=default
 for c in $CANDS; do variants="$variants,$c"; done
@@ -28,8 +29,8 @@ M=$M,sm__warps_active.avg.per_cycle_active,launch__registers_per_thread,launch__
 i=0
 for c in default $CANDS; do
   d=$c; [ "$c" = default ] && d=""
-  BYTEMAMBA_SCAN_DEFINES=$d timeout -k 3 "${NCU_TIMEOUT:-50}" ncu --clock-control none --csv --page raw -k regex:'^ss_fwd$' -s 1 -c 1 \
-    --metrics "$M" python3 scripts/profile_scan.py > "$OUT/ncu_$i.csv" 2> "$OUT/ncu_$i.err"
+  BYTEMAMBA_SCAN_DEFINES=$d timeout -k 3 "${NCU_TIMEOUT:-50}" ncu --clock-control none --csv --page raw \
+    -k regex:'^ss_fwd$' -s 1 -c 1 --metrics "$M" python3 scripts/profile_scan.py > "$OUT/ncu_$i.csv" 2> "$OUT/ncu_$i.err"
   i=$((i + 1))
 done
 wait
