@@ -3,17 +3,21 @@
 # cooperative cluster launch fails (LaunchFailed, 2026-11-29), so this replays the whole application once per pass
 # (bench_persistent_step.py --launches 4 --batches 64; CuPy's on-disk kernel cache keeps later passes short) with a
 # few sections only.
-# Logs and CSVs under $OUT; a summary prints last.
+# Logs under $WORK (the device tool returns few files: session 7's run lost its ncu log to that), the details CSV and
+# the logs' tails under $OUT; a summary prints last (with the ncu log's tail when ncu fails).
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-$PWD}
 OUT=${OUT:-/tmp/bytemamba_out}
-mkdir -p "$OUT"
-python3 scripts/bench_persistent_step.py --launches 4 --batches 64 > "$OUT/warm.log" 2>&1     # fills the kernel cache before the replays
+WORK=${WORK:-/tmp/bytemamba_ncu_persistent}
+mkdir -p "$OUT" "$WORK"
+python3 scripts/bench_persistent_step.py --launches 4 --batches 64 > "$WORK/warm.log" 2>&1   # fills the kernel cache first
+echo "warm-up rc $?"; tail -3 "$WORK/warm.log"
 timeout -k 3 "${NCU_TIMEOUT:-400}" ncu --replay-mode application --clock-control none --section SpeedOfLight \
   --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats --section LaunchStats \
-  -k persistent_step -s 3 -c 1 -o "$OUT/pers" python3 scripts/bench_persistent_step.py --launches 4 --batches 64 > "$OUT/ncu.log" 2>&1
-echo "ncu rc $?"; tail -5 "$OUT/ncu.log"
-ncu -i "$OUT/pers.ncu-rep" --page details --csv > "$OUT/pers_details.csv" 2> "$OUT/pers_details.err"
+  -k persistent_step -s 3 -c 1 -o "$WORK/pers" python3 scripts/bench_persistent_step.py --launches 4 --batches 64 \
+  > "$WORK/ncu.log" 2>&1
+echo "ncu rc $?"; tail -15 "$WORK/ncu.log" | tee "$OUT/ncu_tail.txt"
+ncu -i "$WORK/pers.ncu-rep" --page details --csv > "$OUT/pers_details.csv" 2> "$WORK/pers_details.err"
 python3 - "$OUT/pers_details.csv" <<'PY'
 import csv, sys
 rows = list(csv.reader(open(sys.argv[1])))
