@@ -17,8 +17,8 @@
 // How it is launched: 128 threads per block (64 in the launcher's second build). A channel is owned by NT = NPAD/4
 // adjacent lanes, each holding 4 of its states in registers, for FWD_CPT = 2 channels a thread; a block holds
 // FCPB = FWD_CPT * threads / NT channels of one batch row (grid.x = batch * ceil(dim/FCPB), channels past dim are
-// masked). Each block walks its positions in
-// tiles of TL = 64, staging coalesced tiles of the inputs through shared memory.
+// masked). Each block walks its positions in tiles of TL = 64, staging coalesced tiles of the inputs through
+// shared memory.
 //   ss_fwd_agg  (grid.y = nseg-1)  per L-segment: the segment's end state from zero and its decay
 //                                  product, so that segments can run in parallel (long L, few channels).
 //   ss_fwd      (grid.y = nseg)    folds the aggregates of earlier segments into its start state, then
@@ -44,10 +44,10 @@
 // mapping, the flags) is in scan_common.cuh.
 
 #define SCAN_CVTA_ASM 1            // cp.async addresses by inline cvta (scan_common.cuh smem_u32)
-// FWD_NTHR=64 (candidate, session 7): 64-thread forward blocks (32 channels at n 16 with FWD_CPT 2): the same warps,
-// twice the blocks, so a block's barriers hold 2 warps, not 4, and more blocks interleave their staging and scan
-// phases on an SM (the main shape is latency-bound at 8 warps an SM). The launcher reads the block size from
-// ss_fwd_smem.
+// FWD_NTHR: threads a forward block (default 128). The launcher's second build, FWD_NTHR=64 (32 channels at n 16 with
+// FWD_CPT 2), runs where the 128-thread blocks are one wave at <= 2 an SM (the main shape): the same warps, twice
+// the blocks, so a block's barriers hold 2 warps, not 4 (session 7: 0.965 vs 0.984 ms there). The launcher reads the
+// block size from ss_fwd_smem.
 #ifdef FWD_NTHR
 #define NTHREADS FWD_NTHR
 #endif

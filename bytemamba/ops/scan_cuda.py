@@ -135,8 +135,9 @@ def _spec_opts(dtype_code: int, npad: int, has_z: bool, has_reset: bool) -> tupl
 _FWD_SMALL = ("FWD_NTHR=64", "FWD_MINB=4")
 
 
-def _fwd_plan(b: int, d: int, ntiles: int, cpb: int, bps_max: int, sms: int) -> tuple:
-    """The forward's grid: (channel blocks a batch row, L-segments, tiles a segment) for blocks of `cpb` channels."""
+def _grid(b: int, d: int, ntiles: int, cpb: int, bps_max: int, sms: int) -> tuple:
+    """A scan kernel's grid (forward or backward): (channel blocks a batch row, L-segments, tiles a segment) for
+    blocks of `cpb` channels of which `bps_max` fit an SM."""
     dblocks = -(-d // cpb)
     return (dblocks, *_segments(bps_max, sms, b * dblocks, ntiles))
 
@@ -204,10 +205,10 @@ def _fwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
     spec = (_DTYPE_CODE[u.dtype], npad, z is not None, reset is not None, dev)
     K = _get_kernels(*spec)
     sms, ntiles = _num_sms(dev), -(-L // TL)
-    dblocks, nseg, seg_tiles = _fwd_plan(b, d, ntiles, K["cpb"], K["bps"]["ss_fwd"], sms)
+    dblocks, nseg, seg_tiles = _grid(b, d, ntiles, K["cpb"], K["bps"]["ss_fwd"], sms)
     if _fwd_wants_small(b * dblocks * nseg, K["bps"]["ss_fwd"], sms) and not _fwd_forced():
         K = _get_kernels(*spec, build=_FWD_SMALL)
-        dblocks, nseg, seg_tiles = _fwd_plan(b, d, ntiles, K["cpb"], K["bps"]["ss_fwd"], sms)
+        dblocks, nseg, seg_tiles = _grid(b, d, ntiles, K["cpb"], K["bps"]["ss_fwd"], sms)
 
     out = torch.empty_like(u)
     ckpt = torch.empty(b * d * ntiles * npad, device=dev, dtype=torch.float32)
@@ -256,8 +257,7 @@ def _smem_cap(need: int, bps: int, bps_max: int, smem_sm: int) -> int:
 def _bwd_plan(b: int, d: int, L: int, npad: int, bps_max: int, bs: int, sms: int, smem_sm: int):
     """Grid and residency of the backward (pure arithmetic, testable without a GPU): (channel blocks,
     nseg, seg_tiles, blocks per SM, dynamic shared memory to ask for)."""
-    dblocks = -(-d // (NTHREADS // (npad // 4)))
-    nseg, seg_tiles = _segments(bps_max, sms, b * dblocks, -(-L // TL))
+    dblocks, nseg, seg_tiles = _grid(b, d, -(-L // TL), NTHREADS // (npad // 4), bps_max, sms)
     bps = _resident(b * dblocks * nseg, bps_max, sms)
     return dblocks, nseg, seg_tiles, bps, _smem_cap(bs, bps, bps_max, smem_sm)
 

@@ -1,4 +1,4 @@
-"""The scan forward's launch plan (bytemamba/ops/scan_cuda.py, _fwd_plan / _fwd_wants_small): pure arithmetic, no GPU.
+"""The scan forward's launch plan (bytemamba/ops/scan_cuda.py, _grid / _fwd_wants_small): pure arithmetic, no GPU.
 
 It picks one of the forward's two builds (128-thread blocks of 64 channels at n = 16, 3 an SM; or 64-thread blocks of
 32 channels, 4 an SM by shared memory) and the parallel L-segments; the kernel relies on every tile being in exactly
@@ -16,10 +16,10 @@ DEFAULT, SMALL = (64, 3), (32, 4)               # (channels a block, blocks an S
 def plan(shape):
     b, d, L, _ = shape
     ntiles = -(-L // scan_cuda.TL)
-    dblocks, nseg, seg_tiles = scan_cuda._fwd_plan(b, d, ntiles, *DEFAULT, SMS)
+    dblocks, nseg, seg_tiles = scan_cuda._grid(b, d, ntiles, *DEFAULT, SMS)
     small = scan_cuda._fwd_wants_small(b * dblocks * nseg, DEFAULT[1], SMS)
     if small:
-        dblocks, nseg, seg_tiles = scan_cuda._fwd_plan(b, d, ntiles, *SMALL, SMS)
+        dblocks, nseg, seg_tiles = scan_cuda._grid(b, d, ntiles, *SMALL, SMS)
     return small, dblocks, nseg, seg_tiles
 
 
