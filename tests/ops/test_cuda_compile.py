@@ -11,7 +11,8 @@ SOURCES = sorted(CUDA_DIR.glob("*.cu"))
 PACKAGES = sorted(p.parent for p in (CUDA_DIR.parent / "bytemamba").rglob("__init__.py"))
 # The specialisations the launchers compile: (IN_DTYPE, NPAD, HAS_Z, HAS_RESET, POLY_J).
 VARIANTS = [(1, 16, 1, 0, 0), (0, 64, 0, 1, 5), (2, 32, 1, 1, 0)]
-# Candidate builds behind knobs, compiled at the first specialisation (docs/PERF.md names what each is for).
+# Other builds behind knobs (the forward's 64-thread build the launcher picks, FWD_CPT 1 / 4), compiled at the first
+# specialisation (docs/PERF.md names what each is for).
 KNOB_BUILDS = {"selective_scan.cu": [["-DFWD_NTHR=64", "-DFWD_MINB=4"], ["-DFWD_CPT=1"], ["-DFWD_CPT=4"]]}
 
 

@@ -168,8 +168,8 @@ def test_polynomial_exp_variant(monkeypatch):
 @pytest.mark.parametrize("defines", ["FWD_MINB=3", "FWD_NTHR=64+FWD_MINB=4", "FWD_CPT=1", "FWD_CPT=4"])
 def test_forward_builds(monkeypatch, defines):
     """Each forward build forced (the launcher's two: 128- and 64-thread blocks; 1 or 4 channels a thread) computes
-    the same function: channel blocks that run past dim, n padded to 16 and 64, initial state, resets, parallel L-segments (the
-    aggregate kernel), fp32 against float64 and bf16 within twice PyTorch's own bf16 error."""
+    the same function: channel blocks that run past dim, n padded to 16 and 64, initial state, resets, parallel
+    L-segments (the aggregate kernel), fp32 against float64 and bf16 within twice PyTorch's own bf16 error."""
     monkeypatch.setenv("BYTEMAMBA_SCAN_DEFINES", defines)
     for shape, nseg in (((2, 70, 300, 16), "0"), ((1, 37, 200, 33), "0"), ((1, 70, 2000, 16), "3")):
         monkeypatch.setenv("BYTEMAMBA_SCAN_NSEG", nseg)
