@@ -257,15 +257,13 @@ ROWS_MAX_LAYERS = 64              # the rows kernel keeps the state pointers in 
 ROWS_VARIANTS = {"r16": (), "r24": ("-DROWS=24",)}
 ROWS_OF = {"r16": 16, "r24": 24}
 # Time of one full wave (every cluster the GPU holds at once, 15 on an H200) of audio6m's 15 layers, us, measured
-# on an H200 (docs/PERF.md, "audio6m large batches": 155 us at 240 rows, 2026-11-29 12:08 UTC; 24 rows a tile:
-# 225 us at 256 rows before the x_proj reduce-scatter, 199 us at 256 rows spread as 15 tiles of 18 after): the
-# 24-row build is slower a wave but carries 1.5x the rows, so it pays where it saves a wave (an H200: 241..360
-# rows, one wave instead of two).
-# With BULK and TRIM (13:17 UTC) the r16 wave is 146.0 us at 240 rows and r24 185.9 us at 256 rows, but that r24
-# figure is of tiles of 18 rows, not of a full 24-row wave, which was not measured again. Put in, {146, 185.9} would
-# keep every choice up to 720 rows and flip 721..960 (and some larger ranges) from r16 to r24, none of them measured,
-# so the figures stay until a full r24 wave is timed.
-ROWS_WAVE_US = {"r16": 155.0, "r24": 225.0}
+# on an H200 (docs/PERF.md, "audio6m large batches", session 8: 146.2 us at 240 rows with r16, 217.7 us at 360 rows
+# with r24, kernel alone, 2026-11-29 19:20 UTC): the 24-row build is slower a wave but carries 1.5x the rows, so it
+# pays where it saves a wave (an H200: 241..360 rows, one wave instead of two; 721..960 rows r16 again, 4 waves
+# against 3). Measured beside the choice in the same run: 360 rows r24 217.7 / r16 259.1, 480 r16 289.7 / r24 328.3,
+# 720 r24 422.2 / r16 430.3, 960 r16 571.6 / r24 596.6: the choice was the faster build at each. (The figures before,
+# 155 / 225 us, were of older builds; the choices they give differ from these only from 3,601 rows up.)
+ROWS_WAVE_US = {"r16": 146.2, "r24": 217.7}
 
 
 def rows_variant(batch: int | None = None, clusters: int | None = None) -> str:
