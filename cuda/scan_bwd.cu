@@ -68,9 +68,6 @@
 #ifndef BWD_PF
 #define BWD_PF 0
 #endif
-#ifndef BWD_TREE
-#define BWD_TREE 0
-#endif
 #define SB BWD_SB                  // backward sub-block (positions recomputed in registers at a time)
 #define NSB (TL / SB)              // sub-blocks per tile
 #define BS (NPAD + 4)              // padded row stride of the B / C tiles ([t][n])
@@ -544,23 +541,10 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, BWD_MINB) scan_bwd(BWD_PA
 #pragma unroll
         for (int i = 0; i < 2 * NPAD / 32; ++i) {
           const int o = lane + 32 * i;
-#if BWD_TREE
-          // (candidate) the CW rows summed as a tree: log2(CW) dependent adds instead of CW - 1
-          float t[CW];
-#pragma unroll
-          for (int r = 0; r < CW; ++r) t[r] = wbw[r * WS + o];
-#pragma unroll
-          for (int h = CW / 2; h >= 1; h >>= 1) {
-#pragma unroll
-            for (int r = 0; r < h; ++r) t[r] += t[r + h];
-          }
-          pwrow[o] = t[0];
-#else
           float acc = wbw[o];
 #pragma unroll
           for (int r = 1; r < CW; ++r) acc += wbw[r * WS + o];
           pwrow[o] = acc;
-#endif
         }
         __syncwarp();
 #else

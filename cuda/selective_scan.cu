@@ -87,13 +87,9 @@ __device__ __forceinline__ float ex2_poly(float x) {
   return __int_as_float(__float_as_int(p) + (__float_as_int(t) << 23));
 }
 
-// POLY_K (candidate): bit mask of a thread's channel slots k in which POLY_J applies (default: all), so that e.g. 1 of
-// the 8 exps of a 2-channel thread runs on the FMA pipes (POLY_J=1 POLY_K=1).
-#ifndef POLY_K
-#define POLY_K 0xff
-#endif
-__device__ __forceinline__ float ex2_jk(int j, int k, float x) {   // j, k compile-time after unrolling
-  if (((POLY_J >> j) & 1) && ((POLY_K >> k) & 1)) return ex2_poly(x);
+template <int J>
+__device__ __forceinline__ float ex2_j(float x) {
+  if ((POLY_J >> J) & 1) return ex2_poly(x);
   return ex2_mufu(x);
 }
 
@@ -267,25 +263,6 @@ struct FwdSmem {
   alignas(16) u8 rr[TL + 16];
 };
 
-// FWD_YP (candidate, FWD_CPT = 2 only): y of a thread's two channels summed over the channel's NT lanes with fewer
-// instructions. The lanes whose state group has bit NT/2 set scan their channels in the other order (slot k holds
-// channel row c + (k ^ 1) * CPB), so at the first level of the sum each lane sends its slot-1 partials and keeps its
-// slot-0 ones: no selects (the reduce-scatter below picks send / keep by lane with 2 selects a value). The remaining
-// levels halve the positions as before; a lane ends with UNR / (NT / 2) consecutive positions of its slot-0 channel,
-// stored as 16-byte words. Per 16 positions and thread (n 16): 24 shuffles, 16 selects, 24 adds, 2 vector stores,
-// against 24, 48, 24 and 8 scalar stores.
-#ifndef FWD_YP
-#define FWD_YP 0
-#endif
-#if FWD_YP && FWD_CPT != 2
-#error "FWD_YP needs FWD_CPT=2"
-#endif
-// The staged row (channel of the block) in slot k of thread (c, sg).
-__device__ __forceinline__ int fwd_row(int c, int sg, int k) {
-  const int sw = FWD_YP ? ((sg & (NT / 2)) != 0) : 0;
-  return c + (k ^ sw) * CPB;
-}
-
 // A group of 4 positions of a thread's scan inputs: dl, dl * u of its channels, B and C of its 4 states.
 struct FwdGrp {
   float dl[FWD_CPT][4], du[FWD_CPT][4];
@@ -296,8 +273,8 @@ template <bool AGG>
 __device__ __forceinline__ void fwd_load_grp(const FwdSmem& s, int c, int sg, int t, FwdGrp& g) {
 #pragma unroll
   for (int k = 0; k < FWD_CPT; ++k) {
-    float4 dl4 = *reinterpret_cast<const float4*>(&s.dl[fwd_row(c, sg, k) * RS + t]);
-    float4 du4 = *reinterpret_cast<const float4*>(&s.du[fwd_row(c, sg, k) * RS + t]);
+    float4 dl4 = *reinterpret_cast<const float4*>(&s.dl[(c + k * CPB) * RS + t]);
+    float4 du4 = *reinterpret_cast<const float4*>(&s.du[(c + k * CPB) * RS + t]);
     g.dl[k][0] = dl4.x; g.dl[k][1] = dl4.y; g.dl[k][2] = dl4.z; g.dl[k][3] = dl4.w;
     g.du[k][0] = du4.x; g.du[k][1] = du4.y; g.du[k][2] = du4.z; g.du[k][3] = du4.w;
   }
@@ -329,10 +306,10 @@ __device__ __forceinline__ void fwd_step_grp(const FwdSmem& s, const FwdGrp& g, 
     for (int k = 0; k < FWD_CPT; ++k) {
       float dl = g.dl[k][q], du = g.du[k][q];
       float a[4];
-      a[0] = ex2_jk(0, k, dl * A2[k][0]);
-      a[1] = ex2_jk(1, k, dl * A2[k][1]);
-      a[2] = ex2_jk(2, k, dl * A2[k][2]);
-      a[3] = ex2_jk(3, k, dl * A2[k][3]);
+      a[0] = ex2_j<0>(dl * A2[k][0]);
+      a[1] = ex2_j<1>(dl * A2[k][1]);
+      a[2] = ex2_j<2>(dl * A2[k][2]);
+      a[3] = ex2_j<3>(dl * A2[k][3]);
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
 #if HAS_RESET
@@ -365,42 +342,12 @@ __device__ __forceinline__ void fwd_tile_scan(const FwdSmem& s, int c, int sg, i
       fwd_step_grp<AGG>(s, g, t0, tt, A2, x, sumdl, keep, yv);
     }
     if (!AGG) {
-#if FWD_YP
-      constexpr int H = NT / 2, P = UNR / H;
-      float v[UNR];
-#pragma unroll
-      for (int i = 0; i < UNR; ++i) v[i] = yv[0][i] + __shfl_xor_sync(0xffffffffu, yv[1][i], H);
-      constexpr int LV = (H >= 8) ? 3 : (H >= 4) ? 2 : (H >= 2) ? 1 : 0;   // log2(H)
-#pragma unroll
-      for (int lv = 1; lv <= LV; ++lv) {
-        const int m = H >> lv, len = UNR >> lv;
-        const bool hi = (lane & m) != 0;
-#pragma unroll
-        for (int i = 0; i < UNR / 2; ++i) {
-          if (i < len) {
-            const float send = hi ? v[i] : v[i + len];
-            const float kp = hi ? v[i + len] : v[i];
-            v[i] = kp + __shfl_xor_sync(0xffffffffu, send, m);
-          }
-        }
-      }
-      float* yrow = &ysm[fwd_row(c, sg, 0) * RS + t0 + (sg & (H - 1)) * P];
-      if constexpr (P % 4 == 0) {
-#pragma unroll
-        for (int i = 0; i < P; i += 4)
-          *reinterpret_cast<float4*>(yrow + i) = make_float4(v[i], v[i + 1], v[i + 2], v[i + 3]);
-      } else {
-#pragma unroll
-        for (int i = 0; i < P; ++i) yrow[i] = v[i];
-      }
-#else
 #pragma unroll
       for (int k = 0; k < FWD_CPT; ++k) {
         reduce_scatter<UNR>(yv[k], lane);
 #pragma unroll
-        for (int g = 0; g < UNR / NT; ++g) ysm[fwd_row(c, sg, k) * RS + t0 + g * NT + sg] = yv[k][g];
+        for (int g = 0; g < UNR / NT; ++g) ysm[(c + k * CPB) * RS + t0 + g * NT + sg] = yv[k][g];
       }
-#endif
     }
   }
 }
@@ -510,7 +457,7 @@ __device__ __forceinline__ void fwd_body(
   i64 ch[FWD_CPT];
 #pragma unroll
   for (int k = 0; k < FWD_CPT; ++k) {
-    d[k] = db * FCPB + fwd_row(c, sg, k);
+    d[k] = db * FCPB + k * CPB + c;
     valid[k] = d[k] < dim;
     ch[k] = (i64)bi * dim + (valid[k] ? d[k] : 0);
   }
@@ -566,7 +513,7 @@ __device__ __forceinline__ void fwd_body(
     (void)zw;
 #pragma unroll
     for (int k = 0; k < FWD_CPT; ++k) {
-      const int row = fwd_row(c, sg, k);
+      const int row = c + k * CPB;
       float uv[EPT], dv[EPT];
       raw_words(&s.ru[row * RRS + sg * EPT], uw[k]);
 #pragma unroll
@@ -615,7 +562,7 @@ __device__ __forceinline__ void fwd_body(
       __syncthreads();
 #pragma unroll
       for (int k = 0; k < FWD_CPT; ++k) {
-        const int row = fwd_row(c, sg, k);
+        const int row = c + k * CPB;
         float ov[EPT];
 #pragma unroll
         for (int e = 0; e < EPT; e += 4) {
