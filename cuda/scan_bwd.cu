@@ -68,9 +68,6 @@
 #ifndef BWD_PF
 #define BWD_PF 0
 #endif
-#ifndef BWD_FH
-#define BWD_FH 0
-#endif
 #define SB BWD_SB                  // backward sub-block (positions recomputed in registers at a time)
 #define NSB (TL / SB)              // sub-blocks per tile
 #define BS (NPAD + 4)              // padded row stride of the B / C tiles ([t][n])
@@ -422,14 +419,13 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, BWD_MINB) scan_bwd(BWD_PA
   for (int k = k1 - 1; k >= k0; --k) {
     const i64 l0 = (i64)k * TL;
     const i64 avail = valid ? L - (l0 + sg * EPT) : 0;
-#if BWD_FH
-    // (candidate) the finish's output rows of this tile and its positions that exist, worked out once a tile
+    // The finish's output rows of this tile and the positions of it that exist, worked out once a tile (session 8:
+    // -1% at the shapes of the 3-an-SM build, whose 12-byte spill it removes; neutral in the 2-an-SM build).
     in_t* const du_t = du_o + ch * L + l0;
     in_t* const dd_t = ddelta_o + ch * L + l0;
     in_t* const dz_t = dz_o + ch * L + l0;
     const int tlim = valid ? (int)min((i64)TL, L - l0) : 0;
     (void)dz_t;
-#endif
     // The tile's checkpoint, loaded before the staging so that the two global round trips overlap.
     const float4 x4 = valid ? *reinterpret_cast<const float4*>(&ckpt[(ch * ntiles + k) * NPAD + sg * 4])
                             : make_float4(0.f, 0.f, 0.f, 0.f);
@@ -491,12 +487,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, BWD_MINB) scan_bwd(BWD_PA
       // Position q of the sub-block, once s1, s2, y are summed over the channel's lanes (one lane a position).
       auto finish = [&](int q, float s1, float s2, float yv) {
         const int t = sb * SB + q;
-#if BWD_FH
         if (t >= tlim) return;
-#else
-        const i64 l = l0 + t;
-        if (!valid || l >= L) return;
-#endif
         const float dl = dlrow[t], dy = dyrow[t], uu = to_f(s.u[c * RRS + t]);
         float sig = 1.0f;                 // softplus'(x) = 1 - exp(-softplus(x)), accurate for small dl
         if (softplus) {                   // both branches, then a select (no divergence)
@@ -507,18 +498,10 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, BWD_MINB) scan_bwd(BWD_PA
         const float dd = fmaf(uu, s1, s2 * LN2) * sig;
         dDacc = fmaf(dy, uu, dDacc);
         dbacc += dd;
-#if BWD_FH
         from_f(fmaf(dl, s1, D_d * dy), du_t[t]);
         from_f(dd, dd_t[t]);
 #if HAS_Z
         from_f(s.dzf[c * RS + t] * fmaf(D_d, uu, yv), dz_t[t]);
-#endif
-#else
-        from_f(fmaf(dl, s1, D_d * dy), du_o[ch * L + l]);
-        from_f(dd, ddelta_o[ch * L + l]);
-#if HAS_Z
-        from_f(s.dzf[c * RS + t] * fmaf(D_d, uu, yv), dz_o[ch * L + l]);
-#endif
 #endif
       };
 #pragma unroll

@@ -68,9 +68,6 @@
 #ifndef FWD_SPP
 #define FWD_SPP 1
 #endif
-#ifndef FWD_YPIPE
-#define FWD_YPIPE 0
-#endif
 #ifndef FWD_SPL
 #define FWD_SPL 1
 #endif
@@ -335,15 +332,6 @@ template <bool AGG>
 __device__ __forceinline__ void fwd_tile_scan(const FwdSmem& s, int c, int sg, int lane,
                                               const float (&A2)[FWD_CPT][4], float (&x)[FWD_CPT][4],
                                               float (&sumdl)[FWD_CPT], float& keep, float* ysm) {
-#if FWD_YPIPE
-  // (candidate) the y sums of a step reduced over the channel's lanes during the next step (no branch: the first
-  // step reduces zeros and does not store), so that their shuffle chains overlap the next step's exps and FMAs.
-  float yp[FWD_CPT][UNR];
-#pragma unroll
-  for (int k = 0; k < FWD_CPT; ++k)
-#pragma unroll
-    for (int i = 0; i < UNR; ++i) yp[k][i] = 0.0f;
-#endif
 #pragma unroll 1
   for (int t0 = 0; t0 < TL; t0 += UNR) {
     float yv[FWD_CPT][UNR];
@@ -354,37 +342,14 @@ __device__ __forceinline__ void fwd_tile_scan(const FwdSmem& s, int c, int sg, i
       fwd_step_grp<AGG>(s, g, t0, tt, A2, x, sumdl, keep, yv);
     }
     if (!AGG) {
-#if FWD_YPIPE
-#pragma unroll
-      for (int k = 0; k < FWD_CPT; ++k) {
-        reduce_scatter<UNR>(yp[k], lane);
-        if (t0 > 0) {
-#pragma unroll
-          for (int g = 0; g < UNR / NT; ++g) ysm[(c + k * CPB) * RS + t0 - UNR + g * NT + sg] = yp[k][g];
-        }
-#pragma unroll
-        for (int i = 0; i < UNR; ++i) yp[k][i] = yv[k][i];
-      }
-#else
 #pragma unroll
       for (int k = 0; k < FWD_CPT; ++k) {
         reduce_scatter<UNR>(yv[k], lane);
 #pragma unroll
         for (int g = 0; g < UNR / NT; ++g) ysm[(c + k * CPB) * RS + t0 + g * NT + sg] = yv[k][g];
       }
-#endif
     }
   }
-#if FWD_YPIPE
-  if (!AGG) {
-#pragma unroll
-    for (int k = 0; k < FWD_CPT; ++k) {
-      reduce_scatter<UNR>(yp[k], lane);
-#pragma unroll
-      for (int g = 0; g < UNR / NT; ++g) ysm[(c + k * CPB) * RS + TL - UNR + g * NT + sg] = yp[k][g];
-    }
-  }
-#endif
 }
 
 template <bool AGG>
