@@ -2,7 +2,9 @@
 # Device run: Nsight Compute counters of the persistent decode-step kernel (byte353m, batch 64). Kernel replay of its
 # cooperative cluster launch fails (LaunchFailed, 2026-11-29), so this replays the whole application once per pass
 # (bench_persistent_step.py --launches 4 --batches 64; CuPy's on-disk kernel cache keeps later passes short) with a
-# few sections only.
+# few sections only. On the lent H200 (session 8, 2026-11-29 19:18 UTC) that fails too: the kernel stops with
+# CUDA_ERROR_ILLEGAL_INSTRUCTION under ncu (it runs clean without), so this script is kept to retry on another
+# ncu / driver, not as a working profile (docs/PERF.md, "byte353m batch 64").
 # Logs under $WORK (the device tool returns few files: session 7's run lost its ncu log to that), the details CSV and
 # the logs' tails under $OUT; a summary prints last (with the ncu log's tail when ncu fails).
 set -o pipefail
