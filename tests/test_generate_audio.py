@@ -2,6 +2,7 @@
 the synth corpus whose samples must be neither silence nor white noise."""
 
 import json
+import re
 import struct
 import zlib
 from dataclasses import asdict
@@ -98,6 +99,18 @@ def test_generate_writes_ranked_clips(tmp_path):
                            progress=False)
     for a, b in zip(recs, again):
         assert np.array_equal(sf.read(tmp_path / "out" / a["wav"])[0], sf.read(tmp_path / "out2" / b["wav"])[0])
+
+
+@pytest.mark.parametrize("quantizer", ["mulaw8", "pcm16"])
+def test_progress_bar_starts_after_start_up_and_counts_every_sample(tmp_path, capsys, quantizer):
+    """The start-up (prompt, compile, graph capture) gets its own line; the bar counts samples (2 symbols each in
+    pcm16) to the last one, so its rate is that of the decoding alone."""
+    model, meta = tiny_audio_model(tmp_path, quantizer)
+    generate_audio(model, meta, 0.01, 2, tmp_path / "o", sampling=Sampling(1.0), progress=True)
+    err = capsys.readouterr().err
+    assert re.search(r"start-up \d+\.\d s \(prompt\)", err), err                 # (on CPU: no compile, no graphs)
+    assert "generating 2 x 0.01 s" in err and "160/160" in err, err
+    assert err.index("start-up") < err.index("generating")
 
 
 def test_prompt_continuation_and_pcm16(tmp_path):
