@@ -37,6 +37,9 @@ _PTX = {
     "cp.async.cg.shared.global": lambda o, i: f"emu::cp16({i[0]}, {i[1]})",
     "cp.async.commit_group": lambda o, i: "(void)0",
     "cp.async.wait_group": lambda o, i: "(void)0",
+    # predicated stores "{ .reg .pred q; setp.ne.u32 q, p, 0; @q st.global.T [dst], v; }": inputs p, dst, v
+    "st.global.f32": lambda o, i: f"if ({i[0]}) *reinterpret_cast<float*>({i[1]}) = {i[2]}",
+    "st.global.u16": lambda o, i: f"if ({i[0]}) *reinterpret_cast<unsigned short*>({i[1]}) = {i[2]}",
 }
 _ASM = re.compile(r"\basm\s*(?:volatile\s*)?\(")
 
