@@ -433,13 +433,14 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, BWD_MINB) scan_bwd(BWD_PA
   for (int k = k1 - 1; k >= k0; --k) {
     const i64 l0 = (i64)k * TL;
     const i64 avail = valid ? L - (l0 + sg * EPT) : 0;
-    // The finish's output rows of this tile and the positions of it that exist, worked out once a tile (session 8:
-    // -1% at the shapes of the 3-an-SM build, whose 12-byte spill it removes; neutral in the 2-an-SM build).
+    // The finish's output rows of this tile and the positions of it that exist, worked out once a tile, not a
+    // position (session 8: -1% at the shapes of the 3-an-SM build; neutral in the 2-an-SM build).
     in_t* const du_t = du_o + ch * L + l0;
     in_t* const dd_t = ddelta_o + ch * L + l0;
+#if HAS_Z
     in_t* const dz_t = dz_o + ch * L + l0;
+#endif
     const int tlim = valid ? (int)min((i64)TL, L - l0) : 0;
-    (void)dz_t;
     // The tile's checkpoint, loaded before the staging so that the two global round trips overlap.
     const float4 x4 = valid ? *reinterpret_cast<const float4*>(&ckpt[(ch * ntiles + k) * NPAD + sg * 4])
                             : make_float4(0.f, 0.f, 0.f, 0.f);
