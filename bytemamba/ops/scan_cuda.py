@@ -237,10 +237,11 @@ def _fwd_impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
 # build with up to 255 registers, the shared-memory transpose and a cross-warp flush every 16 positions
 # (5.17 ms vs the old v5's 5.70), with two buffers of per-warp sums (one barrier a flush) and a cp.async prefetch of the
 # next tile: 4.87 ms (lead's call, 12:47 UTC; that build forced at the other shapes was 3-10% slower than the
-# 3-an-SM build chosen there); 4.78 ms since session 8's branch-free finish. Any BWD_* define among the extra defines
-# (bench variants) replaces both builds.
+# 3-an-SM build chosen there); 4.78 ms since session 8's branch-free finish, 4.71 ms with 16-position sub-blocks
+# (BWD_SB=16: the rescan covers 48 of a tile's 64 positions, not 56; 255 registers, spills outside the loops only).
+# Any BWD_* define among the extra defines (bench variants) replaces both builds.
 _BWD_BUILDS = {3: ("BWD_MINB=3", "BWD_FP=8", "BWD_DBC=0"),
-                2: ("BWD_MINB=2", "BWD_FP=16", "BWD_DBC=1", "BWD_PWB=2", "BWD_PF=1")}
+                2: ("BWD_MINB=2", "BWD_FP=16", "BWD_DBC=1", "BWD_PWB=2", "BWD_PF=1", "BWD_SB=16")}
 
 
 def _get_bwd_kernels(dtype_code: int, npad: int, has_z: bool, has_reset: bool, device: torch.device,
