@@ -40,7 +40,7 @@
 // BWD_PWB (1 or 2 buffers of per-warp dB/dC sums: with 2, one barrier a flush instead of 2), BWD_PF (1:
 // cp.async copy of the next tile's raw inputs into shared memory while the current one is computed).
 // The launcher compiles two builds and picks one by the blocks an SM the waves leave: 3 an SM
-// (BWD_MINB=3, BWD_FP=8, BWD_DBC=0) or 2 (BWD_MINB=2, BWD_FP=16, BWD_DBC=1, BWD_PWB=2, BWD_PF=1);
+// (BWD_MINB=3, BWD_FP=8, BWD_DBC=0) or 2 (BWD_MINB=2, BWD_FP=16, BWD_DBC=1, BWD_PWB=2, BWD_PF=1, BWD_SB=16).
 // docs/PERF.md has the timings.
 //
 // What it shares with the forward (in_t and its conversions, ex2 / softplus / sigmoid, the vector row load,
