@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from bytemamba.ops.scan import selective_scan_ref
-from bytemamba.ops.scan_cuda import _DTYPE_CODE, NTHREADS, TL, _aligned, _npad, _segments
+from bytemamba.ops.scan_cuda import (_BWD_BUILDS, _DTYPE_CODE, _FWD_SMALL, NTHREADS, TL, _aligned, _npad,
+                                     _segments)
 from helpers import cuda_emu
 from helpers.kernel_checks import rel
 
@@ -93,7 +94,13 @@ def reference(ins, upto=None):
                               reset=f["reset"])
 
 
-BUILDS = [{}, {"FWD_NTHR": 64, "FWD_MINB": 4}, {"FWD_CPT": 1}, {"FWD_CPT": 4}]
+def _knobs(build):
+    """A launcher build's defines ("NAME=VALUE", ...) as {NAME: VALUE}."""
+    return dict(d.split("=") for d in build)
+
+
+FWD_SMALL = _knobs(_FWD_SMALL)     # the launcher's 64-thread build
+BUILDS = [{}, FWD_SMALL, {"FWD_CPT": 1}, {"FWD_CPT": 4}]
 
 
 @pytest.mark.parametrize("knobs", BUILDS, ids=lambda k: "+".join(f"{a}={v}" for a, v in k.items()) or "default")
@@ -112,7 +119,7 @@ def test_forward_fp32_matches_definition(knobs, shape, nseg):
         assert rel(got, want) < 2e-5, (k, rel(got, want))
 
 
-@pytest.mark.parametrize("knobs", [{}, {"FWD_NTHR": 64, "FWD_MINB": 4}, {"FWD_CPT": 1}],
+@pytest.mark.parametrize("knobs", [{}, FWD_SMALL, {"FWD_CPT": 1}],
                          ids=["default", "FWD_NTHR=64+FWD_MINB=4", "FWD_CPT=1"])
 @pytest.mark.parametrize("dtype, n", [(torch.bfloat16, 16), (torch.float16, 20)], ids=["bf16", "fp16-npad32"])
 def test_forward_low_precision_matches_definition(knobs, dtype, n):
@@ -135,8 +142,7 @@ extern "C" void emu_bwd(int emu_agg_pass, int gx, int gy, int smem, BWD_PARAMS) 
 extern "C" void emu_bwd_smem(int* out) { scan_bwd_smem(out); }
 """
 # The launcher's two builds (scan_cuda._BWD_BUILDS: 3 blocks an SM, 2 blocks an SM).
-BWD_BUILDS = [{"BWD_MINB": 3, "BWD_FP": 8, "BWD_DBC": 0},
-              {"BWD_MINB": 2, "BWD_FP": 16, "BWD_DBC": 1, "BWD_PWB": 2, "BWD_PF": 1, "BWD_SB": 16}]
+BWD_BUILDS = [_knobs(_BWD_BUILDS[3]), _knobs(_BWD_BUILDS[2])]
 
 
 def emu_backward(ins, build, dout, dfinal, nseg=1, deterministic=False):
